@@ -1,0 +1,3 @@
+"""Lethe service: HTTP API, settings, database, storage, audit log and domain logic."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,121 @@
+"""All configuration in one pydantic-settings object (environment variables prefixed LETHE_)."""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "LETHE_"
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+class SettingsError(RuntimeError):
+    """Raised at start-up when a LETHE_ variable is invalid; the message names the variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    home: Path = Field(Path("./.lethe"), description="Root for embedded state (database, storage).")
+    database_url: str = Field("", description="SQLAlchemy URL; default SQLite under LETHE_HOME.")
+    broker_url: str = Field("", description="Celery broker (redis://…); empty = embedded executor.")
+    result_backend_url: str = Field("", description="Celery result backend; default = broker.")
+    storage_url: str = Field("", description="Directory or s3:// URL; default LETHE_HOME/storage.")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    max_upload_mb: int = Field(2048, gt=0, description="Largest accepted upload, in MiB.")
+
+    # Job execution.
+    max_attempts: int = Field(3, ge=1, le=100)
+    lease_seconds: float = Field(30.0, gt=0, description="A running job's lease; heartbeat renews.")
+    heartbeat_seconds: float = Field(5.0, gt=0)
+    reaper_interval_seconds: float = Field(5.0, gt=0)
+    job_soft_time_limit_s: int = Field(3600, gt=0)
+    job_hard_time_limit_s: int = Field(3900, gt=0)
+    embedded_poll_seconds: float = Field(0.5, gt=0)
+    queue_name: str = Field("lethe", min_length=1)
+
+    # Retention, release policy and receipts.
+    superseded_retention_s: float = Field(0.0, ge=0)
+    policy_max_eval_acc_drop: float = Field(0.05, ge=0, le=1)
+    policy_max_forget_acc: float = Field(0.2, ge=0, le=1)
+    policy_max_mia_gap: float = Field(0.5, ge=0, le=1)
+    receipt_hmac_key: str = Field("", description="HMAC key for erasure receipts.")
+    idempotency_ttl_hours: float = Field(24.0, gt=0)
+
+    log_level: str = Field("INFO")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not _DEVICE_RE.match(v):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return v
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, v: str) -> str:
+        if v and not re.match(r"^(sqlite|postgresql)(\+\w+)?://", v):
+            raise ValueError("must be a sqlite:// or postgresql+psycopg:// URL")
+        return v
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_url(cls, v: str) -> str:
+        if v and not re.match(r"^(redis|rediss|memory|amqp)://", v):
+            raise ValueError("must be a redis:// URL (or empty for the embedded executor)")
+        return v
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, v: str) -> str:
+        if v.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return v.upper()
+
+    @model_validator(mode="after")
+    def _limits(self) -> Settings:
+        if self.job_hard_time_limit_s <= self.job_soft_time_limit_s:
+            raise ValueError(
+                "LETHE_JOB_HARD_TIME_LIMIT_S must exceed LETHE_JOB_SOFT_TIME_LIMIT_S"
+            )
+        return self
+
+    # Derived values: defaults that depend on LETHE_HOME.
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.home / 'lethe.db').resolve()}"
+
+    @property
+    def storage(self) -> str:
+        return self.storage_url or str((self.home / "storage").resolve())
+
+    @property
+    def embedded(self) -> bool:
+        return not self.broker_url
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return self.max_upload_mb * 1024 * 1024
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings from the environment, turning validation errors into one clear message."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = err.get("loc") or ()
+            field = str(loc[0]) if loc else "settings"
+            name = ENV_PREFIX + field.upper() if loc else "LETHE_* settings"
+            problems.append(f"{name}: {err['msg']}")
+        raise SettingsError("invalid configuration: " + "; ".join(problems)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return load_settings()
