@@ -1,0 +1,210 @@
+"""Append-only, hash-chained audit log.
+
+Each event's hash covers its content and the previous event's hash, so editing, deleting or
+reordering any event breaks every later link. Appends lock the single `audit_head` row, which
+serialises them: sequence numbers have no gaps and two writers never fork the chain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.models import AuditEvent, AuditHead, utcnow
+
+GENESIS_HASH = "0" * 64
+HEAD_ID = 1
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def format_time(value: datetime) -> str:
+    """ISO-8601 UTC with microseconds; naive values (SQLite drops the zone) are UTC."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def event_hash(
+    *,
+    seq: int,
+    time: datetime,
+    actor: str,
+    action: str,
+    subject_type: str,
+    subject_id: str,
+    payload: dict[str, Any],
+    prev_hash: str,
+) -> str:
+    document = {
+        "seq": seq,
+        "time": format_time(time),
+        "actor": actor,
+        "action": action,
+        "subject_type": subject_type,
+        "subject_id": subject_id,
+        "payload": payload,
+        "prev_hash": prev_hash,
+    }
+    return hashlib.sha256(canonical_json(document).encode("utf-8")).hexdigest()
+
+
+def _locked_head(session: Session) -> AuditHead:
+    # FOR UPDATE is a no-op on SQLite, where BEGIN IMMEDIATE already serialises writers.
+    head = session.execute(
+        select(AuditHead).where(AuditHead.id == HEAD_ID).with_for_update()
+    ).scalar_one_or_none()
+    if head is None:  # databases made with metadata.create_all instead of the migration
+        head = AuditHead(id=HEAD_ID, seq=0, hash=GENESIS_HASH)
+        session.add(head)
+        session.flush()
+    return head
+
+
+def append_event(
+    session: Session,
+    *,
+    actor: str,
+    action: str,
+    subject_type: str,
+    subject_id: str,
+    payload: dict[str, Any] | None = None,
+) -> AuditEvent:
+    """Append one event inside the caller's transaction (it commits with the state change)."""
+    # Round-trip through JSON so what is hashed is exactly what the JSON column gives back.
+    clean_payload = json.loads(canonical_json(payload or {}))
+    head = _locked_head(session)
+    # Truncate to microseconds: both SQLite and PostgreSQL store that precision.
+    now = utcnow().replace(tzinfo=UTC)
+    seq = head.seq + 1
+    digest = event_hash(
+        seq=seq,
+        time=now,
+        actor=actor,
+        action=action,
+        subject_type=subject_type,
+        subject_id=str(subject_id),
+        payload=clean_payload,
+        prev_hash=head.hash,
+    )
+    event = AuditEvent(
+        seq=seq,
+        time=now,
+        actor=actor,
+        action=action,
+        subject_type=subject_type,
+        subject_id=str(subject_id),
+        payload=clean_payload,
+        prev_hash=head.hash,
+        hash=digest,
+    )
+    session.add(event)
+    head.seq = seq
+    head.hash = digest
+    session.flush()
+    return event
+
+
+def event_dict(event: AuditEvent) -> dict[str, Any]:
+    return {
+        "seq": event.seq,
+        "time": format_time(event.time),
+        "actor": event.actor,
+        "action": event.action,
+        "subject_type": event.subject_type,
+        "subject_id": event.subject_id,
+        "payload": event.payload,
+        "prev_hash": event.prev_hash,
+        "hash": event.hash,
+    }
+
+
+# Plain column tuples, not ORM objects: verifying a long chain keeps nothing in the session.
+_EVENT_COLUMNS = (
+    AuditEvent.seq,
+    AuditEvent.time,
+    AuditEvent.actor,
+    AuditEvent.action,
+    AuditEvent.subject_type,
+    AuditEvent.subject_id,
+    AuditEvent.payload,
+    AuditEvent.prev_hash,
+    AuditEvent.hash,
+)
+
+
+def verify_chain(session: Session, batch: int = 1000) -> dict[str, Any]:
+    """Recompute every link; report the first bad sequence number (gaps and head included)."""
+    expected_seq = 1
+    prev_hash = GENESIS_HASH
+    checked = 0
+    last_seq = 0
+    while True:
+        rows = (
+            session.execute(
+                select(*_EVENT_COLUMNS)
+                .where(AuditEvent.seq >= expected_seq)
+                .order_by(AuditEvent.seq)
+                .limit(batch)
+            )
+            .all()
+        )
+        if not rows:
+            break
+        for event in rows:
+            reason = None
+            if event.seq != expected_seq:
+                reason = f"sequence gap: expected {expected_seq}, found {event.seq}"
+                bad_seq = expected_seq
+            elif event.prev_hash != prev_hash:
+                reason = "prev_hash does not match the previous event's hash"
+                bad_seq = event.seq
+            else:
+                recomputed = event_hash(
+                    seq=event.seq,
+                    time=event.time,
+                    actor=event.actor,
+                    action=event.action,
+                    subject_type=event.subject_type,
+                    subject_id=event.subject_id,
+                    payload=event.payload,
+                    prev_hash=event.prev_hash,
+                )
+                if recomputed != event.hash:
+                    reason = "content does not match its hash"
+                    bad_seq = event.seq
+            if reason is not None:
+                return _result(False, checked, prev_hash, bad_seq, reason)
+            checked += 1
+            prev_hash = event.hash
+            last_seq = event.seq
+            expected_seq += 1
+    head = session.get(AuditHead, HEAD_ID)
+    head_seq = head.seq if head else 0
+    head_hash = head.hash if head else GENESIS_HASH
+    if head_seq != last_seq or head_hash != prev_hash:
+        # Events past the last one were deleted, or the head row was rewritten.
+        return _result(
+            False, checked, head_hash, last_seq + 1,
+            f"head (seq {head_seq}) does not match the last event (seq {last_seq})",
+        )
+    return _result(True, checked, head_hash, None, None)
+
+
+def _result(
+    ok: bool, checked: int, head_hash: str, first_bad_seq: int | None, reason: str | None
+) -> dict[str, Any]:
+    return {
+        "ok": ok,
+        "checked": checked,
+        "head_hash": head_hash,
+        "first_bad_seq": first_bad_seq,
+        "reason": reason,
+    }
