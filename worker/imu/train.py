@@ -1,0 +1,115 @@
+"""Plain supervised training and accuracy helpers (the demo, benches and tests reuse them)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from worker.imu._util import as_inputs, as_labels, check_pair, model_device, model_dtype
+from worker.imu._util import preserved_modes as _modes
+from worker.imu.config import resolve_device
+
+
+def fit(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    epochs: int = 20,
+    lr: float = 1e-3,
+    batch_size: int = 128,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    weight_decay: float = 0.0,
+) -> list[float]:
+    """Train with Adam on cross-entropy; returns the mean training loss per epoch.
+
+    Deterministic for a given seed on one device: shuffling uses its own generator and
+    dropout draws from a forked, seeded RNG (the global RNG state is left untouched). The
+    model is moved to ``device`` (None/"auto": CUDA when available) and left in eval mode.
+    """
+    inputs, labels = torch.as_tensor(inputs), as_labels(labels)
+    n = check_pair(inputs, labels)
+    if n == 0:
+        raise ValueError("no training data")
+    dev = resolve_device(device)
+    model.to(dev)
+    dtype = model_dtype(model)
+    generator = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    losses: list[float] = []
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
+        model.train()
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=generator)
+            parts = list(torch.split(order, batch_size))
+            if len(parts) > 1 and parts[-1].numel() == 1:  # BatchNorm needs two samples
+                parts[-2] = torch.cat([parts[-2], parts.pop()])
+            total = 0.0
+            for idx in parts:
+                x = as_inputs(inputs[idx], dev, dtype)
+                loss = F.cross_entropy(model(x), labels[idx].to(dev))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * idx.numel()
+            losses.append(total / n)
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def predictions(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    batch_size: int = 512,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """Predicted classes (CPU int64) in eval mode; flags restored. ``device`` moves the
+    model there first (None keeps it where it is)."""
+    inputs = torch.as_tensor(inputs)
+    if device is not None:
+        model.to(resolve_device(device))
+    dev, dtype = model_device(model), model_dtype(model)
+    out = []
+    with _modes(model, train=False):
+        for start in range(0, inputs.shape[0], batch_size):
+            logits = model(as_inputs(inputs[start : start + batch_size], dev, dtype))
+            out.append(logits.argmax(1).cpu())
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.int64)
+
+
+def accuracy(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int = 512,
+    device: str | torch.device | None = None,
+) -> float:
+    """Share of correct predictions (nan for an empty set)."""
+    labels = as_labels(labels)
+    check_pair(inputs, labels)
+    if labels.numel() == 0:
+        return float("nan")
+    pred = predictions(model, inputs, batch_size, device)
+    return float((pred == labels).double().mean())
+
+
+def predict_per_class_accuracy(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    batch_size: int = 512,
+) -> list[float | None]:
+    """Accuracy of each class 0..num_classes-1 (None where the class has no sample)."""
+    labels = as_labels(labels)
+    check_pair(inputs, labels)
+    pred = predictions(model, inputs, batch_size)
+    out: list[float | None] = []
+    for c in range(num_classes):
+        mask = labels == c
+        out.append(float((pred[mask] == c).double().mean()) if mask.any() else None)
+    return out
