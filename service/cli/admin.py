@@ -1,9 +1,127 @@
-"""`lethe` commands: admin group."""
+"""`lethe keys create|list|revoke` and `lethe audit verify`: offline, against the database.
+
+They talk to the configured database directly (no server needed), so the first admin key can
+be created before anything is running. Every key change is written to the audit log.
+"""
 
 from __future__ import annotations
 
+import getpass
+import json
+from typing import Annotated
+
 import typer
+
+from service.cli.common import cli_settings, open_database
+
+
+def _actor() -> str:
+    try:
+        return f"cli:{getpass.getuser()}"
+    except Exception:  # no user name in some containers
+        return "cli"
+
+
+def _group(app: typer.Typer, name: str, help_text: str) -> typer.Typer:
+    """The sub-app called `name`, shared with other modules that add commands to it."""
+    for info in app.registered_groups:
+        if info.name == name and info.typer_instance is not None:
+            return info.typer_instance
+    sub = typer.Typer(help=help_text, no_args_is_help=True)
+    app.add_typer(sub, name=name)
+    return sub
 
 
 def register(app: typer.Typer) -> None:
     """Attach this module's commands to the root app."""
+    keys = _group(app, "keys", "Manage API keys (offline, against the configured database).")
+    audit = _group(app, "audit", "The hash-chained audit log.")
+
+    @keys.command("create")
+    def keys_create(
+        scope: Annotated[str, typer.Option(help="read, submit or admin.")] = "read",
+        name: Annotated[str | None, typer.Option(help="Unique name (default: generated).")] = None,
+    ) -> None:
+        """Create an API key; the secret is printed once, as the last line of stdout."""
+        from service.auth import ApiKeyError, create_key
+        from service.db import transaction
+
+        settings = cli_settings()
+        engine, sessions = open_database(settings)
+        try:
+            with transaction(sessions) as session:
+                key, secret = create_key(session, scope=scope, name=name, actor=_actor())
+                key_name, key_scope = key.name, key.scope
+        except ApiKeyError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        finally:
+            engine.dispose()
+        typer.echo(f"created key {key_name!r} with scope {key_scope} (shown once, store it now):",
+                   err=True)
+        typer.echo(secret)
+
+    @keys.command("list")
+    def keys_list(
+        as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    ) -> None:
+        """List keys (never their secrets)."""
+        from service.auth import list_keys
+        from service.domain.views import iso
+
+        settings = cli_settings()
+        engine, sessions = open_database(settings)
+        try:
+            with sessions() as session:
+                rows = [
+                    {"id": k.id, "name": k.name, "scope": k.scope,
+                     "created_at": iso(k.created_at), "revoked_at": iso(k.revoked_at)}
+                    for k in list_keys(session)
+                ]
+        finally:
+            engine.dispose()
+        if as_json:
+            typer.echo(json.dumps(rows, indent=2))
+            return
+        if not rows:
+            typer.echo("no keys")
+        for row in rows:
+            status = f"revoked {row['revoked_at']}" if row["revoked_at"] else "active"
+            typer.echo(f"{row['name']:<32} {row['scope']:<7} {status:<40} {row['id']}")
+
+    @keys.command("revoke")
+    def keys_revoke(
+        name: Annotated[str, typer.Argument(help="Key name or id.")],
+    ) -> None:
+        """Revoke a key (idempotent); requests with it then get 401."""
+        from service.auth import ApiKeyError, revoke_key
+        from service.db import transaction
+
+        settings = cli_settings()
+        engine, sessions = open_database(settings)
+        try:
+            with transaction(sessions) as session:
+                key = revoke_key(session, name, actor=_actor())
+                key_name = key.name
+        except ApiKeyError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        finally:
+            engine.dispose()
+        typer.echo(f"revoked key {key_name!r}")
+
+    @audit.command("verify")
+    def audit_verify() -> None:
+        """Recompute the audit hash chain in the database; exit 1 if it is broken."""
+        from service.audit import verify_chain
+
+        settings = cli_settings()
+        engine, sessions = open_database(settings)
+        try:
+            with sessions() as session:
+                result = verify_chain(session)
+        finally:
+            engine.dispose()
+        typer.echo(json.dumps(result, indent=2))
+        if not result["ok"]:
+            raise typer.Exit(1)

@@ -1,8 +1,71 @@
-"""`lethe` commands: server group."""
+"""`lethe serve`, `lethe migrate`, `lethe version`.
+
+`serve` refuses a database behind the migration head (except the embedded default SQLite
+database, which it upgrades itself) and, in embedded mode (no LETHE_BROKER_URL), supervises
+the embedded executor `python -m worker.embedded` as a child process: restarted if it dies,
+terminated when the server exits.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from typing import Annotated
+
 import typer
+
+from service.cli.common import cli_settings, ensure_schema
+
+log = logging.getLogger("lethe.serve")
+
+EXECUTOR_CMD = [sys.executable, "-m", "worker.embedded"]
+
+
+class ExecutorSupervisor:
+    """Keeps one embedded executor child alive; backs off when it keeps crashing."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str]) -> None:
+        self.cmd = cmd
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="executor-supervisor", daemon=True)
+        self.restarts = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        backoff = 1.0
+        while not self._stop.is_set():
+            started = time.monotonic()
+            self.proc = subprocess.Popen(self.cmd, env=self.env)
+            log.info("embedded executor started (pid %s)", self.proc.pid)
+            while not self._stop.is_set() and self.proc.poll() is None:
+                self._stop.wait(0.5)
+            if self._stop.is_set():
+                break
+            code = self.proc.returncode
+            backoff = 1.0 if time.monotonic() - started > 30 else min(backoff * 2, 30.0)
+            log.warning("embedded executor exited with %s; restarting in %.0fs", code, backoff)
+            self.restarts += 1
+            self._stop.wait(backoff)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._thread.join(timeout)
 
 
 def register(app: typer.Typer) -> None:
@@ -14,3 +77,58 @@ def register(app: typer.Typer) -> None:
         from service import __version__
 
         typer.echo(__version__)
+
+    @app.command()
+    def migrate() -> None:
+        """Upgrade the configured database to the latest migration (idempotent)."""
+        from service import migrate as migrations
+
+        settings = cli_settings()
+        try:
+            revision = migrations.upgrade_url(settings.db_url)
+        except Exception as exc:
+            typer.echo(f"error: migration failed: {exc}", err=True)
+            raise typer.Exit(1) from None
+        typer.echo(f"database at migration {revision} (head)")
+
+    @app.command()
+    def serve(
+        host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+        port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+        executor: Annotated[
+            bool,
+            typer.Option(
+                "--executor/--no-executor",
+                help="In embedded mode, also run the job executor as a child process.",
+            ),
+        ] = True,
+        workers: Annotated[int, typer.Option(help="Uvicorn worker processes.")] = 1,
+    ) -> None:
+        """Run the HTTP API (and, without a broker, the embedded job executor)."""
+        import uvicorn
+
+        settings = cli_settings()
+        logging.basicConfig(
+            level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+        )
+        ensure_schema(settings)
+        supervisor = None
+        if settings.embedded and executor:
+            supervisor = ExecutorSupervisor(EXECUTOR_CMD, dict(os.environ))
+            supervisor.start()
+        try:
+            if workers > 1:
+                uvicorn.run(
+                    "service.app:create_app", factory=True, host=host, port=port,
+                    workers=workers, log_level=settings.log_level.lower(),
+                )
+            else:
+                from service.app import create_app
+
+                uvicorn.run(
+                    create_app(settings), host=host, port=port,
+                    log_level=settings.log_level.lower(),
+                )
+        finally:
+            if supervisor is not None:
+                supervisor.stop()

@@ -1,0 +1,1 @@
+"""Thin FastAPI routers: parse the request, call service.domain, shape the response."""

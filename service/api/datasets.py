@@ -1,0 +1,85 @@
+"""/v1/datasets: upload (multipart), list, show, page through records."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
+
+from service.api.deps import AppState, get_state, iter_file, only_form_fields, require
+from service.auth import Principal
+from service.domain import datasets as domain
+from service.domain.pagination import DEFAULT_LIMIT, MAX_LIMIT
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="Page size.")]
+Cursor = Annotated[str | None, Query(description="`next_cursor` of the previous page.")]
+
+
+@router.post(
+    "",
+    status_code=201,
+    summary="Upload a dataset file",
+    description=(
+        "Multipart upload. `kind=tensor`: an `.npz` (read with allow_pickle=False) holding "
+        "`ids` (unique strings), `inputs` (numeric, finite, first axis = records) and `labels` "
+        "(integers). `kind=text`: JSONL lines `{id, text[, label]}`. The file is streamed to "
+        "storage while hashed; past LETHE_MAX_UPLOAD_MB the answer is 413. Returns "
+        "`{id, name, kind, role, record_count, sha256, created_at, ...}`."
+    ),
+    dependencies=[Depends(only_form_fields("file", "name", "kind", "role"))],
+)
+def upload_dataset(
+    file: Annotated[UploadFile, File(description="The .npz or .jsonl file.")],
+    name: Annotated[str, Form(max_length=200)],
+    kind: Annotated[Literal["tensor", "text"], Form()],
+    role: Annotated[Literal["train", "eval", "member_probe"], Form()],
+    principal: Principal = Depends(require("admin")),
+    state: AppState = Depends(get_state),
+) -> dict[str, Any]:
+    return domain.register_dataset(
+        state.sessions, state.storage, name=name, kind=kind, role=role,
+        chunks=iter_file(file.file), max_bytes=state.settings.max_upload_bytes,
+        actor=principal.actor,
+    )
+
+
+@router.get("", summary="List datasets (newest first)")
+def list_datasets(
+    role: Annotated[Literal["train", "eval", "member_probe"] | None, Query()] = None,
+    cursor: Cursor = None,
+    limit: Limit = DEFAULT_LIMIT,
+    _: Principal = Depends(require("read")),
+    state: AppState = Depends(get_state),
+) -> dict[str, Any]:
+    return domain.list_datasets(state.sessions, role=role, cursor=cursor, limit=limit)
+
+
+@router.get("/{dataset_id}", summary="Show a dataset, with counts of present/forgotten records")
+def show_dataset(
+    dataset_id: str,
+    _: Principal = Depends(require("read")),
+    state: AppState = Depends(get_state),
+) -> dict[str, Any]:
+    return domain.show_dataset(state.sessions, dataset_id)
+
+
+@router.get(
+    "/{dataset_id}/records",
+    summary="Page through record keys and states",
+    description="Items: `{key, row, state, sha256, forgotten_at}` in file order.",
+)
+def list_records(
+    dataset_id: str,
+    state_filter: Annotated[
+        Literal["present", "forgotten"] | None, Query(alias="state")
+    ] = None,
+    cursor: Cursor = None,
+    limit: Limit = DEFAULT_LIMIT,
+    _: Principal = Depends(require("read")),
+    state: AppState = Depends(get_state),
+) -> dict[str, Any]:
+    return domain.list_records(
+        state.sessions, dataset_id, state=state_filter, cursor=cursor, limit=limit
+    )

@@ -1,0 +1,87 @@
+"""Dependencies shared by the routers: app state, authentication and scope checks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.auth import Principal, authenticate
+from service.problems import Problem
+from service.settings import Settings
+from service.storage import CHUNK, Storage
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    storage: Storage
+    metrics: Any = None
+
+
+def get_state(request: Request) -> AppState:
+    return request.app.state.lethe
+
+
+_bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`.")
+
+
+def _unauthorized(detail: str) -> Problem:
+    return Problem(
+        401, "unauthorized", detail, title="Unauthorized",
+        headers={"WWW-Authenticate": 'Bearer realm="lethe"'},
+    )
+
+
+def require(scope: str) -> Callable[..., Principal]:
+    """Dependency factory: a valid, unrevoked key whose scope is at least `scope`."""
+
+    def dependency(
+        credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
+        state: AppState = Depends(get_state),
+    ) -> Principal:
+        if credentials is None or credentials.scheme.lower() != "bearer":
+            raise _unauthorized("missing bearer API key (Authorization: Bearer <key>)")
+        with state.sessions() as session:
+            principal = authenticate(session, credentials.credentials)
+        if principal is None:
+            raise _unauthorized("invalid or revoked API key")
+        if not principal.allows(scope):
+            raise Problem(
+                403, "insufficient-scope",
+                f"this operation needs scope {scope!r}; the key has {principal.scope!r}",
+                title="Forbidden", required_scope=scope,
+            )
+        return principal
+
+    dependency.__name__ = f"require_{scope}"
+    return dependency
+
+
+def only_form_fields(*allowed: str) -> Callable[..., Any]:
+    """Refuse multipart fields the endpoint does not know (FastAPI would silently drop them)."""
+
+    async def dependency(request: Request) -> None:
+        form = await request.form()  # cached: FastAPI's own parsing reuses it
+        unknown = sorted(set(form.keys()) - set(allowed))
+        if unknown:
+            raise Problem(
+                422, "validation-error", f"unknown fields: {', '.join(unknown)}",
+                title="Invalid input",
+                errors=[{"field": name, "in": "body", "message": "unknown field"}
+                        for name in unknown],
+            )
+
+    return dependency
+
+
+def iter_file(fh: BinaryIO) -> Iterator[bytes]:
+    while chunk := fh.read(CHUNK):
+        yield chunk

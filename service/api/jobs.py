@@ -1,0 +1,61 @@
+"""/v1/jobs: list, poll, cancel."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Query
+from fastapi.responses import JSONResponse
+
+from service.api.deps import AppState, get_state, require
+from service.auth import Principal
+from service.domain import jobs as domain
+from service.domain.pagination import DEFAULT_LIMIT, MAX_LIMIT
+from service.domain.requests import cancel_job
+from service.domain.views import job_view
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+@router.get("", summary="List jobs (newest submission first), filtered by status and model")
+def list_jobs(
+    status: Annotated[JobStatus | None, Query()] = None,
+    model: Annotated[str | None, Query(description="Model name.")] = None,
+    cursor: Annotated[str | None, Query()] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
+    _: Principal = Depends(require("read")),
+    state: AppState = Depends(get_state),
+) -> dict[str, Any]:
+    return domain.list_jobs(
+        state.sessions, status=status, model=model, cursor=cursor, limit=limit
+    )
+
+
+@router.get(
+    "/{job_id}",
+    summary="Poll a job",
+    description="`{id, status, phase, progress, attempts, error, source_version_id, "
+    "result_version_id, metrics, created_at, started_at, finished_at, ...}`.",
+)
+def show_job(
+    job_id: str, _: Principal = Depends(require("read")), state: AppState = Depends(get_state)
+) -> dict[str, Any]:
+    return domain.show_job(state.sessions, job_id)
+
+
+@router.post(
+    "/{job_id}/cancel",
+    status_code=202,
+    summary="Cancel a queued job, or ask a running one to stop",
+    description="Queued: cancelled at once. Running: `cancel_requested` is set and the worker "
+    "stops at its next progress report. Already finished: 409.",
+)
+def cancel(
+    job_id: str,
+    principal: Principal = Depends(require("submit")),
+    state: AppState = Depends(get_state),
+) -> JSONResponse:
+    result = cancel_job(state.sessions, job_id, actor=principal.actor)
+    return JSONResponse(job_view(result.job, result.model_name), status_code=202)

@@ -1,0 +1,188 @@
+"""/v1/models and /v1/model-versions: registration, listing, checkpoint download."""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from fastapi.responses import Response, StreamingResponse
+
+from service.api.deps import AppState, get_state, iter_file, only_form_fields, require
+from service.auth import Principal
+from service.domain import models as domain
+from service.domain.pagination import DEFAULT_LIMIT, MAX_LIMIT
+from service.problems import Problem
+from service.storage import CHUNK
+
+router = APIRouter(tags=["models"])
+
+Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
+Cursor = Annotated[str | None, Query()]
+_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+@router.post(
+    "/v1/models",
+    status_code=201,
+    summary="Register a model with its version 1 weights",
+    description=(
+        "Multipart: `spec` (JSON string `{name, architecture, arch_kwargs, eval_dataset?, "
+        "member_probe_dataset?, description?}`) and `weights` (`.safetensors`). The header is "
+        "checked against the architecture built on the meta device; a mismatch is 422 listing "
+        "missing, unexpected and mis-shaped keys. Anything not safetensors is 422 and is never "
+        "unpickled. Returns the model with `active_version` (number 1)."
+    ),
+    dependencies=[Depends(only_form_fields("spec", "weights"))],
+)
+def register_model(
+    spec: Annotated[str, Form(description="Model spec as a JSON string.")],
+    weights: Annotated[UploadFile, File(description="A .safetensors checkpoint.")],
+    principal: Principal = Depends(require("admin")),
+    state: AppState = Depends(get_state),
+) -> dict[str, Any]:
+    return domain.register_model(
+        state.sessions, state.storage, spec_json=spec, weights=iter_file(weights.file),
+        max_bytes=state.settings.max_upload_bytes, actor=principal.actor,
+    )
+
+
+@router.get("/v1/models", summary="List models (by name)")
+def list_models(
+    cursor: Cursor = None,
+    limit: Limit = DEFAULT_LIMIT,
+    _: Principal = Depends(require("read")),
+    state: AppState = Depends(get_state),
+) -> dict[str, Any]:
+    return domain.list_models(state.sessions, cursor=cursor, limit=limit)
+
+
+@router.get("/v1/models/{name}", summary="Show a model and its active version")
+def show_model(
+    name: str, _: Principal = Depends(require("read")), state: AppState = Depends(get_state)
+) -> dict[str, Any]:
+    return domain.show_model(state.sessions, name)
+
+
+@router.get("/v1/models/{name}/versions", summary="List a model's versions (newest first)")
+def list_versions(
+    name: str,
+    cursor: Cursor = None,
+    limit: Limit = DEFAULT_LIMIT,
+    _: Principal = Depends(require("read")),
+    state: AppState = Depends(get_state),
+) -> dict[str, Any]:
+    return domain.list_versions(state.sessions, name, cursor=cursor, limit=limit)
+
+
+@router.get(
+    "/v1/model-versions/{version_id}",
+    summary="One version: lineage, sha256, metrics",
+    description="`{id, model, number, parent_id, job_id, status, sha256, size_bytes, metrics, "
+    "created_at, lineage, ...}`.",
+)
+def show_version(
+    version_id: str,
+    _: Principal = Depends(require("read")),
+    state: AppState = Depends(get_state),
+) -> dict[str, Any]:
+    return domain.show_version(state.sessions, version_id)
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """One `bytes=a-b` range as inclusive (start, end); None means send the whole file.
+
+    Multiple ranges are answered with the whole file (allowed by RFC 9110)."""
+    if not header or "," in header:
+        return None
+    match = _RANGE_RE.match(header.strip())
+    if not match or (not match.group(1) and not match.group(2)):
+        return None
+    first, last = match.group(1), match.group(2)
+    if first:
+        start = int(first)
+        end = min(int(last), size - 1) if last else size - 1
+        if last and int(last) < start:
+            return None
+    else:  # suffix range: the last N bytes
+        length = int(last)
+        if length == 0:
+            raise _unsatisfiable(size)
+        start, end = max(size - length, 0), size - 1
+    if start >= size:
+        raise _unsatisfiable(size)
+    return start, end
+
+
+def _unsatisfiable(size: int) -> Problem:
+    return Problem(
+        416, "range-not-satisfiable", f"the checkpoint has {size} bytes",
+        title="Range not satisfiable", headers={"Content-Range": f"bytes */{size}"},
+    )
+
+
+@router.get(
+    "/v1/model-versions/{version_id}/checkpoint",
+    summary="Download a version's .safetensors checkpoint",
+    description=(
+        "Streamed. `ETag` is the quoted sha256 hex, `Repr-Digest: sha-256=:<base64>:`, "
+        "`Content-Length`; one `Range: bytes=a-b` answers 206 with `Content-Range`. "
+        "410 when the checkpoint was retired."
+    ),
+    response_class=Response,
+    responses={200: {"content": {"application/octet-stream": {}}}, 206: {}, 304: {}, 416: {}},
+)
+def download_checkpoint(
+    version_id: str,
+    request: Request,
+    _: Principal = Depends(require("read")),
+    state: AppState = Depends(get_state),
+) -> Response:
+    with state.sessions() as session:
+        version, model = domain.get_version(session, version_id)
+        key, sha, number = version.storage_key, version.sha256, version.number
+    if key is None or not state.storage.exists(key):
+        raise Problem(
+            410, "checkpoint-retired", f"the checkpoint of version {version_id} is retired",
+            title="Checkpoint no longer available",
+        )
+    size = state.storage.size(key)
+    etag = f'"{sha}"'
+    headers = {
+        "ETag": etag,
+        "Repr-Digest": f"sha-256=:{base64.b64encode(bytes.fromhex(sha)).decode()}:",
+        "Accept-Ranges": "bytes",
+        "Content-Disposition": f'attachment; filename="{model.name}-v{number}.safetensors"',
+        "Cache-Control": "private, max-age=31536000, immutable",
+    }
+    if_none_match = request.headers.get("if-none-match")
+    if if_none_match and etag in [t.strip() for t in if_none_match.split(",")]:
+        return Response(status_code=304, headers=headers)
+    byte_range = parse_range(request.headers.get("range"), size)
+    if_range = request.headers.get("if-range")
+    if byte_range is not None and if_range and if_range.strip() != etag:
+        byte_range = None  # the client's partial copy is of another representation
+    start, end = byte_range if byte_range else (0, size - 1)
+    length = end - start + 1 if size else 0
+    headers["Content-Length"] = str(length)
+    status = 200
+    if byte_range is not None:
+        status = 206
+        headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+
+    def body() -> Iterator[bytes]:
+        remaining = length
+        with state.storage.open_read(key) as fh:
+            fh.seek(start)
+            while remaining > 0:
+                chunk = fh.read(min(CHUNK, remaining))
+                if not chunk:
+                    break
+                remaining -= len(chunk)
+                yield chunk
+
+    return StreamingResponse(
+        body(), status_code=status, headers=headers, media_type="application/octet-stream"
+    )

@@ -1,0 +1,132 @@
+"""FastAPI application factory: `create_app(settings=None)`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import __version__
+from service.api import audit, datasets, health, jobs, models, requests
+from service.api.deps import AppState
+from service.db import is_postgres, make_engine, make_session_factory
+from service.migrate import check_at_head
+from service.observability import Metrics, MetricsMiddleware
+from service.problems import Problem, install_handlers, problem_dict, problem_response
+from service.settings import Settings, get_settings
+from service.storage import Storage
+
+log = logging.getLogger("lethe.api")
+
+# Multipart framing and the small form fields ride on top of the file itself.
+_FORM_OVERHEAD_BYTES = 1024 * 1024
+
+DESCRIPTION = """
+Lethe makes trained PyTorch models forget data on request using IMU (Influence-guided
+Machine Unlearning). Register datasets and model checkpoints, POST a deletion request naming
+record keys, poll the job, download the new checkpoint.
+
+* Auth: `Authorization: Bearer <key>` on every `/v1` route; scopes `read` < `submit` < `admin`.
+* Errors: `application/problem+json` (RFC 9457) with a stable `type` URI under
+  `https://lethe.dev/problems/`, `title`, `status`, `detail` and `errors` for validation.
+* Lists: `{items, next_cursor}`; pass `cursor=<next_cursor>` for the next page.
+"""
+
+
+class BodyLimitMiddleware:
+    """413 for request bodies past the limit, before or while they are read.
+
+    A declared Content-Length over the limit is refused without reading; a chunked body is
+    counted as it streams and the read fails with a Problem that the handlers turn into 413.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    def _problem(self) -> Problem:
+        return Problem(
+            413, "payload-too-large",
+            f"the request body exceeds {self.limit} bytes (LETHE_MAX_UPLOAD_MB plus form "
+            "overhead)",
+            title="Payload too large",
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await problem_response(self._problem().to_dict())(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise self._problem()
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    engine_kwargs: dict[str, object] = {}
+    if settings.db_url.startswith("postgresql"):
+        # Sync endpoints run in a thread pool (40 threads): give them connections.
+        engine_kwargs = {"pool_size": 10, "max_overflow": 30, "pool_timeout": 30}
+    engine = make_engine(settings.db_url, **engine_kwargs)
+    state = AppState(
+        settings=settings,
+        engine=engine,
+        sessions=make_session_factory(engine),
+        storage=Storage.from_settings(settings),
+        metrics=Metrics(),
+    )
+    state.metrics.watch_jobs(state)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # Refuse to serve a database behind the migration head (run `lethe migrate`).
+        check_at_head(engine)
+        log.info(
+            "lethe %s serving (%s, %s)", __version__,
+            "postgresql" if is_postgres(engine) else "sqlite",
+            "embedded executor" if settings.embedded else "broker",
+        )
+        yield
+        engine.dispose()
+
+    app = FastAPI(
+        title="Lethe",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.lethe = state
+    install_handlers(app)
+    for router in (
+        datasets.router, models.router, requests.router, jobs.router, audit.router,
+        health.router,
+    ):
+        app.include_router(router)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes + _FORM_OVERHEAD_BYTES)
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+
+    @app.get("/", include_in_schema=False)
+    def root() -> dict[str, str]:
+        return {"name": "lethe", "version": __version__, "docs": "/docs"}
+
+    return app
+
+
+__all__ = ["create_app", "problem_dict"]

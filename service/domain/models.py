@@ -1,0 +1,261 @@
+"""Model registration (version 1) and model/version queries.
+
+Weights are streamed into storage, then only the safetensors header is read and compared
+with the architecture built on the meta device. Nothing is ever unpickled: a pickle, a zip or
+garbage fails the header parse and is refused with 422; the stored file is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.audit import append_event
+from service.db import transaction
+from service.domain.datasets import resolve_dataset, too_large
+from service.domain.pagination import MAX_LIMIT, decode_cursor, page
+from service.domain.views import model_view, version_view
+from service.models import Model, ModelVersion, new_id
+from service.problems import Problem, conflict, not_found, validation
+from service.storage import Storage, TooLarge
+
+MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,199}$")
+
+
+class ModelSpec(BaseModel):
+    """The `spec` form field of POST /v1/models."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=MODEL_NAME_RE.pattern, max_length=200)
+    architecture: str = Field(min_length=1, max_length=200)
+    arch_kwargs: dict[str, Any] = Field(default_factory=dict)
+    eval_dataset: str | None = None
+    member_probe_dataset: str | None = None
+    description: str | None = Field(default=None, max_length=10_000)
+
+
+def parse_spec(raw: str) -> ModelSpec:
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise validation(
+            f"spec is not valid JSON: {exc.msg}", [{"field": "spec", "message": "invalid JSON"}]
+        ) from None
+    try:
+        spec = ModelSpec.model_validate(data)
+    except ValidationError as exc:
+        errors = [
+            {"field": "spec." + ".".join(str(p) for p in e["loc"]) if e["loc"] else "spec",
+             "message": e["msg"]}
+            for e in exc.errors()
+        ]
+        raise validation(
+            "invalid spec: " + ", ".join(e["field"] for e in errors), errors
+        ) from None
+    if ".." in spec.name:
+        raise validation(
+            f"invalid model name {spec.name!r}", [{"field": "spec.name", "message": "'..'"}]
+        )
+    return spec
+
+
+def _check_weights(storage: Storage, key: str, spec: ModelSpec) -> dict[str, Any]:
+    from worker.imu.architectures import check_state_dict
+    from worker.imu.checkpoints import read_header
+
+    try:
+        with storage.open_read(key) as fh:
+            header = read_header(fh)
+    except ValueError as exc:
+        raise Problem(
+            422, "invalid-checkpoint",
+            f"weights must be a .safetensors file ({exc}); pickled checkpoints are refused",
+            title="Invalid checkpoint", errors=[{"field": "weights", "message": str(exc)}],
+        ) from None
+    try:
+        result = check_state_dict(spec.architecture, spec.arch_kwargs, header)
+    except (ValueError, KeyError) as exc:  # unknown architecture or bad kwargs
+        field = "spec.architecture" if isinstance(exc, KeyError) else "spec.arch_kwargs"
+        raise validation(str(exc), [{"field": field, "message": str(exc)}]) from None
+    if not result.ok:
+        errors = (
+            [{"field": "weights", "key": k, "message": "missing"} for k in result.missing]
+            + [{"field": "weights", "key": k, "message": "unexpected"} for k in result.unexpected]
+            + [{"field": "weights", "message": "mismatched", **m.to_dict()}
+               for m in result.mismatched]
+        )
+        raise Problem(
+            422, "architecture-mismatch",
+            f"the weights do not match architecture {spec.architecture!r}: {result.describe()}",
+            title="Checkpoint does not match the architecture", errors=errors,
+            missing=result.missing, unexpected=result.unexpected,
+            mismatched=[m.to_dict() for m in result.mismatched],
+        )
+    return {"tensors": len(header)}
+
+
+def register_model(
+    factory: sessionmaker[Session],
+    storage: Storage,
+    *,
+    spec_json: str,
+    weights: Iterable[bytes],
+    max_bytes: int | None,
+    actor: str,
+) -> dict[str, Any]:
+    spec = parse_spec(spec_json)
+    with factory() as session:
+        if session.execute(select(Model.id).where(Model.name == spec.name)).first():
+            raise conflict("model-exists", f"a model named {spec.name!r} already exists")
+        eval_ds = probe_ds = None
+        if spec.eval_dataset:
+            eval_ds = resolve_dataset(session, spec.eval_dataset, "spec.eval_dataset")
+        if spec.member_probe_dataset:
+            probe_ds = resolve_dataset(
+                session, spec.member_probe_dataset, "spec.member_probe_dataset"
+            )
+    for ds, role, field in ((eval_ds, "eval", "spec.eval_dataset"),
+                            (probe_ds, "member_probe", "spec.member_probe_dataset")):
+        if ds is not None and ds.role != role:
+            raise validation(
+                f"{field} {ds.id!r} has role {ds.role!r}, expected {role!r}",
+                [{"field": field, "message": f"role must be {role}"}],
+            )
+
+    model_id, version_id = new_id(), new_id()
+    key = f"checkpoints/{model_id}/{version_id}.safetensors"
+    try:
+        sha, size = storage.write_stream(key, weights, max_bytes=max_bytes)
+    except TooLarge as exc:
+        raise too_large(exc.limit) from None
+    try:
+        info = _check_weights(storage, key, spec)
+        with transaction(factory) as session:
+            model = Model(
+                id=model_id, name=spec.name, architecture=spec.architecture,
+                arch_kwargs=spec.arch_kwargs, description=spec.description,
+                eval_dataset_id=eval_ds.id if eval_ds else None,
+                member_probe_dataset_id=probe_ds.id if probe_ds else None,
+            )
+            session.add(model)
+            session.flush()
+            version = ModelVersion(
+                id=version_id, model_id=model_id, number=1, parent_id=None, job_id=None,
+                storage_key=key, sha256=sha, size_bytes=size, status="active", metrics={},
+            )
+            session.add(version)
+            session.flush()
+            append_event(
+                session, actor=actor, action="model.registered", subject_type="model",
+                subject_id=model_id,
+                payload={"name": spec.name, "architecture": spec.architecture,
+                         "arch_kwargs": spec.arch_kwargs,
+                         "eval_dataset_id": model.eval_dataset_id,
+                         "member_probe_dataset_id": model.member_probe_dataset_id},
+            )
+            append_event(
+                session, actor=actor, action="version.created", subject_type="model_version",
+                subject_id=version_id,
+                payload={"model": spec.name, "number": 1, "sha256": sha, "size_bytes": size,
+                         "status": "active", "tensors": info["tensors"]},
+            )
+            view = model_view(model, version)
+    except IntegrityError:
+        storage.delete(key)
+        raise conflict("model-exists", f"a model named {spec.name!r} already exists") from None
+    except BaseException:
+        storage.delete(key)
+        raise
+    return view
+
+
+def get_model(session: Session, name: str) -> Model:
+    model = session.execute(select(Model).where(Model.name == name)).scalar_one_or_none()
+    if model is None:
+        raise not_found("model", name)
+    return model
+
+
+def active_version(session: Session, model_id: str) -> ModelVersion | None:
+    return session.execute(
+        select(ModelVersion)
+        .where(ModelVersion.model_id == model_id, ModelVersion.status == "active")
+        .order_by(ModelVersion.number.desc())
+        .limit(1)
+    ).scalar_one_or_none()
+
+
+def show_model(factory: sessionmaker[Session], name: str) -> dict[str, Any]:
+    with factory() as session:
+        model = get_model(session, name)
+        return model_view(model, active_version(session, model.id))
+
+
+def list_models(
+    factory: sessionmaker[Session], *, cursor: str | None, limit: int
+) -> dict[str, Any]:
+    limit = min(limit, MAX_LIMIT)
+    after = decode_cursor(cursor, 1)
+    with factory() as session:
+        q = select(Model).order_by(Model.name)
+        if after:
+            q = q.where(Model.name > str(after[0]))
+        rows = list(session.execute(q.limit(limit + 1)).scalars())
+        items, next_cursor = page(rows, limit, lambda m: [m.name])
+        return {
+            "items": [model_view(m, active_version(session, m.id)) for m in items],
+            "next_cursor": next_cursor,
+        }
+
+
+def list_versions(
+    factory: sessionmaker[Session], name: str, *, cursor: str | None, limit: int
+) -> dict[str, Any]:
+    limit = min(limit, MAX_LIMIT)
+    after = decode_cursor(cursor, 1)
+    with factory() as session:
+        model = get_model(session, name)
+        q = (
+            select(ModelVersion)
+            .where(ModelVersion.model_id == model.id)
+            .order_by(ModelVersion.number.desc())
+        )
+        if after:
+            q = q.where(ModelVersion.number < int(after[0]))
+        rows = list(session.execute(q.limit(limit + 1)).scalars())
+        items, next_cursor = page(rows, limit, lambda v: [v.number])
+        return {"items": [version_view(v, model.name) for v in items], "next_cursor": next_cursor}
+
+
+def get_version(session: Session, version_id: str) -> tuple[ModelVersion, Model]:
+    version = session.get(ModelVersion, version_id)
+    if version is None:
+        raise not_found("model version", version_id)
+    model = session.get(Model, version.model_id)
+    assert model is not None
+    return version, model
+
+
+def show_version(factory: sessionmaker[Session], version_id: str) -> dict[str, Any]:
+    with factory() as session:
+        version, model = get_version(session, version_id)
+        view = version_view(version, model.name)
+        # Lineage: the chain of parents back to version 1.
+        lineage = []
+        parent_id = version.parent_id
+        while parent_id is not None and len(lineage) < 10_000:
+            parent = session.get(ModelVersion, parent_id)
+            if parent is None:
+                break
+            lineage.append({"id": parent.id, "number": parent.number, "job_id": parent.job_id})
+            parent_id = parent.parent_id
+        view["lineage"] = lineage
+        return view

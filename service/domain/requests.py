@@ -1,0 +1,358 @@
+"""Deletion requests: validation, idempotent submission, cancellation.
+
+Submission writes the request, its queued job (with the next submission sequence number) and
+an audit event in one transaction and hands the job id to the queue only after the commit, so
+an executor never sees a job that might still roll back.
+
+Concurrency: the transaction first increments the `job_seq` counter row, which locks it until
+commit. Submissions therefore serialise at that point, so the "key already named by a queued
+or running request" check and the idempotency check both see every earlier submission.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.audit import append_event, canonical_json
+from service.db import transaction
+from service.domain.datasets import resolve_dataset
+from service.domain.models import active_version, get_model
+from service.domain.views import request_view
+from service.models import Counter, DeletionRequest, Job, Model, Record, new_id, utcnow
+from service.problems import Problem, conflict, not_found, validation
+from service.settings import Settings
+
+log = logging.getLogger("lethe.requests")
+
+MAX_KEYS = 100_000
+ACTIVE_JOB_STATES = ("queued", "running")
+FINISHED_JOB_STATES = ("succeeded", "failed", "cancelled")
+JOB_SEQ = "job_seq"
+# Gradient ascent baseline: the only knobs it has, with sane bounds.
+GA_BOUNDS: dict[str, tuple[type, float, float]] = {
+    "epochs": (int, 1, 1000),
+    "lr": (float, 1e-8, 10.0),
+    "batch_size": (int, 1, 65536),
+}
+# IMU fields the server controls (device placement is an operator decision).
+SERVER_ONLY_PARAMS = ("device",)
+
+
+class DeletionRequestIn(BaseModel):
+    """Body of POST /v1/deletion-requests."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=200, description="Model name.")
+    dataset: str = Field(min_length=1, max_length=200, description="Dataset id (or unique name).")
+    record_keys: list[str] = Field(min_length=1, max_length=MAX_KEYS)
+    method: Literal["imu", "ga"] = "imu"
+    params: dict[str, Any] = Field(default_factory=dict)
+    subject_ref: str | None = Field(default=None, max_length=500)
+    reason: str | None = Field(default=None, max_length=10_000)
+
+
+@dataclass
+class Submission:
+    body: dict[str, Any]
+    job_id: str
+    request_id: str
+    replayed: bool
+
+
+def validate_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Bounds-check method params; returns the overrides to store (policy kept as given)."""
+    params = dict(params)
+    policy = params.pop("policy", None)
+    if policy is not None and not isinstance(policy, dict):
+        raise validation("params.policy must be an object",
+                         [{"field": "params.policy", "message": "must be an object"}])
+    if method == "imu":
+        for key in SERVER_ONLY_PARAMS:
+            if key in params:
+                raise validation(
+                    f"params.{key} is set by the server (LETHE_DEVICE)",
+                    [{"field": f"params.{key}", "message": "not allowed"}],
+                )
+        from worker.imu import IMUConfig
+
+        try:
+            IMUConfig.from_overrides(params)
+        except (ValueError, TypeError) as exc:
+            raise validation(
+                f"invalid IMU params: {exc}", [{"field": "params", "message": str(exc)}]
+            ) from None
+    else:
+        for key, value in params.items():
+            if key not in GA_BOUNDS:
+                raise validation(
+                    f"unknown parameter {key!r} for method ga; accepted: {sorted(GA_BOUNDS)}",
+                    [{"field": f"params.{key}", "message": "unknown parameter"}],
+                )
+            kind, low, high = GA_BOUNDS[key]
+            ok_type = (isinstance(value, int) if kind is int else isinstance(value, int | float))
+            if isinstance(value, bool) or not ok_type or not low <= value <= high:
+                raise validation(
+                    f"params.{key} must be {kind.__name__} in [{low}, {high}], got {value!r}",
+                    [{"field": f"params.{key}", "message": "out of bounds"}],
+                )
+    if policy is not None:
+        params["policy"] = policy
+    return params
+
+
+def body_fingerprint(body: DeletionRequestIn) -> str:
+    return hashlib.sha256(canonical_json(body.model_dump()).encode()).hexdigest()
+
+
+def _next_seq(session: Session) -> int:
+    """Increment the job counter; the row lock it takes serialises submissions until commit."""
+    value = session.execute(
+        update(Counter).where(Counter.name == JOB_SEQ).values(value=Counter.value + 1)
+        .returning(Counter.value)
+    ).scalar_one_or_none()
+    if value is None:  # databases built without the migration's seed row
+        session.execute(insert(Counter).values(name=JOB_SEQ, value=1))
+        value = 1
+    return int(value)
+
+
+def _replay(
+    session: Session, key: str, fingerprint: str, ttl_hours: float
+) -> Submission | None:
+    req = session.execute(
+        select(DeletionRequest).where(DeletionRequest.idempotency_key == key)
+    ).scalar_one_or_none()
+    if req is None:
+        return None
+    if req.body_sha256 != fingerprint:
+        raise conflict(
+            "idempotency-key-reused",
+            "this Idempotency-Key was already used with a different request body",
+            title="Idempotency key reused",
+        )
+    created = req.created_at if req.created_at.tzinfo else req.created_at.replace(
+        tzinfo=utcnow().tzinfo
+    )
+    if utcnow() - created > timedelta(hours=ttl_hours):
+        log.info("idempotency key %s is older than the TTL; still replaying (keys are kept)", key)
+    job = session.execute(select(Job).where(Job.request_id == req.id)).scalar_one()
+    model = session.get(Model, req.model_id)
+    assert model is not None
+    return Submission(request_view(req, job, model.name, full=False), job.id, req.id, True)
+
+
+def _check_keys(session: Session, model_id: str, dataset_id: str, keys: list[str]) -> None:
+    seen: set[str] = set()
+    dupes = sorted({k for k in keys if k in seen or seen.add(k)})  # type: ignore[func-returns-value]
+    if dupes:
+        raise validation(
+            f"record_keys contains duplicates: {dupes[:10]}",
+            [{"field": "record_keys", "message": "duplicate", "keys": dupes[:1000]}],
+        )
+    states: dict[str, str] = {}
+    for start in range(0, len(keys), 1000):
+        chunk = keys[start : start + 1000]
+        states.update(
+            session.execute(
+                select(Record.key, Record.state).where(
+                    Record.dataset_id == dataset_id, Record.key.in_(chunk)
+                )
+            ).all()
+        )
+    missing = [k for k in keys if k not in states]
+    forgotten = [k for k in keys if states.get(k) == "forgotten"]
+    pending_rows = session.execute(
+        select(DeletionRequest.record_keys)
+        .join(Job, Job.request_id == DeletionRequest.id)
+        .where(
+            DeletionRequest.model_id == model_id,
+            DeletionRequest.dataset_id == dataset_id,
+            Job.status.in_(ACTIVE_JOB_STATES),
+        )
+    ).scalars()
+    pending_keys: set[str] = set()
+    for named in pending_rows:
+        pending_keys.update(named)
+    pending = [k for k in keys if k in pending_keys and k in states]
+    errors = (
+        [{"field": "record_keys", "key": k, "message": "not in the dataset"} for k in missing]
+        + [{"field": "record_keys", "key": k, "message": "already forgotten"} for k in forgotten]
+        + [{"field": "record_keys", "key": k, "message": "named by a queued or running request"}
+           for k in pending]
+    )
+    if errors:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} not in the dataset ({', '.join(missing[:10])})")
+        if forgotten:
+            parts.append(f"{len(forgotten)} already forgotten ({', '.join(forgotten[:10])})")
+        if pending:
+            parts.append(
+                f"{len(pending)} named by a queued or running request ({', '.join(pending[:10])})"
+            )
+        raise Problem(
+            422, "invalid-record-keys", "record keys refused: " + "; ".join(parts),
+            title="Invalid record keys", errors=errors[:1000],
+            missing=missing[:1000], forgotten=forgotten[:1000], pending=pending[:1000],
+        )
+
+
+def submit_deletion_request(
+    factory: sessionmaker[Session],
+    settings: Settings,
+    body: DeletionRequestIn,
+    *,
+    actor: str,
+    idempotency_key: str | None = None,
+) -> Submission:
+    """Validate and record a deletion request + its queued job, then enqueue the job."""
+    if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
+        raise validation("Idempotency-Key must be 1 to 255 characters",
+                         [{"field": "Idempotency-Key", "message": "length"}])
+    fingerprint = body_fingerprint(body)
+    if idempotency_key:
+        with factory() as session:
+            replay = _replay(session, idempotency_key, fingerprint, settings.idempotency_ttl_hours)
+        if replay:
+            return replay
+    params = validate_params(body.method, body.params)
+    try:
+        with transaction(factory) as session:
+            seq = _next_seq(session)
+            if idempotency_key:  # a concurrent twin may have committed while we waited
+                replay = _replay(
+                    session, idempotency_key, fingerprint, settings.idempotency_ttl_hours
+                )
+                if replay:
+                    return replay
+            model = get_model(session, body.model)
+            version = active_version(session, model.id)
+            if version is None:
+                raise conflict(
+                    "no-active-version", f"model {model.name!r} has no active version",
+                    title="Model has no active version",
+                )
+            dataset = resolve_dataset(session, body.dataset)
+            _check_keys(session, model.id, dataset.id, body.record_keys)
+            req = DeletionRequest(
+                id=new_id(), model_id=model.id, dataset_id=dataset.id,
+                record_keys=list(body.record_keys), method=body.method, params=params,
+                subject_ref=body.subject_ref, reason=body.reason, status="queued",
+                idempotency_key=idempotency_key, body_sha256=fingerprint, actor=actor,
+            )
+            session.add(req)
+            session.flush()
+            job = Job(
+                id=new_id(), request_id=req.id, model_id=model.id, kind=body.method,
+                params=params, submitted_seq=seq, status="queued", progress=0.0, attempts=0,
+                cancel_requested=False, metrics={}, timings={},
+            )
+            session.add(job)
+            session.flush()
+            append_event(
+                session, actor=actor, action="request.accepted",
+                subject_type="deletion_request", subject_id=req.id,
+                payload={"job_id": job.id, "model": model.name, "dataset_id": dataset.id,
+                         "record_count": len(body.record_keys),
+                         "record_keys_sha256": hashlib.sha256(
+                             canonical_json(sorted(body.record_keys)).encode()).hexdigest(),
+                         "method": body.method, "params": params,
+                         "subject_ref": body.subject_ref, "submitted_seq": seq},
+            )
+            result = Submission(
+                request_view(req, job, model.name, full=False), job.id, req.id, False
+            )
+    except IntegrityError:
+        # Only the idempotency key is unique here: a twin won the race; answer with its result.
+        if not idempotency_key:
+            raise
+        with factory() as session:
+            replay = _replay(session, idempotency_key, fingerprint, settings.idempotency_ttl_hours)
+        if replay is None:
+            raise
+        return replay
+    _enqueue(settings, result.job_id)
+    return result
+
+
+def _enqueue(settings: Settings, job_id: str) -> None:
+    from service.queue import get_queue
+
+    try:
+        get_queue(settings).enqueue(job_id)
+    except Exception:  # the job row is committed and stays queued; the worker re-dispatches it
+        log.exception("could not hand job %s to the queue; it stays queued", job_id)
+
+
+def show_request(factory: sessionmaker[Session], request_id: str) -> dict[str, Any]:
+    with factory() as session:
+        req = session.get(DeletionRequest, request_id)
+        if req is None:
+            raise not_found("deletion request", request_id)
+        job = session.execute(select(Job).where(Job.request_id == req.id)).scalar_one_or_none()
+        model = session.get(Model, req.model_id)
+        assert model is not None
+        return request_view(req, job, model.name, full=True)
+
+
+@dataclass
+class CancelResult:
+    job: Job
+    model_name: str
+    status_code: int  # 202
+
+
+def cancel_job(factory: sessionmaker[Session], job_id: str, *, actor: str) -> CancelResult:
+    """Queued: cancelled now. Running: cancel requested (the worker stops at its next progress
+    report). Finished: 409. Conditional UPDATEs make this safe against a worker's claim."""
+    with transaction(factory) as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise not_found("job", job_id)
+        now = utcnow()
+        cancelled = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == "queued")
+            .values(status="cancelled", finished_at=now, cancel_requested=True)
+        ).rowcount
+        if cancelled:
+            session.execute(
+                update(DeletionRequest)
+                .where(DeletionRequest.id == job.request_id)
+                .values(status="cancelled")
+            )
+            append_event(
+                session, actor=actor, action="job.cancelled", subject_type="job",
+                subject_id=job_id, payload={"request_id": job.request_id, "was": "queued"},
+            )
+        else:
+            requested = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == "running")
+                .values(cancel_requested=True)
+            ).rowcount
+            if requested:
+                append_event(
+                    session, actor=actor, action="job.cancel_requested", subject_type="job",
+                    subject_id=job_id, payload={"request_id": job.request_id, "was": "running"},
+                )
+            else:
+                session.refresh(job)
+                raise conflict(
+                    "job-finished", f"job {job_id} has already finished ({job.status})",
+                    title="Job already finished", job_status=job.status,
+                )
+        session.refresh(job)
+        model = session.get(Model, job.model_id)
+        assert model is not None
+        return CancelResult(job=job, model_name=model.name, status_code=202)

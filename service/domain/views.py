@@ -1,0 +1,110 @@
+"""The JSON shapes of the API resources (one function per resource, used by every router)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from service.models import Dataset, DeletionRequest, Job, Model, ModelVersion
+
+
+def iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:  # SQLite returns naive datetimes; they are stored as UTC
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def dataset_view(ds: Dataset) -> dict[str, Any]:
+    return {
+        "id": ds.id,
+        "name": ds.name,
+        "kind": ds.kind,
+        "role": ds.role,
+        "record_count": ds.record_count,
+        "sha256": ds.sha256,
+        "size_bytes": ds.size_bytes,
+        "meta": ds.meta,
+        "created_at": iso(ds.created_at),
+    }
+
+
+def version_view(v: ModelVersion, model_name: str) -> dict[str, Any]:
+    return {
+        "id": v.id,
+        "model": model_name,
+        "number": v.number,
+        "parent_id": v.parent_id,
+        "job_id": v.job_id,
+        "status": v.status,
+        "sha256": v.sha256,
+        "size_bytes": v.size_bytes,
+        "metrics": v.metrics,
+        "created_at": iso(v.created_at),
+        "superseded_at": iso(v.superseded_at),
+        "checkpoint_available": v.storage_key is not None,
+    }
+
+
+def model_view(m: Model, active: ModelVersion | None) -> dict[str, Any]:
+    return {
+        "id": m.id,
+        "name": m.name,
+        "architecture": m.architecture,
+        "arch_kwargs": m.arch_kwargs,
+        "description": m.description,
+        "eval_dataset_id": m.eval_dataset_id,
+        "member_probe_dataset_id": m.member_probe_dataset_id,
+        "created_at": iso(m.created_at),
+        "active_version": version_view(active, m.name) if active is not None else None,
+    }
+
+
+def job_view(job: Job, model_name: str | None = None) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "request_id": job.request_id,
+        "model": model_name,
+        "kind": job.kind,
+        "params": job.params,
+        "status": job.status,
+        "phase": job.phase,
+        "progress": job.progress,
+        "attempts": job.attempts,
+        "error": job.error,
+        "cancel_requested": job.cancel_requested,
+        "source_version_id": job.source_version_id,
+        "result_version_id": job.result_version_id,
+        "metrics": job.metrics,
+        "timings": job.timings,
+        "device": job.device,
+        "submitted_seq": job.submitted_seq,
+        "created_at": iso(job.created_at),
+        "started_at": iso(job.started_at),
+        "finished_at": iso(job.finished_at),
+    }
+
+
+def request_view(
+    req: DeletionRequest, job: Job | None, model_name: str, *, full: bool = True
+) -> dict[str, Any]:
+    """`full=False` is the 202 answer of a submission: `{id, status, job: {id, status}}`."""
+    job_part: dict[str, Any] | None = None
+    if job is not None:
+        job_part = job_view(job, model_name) if full else {"id": job.id, "status": job.status}
+    body: dict[str, Any] = {"id": req.id, "status": req.status, "job": job_part}
+    if full:
+        body.update(
+            {
+                "model": model_name,
+                "dataset": req.dataset_id,
+                "record_keys": req.record_keys,
+                "method": req.method,
+                "params": req.params,
+                "subject_ref": req.subject_ref,
+                "reason": req.reason,
+                "created_at": iso(req.created_at),
+            }
+        )
+    return body
