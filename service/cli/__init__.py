@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from service.cli import admin, client, server
+from service.cli import admin, client, server, workers
 
 app = typer.Typer(
     name="lethe",
@@ -22,5 +22,5 @@ def _root() -> None:
     """Lethe: make trained PyTorch models forget data on request."""
 
 
-for _module in (server, admin, client):
+for _module in (server, admin, client, workers):
     _module.register(app)

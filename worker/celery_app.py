@@ -1,0 +1,136 @@
+"""The Celery application: `celery -A worker.celery_app worker` (or `lethe worker`).
+
+Delivery is at-least-once and the database decides what runs (see worker.runner):
+- JSON only; the task id is the job id; one queue, `LETHE_QUEUE_NAME`.
+- `acks_late` + `reject_on_worker_lost`: a message is acknowledged only once its job has been
+  handled, and goes back to the queue if the pool process dies under it.
+- prefetch multiplier 1: a busy worker does not hoard messages another worker could run.
+- soft/hard time limits from settings; the broker's visibility timeout is longer than the hard
+  limit so a long job's message is not redelivered while it still runs.
+- results: kept in `LETHE_RESULT_BACKEND_URL` (default: the broker) for a day; job state lives
+  in the database, the result is only a debugging aid.
+
+The main (parent) process never touches CUDA: it only imports torch so that forked pool
+children start fast; the device is resolved in the child that runs the job (worker.device).
+It runs the reaper thread (worker.reaper) unless LETHE_WORKER_REAPER=0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from celery import Celery, signals
+
+from service.queue import RUN_JOB_TASK
+from service.settings import Settings, get_settings
+
+log = logging.getLogger("lethe.worker")
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    visibility = settings.job_hard_time_limit_s * 2 + 60
+    transport = {"visibility_timeout": visibility}
+    return {
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_soft_time_limit": settings.job_soft_time_limit_s,
+        "task_time_limit": settings.job_hard_time_limit_s,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": transport,
+        "result_expires": 24 * 3600,
+        "task_default_queue": settings.queue_name,
+        "task_routes": {RUN_JOB_TASK: {"queue": settings.queue_name}},
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,  # ride out a broker restart, however long
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        "worker_hijack_root_logger": False,
+        "task_track_started": False,
+        "enable_utc": True,
+    }
+
+
+def create_celery(settings: Settings | None = None) -> Celery:
+    settings = settings or get_settings()
+    broker = settings.broker_url or "memory://"
+    backend = settings.result_backend_url or settings.broker_url or None
+    app = Celery("lethe", broker=broker, backend=backend, include=["worker.tasks"])
+    app.conf.update(celery_config(settings))
+    app.conf.lethe_settings = settings
+    return app
+
+
+app = create_celery()
+
+
+def enqueue(job_id: str, countdown: float | None = None) -> None:
+    """Send the run message for a job (same shape as service.queue.CeleryQueue)."""
+    settings: Settings = app.conf.lethe_settings
+    app.send_task(
+        RUN_JOB_TASK, args=[job_id], task_id=job_id, queue=settings.queue_name, countdown=countdown
+    )
+
+
+# --------------------------------------------------------------------------- worker hooks
+
+_reaper_state: dict[str, Any] = {}
+
+
+@signals.worker_init.connect
+def _preload_engine(**_: Any) -> None:
+    # Imported (not initialised) in the parent so forked children skip the import cost.
+    import torch  # noqa: F401
+
+    import worker.imu  # noqa: F401
+
+
+@signals.worker_ready.connect
+def _start_reaper(**_: Any) -> None:
+    if os.environ.get("LETHE_WORKER_REAPER", "1") == "0":
+        return
+    from service.db import make_engine, make_session_factory
+    from service.storage import Storage
+    from worker.lease import worker_identity
+    from worker.reaper import Reaper, ReaperThread
+
+    settings: Settings = app.conf.lethe_settings
+    engine = make_engine(settings.db_url)
+    reaper = Reaper(
+        settings,
+        make_session_factory(engine),
+        Storage.from_settings(settings),
+        actor=f"worker:{worker_identity()}",
+        enqueue=enqueue,
+    )
+    thread = ReaperThread(reaper, settings.reaper_interval_seconds)
+    _reaper_state.update(engine=engine, thread=thread)
+    thread.start()
+    log.info("reaper started (every %.1f s)", settings.reaper_interval_seconds)
+
+
+@signals.worker_shutdown.connect
+def _stop_reaper(**_: Any) -> None:
+    thread = _reaper_state.pop("thread", None)
+    if thread is not None:
+        thread.stop()
+
+
+@signals.worker_process_init.connect
+def _child_init(**_: Any) -> None:
+    # A pool child inherits the parent's reaper engine: drop its pooled connections without
+    # closing them, so the child never talks over (or closes) the parent's sockets.
+    engine = _reaper_state.get("engine")
+    if engine is not None:
+        engine.dispose(close=False)
+    _reaper_state.clear()
+    threads = os.environ.get("LETHE_TORCH_THREADS")
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))

@@ -1,0 +1,40 @@
+"""LETHE_DEVICE resolution for the process that runs a job.
+
+CUDA must only be initialised in the process that runs the job: a prefork Celery parent that
+touched CUDA would hand its children a CUDA context they cannot use after fork. So this module
+imports torch lazily and is only ever called from the job-running code path (the pool child,
+or the embedded executor), never from the Celery main process, the reaper or the API.
+"""
+
+from __future__ import annotations
+
+import re
+
+_CUDA_RE = re.compile(r"^cuda(?::(\d+))?$")
+
+
+class DeviceUnavailable(RuntimeError):
+    """LETHE_DEVICE names a device this machine does not have."""
+
+
+def resolve_device(setting: str) -> str:
+    """`auto` → `cuda` when a GPU is visible, else `cpu`; `cuda[:N]` must exist."""
+    setting = (setting or "auto").strip().lower()
+    if setting == "cpu":
+        return "cpu"
+    import torch
+
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    match = _CUDA_RE.match(setting)
+    if not match:
+        raise DeviceUnavailable(f"LETHE_DEVICE={setting!r}: expected auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise DeviceUnavailable(f"LETHE_DEVICE={setting!r} but CUDA is not available here")
+    index = int(match.group(1) or 0)
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise DeviceUnavailable(
+            f"LETHE_DEVICE={setting!r} but only {count} CUDA device(s) are visible"
+        )
+    return setting

@@ -1,0 +1,127 @@
+"""Embedded executor: `python -m worker.embedded` runs jobs with no broker at all.
+
+`lethe serve` starts it as a child process when LETHE_BROKER_URL is empty (the default). It
+polls the database every `embedded_poll_seconds` for the queued head of each model's line and
+runs it with the very function the Celery task uses (worker.runner.run_job), so jobs queued
+while nothing ran are picked up at the next start. The reaper runs in the same loop, so a job
+left `running` by an executor that was killed is re-queued at once (its pid is gone) or when
+its lease expires.
+
+SIGTERM/SIGINT: the running job stops at its next progress callback and is handed back to
+`queued` without spending an attempt; the process then exits 0. A second signal exits at once.
+With --watch-parent (the default) the executor also stops when its parent process goes away,
+so a killed `lethe serve` never leaves an orphan executor behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from types import FrameType
+
+from service.db import transaction
+from service.settings import Settings, get_settings
+from worker.reaper import Reaper
+from worker.runner import Outcome, RunnerContext, RunResult, run_job, runnable_jobs
+
+log = logging.getLogger("lethe.embedded")
+
+SKIP = (Outcome.BLOCKED, Outcome.BUSY, Outcome.FINISHED, Outcome.MISSING)
+
+
+class EmbeddedExecutor:
+    def __init__(self, settings: Settings, ctx: RunnerContext | None = None) -> None:
+        self.settings = settings
+        self.ctx = ctx or RunnerContext.from_settings(settings)
+        self.reaper = Reaper(
+            settings, self.ctx.session_factory, self.ctx.storage, actor=self.ctx.actor
+        )
+        self.stop_event = threading.Event()
+        self._next_reap = 0.0
+        self._not_before: dict[str, float] = {}  # job id -> monotonic time (retry backoff)
+
+    def request_stop(self) -> None:
+        self.stop_event.set()
+        self.ctx.interrupt.set()
+
+    def run_once(self) -> RunResult | None:
+        """Reap if due, then run at most one runnable job; None when there was nothing."""
+        now = time.monotonic()
+        if now >= self._next_reap:
+            self.reaper.tick()
+            self._next_reap = now + self.settings.reaper_interval_seconds
+        with transaction(self.ctx.session_factory) as session:
+            candidates = runnable_jobs(session)
+        for job_id in candidates:
+            if self.stop_event.is_set():
+                return None
+            if self._not_before.get(job_id, 0.0) > now:
+                continue
+            result = run_job(self.ctx, job_id)
+            if result.outcome in SKIP:
+                continue
+            if result.outcome == Outcome.RETRY:
+                self._not_before[job_id] = time.monotonic() + (result.retry_in or 0.0)
+            else:
+                self._not_before.pop(job_id, None)
+            return result
+        return None
+
+    def run_forever(self, watch_parent: bool = False) -> None:
+        parent = os.getppid()
+        log.info("embedded executor started (pid %d, poll %.2f s)", os.getpid(),
+                 self.settings.embedded_poll_seconds)  # fmt: skip
+        failures = 0
+        while not self.stop_event.is_set():
+            if watch_parent and os.getppid() != parent:
+                log.info("parent process %d is gone; stopping", parent)
+                break
+            try:
+                result = self.run_once()
+                failures = 0
+            except Exception as exc:  # database not reachable or not migrated yet
+                failures += 1
+                log.warning("executor loop failed (%s); retrying", exc)
+                self.stop_event.wait(min(30.0, self.settings.embedded_poll_seconds * 2**failures))
+                continue
+            if result is None:
+                self.stop_event.wait(self.settings.embedded_poll_seconds)
+        log.info("embedded executor stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker.embedded", description=__doc__)
+    parser.add_argument(
+        "--watch-parent", action=argparse.BooleanOptionalAction, default=True,
+        help="stop when the parent process exits (default: on)",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    settings = get_settings()
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    executor = EmbeddedExecutor(settings)
+    signals_seen = []
+
+    def _on_signal(signum: int, _frame: FrameType | None) -> None:
+        signals_seen.append(signum)
+        if len(signals_seen) > 1:
+            os._exit(128 + signum)
+        log.info("signal %d: finishing up", signum)
+        executor.request_stop()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    executor.run_forever(watch_parent=args.watch_parent)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

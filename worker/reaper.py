@@ -1,0 +1,203 @@
+"""The reaper: recovers jobs whose worker died and re-sends wake-ups that were lost.
+
+It runs as a periodic check inside every worker's main process (a thread started by the Celery
+worker, a step of the embedded executor's loop). Several reapers may run at once: every change
+is a transaction that locks the model row and re-checks the condition, so only one wins.
+
+Each tick:
+1. Running jobs whose lease expired, or whose holder is provably dead (same host, pid gone),
+   go back to `queued` with a "worker lost" error — or fail for good with the last error once
+   `max_attempts` claims were made. Uncommitted checkpoint files of failed jobs are deleted.
+2. Queued jobs with `cancel_requested` become `cancelled`.
+3. Broker mode only: the queued head of each model's line gets a fresh message if it is still
+   waiting after a grace period, then again with doubling intervals (capped). Redis may have
+   lost its messages (restart without persistence), and a message for a blocked job is dropped
+   by design; duplicates are harmless because claiming is idempotent. The first re-send comes
+   `3 × reaper_interval_seconds` after the reaper first sees the job waiting, so a worker that
+   starts after downtime picks up everything that was queued meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.db import transaction
+from service.models import Job
+from service.settings import Settings
+from service.storage import Storage
+from worker.lease import as_utc, holder_is_dead, utcnow
+from worker.runner import (
+    cleanup_job_checkpoints,
+    finish_job,
+    lock_job,
+    lock_model,
+    next_runnable_of_model,
+    requeue,
+    runnable_jobs,
+    worker_lost_problem,
+)
+
+log = logging.getLogger("lethe.reaper")
+
+MAX_RESEND_INTERVAL_S = 600.0
+
+
+@dataclass
+class ReapReport:
+    requeued: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    cancelled: list[str] = field(default_factory=list)
+    resent: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Waiting:
+    due: float
+    interval: float
+
+
+class Reaper:
+    def __init__(
+        self,
+        settings: Settings,
+        session_factory: sessionmaker[Session],
+        storage: Storage,
+        *,
+        actor: str,
+        enqueue: Callable[[str], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.factory = session_factory
+        self.storage = storage
+        self.actor = actor
+        self.enqueue = enqueue  # None in embedded mode: the executor polls the database
+        self._waiting: dict[str, _Waiting] = {}
+        self.first_resend_s = max(1.0, 3 * settings.reaper_interval_seconds)
+
+    def tick(self) -> ReapReport:
+        report = ReapReport()
+        self._recover_running(report)
+        self._cancel_queued(report)
+        if self.enqueue is not None:
+            self._resend(report)
+        return report
+
+    # 1 ----------------------------------------------------------------------------------
+    def _recover_running(self, report: ReapReport) -> None:
+        now = utcnow()
+        with transaction(self.factory) as session:
+            rows = session.execute(
+                select(Job.id, Job.model_id, Job.lease_expires_at, Job.worker_id).where(
+                    Job.status == "running"
+                )
+            ).all()
+        for row in rows:
+            lease = as_utc(row.lease_expires_at)
+            if (lease is None or lease <= now) or holder_is_dead(row.worker_id):
+                self._recover_one(row.id, row.model_id, report)
+
+    def _recover_one(self, job_id: str, model_id: str, report: ReapReport) -> None:
+        outcome = None
+        with transaction(self.factory) as session:
+            lock_model(session, model_id)
+            job = lock_job(session, job_id)
+            if job is None or job.status != "running":
+                return
+            lease = as_utc(job.lease_expires_at)
+            if lease is not None and lease > utcnow() and not holder_is_dead(job.worker_id):
+                return  # renewed meanwhile
+            lost = worker_lost_problem(job.worker_id)
+            if job.cancel_requested:
+                finish_job(session, job, "cancelled", actor=self.actor)
+                outcome = "cancelled"
+            elif job.attempts >= self.settings.max_attempts:
+                # The last attempt's error is that its worker vanished.
+                finish_job(session, job, "failed", actor=self.actor, error=lost)
+                outcome = "failed"
+            else:
+                requeue(session, job, actor=self.actor, error=lost, reason="lease expired")
+                outcome = "requeued"
+            nxt = next_runnable_of_model(session, model_id) if outcome != "requeued" else job_id
+        log.warning("job %s: worker lost, %s", job_id, outcome)
+        getattr(report, outcome).append(job_id)
+        if outcome in ("failed", "cancelled"):
+            cleanup_job_checkpoints(self.storage, model_id, job_id)
+        if nxt is not None:
+            self._send(nxt, report)
+
+    # 2 ----------------------------------------------------------------------------------
+    def _cancel_queued(self, report: ReapReport) -> None:
+        with transaction(self.factory) as session:
+            rows = session.execute(
+                select(Job.id, Job.model_id).where(
+                    Job.status == "queued", Job.cancel_requested.is_(True)
+                )
+            ).all()
+        for row in rows:
+            with transaction(self.factory) as session:
+                lock_model(session, row.model_id)
+                job = lock_job(session, row.id)
+                if job is None or job.status != "queued" or not job.cancel_requested:
+                    continue
+                finish_job(session, job, "cancelled", actor=self.actor)
+                nxt = next_runnable_of_model(session, row.model_id)
+            report.cancelled.append(row.id)
+            if nxt is not None:
+                self._send(nxt, report)
+
+    # 3 ----------------------------------------------------------------------------------
+    def _resend(self, report: ReapReport) -> None:
+        with transaction(self.factory) as session:
+            heads = runnable_jobs(session)
+        now = time.monotonic()
+        for job_id in list(self._waiting):
+            if job_id not in heads:
+                del self._waiting[job_id]
+        for job_id in heads:
+            waiting = self._waiting.get(job_id)
+            if waiting is None:
+                self._waiting[job_id] = _Waiting(now + self.first_resend_s, self.first_resend_s)
+            elif now >= waiting.due:
+                waiting.interval = min(MAX_RESEND_INTERVAL_S, waiting.interval * 2)
+                waiting.due = now + waiting.interval
+                self._send(job_id, report)
+
+    def _send(self, job_id: str, report: ReapReport) -> None:
+        if self.enqueue is None:
+            return
+        try:
+            self.enqueue(job_id)
+            report.resent.append(job_id)
+        except Exception as exc:  # broker down: the next tick tries again
+            log.warning("job %s: could not enqueue: %s", job_id, exc)
+
+
+class ReaperThread(threading.Thread):
+    """Runs `Reaper.tick` every `reaper_interval_seconds` until stopped."""
+
+    def __init__(self, reaper: Reaper, interval: float) -> None:
+        super().__init__(name="lethe-reaper", daemon=True)
+        self.reaper = reaper
+        self.interval = interval
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            try:
+                self.reaper.tick()
+            except Exception as exc:  # database down: try again next tick
+                log.warning("reaper tick failed: %s", exc)
+            if self._stop_event.wait(self.interval):
+                return
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        if self.is_alive():
+            self.join(timeout=10)
