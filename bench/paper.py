@@ -75,18 +75,18 @@ def preset(name: str, arch: str, device: str = "cpu") -> PaperSettings:
     quick: seconds, for smoke tests."""
     if name == "default":
         if arch == "cnn":
-            return PaperSettings(arch, {}, TrainSettings(epochs=8, lr=0.05, batch_size=128),
+            return PaperSettings(arch, {}, TrainSettings(epochs=5, lr=1e-3, batch_size=128),
                                  device=device)
-        return PaperSettings(arch, {"width": 16}, TrainSettings(epochs=6, lr=0.05, batch_size=128),
+        return PaperSettings(arch, {"width": 16}, TrainSettings(epochs=5, lr=1e-3, batch_size=128),
                              device=device)
     if name == "full":
         kwargs = {} if arch == "cnn" else {"width": 64}
-        return PaperSettings(arch, kwargs, TrainSettings(epochs=20, lr=0.05, batch_size=128),
+        return PaperSettings(arch, kwargs, TrainSettings(epochs=20, lr=1e-3, batch_size=128),
                              n_train=None, n_test=None, member_probe_size=5_000,
                              seeds=[0, 1, 2], device=device)
     if name == "quick":
         kwargs = {} if arch == "cnn" else {"width": 4}
-        return PaperSettings(arch, kwargs, TrainSettings(epochs=3, lr=0.05, batch_size=64),
+        return PaperSettings(arch, kwargs, TrainSettings(epochs=3, lr=1e-3, batch_size=64),
                              n_train=600, n_test=200, data="digits", member_probe_size=200,
                              device=device)
     raise ValueError(f"unknown preset {name!r}")
@@ -141,6 +141,7 @@ def train_cached(
     Weights are cached as safetensors (never pickle); a sidecar JSON keeps the original
     training time so cached reruns still report it (marked `cached`)."""
     from safetensors.torch import load_file, save_file
+
     from worker.imu.train import fit
 
     device_type = torch.device(settings.device).type
@@ -209,9 +210,8 @@ def make_split(scenario: str, settings: PaperSettings, data: BenchData, seed: in
 def measure(model: nn.Module, data: BenchData, split: Split, settings: PaperSettings,
             extra_test: torch.Tensor | None) -> tuple[dict, float]:
     """The four headline numbers plus the engine's raw evaluation, and its wall time."""
-    from worker.imu.train import accuracy
-
     from worker.imu import evaluate
+    from worker.imu.train import accuracy
 
     xt, yt = data.x_train, data.y_train
     with _Timer(settings.device) as t:
@@ -250,7 +250,8 @@ def _jsonable(obj: object) -> object:
 
 
 def run_method(method: str, base: nn.Module, data: BenchData, split: Split,
-               settings: PaperSettings, seed: int, scenario: str) -> tuple[nn.Module, dict]:
+               settings: PaperSettings, seed: int, scenario: str,
+               cache_dir: Path = CACHE_DIR) -> tuple[nn.Module, dict]:
     """Apply one method; returns the resulting model and its timing/stat record."""
     from worker.imu import IMUConfig, gradient_ascent, unlearn
 
@@ -258,7 +259,7 @@ def run_method(method: str, base: nn.Module, data: BenchData, split: Split,
     if method == "retrain":
         model, info = train_cached(
             settings, data, data.x_train[split.retain], data.y_train[split.retain],
-            seed=seed, tag=f"retrain-{scenario}",
+            seed=seed, tag=f"retrain-{scenario}", cache_dir=cache_dir,
         )
         return model, {"times": {"train_s": info["train_s"]}, "cached": info["cached"]}
     model = copy.deepcopy(base)
@@ -266,14 +267,16 @@ def run_method(method: str, base: nn.Module, data: BenchData, split: Split,
         torch.manual_seed(seed)
         with _Timer(settings.device) as t:
             res = gradient_ascent(model, xf, yf, epochs=settings.ga.epochs, lr=settings.ga.lr,
-                                  batch_size=settings.ga.batch_size)
+                                  batch_size=settings.ga.batch_size, seed=seed,
+                                  device=settings.device)
     elif method in ("imu_train", "imu_eval"):
         cfg = IMUConfig(backbone_mode=method.split("_", 1)[1], seed=seed, device=settings.device)
         with _Timer(settings.device) as t:
             res = unlearn(model, xf, yf, cfg)
     else:
         raise ValueError(f"unknown method {method!r}")
-    stats = _jsonable(dict(res.stats))
+    # Per-sample lists (kept indices, weights) are bulky and not needed for the tables.
+    stats = _jsonable({k: v for k, v in res.stats.items() if k not in ("kept_indices", "weights")})
     phases = stats.pop("seconds", None) or stats.pop("timings", None) or {}
     times = {"unlearn_s": t.seconds}
     if isinstance(phases, dict):
@@ -281,18 +284,19 @@ def run_method(method: str, base: nn.Module, data: BenchData, split: Split,
     return res.model, {"times": times, "stats": stats}
 
 
-def run_paper(settings: PaperSettings, *, log=print) -> dict:
+def run_paper(settings: PaperSettings, *, log=print, cache_dir: Path = CACHE_DIR) -> dict:
     data = load_bench_data(
         n_train=settings.n_train, n_test=settings.n_test, seed=0, prefer=settings.data
     )
-    if settings.device != "cpu":
-        # Inputs stay on the CPU: engine functions move batches to the model's device.
-        pass
     runs: list[dict] = []
     bases: dict[int, dict] = {}
+    probe_model = _build(settings, data)
+    has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                        for m in probe_model.modules())
+    n_params = sum(p.numel() for p in probe_model.parameters())
     for seed in settings.seeds:
         base, base_info = train_cached(settings, data, data.x_train, data.y_train,
-                                       seed=seed, tag="base")
+                                       seed=seed, tag="base", cache_dir=cache_dir)
         bases[seed] = {"train_s": base_info["train_s"], "cached": base_info["cached"]}
         how = "cached" if base_info["cached"] else f"trained in {base_info['train_s']:.1f}s"
         log(f"[{settings.arch}] seed {seed}: base model ({how})")
@@ -305,7 +309,8 @@ def run_paper(settings: PaperSettings, *, log=print) -> dict:
                          "metrics": metrics, "times": {"evaluate_s": eval_s},
                          "n_forget": int(split.forget.numel())})
             for method in settings.methods:
-                model, rec = run_method(method, base, data, split, settings, seed, scenario)
+                model, rec = run_method(method, base, data, split, settings, seed, scenario,
+                                        cache_dir)
                 metrics, eval_s = measure(model, data, split, settings, extra)
                 rec["times"]["evaluate_s"] = eval_s
                 runs.append({"scenario": scenario, "seed": seed, "method": method,
@@ -322,6 +327,8 @@ def run_paper(settings: PaperSettings, *, log=print) -> dict:
         "meta": environment(settings.device) | {
             "data": data.describe(),
             "seeds": list(settings.seeds),
+            "batchnorm": has_batchnorm,
+            "n_params": n_params,
             "settings": _jsonable(asdict(settings)),
             "base_models": {str(k): v for k, v in bases.items()},
         },

@@ -128,9 +128,14 @@ def _time(by_key: dict, scenario: str, method: str) -> float | None:
     return cell[0] if cell else None
 
 
-def decide_backbone(summaries: dict[str, dict]) -> dict:
-    """Pick the default backbone_mode: lower mean Avg. Gap over every (arch, scenario) cell;
-    within BACKBONE_TIE_POINTS the cheaper `eval` mode wins."""
+def decide_backbone(summaries: dict[str, dict], batchnorm: dict[str, bool] | None = None) -> dict:
+    """Pick the default backbone_mode: lower mean Avg. Gap over the (arch, scenario) cells;
+    within BACKBONE_TIE_POINTS the cheaper `eval` mode wins.
+
+    Only architectures with BatchNorm decide when there are any: without it the two modes
+    compute the same thing, and their tied cells would only dilute the difference."""
+    batchnorm = batchnorm or {}
+    deciding = [a for a in summaries if batchnorm.get(a)] or list(summaries)
     cells = []
     for arch, by_key in summaries.items():
         scenarios = dict.fromkeys(s for s, _ in by_key)
@@ -141,13 +146,15 @@ def decide_backbone(summaries: dict[str, dict]) -> dict:
                 continue
             cells.append({
                 "arch": arch, "scenario": scenario, "gap_train": g_train, "gap_eval": g_eval,
+                "batchnorm": batchnorm.get(arch), "deciding": arch in deciding,
                 "time_train": _time(by_key, scenario, "imu_train"),
                 "time_eval": _time(by_key, scenario, "imu_eval"),
             })
-    if not cells:
-        return {"cells": [], "choice": None}
-    mean_train = sum(c["gap_train"] for c in cells) / len(cells)
-    mean_eval = sum(c["gap_eval"] for c in cells) / len(cells)
+    used = [c for c in cells if c["deciding"]]
+    if not used:
+        return {"cells": cells, "choice": None}
+    mean_train = sum(c["gap_train"] for c in used) / len(used)
+    mean_eval = sum(c["gap_eval"] for c in used) / len(used)
     if mean_train < mean_eval - BACKBONE_TIE_POINTS:
         choice, why = "train", "clearly lower mean Avg. Gap"
     elif mean_eval < mean_train - BACKBONE_TIE_POINTS:
@@ -155,48 +162,52 @@ def decide_backbone(summaries: dict[str, dict]) -> dict:
     else:
         choice, why = "eval", f"tie within {BACKBONE_TIE_POINTS} points: the cheaper mode wins"
     return {"cells": cells, "mean_gap_train": mean_train, "mean_gap_eval": mean_eval,
-            "choice": choice, "why": why}
+            "n_deciding": len(used), "choice": choice, "why": why}
 
 
 def backbone_section(decision: dict) -> list[str]:
     out = ["## Default `backbone_mode`", ""]
-    if not decision["cells"]:
+    if decision["choice"] is None:
         return out + ["No IMU runs in the results; no decision.", ""]
     rows = []
     for c in decision["cells"]:
         ratio = (c["time_train"] / c["time_eval"]
                  if c["time_train"] and c["time_eval"] else math.nan)
+        bn = {True: "yes", False: "no"}.get(c["batchnorm"], "?")
         rows.append([
-            f"`{c['arch']}`", SCENARIO_LABELS.get(c["scenario"], c["scenario"]),
+            f"`{c['arch']}`", bn + ("" if c["deciding"] else " (not deciding)"),
+            SCENARIO_LABELS.get(c["scenario"], c["scenario"]),
             f"{c['gap_train']:.2f}", f"{c['gap_eval']:.2f}",
             f"{c['time_train']:.2f}" if c["time_train"] else "–",
             f"{c['time_eval']:.2f}" if c["time_eval"] else "–",
             f"{ratio:.1f}×" if not math.isnan(ratio) else "–",
         ])
     out += _table(
-        ["Model", "Scenario", "Avg. Gap `train`", "Avg. Gap `eval`", "Time `train` (s)",
+        ["Model", "BatchNorm", "Scenario", "Avg. Gap `train`", "Avg. Gap `eval`",
+         "Time `train` (s)",
          "Time `eval` (s)", "`train`/`eval` time"], rows,
     )
-    wins_eval = sum(c["gap_eval"] <= c["gap_train"] for c in decision["cells"])
+    used = [c for c in decision["cells"] if c["deciding"]]
+    wins_eval = sum(c["gap_eval"] <= c["gap_train"] for c in used)
     out += [
         "",
-        f"Mean Avg. Gap over {len(decision['cells'])} settings: `train` "
+        f"Mean Avg. Gap over the {len(used)} deciding settings: `train` "
         f"{decision['mean_gap_train']:.2f}, `eval` {decision['mean_gap_eval']:.2f}; "
         f"`eval` is at least as close to retraining in {wins_eval} of "
-        f"{len(decision['cells'])}. **Decision: `backbone_mode=\"{decision['choice']}\"`** "
+        f"{len(used)}. **Decision: `backbone_mode=\"{decision['choice']}\"`** "
         f"({decision['why']}).",
         "",
-        "Why this rule: both modes update only the classifier, so they differ in two ways — "
-        "in `train` mode BatchNorm normalises each unlearning batch with that batch's own "
-        "statistics (a handful of forget samples, often from one class) and its running "
-        "statistics drift toward the forget set, changing the backbone's behaviour on every "
-        "other input; in `eval` mode the backbone is bit-identical, its features are computed "
-        "once and the epochs run on the head alone, so it is cheaper and the new version "
-        "differs from the old only in the head. The closeness to retraining (Avg. Gap) is "
-        "what users are promised, so it decides; when the two modes are within "
-        f"{BACKBONE_TIE_POINTS} point of each other, the cheaper mode with no side effects "
-        "on the backbone wins. For models without BatchNorm the two modes differ only in "
-        "dropout and cost.",
+        "Why this rule: both modes update only the classifier. In `train` mode (the authors' "
+        "loop) BatchNorm normalises each unlearning batch with that batch's own statistics "
+        "— a few dozen forget samples, often of one class — so the head is fitted to features "
+        "it never sees at inference, and the running statistics drift toward the forget set, "
+        "changing the backbone's output on every other input too. In `eval` mode the backbone "
+        "is bit-identical, its features are computed once and the epochs run on the head "
+        "alone: cheaper, deterministic, and the new version differs from the old only in the "
+        "head. Closeness to retraining (Avg. Gap) is what users are promised, so it decides; "
+        f"within {BACKBONE_TIE_POINTS} point the cheaper mode without side effects on the "
+        "backbone wins. Models without BatchNorm (or dropout) compute the same update in both "
+        "modes, so only models with BatchNorm decide; the others are a consistency check.",
         "",
     ]
     return out
@@ -406,7 +417,8 @@ def build_report(results_dir: Path, out_md: Path, plots_dir: Path | None = None)
         md, by_key = paper_tables(paper)
         summaries[paper["arch"]] = by_key
         lines += md
-    decision = decide_backbone(summaries)
+    batchnorm = {p["arch"]: p["meta"].get("batchnorm") for p in papers}
+    decision = decide_backbone(summaries, batchnorm)
     lines += headline_section(summaries, decision.get("choice"))
     lines += backbone_section(decision)
     lines += speed_section(speed)
