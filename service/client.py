@@ -390,12 +390,15 @@ class LetheClient:
     def list_audit(
         self,
         *,
-        subject: str | None = None,
+        subject_type: str | None = None,
+        subject_id: str | None = None,
         action: str | None = None,
         cursor: str | None = None,
         limit: int | None = None,
     ) -> JSONDict:
-        params = self._query(subject=subject, action=action, cursor=cursor, limit=limit)
+        """One page of audit events, oldest first, optionally filtered."""
+        params = self._query(subject_type=subject_type, subject_id=subject_id, action=action,
+                             cursor=cursor, limit=limit)
         return self._json("GET", "/v1/audit", params=params)
 
     def verify_audit(self) -> JSONDict:

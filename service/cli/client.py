@@ -486,7 +486,10 @@ def _register_audit(app: typer.Typer) -> None:
 
     @audit.command(log_name)
     def log(
-        subject: Annotated[str | None, typer.Option(help="Filter by subject id.")] = None,
+        subject_type: Annotated[
+            str | None, typer.Option(help="Filter by subject type (dataset, job, ...).")
+        ] = None,
+        subject_id: Annotated[str | None, typer.Option(help="Filter by subject id.")] = None,
         action: Annotated[str | None, typer.Option(help="Filter by action.")] = None,
         limit: Annotated[int, typer.Option(help="At most this many events.")] = 100,
         url: UrlOpt = DEFAULT_URL,
@@ -498,7 +501,8 @@ def _register_audit(app: typer.Typer) -> None:
             items: list[dict[str, Any]] = []
             cursor = None
             while len(items) < limit:
-                page = api.list_audit(subject=subject, action=action, cursor=cursor,
+                page = api.list_audit(subject_type=subject_type, subject_id=subject_id,
+                                      action=action, cursor=cursor,
                                       limit=min(100, limit - len(items)))
                 items.extend(page.get("items", []))
                 cursor = page.get("next_cursor")
