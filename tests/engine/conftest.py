@@ -53,14 +53,3 @@ def trained_cnn(digits: Digits) -> nn.Module:
         "cnn", {"width": 8, "batch_norm": True}, digits.x_train, digits.y_train,
         epochs=20, lr=3e-3,
     )  # fmt: skip
-
-
-@pytest.fixture(scope="session")
-def overfit_mlp(digits: Digits) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    """An MLP that memorised 150 training digits (its members); returns (model, x, y)."""
-    x, y = digits.flat(digits.x_train[:150]), digits.y_train[:150]
-    model = _trained(
-        "mlp", {"in_features": 64, "hidden": [128], "num_classes": 10}, x, y,
-        epochs=300, lr=3e-3, batch_size=32,
-    )  # fmt: skip
-    return model, x, y
