@@ -732,15 +732,17 @@ class _Execution:
 
         x, y = loaded.forget
         device = self.ctx.device
+        # `policy` (release thresholds) is not an engine parameter; the save step's concern.
+        params = {k: v for k, v in loaded.params.items() if k != "policy"}
         if loaded.kind == "imu":
             try:
-                config = IMUConfig.from_overrides({**loaded.params, "device": device})
+                config = IMUConfig.from_overrides({**params, "device": device})
             except (ValueError, TypeError) as exc:
                 raise JobError("invalid-params", "Invalid parameters", str(exc)) from None
             self._enter("influence")
             result = unlearn(loaded.model, x, y, config, progress=self.progress)
         elif loaded.kind == "ga":
-            unknown = sorted(set(loaded.params) - set(GA_PARAMS))
+            unknown = sorted(set(params) - set(GA_PARAMS))
             if unknown:
                 raise JobError(
                     "invalid-params", "Invalid parameters",
@@ -749,7 +751,7 @@ class _Execution:
             self._enter("unlearning")
             try:
                 result = gradient_ascent(
-                    loaded.model, x, y, progress=self.progress, device=device, **loaded.params
+                    loaded.model, x, y, progress=self.progress, device=device, **params
                 )
             except (ValueError, TypeError) as exc:
                 if self.monitor.cancel_requested.is_set():
