@@ -69,6 +69,12 @@ class Submission:
     replayed: bool
 
 
+class _Replayed(Exception):
+    def __init__(self, submission: Submission) -> None:
+        super().__init__("idempotent replay")
+        self.submission = submission
+
+
 def validate_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
     """Bounds-check method params; returns the overrides to store (policy kept as given)."""
     params = dict(params)
@@ -234,7 +240,7 @@ def submit_deletion_request(
                     session, idempotency_key, fingerprint, settings.idempotency_ttl_hours
                 )
                 if replay:
-                    return replay
+                    raise _Replayed(replay)  # roll back: the counter increment is not used
             model = get_model(session, body.model)
             version = active_version(session, model.id)
             if version is None:
@@ -272,6 +278,8 @@ def submit_deletion_request(
             result = Submission(
                 request_view(req, job, model.name, full=False), job.id, req.id, False
             )
+    except _Replayed as replayed:
+        return replayed.submission
     except IntegrityError:
         # Only the idempotency key is unique here: a twin won the race; answer with its result.
         if not idempotency_key:
