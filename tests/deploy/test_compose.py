@@ -79,6 +79,9 @@ def test_worker_reserves_a_gpu(services: dict[str, Any]) -> None:
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
     assert "cuda" in _env(worker)["LETHE_DEVICE"]
+    # Its liveness is a Celery ping (the image's default probe is the API's /healthz).
+    probe = " ".join(worker["healthcheck"]["test"])
+    assert "inspect ping" in probe and "worker.celery_app" in probe
 
 
 def test_api_and_worker_share_storage_and_production_settings(
