@@ -1,0 +1,201 @@
+"""The job runner in-process (no Celery): claims, ordering, fencing, retries, the reaper —
+on SQLite and PostgreSQL, with jobs submitted through the real API."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import update
+
+from service.db import transaction
+from service.models import Job, Record
+from tests.worker.harness import (
+    Stack,
+    Trained,
+    api_stack,
+    assert_chains,
+    job_checkpoint_files,
+    stack_settings,
+)
+from worker.lease import utcnow, worker_identity
+from worker.reaper import Reaper
+from worker.runner import Outcome, RunnerContext, _Execution, claim_job, run_job
+
+
+@pytest.fixture
+def stack(lethe_env: Path, database_url: str, storage_dir: Path, request) -> Iterator[Stack]:
+    overrides = getattr(request, "param", {})
+    settings = stack_settings(database_url=database_url, storage_dir=storage_dir, **overrides)
+    with api_stack(settings) as s:
+        yield s
+
+
+def _ctx(stack: Stack, worker_id: str | None = None) -> RunnerContext:
+    return RunnerContext.from_settings(stack.settings, worker_id=worker_id)
+
+
+def _files(stack: Stack) -> list[str]:
+    return job_checkpoint_files(Path(stack.settings.storage))
+
+
+def test_duplicate_deliveries_ordering_and_takeover_fence(stack: Stack, trained: Trained) -> None:
+    model = stack.register(trained, "mlp")
+    first = stack.submit(model, trained.train_ids[:6])
+    second = stack.submit(model, trained.train_ids[6:12])
+    a, b = _ctx(stack, "host-a:1:x"), _ctx(stack, "host-b:2:y")
+
+    # The later job cannot start before the earlier one has finished.
+    assert run_job(b, second).outcome == Outcome.BLOCKED
+    claim_a = claim_job(a, first)
+    assert claim_a.outcome is None and claim_a.attempt == 1
+    # A second delivery while A holds a live lease does nothing.
+    assert run_job(b, first).outcome == Outcome.BUSY
+    assert run_job(b, second).outcome == Outcome.BLOCKED
+    # A stops renewing; B takes over once the lease has expired and finishes the job.
+    with transaction(stack.sessions) as session:
+        session.execute(
+            update(Job).where(Job.id == first)
+            .values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        )  # fmt: skip
+    result_b = run_job(b, first)
+    assert result_b.outcome == Outcome.SUCCEEDED
+    # A wakes up and tries to finish its stale attempt: the fence stops it, no second version.
+    stale = _Execution(a, claim_a).run()
+    assert stale.outcome == Outcome.LOST
+    assert run_job(a, first).outcome == Outcome.FINISHED
+    assert run_job(a, second).outcome == Outcome.SUCCEEDED
+    assert_chains(stack, model, [first, second])
+    job = stack.job(first)
+    assert job["attempts"] == 2 and job["status"] == "succeeded"
+    # Only the two committed checkpoints exist.
+    assert len(_files(stack)) == 2
+    assert all(("-a2." in f) or (second in f) for f in _files(stack))
+
+
+def test_transient_error_requeues_and_the_retry_succeeds(stack: Stack, trained: Trained) -> None:
+    model = stack.register(trained, "mlp")
+    job_id = stack.submit(model, trained.train_ids[:6])
+    ctx = _ctx(stack)
+    calls = []
+
+    def flaky_storage(jid: str) -> None:
+        calls.append(jid)
+        if len(calls) == 1:
+            raise OSError("storage briefly unavailable")
+
+    ctx.hooks["before_save"] = flaky_storage
+    result = run_job(ctx, job_id)
+    assert result.outcome == Outcome.RETRY and result.retry_in and result.retry_in > 0
+    job = stack.job(job_id)
+    assert job["status"] == "queued" and job["attempts"] == 1
+    assert job["error"]["type"].endswith("/job-attempt-failed")
+    assert "storage briefly unavailable" in job["error"]["detail"]
+    assert [v["number"] for v in stack.versions(model)] == [1]
+    assert _files(stack) == []  # the written checkpoint was removed
+    assert run_job(ctx, job_id).outcome == Outcome.SUCCEEDED
+    job = stack.job(job_id)
+    assert job["attempts"] == 2 and job["error"] is None
+    assert_chains(stack, model, [job_id])
+
+
+@pytest.mark.parametrize("stack", [{"max_attempts": 2}], indirect=True)
+def test_attempts_exhausted_fail_with_the_last_error(stack: Stack, trained: Trained) -> None:
+    model = stack.register(trained, "mlp")
+    job_id = stack.submit(model, trained.train_ids[:6])
+    later = stack.submit(model, trained.train_ids[6:12])
+    ctx = _ctx(stack)
+    woken: list[str] = []
+    ctx.wake = woken.append
+    counter = iter(range(100))
+
+    def always_failing(_jid: str) -> None:
+        raise ConnectionError(f"object store down #{next(counter)}")
+
+    ctx.hooks["before_save"] = always_failing
+    assert run_job(ctx, job_id).outcome == Outcome.RETRY
+    assert run_job(ctx, job_id).outcome == Outcome.FAILED
+    job = stack.job(job_id)
+    assert job["status"] == "failed" and job["attempts"] == 2
+    assert "object store down #1" in job["error"]["detail"]  # the last error, not the first
+    request = stack.client.get(
+        f"/v1/deletion-requests/{job['request_id']}", headers=stack.headers
+    ).json()
+    assert request["status"] == "failed"
+    assert woken == [later]  # the model's next job is handed on at once
+    assert _files(stack) == []
+    assert [v["status"] for v in stack.versions(model)] == ["active"]
+
+
+def test_missing_record_fails_at_once_with_the_key(stack: Stack, trained: Trained) -> None:
+    model = stack.register(trained, "mlp")
+    keys = trained.train_ids[:4]
+    job_id = stack.submit(model, keys)
+    with transaction(stack.sessions) as session:  # forgotten behind the API's back
+        session.execute(
+            update(Record).where(Record.key == keys[2]).values(state="forgotten")
+        )
+    result = run_job(_ctx(stack), job_id)
+    assert result.outcome == Outcome.FAILED
+    job = stack.job(job_id)
+    assert job["attempts"] == 1
+    assert job["error"]["type"].endswith("/records-unavailable")
+    assert job["error"]["errors"] == [{"key": keys[2], "reason": "already forgotten"}]
+    assert [v["number"] for v in stack.versions(model)] == [1]
+
+
+@pytest.mark.parametrize("stack", [{"max_attempts": 2}], indirect=True)
+def test_reaper_requeues_dead_and_expired_holders_then_gives_up(
+    stack: Stack, trained: Trained
+) -> None:
+    model = stack.register(trained, "mlp")
+    job_id = stack.submit(model, trained.train_ids[:6])
+    sent: list[str] = []
+    reaper = Reaper(stack.settings, stack.sessions, _ctx(stack).storage, actor="worker:reaper",
+                    enqueue=sent.append)  # fmt: skip
+    # A holder on this host whose process has exited: recovered at once, lease or not.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    dead_id = worker_identity(int(dead.stdout))
+    assert claim_job(_ctx(stack, dead_id), job_id).outcome is None
+    report = reaper.tick()
+    assert report.requeued == [job_id] and sent == [job_id]
+    job = stack.job(job_id)
+    assert job["status"] == "queued" and job["error"]["type"].endswith("/worker-lost")
+    # A live-looking holder elsewhere is left alone until its lease runs out...
+    assert claim_job(_ctx(stack, "elsewhere:1:z"), job_id).outcome is None
+    assert reaper.tick().requeued == []
+    with transaction(stack.sessions) as session:
+        session.execute(
+            update(Job).where(Job.id == job_id)
+            .values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        )  # fmt: skip
+    # ...then, with max_attempts (2) claims spent, the job fails for good.
+    report = reaper.tick()
+    assert report.failed == [job_id]
+    job = stack.job(job_id)
+    assert job["status"] == "failed" and job["attempts"] == 2
+    assert job["error"]["type"].endswith("/worker-lost")
+    assert [v["number"] for v in stack.versions(model)] == [1]
+
+
+def test_reaper_resends_a_waiting_head_with_backoff(stack: Stack, trained: Trained) -> None:
+    model = stack.register(trained, "mlp")
+    first = stack.submit(model, trained.train_ids[:3])
+    stack.submit(model, trained.train_ids[3:6])  # behind `first`: never resent while it waits
+    sent: list[str] = []
+    reaper = Reaper(stack.settings, stack.sessions, _ctx(stack).storage, actor="worker:reaper",
+                    enqueue=sent.append)  # fmt: skip
+    reaper.first_resend_s = 0.2
+    reaper.tick()
+    assert sent == []  # first sight: the original message may still be on its way
+    time.sleep(0.25)
+    reaper.tick()
+    assert sent == [first]
+    reaper.tick()
+    assert sent == [first]  # the interval doubled
