@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -68,6 +69,10 @@ class ExecutorSupervisor:
         self._thread.join(timeout)
 
 
+def _exit_cleanly(signum: int, _frame: object) -> None:
+    raise SystemExit(0)
+
+
 def register(app: typer.Typer) -> None:
     """Attach this module's commands to the root app."""
 
@@ -112,6 +117,9 @@ def register(app: typer.Typer) -> None:
             level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
         )
         ensure_schema(settings)
+        # Uvicorn shuts down gracefully on SIGTERM and then re-raises it to the previous
+        # handler; with this one that ends in SystemExit(0), so `finally` stops the executor.
+        signal.signal(signal.SIGTERM, _exit_cleanly)
         supervisor = None
         if settings.embedded and executor:
             supervisor = ExecutorSupervisor(EXECUTOR_CMD, dict(os.environ))

@@ -1,0 +1,64 @@
+"""Broker mode: /readyz pings Redis, and a committed job's id is sent to the queue."""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.settings import load_settings
+from tests.service.conftest import MLP_KWARGS, Api, digits_npz, mlp_weights
+
+pytestmark = pytest.mark.redis
+
+
+@pytest.fixture
+def broker_settings(settings, redis_url: str, storage_dir):
+    return load_settings(
+        database_url=settings.database_url, storage_url=str(storage_dir), broker_url=redis_url,
+        queue_name=f"lethe-test-{uuid.uuid4().hex[:8]}",
+    )
+
+
+def test_readyz_checks_the_broker(broker_settings, lethe_env) -> None:
+    with TestClient(create_app(broker_settings)) as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["checks"]["broker"] == "ok"
+    down = load_settings(
+        database_url=broker_settings.database_url, storage_url=broker_settings.storage_url,
+        broker_url="redis://127.0.0.1:1/0",
+    )
+    with TestClient(create_app(down), raise_server_exceptions=False) as client:
+        r = client.get("/readyz")
+        assert r.status_code == 503 and r.json()["checks"]["broker"] == "failed"
+        assert "broker" in r.json()["detail"]
+
+
+def test_submission_enqueues_job_id_after_commit(
+    broker_settings, api_keys, redis_url: str, digits
+) -> None:
+    with TestClient(create_app(broker_settings)) as client:
+        api = Api(client, api_keys)
+        ds = api.upload_dataset(digits_npz(digits, 50)).json()
+        assert api.register_model(
+            {"name": "m", "architecture": "mlp", "arch_kwargs": MLP_KWARGS}, mlp_weights()
+        ).status_code == 201
+        r = client.post("/v1/deletion-requests", headers=api.h("submit"),
+                        json={"model": "m", "dataset": ds["id"], "record_keys": ["digit-3"]})
+        assert r.status_code == 202
+        job_id = r.json()["job"]["id"]
+    conn = redis.Redis.from_url(redis_url)
+    try:
+        raw = conn.lrange(broker_settings.queue_name, 0, -1)
+    finally:
+        conn.close()
+    assert len(raw) == 1
+    message = json.loads(raw[0])
+    assert message["headers"]["task"] == "lethe.run_job" and message["headers"]["id"] == job_id
+    args = json.loads(base64.b64decode(message["body"]))[0]
+    assert args == [job_id]
