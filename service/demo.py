@@ -365,8 +365,10 @@ def _drive(
         )
         if retried["id"] != accepted["id"]:
             raise RuntimeError("a retried POST with the same Idempotency-Key made a new request")
+        console.print(f"  202 Accepted: request {accepted['id']}; a retry with the same "
+                      "Idempotency-Key returned it again (no second job)")
         job_id = accepted["job"]["id"]
-        with JobProgress(console, title=label) as bars:
+        with JobProgress(console, title=f"forget {label}") as bars:
             job = api.wait_for_job(job_id, poll_interval=0.25, on_update=bars.update)
         if job["status"] != "succeeded":
             error = job.get("error") or {}

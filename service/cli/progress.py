@@ -60,6 +60,11 @@ class JobProgress:
         timings = job.get("timings") or {}
         if self._status_task is not None:
             self.progress.update(self._status_task, note=status)
+            if status == "running":
+                self._start(self._status_task)  # the clock counts from the claim, not the POST
+            elif status in ("succeeded", "failed", "cancelled"):
+                self._start(self._status_task)
+                self.progress.stop_task(self._status_task)
         current = PHASES.index(phase) if phase in PHASES else -1
         for i, name in enumerate(PHASES):
             task = self._tasks[name]
@@ -75,7 +80,6 @@ class JobProgress:
             elif i == current and status in ("failed", "cancelled"):
                 self.progress.update(task, note=f"[red]{status}")
                 self.progress.stop_task(task)
-
 
     def _start(self, task: TaskID) -> None:
         if not self.progress.tasks[task].started:
