@@ -15,7 +15,7 @@ from service.api.deps import AppState
 from service.db import is_postgres, make_engine, make_session_factory
 from service.migrate import check_at_head
 from service.observability import Metrics, MetricsMiddleware
-from service.problems import Problem, install_handlers, problem_dict, problem_response
+from service.problems import Problem, install_handlers, problem_response
 from service.settings import Settings, get_settings
 from service.storage import Storage
 
@@ -129,4 +129,4 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-__all__ = ["create_app", "problem_dict"]
+__all__ = ["create_app"]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -132,9 +131,9 @@ def _next_seq(session: Session) -> int:
     return int(value)
 
 
-def _replay(
-    session: Session, key: str, fingerprint: str, ttl_hours: float
-) -> Submission | None:
+def _replay(session: Session, key: str, fingerprint: str) -> Submission | None:
+    """The first answer for this key. Keys are kept with their request for good (the unique
+    column), which satisfies "at least LETHE_IDEMPOTENCY_TTL_HOURS" without a sweeper."""
     req = session.execute(
         select(DeletionRequest).where(DeletionRequest.idempotency_key == key)
     ).scalar_one_or_none()
@@ -146,11 +145,6 @@ def _replay(
             "this Idempotency-Key was already used with a different request body",
             title="Idempotency key reused",
         )
-    created = req.created_at if req.created_at.tzinfo else req.created_at.replace(
-        tzinfo=utcnow().tzinfo
-    )
-    if utcnow() - created > timedelta(hours=ttl_hours):
-        log.info("idempotency key %s is older than the TTL; still replaying (keys are kept)", key)
     job = session.execute(select(Job).where(Job.request_id == req.id)).scalar_one()
     model = session.get(Model, req.model_id)
     assert model is not None
@@ -228,7 +222,7 @@ def submit_deletion_request(
     fingerprint = body_fingerprint(body)
     if idempotency_key:
         with factory() as session:
-            replay = _replay(session, idempotency_key, fingerprint, settings.idempotency_ttl_hours)
+            replay = _replay(session, idempotency_key, fingerprint)
         if replay:
             return replay
     params = validate_params(body.method, body.params)
@@ -236,9 +230,7 @@ def submit_deletion_request(
         with transaction(factory) as session:
             seq = _next_seq(session)
             if idempotency_key:  # a concurrent twin may have committed while we waited
-                replay = _replay(
-                    session, idempotency_key, fingerprint, settings.idempotency_ttl_hours
-                )
+                replay = _replay(session, idempotency_key, fingerprint)
                 if replay:
                     raise _Replayed(replay)  # roll back: the counter increment is not used
             model = get_model(session, body.model)
@@ -249,6 +241,12 @@ def submit_deletion_request(
                     title="Model has no active version",
                 )
             dataset = resolve_dataset(session, body.dataset)
+            if dataset.role != "train":
+                raise validation(
+                    f"dataset {dataset.id!r} has role {dataset.role!r}; only records of a "
+                    "train dataset can be forgotten",
+                    [{"field": "dataset", "message": "role must be train"}],
+                )
             _check_keys(session, model.id, dataset.id, body.record_keys)
             req = DeletionRequest(
                 id=new_id(), model_id=model.id, dataset_id=dataset.id,
@@ -285,7 +283,7 @@ def submit_deletion_request(
         if not idempotency_key:
             raise
         with factory() as session:
-            replay = _replay(session, idempotency_key, fingerprint, settings.idempotency_ttl_hours)
+            replay = _replay(session, idempotency_key, fingerprint)
         if replay is None:
             raise
         return replay

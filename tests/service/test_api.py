@@ -342,3 +342,34 @@ def test_health_metrics_and_errors(api: Api, registered) -> None:
     schema = api.client.get("/openapi.json").json()
     assert "/v1/deletion-requests" in schema["paths"]
     assert "/v1/model-versions/{version_id}/checkpoint" in schema["paths"]
+
+
+def test_dataset_list_pagination_and_role_filter(api: Api, digits) -> None:
+    ids = []
+    for i, role in enumerate(("train", "eval", "train", "member_probe", "train")):
+        r = api.upload_dataset(digits_npz(digits, 10, prefix=f"s{i}-"), name=f"ds{i}", role=role)
+        assert r.status_code == 201
+        ids.append(r.json()["id"])
+    seen, cursor = [], None
+    while True:
+        params = {"limit": 2} | ({"cursor": cursor} if cursor else {})
+        page = api.client.get("/v1/datasets", params=params, headers=api.h("read")).json()
+        assert len(page["items"]) <= 2
+        seen += [d["id"] for d in page["items"]]
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert seen == ids[::-1]  # newest first, each exactly once
+    trains = api.client.get("/v1/datasets?role=train", headers=api.h("read")).json()["items"]
+    assert [d["id"] for d in trains] == [ids[4], ids[2], ids[0]]
+
+
+def test_only_train_records_can_be_forgotten(api: Api, registered) -> None:
+    body = {"model": "digits-mlp", "dataset": registered["eval"]["id"],
+            "record_keys": ["eval-1"]}
+    r = api.client.post("/v1/deletion-requests", json=body, headers=api.h("submit"))
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "dataset"
+    by_name = body | {"dataset": "digits"}  # a unique dataset name works as well as the id
+    by_name["record_keys"] = ["digit-7"]
+    r = api.client.post("/v1/deletion-requests", json=by_name, headers=api.h("submit"))
+    assert r.status_code == 202
