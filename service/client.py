@@ -64,21 +64,22 @@ class DownloadResult:
 
 
 def _problem_from(response: httpx.Response) -> JSONDict:
-    """The response's problem document, or one synthesised from a non-JSON error body."""
+    """The response's problem document, or one synthesised from a non-problem error body."""
     try:
         body = response.json()
     except ValueError:
         body = None
-    if isinstance(body, dict) and ("title" in body or "detail" in body or "type" in body):
+    if isinstance(body, dict) and ("title" in body or "type" in body):
         body.setdefault("status", response.status_code)
         return body
-    if isinstance(body, dict) and "detail" in body:  # FastAPI's default {"detail": ...}
-        return {"title": response.reason_phrase, "status": response.status_code,
-                "detail": json.dumps(body["detail"]) if not isinstance(body["detail"], str)
-                else body["detail"]}
-    text = response.text.strip()
-    return {"title": response.reason_phrase or "Error", "status": response.status_code,
-            "detail": text[:500]}
+    problem: JSONDict = {"title": response.reason_phrase or "Error",
+                         "status": response.status_code}
+    if isinstance(body, dict) and "detail" in body:  # e.g. a framework's {"detail": ...}
+        detail = body["detail"]
+        problem["detail"] = detail if isinstance(detail, str) else json.dumps(detail)
+    else:
+        problem["detail"] = response.text.strip()[:500]
+    return problem
 
 
 def sha256_file(path: Path, *, chunk_size: int = _CHUNK) -> str:
@@ -353,7 +354,9 @@ class LetheClient:
         params = self._query(status=status, model=model, cursor=cursor, limit=limit)
         return self._json("GET", "/v1/jobs", params=params)
 
-    def iter_jobs(self, *, status: str | None = None, model: str | None = None):
+    def iter_jobs(
+        self, *, status: str | None = None, model: str | None = None
+    ) -> Iterator[JSONDict]:
         return self._iterate("/v1/jobs", status=status, model=model)
 
     def get_job(self, job_id: str) -> JSONDict:
