@@ -21,7 +21,7 @@ ENV PATH=/opt/venv/bin:$PATH
 # torch first, from the chosen index, so the CPU variant never pulls CUDA wheels.
 RUN pip install --index-url "${TORCH_INDEX}" "${TORCH_SPEC}"
 WORKDIR /src
-COPY pyproject.toml README.md alembic.ini ./
+COPY pyproject.toml README.md ./
 COPY service ./service
 COPY worker ./worker
 RUN pip install . \
@@ -43,8 +43,8 @@ RUN groupadd --system --gid ${LETHE_UID} lethe \
     && mkdir -p /var/lib/lethe/storage \
     && chown -R lethe:lethe /var/lib/lethe
 COPY --from=build /opt/venv /opt/venv
-COPY --from=build /src/alembic.ini /app/alembic.ini
-WORKDIR /app
+# Migrations ship inside the package (service/migrations): `lethe migrate` needs no files.
+WORKDIR /var/lib/lethe
 # A named volume mounted here starts with this ownership, so the unprivileged user can write.
 VOLUME ["/var/lib/lethe"]
 USER ${LETHE_UID}:${LETHE_UID}
