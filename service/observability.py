@@ -26,6 +26,10 @@ class _JobCollector(Collector):
     def __init__(self, state: Any) -> None:
         self._state = state
 
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        # Declared so registering does not run a database query at app creation.
+        yield GaugeMetricFamily("lethe_jobs", "Jobs by status.", labels=["status"])
+
     def collect(self) -> Iterator[GaugeMetricFamily]:
         from service.models import Job
 

@@ -8,15 +8,18 @@ from fastapi import APIRouter, Depends, Query
 from sqlalchemy import select
 
 from service.api.deps import AppState, get_state, require
+from service.api.schemas import COMMON_ERRORS, AuditEventOut, Page, VerifyOut
 from service.audit import event_dict, verify_chain
 from service.auth import Principal
 from service.domain.pagination import DEFAULT_LIMIT, MAX_LIMIT, decode_cursor, page
 from service.models import AuditEvent
 
-router = APIRouter(prefix="/v1/audit", tags=["audit"])
+router = APIRouter(prefix="/v1/audit", tags=["audit"], responses=COMMON_ERRORS)
 
 
-@router.get("", summary="Page through audit events (oldest first)")
+@router.get(
+    "", summary="Page through audit events (oldest first)", response_model=Page[AuditEventOut]
+)
 def list_events(
     subject_type: Annotated[str | None, Query()] = None,
     subject_id: Annotated[str | None, Query()] = None,
@@ -46,6 +49,7 @@ def list_events(
     "/verify",
     summary="Recompute the hash chain",
     description="`{ok, checked, head_hash, first_bad_seq, reason}`.",
+    response_model=VerifyOut,
 )
 def verify(
     _: Principal = Depends(require("read")), state: AppState = Depends(get_state)

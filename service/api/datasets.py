@@ -7,11 +7,12 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 
 from service.api.deps import AppState, get_state, iter_file, only_form_fields, require
+from service.api.schemas import COMMON_ERRORS, DatasetOut, Page, RecordOut
 from service.auth import Principal
 from service.domain import datasets as domain
 from service.domain.pagination import DEFAULT_LIMIT, MAX_LIMIT
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=COMMON_ERRORS)
 
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="Page size.")]
 Cursor = Annotated[str | None, Query(description="`next_cursor` of the previous page.")]
@@ -29,6 +30,8 @@ Cursor = Annotated[str | None, Query(description="`next_cursor` of the previous 
         "`{id, name, kind, role, record_count, sha256, created_at, ...}`."
     ),
     dependencies=[Depends(only_form_fields("file", "name", "kind", "role"))],
+    response_model=DatasetOut,
+    responses={413: {"description": "Upload too large"}},
 )
 def upload_dataset(
     file: Annotated[UploadFile, File(description="The .npz or .jsonl file.")],
@@ -45,7 +48,7 @@ def upload_dataset(
     )
 
 
-@router.get("", summary="List datasets (newest first)")
+@router.get("", summary="List datasets (newest first)", response_model=Page[DatasetOut])
 def list_datasets(
     role: Annotated[Literal["train", "eval", "member_probe"] | None, Query()] = None,
     cursor: Cursor = None,
@@ -56,7 +59,11 @@ def list_datasets(
     return domain.list_datasets(state.sessions, role=role, cursor=cursor, limit=limit)
 
 
-@router.get("/{dataset_id}", summary="Show a dataset, with counts of present/forgotten records")
+@router.get(
+    "/{dataset_id}",
+    summary="Show a dataset, with counts of present/forgotten records",
+    response_model=DatasetOut,
+)
 def show_dataset(
     dataset_id: str,
     _: Principal = Depends(require("read")),
@@ -69,6 +76,7 @@ def show_dataset(
     "/{dataset_id}/records",
     summary="Page through record keys and states",
     description="Items: `{key, row, state, sha256, forgotten_at}` in file order.",
+    response_model=Page[RecordOut],
 )
 def list_records(
     dataset_id: str,

@@ -8,18 +8,23 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
 
 from service.api.deps import AppState, get_state, require
+from service.api.schemas import COMMON_ERRORS, JobOut, Page
 from service.auth import Principal
 from service.domain import jobs as domain
 from service.domain.pagination import DEFAULT_LIMIT, MAX_LIMIT
 from service.domain.requests import cancel_job
 from service.domain.views import job_view
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=COMMON_ERRORS)
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
-@router.get("", summary="List jobs (newest submission first), filtered by status and model")
+@router.get(
+    "",
+    summary="List jobs (newest submission first), filtered by status and model",
+    response_model=Page[JobOut],
+)
 def list_jobs(
     status: Annotated[JobStatus | None, Query()] = None,
     model: Annotated[str | None, Query(description="Model name.")] = None,
@@ -38,6 +43,7 @@ def list_jobs(
     summary="Poll a job",
     description="`{id, status, phase, progress, attempts, error, source_version_id, "
     "result_version_id, metrics, created_at, started_at, finished_at, ...}`.",
+    response_model=JobOut,
 )
 def show_job(
     job_id: str, _: Principal = Depends(require("read")), state: AppState = Depends(get_state)
@@ -51,6 +57,8 @@ def show_job(
     summary="Cancel a queued job, or ask a running one to stop",
     description="Queued: cancelled at once. Running: `cancel_requested` is set and the worker "
     "stops at its next progress report. Already finished: 409.",
+    response_model=JobOut,
+    responses={409: {"description": "The job has already finished"}},
 )
 def cancel(
     job_id: str,

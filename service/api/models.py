@@ -11,13 +11,14 @@ from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import Response, StreamingResponse
 
 from service.api.deps import AppState, get_state, iter_file, only_form_fields, require
+from service.api.schemas import COMMON_ERRORS, ModelOut, Page, VersionOut
 from service.auth import Principal
 from service.domain import models as domain
 from service.domain.pagination import DEFAULT_LIMIT, MAX_LIMIT
 from service.problems import Problem
 from service.storage import CHUNK
 
-router = APIRouter(tags=["models"])
+router = APIRouter(tags=["models"], responses=COMMON_ERRORS)
 
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
 Cursor = Annotated[str | None, Query()]
@@ -36,6 +37,7 @@ _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
         "unpickled. Returns the model with `active_version` (number 1)."
     ),
     dependencies=[Depends(only_form_fields("spec", "weights"))],
+    response_model=ModelOut,
 )
 def register_model(
     spec: Annotated[str, Form(description="Model spec as a JSON string.")],
@@ -49,7 +51,7 @@ def register_model(
     )
 
 
-@router.get("/v1/models", summary="List models (by name)")
+@router.get("/v1/models", summary="List models (by name)", response_model=Page[ModelOut])
 def list_models(
     cursor: Cursor = None,
     limit: Limit = DEFAULT_LIMIT,
@@ -59,14 +61,20 @@ def list_models(
     return domain.list_models(state.sessions, cursor=cursor, limit=limit)
 
 
-@router.get("/v1/models/{name}", summary="Show a model and its active version")
+@router.get(
+    "/v1/models/{name}", summary="Show a model and its active version", response_model=ModelOut
+)
 def show_model(
     name: str, _: Principal = Depends(require("read")), state: AppState = Depends(get_state)
 ) -> dict[str, Any]:
     return domain.show_model(state.sessions, name)
 
 
-@router.get("/v1/models/{name}/versions", summary="List a model's versions (newest first)")
+@router.get(
+    "/v1/models/{name}/versions",
+    summary="List a model's versions (newest first)",
+    response_model=Page[VersionOut],
+)
 def list_versions(
     name: str,
     cursor: Cursor = None,
@@ -82,6 +90,7 @@ def list_versions(
     summary="One version: lineage, sha256, metrics",
     description="`{id, model, number, parent_id, job_id, status, sha256, size_bytes, metrics, "
     "created_at, lineage, ...}`.",
+    response_model=VersionOut,
 )
 def show_version(
     version_id: str,

@@ -8,11 +8,14 @@ from fastapi import APIRouter, Depends, Header
 from fastapi.responses import JSONResponse
 
 from service.api.deps import AppState, get_state, require
+from service.api.schemas import COMMON_ERRORS, DeletionRequestOut, SubmissionOut
 from service.auth import Principal
 from service.domain import requests as domain
 from service.domain.requests import DeletionRequestIn
 
-router = APIRouter(prefix="/v1/deletion-requests", tags=["deletion requests"])
+router = APIRouter(
+    prefix="/v1/deletion-requests", tags=["deletion requests"], responses=COMMON_ERRORS
+)
 
 
 @router.post(
@@ -26,7 +29,12 @@ router = APIRouter(prefix="/v1/deletion-requests", tags=["deletion requests"])
         "`Location: /v1/jobs/{job_id}`. With `Idempotency-Key`, a retry with the same body "
         "returns the first answer (same ids, no new job); a different body is 409."
     ),
-    responses={202: {"headers": {"Location": {"schema": {"type": "string"}}}}},
+    response_model=SubmissionOut,
+    responses={
+        202: {"headers": {"Location": {"schema": {"type": "string"}}}},
+        404: {"description": "Unknown model"},
+        409: {"description": "No active version, or Idempotency-Key reused"},
+    },
 )
 def submit(
     body: DeletionRequestIn,
@@ -44,7 +52,11 @@ def submit(
     return JSONResponse(result.body, status_code=202, headers=headers)
 
 
-@router.get("/{request_id}", summary="A deletion request and its job's state")
+@router.get(
+    "/{request_id}",
+    summary="A deletion request and its job's state",
+    response_model=DeletionRequestOut,
+)
 def show(
     request_id: str,
     _: Principal = Depends(require("read")),
