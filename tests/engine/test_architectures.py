@@ -50,6 +50,8 @@ def test_unknown_name_lists_the_available_ones() -> None:
         ("mlp", {"hidden": [3]}, "in_features"),
         ("mlp", {"in_features": 0}, "in_features"),
         ("mlp", {"in_features": 4, "hidden": [3, -1]}, r"hidden\[1\]"),
+        ("mlp", {"in_features": 4, "hidden": [2] * 300}, "hidden has 300 entries"),
+        ("mlp", {"in_features": 1 << 30}, "in_features"),
         ("cnn", {"width": 2.5}, "width"),
         ("cnn", {"batch_norm": "yes"}, "batch_norm"),
         ("resnet18_cifar", {"num_classes": True}, "num_classes"),

@@ -81,6 +81,13 @@ def only_these_require_grad(model: nn.Module, names: Sequence[str]) -> Iterator[
             p.requires_grad_(flag)
 
 
+def rng_devices(device: torch.device) -> list[int]:
+    """The CUDA device indices ``torch.random.fork_rng`` must fork for ``device``."""
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
+
+
 def chunks(n: int, size: int) -> Iterator[slice]:
     for start in range(0, n, size):
         yield slice(start, min(n, start + size))

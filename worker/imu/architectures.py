@@ -54,15 +54,23 @@ def dtype_name(dtype: torch.dtype) -> str:
 # --------------------------------------------------------------------------- validation
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+# Upper bounds keep a hostile registration (kwargs come from requests) from building
+# millions of modules, even on the meta device.
+MAX_DIM = 1 << 24
+MAX_LAYERS = 256
+
+
+def _positive_int(name: str, value: Any, upper: int = MAX_DIM) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= upper:
+        raise ValueError(f"{name} must be an integer in [1, {upper}], got {value!r}")
     return value
 
 
 def _positive_ints(name: str, value: Any) -> list[int]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise ValueError(f"{name} must be a list of positive integers, got {value!r}")
+    if len(value) > MAX_LAYERS:
+        raise ValueError(f"{name} has {len(value)} entries, at most {MAX_LAYERS} are allowed")
     return [_positive_int(f"{name}[{i}]", v) for i, v in enumerate(value)]
 
 

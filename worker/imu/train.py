@@ -6,7 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worker.imu._util import as_inputs, as_labels, check_pair, model_device, model_dtype
+from worker.imu._util import (
+    as_inputs,
+    as_labels,
+    check_pair,
+    model_device,
+    model_dtype,
+    rng_devices,
+)
 from worker.imu._util import preserved_modes as _modes
 from worker.imu.config import resolve_device
 
@@ -39,7 +46,7 @@ def fit(
     generator = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     losses: list[float] = []
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+    with torch.random.fork_rng(devices=rng_devices(dev)):
         torch.manual_seed(seed)
         model.train()
         for _ in range(epochs):

@@ -29,6 +29,7 @@ from worker.imu._util import (
     only_these_require_grad,
     preserved_modes,
     resolve_theta,
+    rng_devices,
 )
 from worker.imu.config import IMUConfig, resolve_device
 from worker.imu.influence import compute_influence
@@ -120,7 +121,7 @@ def unlearn(
     with (
         preserved_modes(model, train=cfg.backbone_mode == "train"),
         only_these_require_grad(model, theta_names),
-        torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+        torch.random.fork_rng(devices=rng_devices(device)),
     ):
         torch.manual_seed(cfg.seed)  # dropout in train mode draws from here
         opt = torch.optim.SGD(
@@ -224,7 +225,7 @@ def gradient_ascent(
     with (
         preserved_modes(model, train=train_mode),
         only_these_require_grad(model, names),
-        torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []),
+        torch.random.fork_rng(devices=rng_devices(dev)),
     ):
         torch.manual_seed(seed)
         opt = torch.optim.SGD(chosen, lr=lr, momentum=momentum)
