@@ -6,6 +6,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from worker.imu import IMUConfig, resolve_device
 
@@ -70,3 +72,29 @@ def test_device_resolution() -> None:
     assert IMUConfig().resolved_device().type == expected
     assert resolve_device("auto").type == expected
     assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_integral_floats_are_accepted_for_integer_fields() -> None:
+    cfg = IMUConfig.from_overrides({"epochs": 3.0, "batch_size": 64.0})
+    assert cfg.epochs == 3 and isinstance(cfg.epochs, int)
+    with pytest.raises(ValueError, match="lr is out of range"):
+        IMUConfig.from_overrides({"lr": 10**400})
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.sampled_from([*IMUConfig.field_names(), "x"]), _json, max_size=4))
+def test_fuzz_overrides_either_validate_or_raise_value_error(overrides: dict) -> None:
+    try:
+        cfg = IMUConfig.from_overrides(overrides)
+    except ValueError:
+        return
+    assert IMUConfig.from_overrides(cfg.to_dict()) == cfg

@@ -73,7 +73,10 @@ class IMUConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"{name} must be a number, got {value!r}")
-            value = float(value)
+            try:
+                value = float(value)
+            except OverflowError:
+                raise ValueError(f"{name} is out of range, got {value!r}") from None
             if not math.isfinite(value):
                 raise ValueError(f"{name} must be finite, got {value!r}")
             low_ok = value >= lo if lo_inc else value > lo
@@ -84,6 +87,9 @@ class IMUConfig:
             setattr(self, name, value)
         for name, (lo, hi) in self._INT_BOUNDS.items():
             value = getattr(self, name)
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)  # JSON clients may send 10.0
+                setattr(self, name, value)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
             if not lo <= value <= hi:
