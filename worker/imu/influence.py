@@ -72,7 +72,8 @@ def influence_scores(
     batch_size: int = 512,
     method: str = "auto",
 ) -> torch.Tensor:
-    """Influence score of every sample, shape (n,), on the CPU in the model's dtype.
+    """Influence score of every sample, shape (n,), on the CPU in the model's dtype
+    (at least float32 on the closed-form path).
 
     The model is evaluated in eval mode and left unchanged: weights, buffers, gradients,
     ``requires_grad`` and train/eval flags are as before. ``method`` forces a path
@@ -203,6 +204,9 @@ def _closed_form(
                 if h.dim() != 2 or logits.dim() != 2:
                     raise _NotLogits
                 y = as_labels(labels[sl], device)
+                # Half-precision models: the Fisher sums need at least float32.
+                acc = torch.promote_types(logits.dtype, torch.float32)
+                h, logits = h.to(acc), logits.to(acc)
                 e = torch.softmax(logits, dim=1)
                 e[torch.arange(e.shape[0], device=device), y] -= 1.0
                 if feats is None:

@@ -105,6 +105,7 @@ def unlearn(
     theta_names = [name for name, _ in theta]
     theta_params = [p for _, p in theta]
     features = infl.features[kept.to(device)] if infl.features is not None else None
+    infl.features = None  # only the kept rows are needed from here on
     use_cached = features is not None and cfg.backbone_mode == "eval"
     w_all = weights.to(device=device, dtype=dtype)
     y_all = labels[kept].to(device)
@@ -134,7 +135,7 @@ def unlearn(
             for idx in _batches(order, cfg.batch_size, avoid_single):
                 w, y = w_all[idx.to(device)], y_all[idx.to(device)]
                 if use_cached:
-                    logits = F.linear(features[idx.to(device)], head_w, head_b)
+                    logits = F.linear(features[idx.to(device)].to(dtype), head_w, head_b)
                 else:
                     logits = model(as_inputs(x_kept[idx], device, dtype))
                 ce = F.cross_entropy(logits, y, reduction="none")
