@@ -189,3 +189,30 @@ def test_invalid_requests_fail_before_touching_the_model(trained_cnn, digits) ->
         torch.equal(a, b)
         for a, b in zip(model.state_dict().values(), trained_cnn.state_dict().values(), strict=True)
     )
+
+
+@pytest.mark.gpu
+def test_unlearn_and_evaluate_on_cuda(trained_cnn, digits) -> None:
+    from worker.imu import evaluate
+
+    xf, yf = _forget_set(digits)
+    model = copy.deepcopy(trained_cnn).cuda()
+    results = []
+    for _ in range(2):
+        m = copy.deepcopy(model)
+        result = unlearn(m, xf, yf, IMUConfig(device="cuda"))
+        results.append(m.state_dict())
+        assert result.stats["device"].startswith("cuda")
+        assert accuracy(m, xf, yf) <= 0.5
+    # cuBLAS may reorder reductions between runs; float64 keeps them within 1e-9.
+    assert all(
+        torch.allclose(results[0][k].double(), results[1][k].double(), atol=1e-9)
+        for k in results[0]
+    )
+    ev = evaluate(
+        m,
+        forget=(xf, yf),
+        eval=(digits.x_test, digits.y_test),
+        member_probe=(digits.x_train[:200], digits.y_train[:200]),
+    )
+    assert ev["forget_acc"] <= 0.5 and "mia_efficacy" in ev
