@@ -72,15 +72,22 @@ class EmbeddedExecutor:
             return result
         return None
 
+    def _watch_parent(self, parent: int) -> None:
+        # A thread, so that a job in progress is handed back too, not only an idle loop.
+        while not self.stop_event.wait(1.0):
+            if os.getppid() != parent:
+                log.info("parent process %d is gone; stopping", parent)
+                self.request_stop()
+
     def run_forever(self, watch_parent: bool = False) -> None:
-        parent = os.getppid()
         log.info("embedded executor started (pid %d, poll %.2f s)", os.getpid(),
                  self.settings.embedded_poll_seconds)  # fmt: skip
+        if watch_parent:
+            threading.Thread(
+                target=self._watch_parent, args=(os.getppid(),), name="parent-watch", daemon=True
+            ).start()
         failures = 0
         while not self.stop_event.is_set():
-            if watch_parent and os.getppid() != parent:
-                log.info("parent process %d is gone; stopping", parent)
-                break
             try:
                 result = self.run_once()
                 failures = 0

@@ -39,6 +39,7 @@ import logging
 import math
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -368,6 +369,43 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def _source(dataset: Dataset) -> tuple[str, str, str, str]:
+    return (dataset.kind, dataset.storage_key, dataset.name, dataset.content_sha256)
+
+
+class _DatasetCache:
+    """Parsed dataset files kept between jobs of one process (the eval and member-probe sets
+    are read by every job of a model). Keyed by storage key and content sha256, so a file
+    rewritten by a purge is never served stale; bounded in entries and bytes."""
+
+    def __init__(self, max_entries: int = 4, max_bytes: int = 512 * 1024 * 1024) -> None:
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        self._items: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str]) -> Any:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: tuple[str, str], data: Any) -> None:
+        size = int(getattr(data.inputs, "nbytes", 0))
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            self._items[key] = data
+            while len(self._items) > self.max_entries or self._total() > self.max_bytes:
+                self._items.popitem(last=False)
+
+    def _total(self) -> int:
+        return sum(int(getattr(d.inputs, "nbytes", 0)) for d in self._items.values())
+
+
+_DATASETS = _DatasetCache()
+
+
 # --------------------------------------------------------------------------- claim
 
 
@@ -587,9 +625,9 @@ class _Execution:
                 "version_sha": version.sha256,
                 "version_number": version.number,
                 "version_id": version.id,
-                "dataset": (dataset.kind, dataset.storage_key, dataset.name),
-                "eval": (eval_ds.kind, eval_ds.storage_key, eval_ds.name) if eval_ds else None,
-                "probe": (probe_ds.kind, probe_ds.storage_key, probe_ds.name) if probe_ds else None,
+                "dataset": _source(dataset),
+                "eval": _source(eval_ds) if eval_ds else None,
+                "probe": _source(probe_ds) if probe_ds else None,
                 "kind": job.kind,
                 "params": dict(job.params or {}),
             }
@@ -690,20 +728,24 @@ class _Execution:
             ) from None
         return model
 
-    def _load_rows(self, source: tuple[str, str, str], keys: list[str] | None) -> tuple[Any, Any]:
+    def _load_rows(
+        self, source: tuple[str, str, str, str], keys: list[str] | None
+    ) -> tuple[Any, Any]:
         import torch
 
         from service.datasets_io import DatasetError, load_tensor_npz, select_rows
 
-        kind, key, name = source
+        kind, key, name, content_sha = source
         if kind != "tensor":
             raise JobError(
                 "unsupported-dataset", "Unsupported dataset",
                 f"dataset {name!r} is of kind {kind!r}; this worker unlearns tensor datasets",
             )  # fmt: skip
-        data_bytes = self._read_object(key, f"dataset {name!r}")
         try:
-            data = load_tensor_npz(data_bytes)
+            data = _DATASETS.get((key, content_sha))
+            if data is None:
+                data = load_tensor_npz(self._read_object(key, f"dataset {name!r}"))
+                _DATASETS.put((key, content_sha), data)
             inputs, labels = select_rows(data, keys if keys is not None else data.ids)
         except DatasetError as exc:
             raise JobError("dataset-invalid", "Dataset unreadable", f"{name}: {exc}") from None

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,6 +19,7 @@ from tests.worker.harness import (
     api_stack,
     assert_chains,
     job_checkpoint_files,
+    settings_env,
     stack_settings,
     wait_until,
 )
@@ -76,3 +80,39 @@ def test_embedded_end_to_end_with_shutdown_and_crash(
         assert len(files) == 4  # one per succeeded job, nothing from the killed attempt
         with stack.sessions() as session:
             assert verify_chain(session)["ok"]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:  # reparented and not reaped yet: a zombie has exited all the same
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_executor_exits_when_its_parent_dies(
+    lethe_env: Path, sqlite_url: str, storage_dir: Path
+) -> None:
+    from service import migrate
+
+    settings = stack_settings(database_url=sqlite_url, storage_dir=storage_dir)
+    migrate.upgrade(settings.db_url)
+    parent = subprocess.Popen(
+        ["bash", "-c", f"'{sys.executable}' -m worker.embedded & echo $!; wait"],
+        env=settings_env(settings), stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert parent.stdout is not None
+    pid = int(parent.stdout.readline())
+    try:
+        time.sleep(2.0)  # let it start polling
+        assert not _gone(pid)
+        parent.kill()
+        parent.wait(timeout=10)
+        wait_until(lambda: _gone(pid), timeout=20, what="the orphaned executor to exit")
+    finally:
+        if not _gone(pid):
+            os.kill(pid, signal.SIGKILL)
