@@ -401,8 +401,8 @@ def _drive(
     console.print(results_table(reports))
     console.print(timings_table(reports))
 
-    final = api.get_model(model_name)["active_version"]
-    final = api.get_version(final["id"])
+    registered = api.get_model(model_name)
+    final = api.get_version(registered["active_version"]["id"])
     step(f"downloading version {final['number']}'s checkpoint and checking its sha256")
     download = api.download_checkpoint(final["id"], cfg.demo_dir / "final.safetensors")
     console.print(f"  {download.path} sha256 {download.sha256} matches the server's")
@@ -424,6 +424,9 @@ def _drive(
     step(f"per-class accuracy plot written to {plot}")
     summary = {
         "model": model_name,
+        "architecture": registered["architecture"],  # as the service recorded them
+        "arch_kwargs": registered["arch_kwargs"],
+        "forget_class": cfg.forget_class,
         "final_version": final,
         "jobs": [{"label": r.label, "request_id": r.request_id, "job": r.job} for r in reports],
         "per_class_before": before,
