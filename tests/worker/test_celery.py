@@ -7,6 +7,7 @@ import contextlib
 import signal
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -75,15 +76,22 @@ def test_twenty_jobs_over_two_models_run_in_submission_order(
     cnn = stack.register(trained, "cnn")
     worker = _start_worker(stack, worker_log)
     try:
-        jobs: dict[str, list[str]] = {mlp: [], cnn: []}
-        keys: dict[str, list[str]] = {}
-        for i in range(10):  # interleaved submissions, all at once
-            for model in (mlp, cnn):
-                chunk = trained.train_ids[i * 8 : (i + 1) * 8]
-                job_id = stack.submit(model, chunk, params={"epochs": 3})
-                jobs[model].append(job_id)
-                keys[job_id] = chunk
-        done = stack.wait([j for js in jobs.values() for j in js], timeout=240)
+        # 20 submissions at once from 8 client threads; submission order is what the
+        # service's counter says (submitted_seq), not the order the threads were started in.
+        work = [(model, trained.train_ids[i * 8 : (i + 1) * 8])
+                for i in range(10) for model in (mlp, cnn)]  # fmt: skip
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            submitted = list(pool.map(lambda mk: stack.submit(mk[0], mk[1], params={"epochs": 3}),
+                                      work))  # fmt: skip
+        keys = {job_id: chunk for job_id, (_, chunk) in zip(submitted, work, strict=True)}
+        rows = stack.job_rows(submitted)
+        jobs: dict[str, list[str]] = {
+            model: sorted((j for j, (m, _) in zip(submitted, work, strict=True) if m == model),
+                          key=lambda j: rows[j].submitted_seq)
+            for model in (mlp, cnn)
+        }  # fmt: skip
+        assert len({r.submitted_seq for r in rows.values()}) == 20
+        done = stack.wait(submitted, timeout=240)
     finally:
         worker.stop()
     assert worker.log_text().count("ready") >= 1
