@@ -76,3 +76,13 @@ def _lookup(run: dict, key: str) -> float | None:
             return None
         node = node[part]
     return float(node) if isinstance(node, int | float) else None
+
+
+def parse_method(method: str) -> tuple[str, dict]:
+    """'imu_eval@lr=0.001' -> ('imu_eval', {'lr': 0.001}); plain names have no overrides."""
+    name, _, rest = method.partition("@")
+    overrides: dict = {}
+    for part in filter(None, rest.split(",")):
+        key, _, value = part.partition("=")
+        overrides[key] = int(value) if value.isdigit() else float(value)
+    return name, overrides

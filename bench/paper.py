@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from bench.data import BenchData, load_bench_data
-from bench.metrics import add_gaps, headline
+from bench.metrics import add_gaps, headline, parse_method
 
 BENCH_DIR = Path(__file__).resolve().parent
 CACHE_DIR = BENCH_DIR / ".cache"
@@ -63,33 +63,56 @@ class PaperSettings:
     forget_class: int = 0
     random_fraction: float = 0.1
     member_probe_size: int = 2_000
+    # RA on a fixed seeded subset of the retain set: the full set costs a forward over 90 %
+    # of the training data per evaluation for ±1 % less sampling error. None = all.
+    retain_eval_size: int | None = 3_000
     seeds: list[int] = field(default_factory=lambda: [0])
     ga: GASettings = field(default_factory=GASettings)
     device: str = "cpu"
     methods: tuple[str, ...] = METHODS
+    # Extra runs at other step sizes, "method@key=value": how sensitive each method is.
+    variants: tuple[str, ...] = ()
     scenarios: tuple[str, ...] = SCENARIOS
 
 
+# Architecture kwargs and base training per preset. The CNN runs with BatchNorm so both
+# models exercise the difference between the two backbone modes.
+_BN_CNN = {"batch_norm": True}
+ARCH_DEFAULTS = {
+    "default": {
+        "cnn": ({"width": 16, **_BN_CNN}, TrainSettings(epochs=8, lr=3e-3, batch_size=128)),
+        "resnet18_cifar": ({"width": 8}, TrainSettings(epochs=8, lr=1e-3, batch_size=128)),
+    },
+    "full": {
+        "cnn": ({"width": 32, **_BN_CNN}, TrainSettings(epochs=20, lr=1e-3, batch_size=128)),
+        "resnet18_cifar": ({"width": 64}, TrainSettings(epochs=20, lr=1e-3, batch_size=128)),
+    },
+    "quick": {
+        "cnn": ({"width": 8, **_BN_CNN}, TrainSettings(epochs=3, lr=3e-3, batch_size=64)),
+        "resnet18_cifar": ({"width": 4}, TrainSettings(epochs=3, lr=3e-3, batch_size=64)),
+    },
+}
+# Sensitivity runs: IMU at smaller step sizes than the engine default, GA at a smaller one.
+DEFAULT_VARIANTS = (
+    "imu_train@lr=0.001", "imu_eval@lr=0.001", "imu_train@lr=0.0001", "imu_eval@lr=0.0001",
+    "ga@lr=0.0001",
+)
+
+
 def preset(name: str, arch: str, device: str = "cpu") -> PaperSettings:
-    """default: fits `make bench` on 2 CPU cores; full: whole dataset, wider, for a GPU;
-    quick: seconds, for smoke tests."""
-    if name == "default":
-        if arch == "cnn":
-            return PaperSettings(arch, {}, TrainSettings(epochs=5, lr=1e-3, batch_size=128),
-                                 device=device)
-        return PaperSettings(arch, {"width": 16}, TrainSettings(epochs=5, lr=1e-3, batch_size=128),
-                             device=device)
+    """default: fits `make bench` on 2 CPU cores (10k/2k Fashion-MNIST subset, small widths);
+    full: whole dataset, paper-size widths, 3 seeds, for a GPU; quick: seconds, smoke tests."""
+    if name not in ARCH_DEFAULTS:
+        raise ValueError(f"unknown preset {name!r}")
+    kwargs, train = ARCH_DEFAULTS[name][arch]
+    settings = PaperSettings(arch, dict(kwargs), train, device=device, variants=DEFAULT_VARIANTS)
     if name == "full":
-        kwargs = {} if arch == "cnn" else {"width": 64}
-        return PaperSettings(arch, kwargs, TrainSettings(epochs=20, lr=1e-3, batch_size=128),
-                             n_train=None, n_test=None, member_probe_size=5_000,
-                             seeds=[0, 1, 2], device=device)
+        return replace(settings, n_train=None, n_test=None, member_probe_size=5_000,
+                       retain_eval_size=None, seeds=[0, 1, 2])
     if name == "quick":
-        kwargs = {} if arch == "cnn" else {"width": 4}
-        return PaperSettings(arch, kwargs, TrainSettings(epochs=3, lr=1e-3, batch_size=64),
-                             n_train=600, n_test=200, data="digits", member_probe_size=200,
-                             device=device)
-    raise ValueError(f"unknown preset {name!r}")
+        return replace(settings, n_train=600, n_test=200, data="digits", member_probe_size=200,
+                       retain_eval_size=None, variants=("imu_eval@lr=0.001",))
+    return settings
 
 
 # ---------------------------------------------------------------- helpers
@@ -183,6 +206,7 @@ class Split:
     forget: torch.Tensor  # indices into the training set
     retain: torch.Tensor
     probe: torch.Tensor  # member probe: a seeded subset of the retain indices
+    retain_eval: torch.Tensor  # the retain indices RA is measured on
     test: torch.Tensor  # test indices used for TA and as MIA non-members
 
 
@@ -204,7 +228,10 @@ def make_split(scenario: str, settings: PaperSettings, data: BenchData, seed: in
     retain = torch.nonzero(~mask).flatten()
     m = min(settings.member_probe_size, retain.numel())
     probe = retain[torch.randperm(retain.numel(), generator=gen)[:m]].sort().values
-    return Split(forget, retain, probe, test)
+    r = retain.numel() if settings.retain_eval_size is None else min(
+        settings.retain_eval_size, retain.numel())
+    retain_eval = retain[torch.randperm(retain.numel(), generator=gen)[:r]].sort().values
+    return Split(forget=forget, retain=retain, probe=probe, retain_eval=retain_eval, test=test)
 
 
 def measure(model: nn.Module, data: BenchData, split: Split, settings: PaperSettings,
@@ -221,7 +248,8 @@ def measure(model: nn.Module, data: BenchData, split: Split, settings: PaperSett
             eval=(data.x_test[split.test], data.y_test[split.test]),
             member_probe=(xt[split.probe], yt[split.probe]),
         )
-        retain_acc = accuracy(model, xt[split.retain], yt[split.retain], device=settings.device)
+        retain_acc = accuracy(model, xt[split.retain_eval], yt[split.retain_eval],
+                              device=settings.device)
         extra = None
         if extra_test is not None and extra_test.numel():
             extra = accuracy(model, data.x_test[extra_test], data.y_test[extra_test],
@@ -262,15 +290,19 @@ def run_method(method: str, base: nn.Module, data: BenchData, split: Split,
             seed=seed, tag=f"retrain-{scenario}", cache_dir=cache_dir,
         )
         return model, {"times": {"train_s": info["train_s"]}, "cached": info["cached"]}
+    name, overrides = parse_method(method)
     model = copy.deepcopy(base)
-    if method == "ga":
-        torch.manual_seed(seed)
+    if name == "ga":
+        ga = asdict(settings.ga) | overrides
         with _Timer(settings.device) as t:
-            res = gradient_ascent(model, xf, yf, epochs=settings.ga.epochs, lr=settings.ga.lr,
-                                  batch_size=settings.ga.batch_size, seed=seed,
+            res = gradient_ascent(model, xf, yf, epochs=int(ga["epochs"]), lr=ga["lr"],
+                                  batch_size=int(ga["batch_size"]), seed=seed,
                                   device=settings.device)
-    elif method in ("imu_train", "imu_eval"):
-        cfg = IMUConfig(backbone_mode=method.split("_", 1)[1], seed=seed, device=settings.device)
+    elif name in ("imu_train", "imu_eval"):
+        cfg = IMUConfig.from_overrides(
+            {"backbone_mode": name.split("_", 1)[1], "seed": seed, "device": settings.device}
+            | overrides
+        )
         with _Timer(settings.device) as t:
             res = unlearn(model, xf, yf, cfg)
     else:
@@ -308,7 +340,7 @@ def run_paper(settings: PaperSettings, *, log=print, cache_dir: Path = CACHE_DIR
             runs.append({"scenario": scenario, "seed": seed, "method": "original",
                          "metrics": metrics, "times": {"evaluate_s": eval_s},
                          "n_forget": int(split.forget.numel())})
-            for method in settings.methods:
+            for method in (*settings.methods, *settings.variants):
                 model, rec = run_method(method, base, data, split, settings, seed, scenario,
                                         cache_dir)
                 metrics, eval_s = measure(model, data, split, settings, extra)

@@ -13,7 +13,7 @@ import math
 import sys
 from pathlib import Path
 
-from bench.metrics import GAP_KEYS, summarise
+from bench.metrics import GAP_KEYS, parse_method, summarise
 
 BENCH_DIR = Path(__file__).resolve().parent
 METHOD_LABELS = {
@@ -104,7 +104,7 @@ def paper_tables(paper: dict) -> tuple[list[str], dict]:
                 continue
             what, secs = _seconds(r)
             table_rows.append([
-                METHOD_LABELS.get(r["method"], r["method"]),
+                label(r["method"]),
                 *(_fmt(r[f"metrics.{k}"]) for k in GAP_KEYS),
                 _fmt(r["metrics.avg_gap"]) if r["method"] != "retrain" else "0 (reference)",
                 f"{secs} ({what})" if what else secs,
@@ -116,40 +116,66 @@ def paper_tables(paper: dict) -> tuple[list[str], dict]:
     return out, by_key
 
 
-def _gap(by_key: dict, scenario: str, method: str) -> float | None:
+def label(method: str) -> str:
+    """'imu_eval@lr=0.001' -> 'IMU, backbone `eval`, lr 0.001'."""
+    name, overrides = parse_method(method)
+    extra = "".join(f", {k} {v:g}" for k, v in overrides.items())
+    return METHOD_LABELS.get(name, name) + extra
+
+
+def _cell(by_key: dict, scenario: str, method: str, key: str) -> float | None:
     row = by_key.get((scenario, method))
-    cell = row and row.get("metrics.avg_gap")
+    cell = row.get(key) if row else None
     return cell[0] if cell else None
+
+
+def _gap(by_key: dict, scenario: str, method: str) -> float | None:
+    return _cell(by_key, scenario, method, "metrics.avg_gap")
 
 
 def _time(by_key: dict, scenario: str, method: str) -> float | None:
-    row = by_key.get((scenario, method))
-    cell = row and row.get("times.unlearn_s")
-    return cell[0] if cell else None
+    return _cell(by_key, scenario, method, "times.unlearn_s")
+
+
+def _scenarios(by_key: dict) -> list[str]:
+    return list(dict.fromkeys(s for s, _ in by_key))
+
+
+def _methods(summaries: dict[str, dict], prefix: str) -> list[str]:
+    """Every method name starting with prefix, engine defaults first, in first-seen order."""
+    names = dict.fromkeys(m for by_key in summaries.values() for _, m in by_key
+                          if m.startswith(prefix))
+    return sorted(names, key=lambda m: ("@" in m, list(names).index(m)))
 
 
 def decide_backbone(summaries: dict[str, dict], batchnorm: dict[str, bool] | None = None) -> dict:
-    """Pick the default backbone_mode: lower mean Avg. Gap over the (arch, scenario) cells;
-    within BACKBONE_TIE_POINTS the cheaper `eval` mode wins.
+    """Pick the default backbone_mode from paired runs (same model, scenario, seed and step
+    size; only the mode differs): lower mean Avg. Gap wins, and within BACKBONE_TIE_POINTS
+    the cheaper `eval` mode wins.
 
     Only architectures with BatchNorm decide when there are any: without it the two modes
-    compute the same thing, and their tied cells would only dilute the difference."""
+    compute the same update, and their tied pairs would only dilute the difference."""
     batchnorm = batchnorm or {}
     deciding = [a for a in summaries if batchnorm.get(a)] or list(summaries)
     cells = []
     for arch, by_key in summaries.items():
-        scenarios = dict.fromkeys(s for s, _ in by_key)
-        for scenario in scenarios:
-            g_train = _gap(by_key, scenario, "imu_train")
-            g_eval = _gap(by_key, scenario, "imu_eval")
-            if g_train is None or g_eval is None:
-                continue
-            cells.append({
-                "arch": arch, "scenario": scenario, "gap_train": g_train, "gap_eval": g_eval,
-                "batchnorm": batchnorm.get(arch), "deciding": arch in deciding,
-                "time_train": _time(by_key, scenario, "imu_train"),
-                "time_eval": _time(by_key, scenario, "imu_eval"),
-            })
+        for scenario in _scenarios(by_key):
+            for train_m in _methods({arch: by_key}, "imu_train"):
+                eval_m = "imu_eval" + train_m[len("imu_train"):]
+                g_train = _gap(by_key, scenario, train_m)
+                g_eval = _gap(by_key, scenario, eval_m)
+                if g_train is None or g_eval is None:
+                    continue
+                _, overrides = parse_method(train_m)
+                cells.append({
+                    "arch": arch, "scenario": scenario,
+                    "variant": ", ".join(f"{k} {v:g}" for k, v in overrides.items())
+                    or "engine defaults",
+                    "gap_train": g_train, "gap_eval": g_eval,
+                    "time_train": _time(by_key, scenario, train_m),
+                    "time_eval": _time(by_key, scenario, eval_m),
+                    "batchnorm": batchnorm.get(arch), "deciding": arch in deciding,
+                })
     used = [c for c in cells if c["deciding"]]
     if not used:
         return {"cells": cells, "choice": None}
@@ -168,7 +194,7 @@ def decide_backbone(summaries: dict[str, dict], batchnorm: dict[str, bool] | Non
 def backbone_section(decision: dict) -> list[str]:
     out = ["## Default `backbone_mode`", ""]
     if decision["choice"] is None:
-        return out + ["No IMU runs in the results; no decision.", ""]
+        return out + ["No paired IMU runs in the results; no decision.", ""]
     rows = []
     for c in decision["cells"]:
         ratio = (c["time_train"] / c["time_eval"]
@@ -176,26 +202,25 @@ def backbone_section(decision: dict) -> list[str]:
         bn = {True: "yes", False: "no"}.get(c["batchnorm"], "?")
         rows.append([
             f"`{c['arch']}`", bn + ("" if c["deciding"] else " (not deciding)"),
-            SCENARIO_LABELS.get(c["scenario"], c["scenario"]),
+            SCENARIO_LABELS.get(c["scenario"], c["scenario"]), c["variant"],
             f"{c['gap_train']:.2f}", f"{c['gap_eval']:.2f}",
             f"{c['time_train']:.2f}" if c["time_train"] else "–",
             f"{c['time_eval']:.2f}" if c["time_eval"] else "–",
             f"{ratio:.1f}×" if not math.isnan(ratio) else "–",
         ])
     out += _table(
-        ["Model", "BatchNorm", "Scenario", "Avg. Gap `train`", "Avg. Gap `eval`",
-         "Time `train` (s)",
-         "Time `eval` (s)", "`train`/`eval` time"], rows,
+        ["Model", "BatchNorm", "Scenario", "IMU settings", "Avg. Gap `train`",
+         "Avg. Gap `eval`", "Time `train` (s)", "Time `eval` (s)", "`train`/`eval` time"],
+        rows,
     )
     used = [c for c in decision["cells"] if c["deciding"]]
     wins_eval = sum(c["gap_eval"] <= c["gap_train"] for c in used)
     out += [
         "",
-        f"Mean Avg. Gap over the {len(used)} deciding settings: `train` "
+        f"Mean Avg. Gap over the {len(used)} deciding pairs: `train` "
         f"{decision['mean_gap_train']:.2f}, `eval` {decision['mean_gap_eval']:.2f}; "
-        f"`eval` is at least as close to retraining in {wins_eval} of "
-        f"{len(used)}. **Decision: `backbone_mode=\"{decision['choice']}\"`** "
-        f"({decision['why']}).",
+        f"`eval` is at least as close to retraining in {wins_eval} of {len(used)}. "
+        f"**Decision: `backbone_mode=\"{decision['choice']}\"`** ({decision['why']}).",
         "",
         "Why this rule: both modes update only the classifier. In `train` mode (the authors' "
         "loop) BatchNorm normalises each unlearning batch with that batch's own statistics "
@@ -207,45 +232,45 @@ def backbone_section(decision: dict) -> list[str]:
         "head. Closeness to retraining (Avg. Gap) is what users are promised, so it decides; "
         f"within {BACKBONE_TIE_POINTS} point the cheaper mode without side effects on the "
         "backbone wins. Models without BatchNorm (or dropout) compute the same update in both "
-        "modes, so only models with BatchNorm decide; the others are a consistency check.",
+        "modes, so only models with BatchNorm decide. Every step size run is a pair, so the "
+        "decision does not hinge on one learning rate.",
         "",
     ]
     return out
 
 
 def headline_section(summaries: dict[str, dict], chosen: str | None) -> list[str]:
-    """IMU (both modes) vs GA Avg. Gap per setting, with the ratio."""
-    out = ["## IMU vs gradient ascent", ""]
+    """Avg. Gap of every GA and IMU run per setting, and IMU's mean ratio to GA's."""
+    ga_methods = _methods(summaries, "ga")
+    imu_methods = _methods(summaries, "imu_")
+    if "ga" not in ga_methods or not imu_methods:
+        return []
+    columns = [*ga_methods, *imu_methods]
     rows = []
-    ratios: dict[str, list[float]] = {"imu_train": [], "imu_eval": []}
+    ratios: dict[str, list[float]] = {m: [] for m in imu_methods}
     for arch, by_key in summaries.items():
-        for scenario in dict.fromkeys(s for s, _ in by_key):
+        for scenario in _scenarios(by_key):
             ga = _gap(by_key, scenario, "ga")
             cells = []
-            for mode in ("imu_train", "imu_eval"):
-                g = _gap(by_key, scenario, mode)
-                if g is not None and ga:
-                    ratios[mode].append(g / ga)
+            for m in columns:
+                g = _gap(by_key, scenario, m)
                 cells.append(f"{g:.2f}" if g is not None else "–")
-            rows.append([
-                f"`{arch}`", SCENARIO_LABELS.get(scenario, scenario),
-                f"{ga:.2f}" if ga is not None else "–", *cells,
-                *(f"{ratios[m][-1]:.2f}" if ratios[m] and ga and _gap(by_key, scenario, m)
-                  is not None else "–" for m in ("imu_train", "imu_eval")),
-            ])
-    if not rows:
-        return []
-    out += _table(
-        ["Model", "Scenario", "GA Avg. Gap", "IMU `train` Avg. Gap", "IMU `eval` Avg. Gap",
-         "IMU `train` / GA", "IMU `eval` / GA"], rows,
-    )
+                if m in ratios and g is not None and ga:
+                    ratios[m].append(g / ga)
+            rows.append([f"`{arch}`", SCENARIO_LABELS.get(scenario, scenario), *cells])
+    out = ["## IMU vs gradient ascent (Avg. Gap to retraining, lower is better)", ""]
+    out += _table(["Model", "Scenario", *(label(m) for m in columns)], rows)
     out.append("")
-    for mode in ("imu_train", "imu_eval"):
-        if ratios[mode]:
-            mean = sum(ratios[mode]) / len(ratios[mode])
-            tag = " (the chosen default)" if chosen and mode.endswith(chosen) else ""
-            out.append(f"- {METHOD_LABELS[mode]}{tag}: Avg. Gap is on average "
-                       f"{mean:.2f}× GA's (below 1 means closer to retraining than GA).")
+    for m in imu_methods:
+        if not ratios[m]:
+            continue
+        mean = sum(ratios[m]) / len(ratios[m])
+        name, overrides = parse_method(m)
+        tag = " (engine defaults" + (", the chosen backbone mode" if chosen and
+                                      name.endswith(chosen) else "") + ")"
+        out.append(f"- {label(m)}{tag if not overrides else ''}: Avg. Gap is on average "
+                   f"{mean:.2f}× GA's over {len(ratios[m])} settings "
+                   "(below 1: closer to retraining than GA).")
     out.append("")
     return out
 
@@ -338,9 +363,11 @@ def plot_forget_vs_test(papers: list[dict], path: Path) -> Path | None:
         for r in rows:
             ua, ta = r["metrics.ua"], r["metrics.ta"]
             forget_acc = 100.0 - ua[0]
+            name, overrides = parse_method(r["method"])
             ax.errorbar(forget_acc, ta[0], xerr=ua[1] or None, yerr=ta[1] or None,
-                        marker=markers.get(r["method"], "o"), markersize=11, linestyle="none",
-                        label=METHOD_LABELS.get(r["method"], r["method"]))
+                        marker=markers.get(name, "o"), markersize=7 if overrides else 11,
+                        linestyle="none", label=label(r["method"]),
+                        alpha=0.6 if overrides else 1.0)
         ax.set_title(f"{arch} — {SCENARIO_LABELS.get(scenario, scenario)}")
         ax.set_xlabel("forget-set accuracy (%)  ← more forgetting")
         ax.set_ylabel("test accuracy (%)")
@@ -392,7 +419,7 @@ def plot_speed(speed: dict | None, path: Path) -> Path | None:
 def build_report(results_dir: Path, out_md: Path, plots_dir: Path | None = None) -> dict:
     """Write RESULTS.md (and plots next to it); returns the backbone decision."""
     papers, speed = load_results(results_dir)
-    plots_dir = plots_dir or out_md.parent
+    plots_dir = plots_dir or results_dir
     plots_dir.mkdir(parents=True, exist_ok=True)
     lines = [
         "# Lethe benchmark results",
@@ -426,7 +453,8 @@ def build_report(results_dir: Path, out_md: Path, plots_dir: Path | None = None)
     p1 = plot_forget_vs_test(papers, plots_dir / "forget_vs_test.png")
     if p1:
         lines += [f"![forget vs test accuracy]({_rel(p1, out_md)})", ""]
-    p2 = plot_speed(speed, plots_dir / "influence_speed.png")
+    # influence_speed.png next to the JSON is the engine bench's own plot; keep both.
+    p2 = plot_speed(speed, plots_dir / "influence_time_vs_n.png")
     if p2:
         lines += [f"![influence time vs n]({_rel(p2, out_md)})", ""]
     lines += _settings_section(papers)

@@ -26,11 +26,10 @@ ARCHS = ("cnn", "resnet18_cifar")
 QUICK_DIR = BENCH_DIR / ".cache" / "quick"
 
 
-def run_speed(device: str, extra: list[str]) -> int:
+def run_speed(device: str, results: Path, extra: list[str]) -> int:
     """bench/influence_speed.py belongs to the engine; run it unchanged in its own process."""
-    cmd = [sys.executable, "-m", "bench.influence_speed", *extra]
-    if device != "cpu":
-        cmd += ["--device", device]
+    cmd = [sys.executable, "-m", "bench.influence_speed", "--device", device,
+           "--out", str(results / "influence_speed.json"), *extra]
     print("$", " ".join(cmd), flush=True)
     return subprocess.run(cmd, cwd=BENCH_DIR.parent).returncode
 
@@ -73,7 +72,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {path} ({time.perf_counter() - t0:.0f}s)", flush=True)
     if not (args.report_only or args.skip_speed):
         t0 = time.perf_counter()
-        rc = run_speed(args.device, args.speed_args.split())
+        extra = args.speed_args.split()
+        if args.full:
+            extra.insert(0, "--full")
+        elif args.quick:
+            extra = ["--ns", "32,64", "--archs", "cnn", "--no-memory", *extra]
+        rc = run_speed(args.device, args.results, extra)
         if rc != 0:
             failures.append(f"bench.influence_speed exited with {rc}")
         print(f"influence speed done ({time.perf_counter() - t0:.0f}s)", flush=True)

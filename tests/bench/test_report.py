@@ -18,6 +18,8 @@ SYNTHETIC = {
         "ga": [(0.10, 0.70, 0.65, 0.90), (0.14, 0.72, 0.66, 0.88)],
         "imu_train": [(0.05, 0.90, 0.86, 0.95), (0.06, 0.91, 0.85, 0.94)],
         "imu_eval": [(0.02, 0.95, 0.89, 0.99), (0.03, 0.94, 0.88, 0.98)],
+        "imu_train@lr=0.001": [(0.50, 0.95, 0.89, 0.50), (0.50, 0.95, 0.89, 0.50)],
+        "imu_eval@lr=0.001": [(0.40, 0.95, 0.89, 0.60), (0.40, 0.95, 0.89, 0.60)],
     },
     "random": {
         "original": [(0.96, 0.96, 0.88, 0.04), (0.97, 0.96, 0.88, 0.05)],
@@ -86,11 +88,17 @@ def test_report_builds_tables_decision_and_plots(tmp_path: Path) -> None:
     assert decision["choice"] == "eval"
     assert decision["mean_gap_eval"] < decision["mean_gap_train"]
     assert '**Decision: `backbone_mode="eval"`**' in text
+    # Variant runs are labelled with their override and paired by mode in the decision.
+    assert "| IMU, backbone `eval`, lr 0.001 |" in text
+    assert len(decision["cells"]) == 3 and decision["n_deciding"] == 3
+    # IMU's Avg. Gap relative to GA's, per setting and averaged.
+    assert "Avg. Gap is on average" in text
     # Speed table and ratio at the largest n: 2.0 / 0.02 = 100x.
     assert "n = 4096" in text and "100.0× faster than the per-sample loop" in text
     assert "1.25× one batched forward pass" in text
-    for png in ("forget_vs_test.png", "influence_speed.png"):
-        data = (tmp_path / png).read_bytes()
+    for png in ("forget_vs_test.png", "influence_time_vs_n.png"):
+        assert f"]({results.name}/{png})" in text
+        data = (results / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
