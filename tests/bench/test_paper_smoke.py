@@ -21,7 +21,8 @@ def test_quick_paper_run_produces_every_method_and_reuses_the_cache(tmp_path: Pa
     assert result["meta"]["data"]["name"] == "sklearn-digits"
     assert result["meta"]["torch"] and result["meta"]["seeds"] == [0]
     seen = {(r["scenario"], r["method"]) for r in result["runs"]}
-    assert seen == {(s, m) for s in paper.SCENARIOS for m in ("original", *paper.METHODS)}
+    expected = ("original", *paper.METHODS, *settings.variants)
+    assert settings.variants and seen == {(s, m) for s in paper.SCENARIOS for m in expected}
     for run in result["runs"]:
         m = run["metrics"]
         assert all(0.0 <= m[k] <= 100.0 for k in ("ua", "ra", "ta", "mia"))
@@ -31,6 +32,9 @@ def test_quick_paper_run_produces_every_method_and_reuses_the_cache(tmp_path: Pa
             assert m["avg_gap"] == 0.0 and run["times"]["train_s"] > 0
         elif run["method"] != "original":
             assert run["times"]["unlearn_s"] > 0
+    # The variant really ran with its override.
+    variant = next(r for r in result["runs"] if r["method"] == settings.variants[0])
+    assert variant["stats"]["config"]["lr"] == 0.001
     # A model retrained without the forgotten class never predicts it.
     retrain = next(r for r in result["runs"]
                    if r["scenario"] == "classwise" and r["method"] == "retrain")
