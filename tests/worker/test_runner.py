@@ -199,3 +199,38 @@ def test_reaper_resends_a_waiting_head_with_backoff(stack: Stack, trained: Train
     assert sent == [first]
     reaper.tick()
     assert sent == [first]  # the interval doubled
+
+
+def test_cancel_seen_at_save_leaves_nothing_behind(stack: Stack, trained: Trained) -> None:
+    model = stack.register(trained, "mlp")
+    keys = trained.train_ids[:6]
+    job_id = stack.submit(model, keys)
+    ctx = _ctx(stack)
+
+    def cancel_now(jid: str) -> None:  # the API's cancel arrives while the file is written
+        assert stack.cancel(jid).status_code == 202
+
+    ctx.hooks["before_save"] = cancel_now
+    assert run_job(ctx, job_id).outcome == Outcome.CANCELLED
+    job = stack.job(job_id)
+    assert job["status"] == "cancelled" and job["result_version_id"] is None
+    assert [v["number"] for v in stack.versions(model)] == [1]
+    assert set(stack.record_states(stack.models[model], keys).values()) == {"present"}
+    assert _files(stack) == []
+
+
+def test_soft_time_limit_fails_without_retry(stack: Stack, trained: Trained) -> None:
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    model = stack.register(trained, "mlp")
+    job_id = stack.submit(model, trained.train_ids[:6])
+    ctx = _ctx(stack)
+
+    def too_slow(_jid: str) -> None:
+        raise SoftTimeLimitExceeded()
+
+    ctx.hooks["before_save"] = too_slow
+    assert run_job(ctx, job_id).outcome == Outcome.FAILED
+    job = stack.job(job_id)
+    assert job["attempts"] == 1 and job["error"]["type"].endswith("/time-limit")
+    assert _files(stack) == []
