@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +23,7 @@ from tests.worker.harness import (
     api_stack,
     assert_chains,
     job_checkpoint_files,
+    settings_env,
     stack_settings,
     wait_until,
 )
@@ -275,8 +279,15 @@ def test_corrupt_checkpoint_fails_with_a_clear_error_and_no_retry(
     worker = _start_worker(stack, worker_log)
     try:
         done = stack.wait([job_id], timeout=60)[job_id]
+        # The compose file's worker healthcheck: the node answers a remote-control ping.
+        ping = subprocess.run(
+            [sys.executable, "-m", "celery", "-A", "worker.celery_app:app", "inspect", "ping",
+             "-d", f"lethe@{socket.gethostname()}", "--timeout", "10"],
+            env=settings_env(stack.settings), capture_output=True, text=True, check=False,
+        )  # fmt: skip
     finally:
         worker.stop()
+    assert ping.returncode == 0 and "pong" in ping.stdout, ping.stdout + ping.stderr
     assert done["status"] == "failed"
     assert done["attempts"] == 1  # deterministic: not retried
     error = done["error"]
