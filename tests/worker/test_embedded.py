@@ -116,3 +116,23 @@ def test_executor_exits_when_its_parent_dies(
     finally:
         if not _gone(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_lethe_worker_without_a_broker_runs_the_embedded_executor(
+    lethe_env: Path, sqlite_url: str, storage_dir: Path, trained: Trained, tmp_path: Path
+) -> None:
+    from service.localserver import lethe_command
+
+    settings = stack_settings(database_url=sqlite_url, storage_dir=storage_dir)
+    with api_stack(settings) as stack:
+        model = stack.register(trained, "mlp")
+        job_id = stack.submit(model, trained.train_ids[:5])
+        worker = WorkerProcess(lethe_command("worker"), settings_env(settings),
+                               tmp_path / "worker.log").start()  # fmt: skip
+        try:
+            done = stack.wait([job_id], timeout=120)[job_id]
+        finally:
+            code = worker.stop()
+    assert done["status"] == "succeeded", worker.log_text()[-2000:]
+    assert code == 0
+    assert "embedded executor started" in worker.log_text()
