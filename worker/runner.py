@@ -410,7 +410,14 @@ _DATASETS = _DatasetCache()
 
 
 def claim_job(ctx: RunnerContext, job_id: str) -> Claim:
-    """Atomically take a queued job (or one whose holder's lease expired or who died)."""
+    """Atomically take a queued job (or one whose holder's lease expired or who died).
+
+    One transaction: lock the model row, then the job row, re-check every condition on the
+    locked rows (final? live lease elsewhere? cancel requested? attempts left? an earlier job
+    of the model unfinished?) and move queued/expired-running → running with attempt + 1,
+    worker id, lease and source version. Equivalent to a conditional UPDATE, but the model
+    lock also makes the ordering check race-free across workers.
+    """
     settings = ctx.settings
     device = ctx.device  # resolved before the transaction; may raise DeviceUnavailable
     with transaction(ctx.session_factory) as session:
