@@ -94,8 +94,8 @@ ARCH_DEFAULTS = {
 }
 # Sensitivity runs: IMU at smaller step sizes than the engine default, GA at a smaller one.
 DEFAULT_VARIANTS = (
-    "imu_train@lr=0.001", "imu_eval@lr=0.001", "imu_train@lr=0.0001", "imu_eval@lr=0.0001",
-    "ga@lr=0.0001",
+    *(f"imu_{mode}@lr={lr}" for lr in ("0.001", "0.0003", "0.0001") for mode in ("train", "eval")),
+    "ga@lr=0.01", "ga@lr=0.0001",
 )
 
 

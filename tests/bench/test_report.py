@@ -91,6 +91,8 @@ def test_report_builds_tables_decision_and_plots(tmp_path: Path) -> None:
     # Variant runs are labelled with their override and paired by mode in the decision.
     assert "| IMU, backbone `eval`, lr 0.001 |" in text
     assert len(decision["cells"]) == 3 and decision["n_deciding"] == 3
+    assert decision["per_variant"]["lr 0.001"]["n"] == 1
+    assert decision["best_variant"] == {"train": "engine defaults", "eval": "engine defaults"}
     # IMU's Avg. Gap relative to GA's, per setting and averaged.
     assert "Avg. Gap is on average" in text
     # Speed table and ratio at the largest n: 2.0 / 0.02 = 100x.
@@ -102,11 +104,16 @@ def test_report_builds_tables_decision_and_plots(tmp_path: Path) -> None:
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
-def test_backbone_decision_prefers_train_only_when_clearly_better() -> None:
-    def summary(gap_train: float, gap_eval: float) -> dict:
+def test_backbone_decision_compares_each_mode_at_its_best_step_size() -> None:
+    def summary(gap_train: float, gap_eval: float, eval_small_lr: float = 99.0) -> dict:
         return {("s", "imu_train"): {"metrics.avg_gap": (gap_train, 0.0)},
-                ("s", "imu_eval"): {"metrics.avg_gap": (gap_eval, 0.0)}}
+                ("s", "imu_eval"): {"metrics.avg_gap": (gap_eval, 0.0)},
+                ("s", "imu_train@lr=0.001"): {"metrics.avg_gap": (50.0, 0.0)},
+                ("s", "imu_eval@lr=0.001"): {"metrics.avg_gap": (eval_small_lr, 0.0)}}
 
     assert decide_backbone({"a": summary(1.0, 5.0)})["choice"] == "train"
     assert decide_backbone({"a": summary(4.6, 5.0)})["choice"] == "eval"  # tie -> cheaper
+    # At equal step size train wins (3 < 5), but eval at its own best step size wins.
+    best = decide_backbone({"a": summary(3.0, 5.0, eval_small_lr=0.5)})
+    assert best["choice"] == "eval" and best["best_variant"]["eval"] == "lr 0.001"
     assert decide_backbone({})["choice"] is None
