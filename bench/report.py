@@ -27,6 +27,12 @@ SCENARIO_LABELS = {"classwise": "Class-wise forgetting", "random": "Random 10 % 
 # Below this difference in mean Avg. Gap (percentage points) the two backbone modes count as
 # tied and the cheaper, side-effect-free `eval` mode wins.
 BACKBONE_TIE_POINTS = 1.0
+SPEED_LABELS = {
+    "forward": "one batched forward (floor)",
+    "closed_form": "closed form (Lethe fast path)",
+    "func": "torch.func per-sample grads",
+    "loop": "authors' per-sample loop",
+}
 SUMMARY_KEYS = [
     "metrics.ua", "metrics.ra", "metrics.ta", "metrics.mia", "metrics.avg_gap",
     "times.unlearn_s", "times.train_s", "times.evaluate_s",
@@ -405,24 +411,31 @@ def plot_forget_vs_test(papers: list[dict], path: Path) -> Path | None:
     nrows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(6 * cols, 4.5 * nrows), squeeze=False)
     markers = {"original": "s", "retrain": "*", "ga": "X", "imu_train": "o", "imu_eval": "D"}
+    # One colour per method across all panels (tab20 has enough for every variant).
+    methods = list(dict.fromkeys(r["method"] for _, _, rows in panels for r in rows))
+    palette = plt.get_cmap("tab20" if len(methods) > 10 else "tab10")
+    colours = {m: palette(i % palette.N) for i, m in enumerate(methods)}
+    handles: dict[str, object] = {}
     for ax, (arch, scenario, rows) in zip(axes.flat, panels, strict=False):
         for r in rows:
             ua, ta = r["metrics.ua"], r["metrics.ta"]
-            forget_acc = 100.0 - ua[0]
             name, overrides = parse_method(r["method"])
-            ax.errorbar(forget_acc, ta[0], xerr=ua[1] or None, yerr=ta[1] or None,
-                        marker=markers.get(name, "o"), markersize=7 if overrides else 11,
-                        linestyle="none", label=label(r["method"]),
-                        alpha=0.6 if overrides else 1.0)
+            h = ax.errorbar(100.0 - ua[0], ta[0], xerr=ua[1] or None, yerr=ta[1] or None,
+                            marker=markers.get(name, "o"), markersize=7 if overrides else 12,
+                            linestyle="none", color=colours[r["method"]],
+                            markeredgecolor="black", markeredgewidth=0.4)
+            handles.setdefault(r["method"], h)
         ax.set_title(f"{arch} — {SCENARIO_LABELS.get(scenario, scenario)}")
         ax.set_xlabel("forget-set accuracy (%)  ← more forgetting")
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.suptitle("Forgetting vs utility: the retrain star is the target")
-    fig.tight_layout()
+    fig.legend([handles[m] for m in methods], [label(m).replace("`", "") for m in methods],
+               loc="lower center", ncol=3, fontsize=9, frameon=False)
+    fig.suptitle("Forgetting vs utility: the closer to the retrain star, the better")
+    legend_rows = math.ceil(len(methods) / 3)
+    fig.tight_layout(rect=(0, 0.035 * legend_rows / nrows + 0.02, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -445,8 +458,11 @@ def plot_speed(speed: dict | None, path: Path) -> Path | None:
         for method in dict.fromkeys(r["method"] for r in rows if r["model"] == model):
             pts = sorted((r["n"], r["seconds"]) for r in rows
                          if r["model"] == model and r["method"] == method)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                    label=SPEED_LABELS.get(method, method))
         ax.set_xscale("log", base=2)
+        ns = sorted({r["n"] for r in rows if r["model"] == model})
+        ax.set_xticks(ns, [str(n) for n in ns])
         ax.set_yscale("log")
         ax.set_xlabel("n (forget-set size)")
         ax.set_ylabel("seconds (log scale)")
@@ -568,15 +584,32 @@ def _settings_section(papers: list[dict]) -> list[str]:
     for paper in papers:
         s = paper["meta"].get("settings", {})
         ga = s.get("ga", {})
-        out.append(
-            f"- `{paper['arch']}`: GA baseline {ga.get('epochs')} epochs, lr {ga.get('lr')}, "
-            f"batch {ga.get('batch_size')}, all parameters (same for both scenarios); IMU with "
-            "the engine's `IMUConfig` defaults except `backbone_mode`; member probe "
-            f"{s.get('member_probe_size')} retained samples; random forgetting fraction "
-            f"{s.get('random_fraction')}; created {paper['meta'].get('created')} at commit "
-            f"{paper['meta'].get('git_commit')}."
-        )
-    out.append("")
+        imu = next((r["stats"]["config"] for r in paper["runs"]
+                    if r["method"] == "imu_eval" and "config" in r.get("stats", {})), None)
+        imu_text = ", ".join(f"{k} {imu[k]}" for k in (
+            "lr", "epochs", "batch_size", "momentum", "weight_decay", "alpha", "top_data",
+            "clip_quantile", "damping") if k in imu) if imu else "?"
+        out += [
+            f"- `{paper['arch']}`: base model and retraining with Adam, "
+            f"{s.get('train', {}).get('epochs')} epochs, lr {s.get('train', {}).get('lr')}, "
+            f"batch {s.get('train', {}).get('batch_size')}, same seed. GA baseline: the "
+            f"engine's `gradient_ascent` defaults — {ga.get('epochs')} epochs of SGD (no "
+            f"momentum), lr {ga.get('lr')}, batch {ga.get('batch_size')}, all parameters, model "
+            "in train mode — identical for both scenarios. IMU: the engine's `IMUConfig` "
+            f"defaults ({imu_text}) apart from `backbone_mode`; variant rows change only the "
+            f"step size. Member probe: {s.get('member_probe_size')} retained samples; RA "
+            f"over {s.get('retain_eval_size') or 'all'} retained samples; random forgetting "
+            f"fraction {s.get('random_fraction')}. Written {paper['meta'].get('created')} at "
+            f"commit {paper['meta'].get('git_commit')}.",
+        ]
+    out += [
+        "",
+        "Reproduce: `make bench` (CPU, this file's settings: a class-stratified 10k/2k subset "
+        "of Fashion-MNIST and small widths, ~20 min on 2 cores); `python -m bench.run_all "
+        "--device cuda` for the same settings on a GPU; `--full` for the whole dataset, "
+        "paper-size widths and 3 seeds. Trained models are cached in `bench/.cache/`.",
+        "",
+    ]
     return out
 
 
