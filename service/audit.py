@@ -60,6 +60,8 @@ def _locked_head(session: Session) -> AuditHead:
     # FOR UPDATE is a no-op on SQLite, where BEGIN IMMEDIATE already serialises writers.
     head = session.execute(
         select(AuditHead).where(AuditHead.id == HEAD_ID).with_for_update()
+        # Re-read the row even if this session saw it before: another writer moved it since.
+        .execution_options(populate_existing=True)
     ).scalar_one_or_none()
     if head is None:  # databases made with metadata.create_all instead of the migration
         head = AuditHead(id=HEAD_ID, seq=0, hash=GENESIS_HASH)

@@ -76,6 +76,8 @@ class Record(Base):
     state: Mapped[str] = mapped_column(String(16), default="present")  # present | forgotten
     forgotten_at: Mapped[datetime | None] = mapped_column(default=None)
     forgotten_by_job_id: Mapped[str | None] = mapped_column(String(36), default=None)
+    # Set once the record's content is gone from the dataset file (key and sha256 remain).
+    purged_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class Model(Base):

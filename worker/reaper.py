@@ -15,6 +15,10 @@ Each tick:
    by design; duplicates are harmless because claiming is idempotent. The first re-send comes
    `3 × reaper_interval_seconds` after the reaper first sees the job waiting, so a worker that
    starts after downtime picks up everything that was queued meanwhile.
+4. Trust upkeep (service.purge, service.retention): finish content purges that an earlier
+   save or promotion could not complete, and retire superseded checkpoints whose
+   `LETHE_SUPERSEDED_RETENTION_S` has run out (and rejected ones). Both are idempotent and
+   lock what they change, so concurrent reapers are harmless.
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ class ReapReport:
     failed: list[str] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
     resent: list[str] = field(default_factory=list)
+    purged: list[str] = field(default_factory=list)  # dataset ids
+    retired: list[str] = field(default_factory=list)  # version ids
 
 
 @dataclass
@@ -87,7 +93,20 @@ class Reaper:
         self._cancel_queued(report)
         if self.enqueue is not None:
             self._resend(report)
+        self._upkeep(report)
         return report
+
+    # 4 ----------------------------------------------------------------------------------
+    def _upkeep(self, report: ReapReport) -> None:
+        from service.purge import purge_pending
+        from service.retention import retire_due
+
+        for result in purge_pending(self.factory, self.storage, actor=self.actor):
+            if result.purged:
+                report.purged.append(result.dataset_id)
+        report.retired.extend(
+            retire_due(self.factory, self.storage, self.settings, actor=self.actor)
+        )
 
     # 1 ----------------------------------------------------------------------------------
     def _recover_running(self, report: ReapReport) -> None:

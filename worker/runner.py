@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.audit import append_event
@@ -58,6 +58,7 @@ from service.models import (
     ModelVersion,
     Record,
 )
+from service.policy import decide, effective_policy
 from service.problems import problem_dict
 from service.settings import Settings
 from service.storage import Storage
@@ -327,8 +328,12 @@ def finish_job(
     actor: str,
     error: dict[str, Any] | None = None,
     payload: dict[str, Any] | None = None,
+    request_status: str | None = None,
 ) -> None:
-    """Move a job (and its request) to a final state with its audit event."""
+    """Move a job (and its request) to a final state with its audit event.
+
+    `request_status` overrides the request's usual status (a succeeded job whose version
+    waits for review leaves its request `needs_review`, not `completed`)."""
     now = utcnow()
     job.status = status
     job.finished_at = now
@@ -337,7 +342,7 @@ def finish_job(
         job.error = error
     request = session.get(DeletionRequest, job.request_id)
     if request is not None:
-        request.status = REQUEST_STATUS[status]
+        request.status = request_status or REQUEST_STATUS[status]
     body = {"attempts": job.attempts, **(payload or {})}
     if error is not None:
         body["error"] = {"type": error.get("type"), "detail": error.get("detail")}
@@ -345,6 +350,41 @@ def finish_job(
         session, actor=actor, action=f"job.{status}", subject_type="job", subject_id=job.id,
         payload=body,
     )  # fmt: skip
+
+
+def _mark_forgotten(
+    session: Session, dataset_id: str, keys: Sequence[str], job_id: str, now: Any
+) -> int:
+    from service.forgetting import mark_forgotten
+
+    forgotten = mark_forgotten(session, dataset_id, keys, job_id, now)
+    if forgotten != len(set(keys)):
+        raise JobError(
+            "records-unavailable", "Records unavailable",
+            f"only {forgotten} of {len(keys)} records were still present at save",
+        )  # fmt: skip
+    return forgotten
+
+
+def after_activation(ctx: RunnerContext, model_id: str, dataset_id: str) -> None:
+    """Post-commit steps once a version without some records is active: purge their content
+    and retire superseded checkpoints that are due. Idempotent; the reaper finishes either if
+    it fails here."""
+    from service.purge import purge_dataset
+    from service.retention import retire_due
+
+    try:
+        result = purge_dataset(ctx.session_factory, ctx.storage, dataset_id, actor=ctx.actor)
+        if result.new_key:
+            _DATASETS.evict_other_files(result.new_key)
+    except Exception as exc:
+        log.warning("dataset %s: purge failed (%s); the reaper will retry", dataset_id, exc)
+    try:
+        retire_due(
+            ctx.session_factory, ctx.storage, ctx.settings, actor=ctx.actor, model_id=model_id
+        )
+    except Exception as exc:
+        log.warning("model %s: retiring superseded checkpoints failed: %s", model_id, exc)
 
 
 def _chunks(values: Sequence[str], size: int = _IN_CHUNK) -> Iterable[Sequence[str]]:
@@ -369,8 +409,8 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _source(dataset: Dataset) -> tuple[str, str, str, str]:
-    return (dataset.kind, dataset.storage_key, dataset.name, dataset.content_sha256)
+def _source(dataset: Dataset) -> tuple[str, str, str, str, str]:
+    return (dataset.kind, dataset.storage_key, dataset.name, dataset.content_sha256, dataset.id)
 
 
 class _DatasetCache:
@@ -399,8 +439,23 @@ class _DatasetCache:
             while len(self._items) > self.max_entries or self._total() > self.max_bytes:
                 self._items.popitem(last=False)
 
+    def evict_other_files(self, storage_key: str) -> None:
+        """Drop cached copies of earlier files of the same dataset (a purge rewrote it): the
+        forgotten rows must not outlive their file in memory either."""
+        prefix = _dataset_prefix(storage_key)
+        with self._lock:
+            for key in [k for k in self._items if k[0] != storage_key
+                        and _dataset_prefix(k[0]) == prefix]:
+                del self._items[key]
+
     def _total(self) -> int:
         return sum(int(getattr(d.inputs, "nbytes", 0)) for d in self._items.values())
+
+
+def _dataset_prefix(storage_key: str) -> str:
+    # datasets/<36-char dataset id>[-<rewrite>].<ext>
+    name = storage_key.rsplit("/", 1)[-1]
+    return name[:36]
 
 
 _DATASETS = _DatasetCache()
@@ -432,12 +487,15 @@ def claim_job(ctx: RunnerContext, job_id: str) -> Claim:
         if job.status in TERMINAL:
             return Claim(Outcome.FINISHED, job_id, model_id, detail=f"already {job.status}")
         existing = session.execute(
-            select(ModelVersion.id).where(ModelVersion.job_id == job_id)
-        ).scalar_one_or_none()
+            select(ModelVersion.id, ModelVersion.status).where(ModelVersion.job_id == job_id)
+        ).first()
         if existing is not None:  # defensive: a version exists, so the job is done
-            job.result_version_id = existing
+            job.result_version_id = existing.id
             job.progress = 1.0
-            finish_job(session, job, "succeeded", actor=ctx.actor, payload={"recovered": True})
+            finish_job(
+                session, job, "succeeded", actor=ctx.actor, payload={"recovered": True},
+                request_status="needs_review" if existing.status == "candidate" else None,
+            )  # fmt: skip
             return Claim(Outcome.FINISHED, job_id, model_id, detail="version already exists")
         if job.status == "running":
             lease = as_utc(job.lease_expires_at)
@@ -503,6 +561,7 @@ class Loaded:
     dataset_id: str
     source_version_id: str
     source_number: int
+    class_wise: bool = False
 
 
 class _Execution:
@@ -642,6 +701,7 @@ class _Execution:
         model = self._load_model(info)
         self.progress("loading", 0.4)
         forget = self._load_rows(info["dataset"], keys)
+        class_wise = self._class_wise(info["dataset"], keys)
         self.progress("loading", 0.6)
         eval_pair = self._load_rows(info["eval"], eval_keys) if info["eval"] else None
         probe_pair = self._load_rows(info["probe"], probe_keys) if info["probe"] else None
@@ -650,6 +710,7 @@ class _Execution:
             model=model, forget=forget, eval=eval_pair, member_probe=probe_pair,
             kind=info["kind"], params=info["params"], keys=keys, dataset_id=dataset.id,
             source_version_id=info["version_id"], source_number=info["version_number"],
+            class_wise=class_wise,
         )  # fmt: skip
 
     def _check_records(self, session: Session, dataset_id: str, keys: list[str]) -> None:
@@ -709,7 +770,21 @@ class _Execution:
         from worker.imu.checkpoints import load_safetensors_into
 
         what = f"checkpoint of version {info['version_number']}"
-        data = self._read_object(info["version_key"], what)
+        try:
+            data = self._read_object(info["version_key"], what)
+        except JobError:
+            # A promotion may have superseded (and retired) our source since the claim:
+            # then retry from the new active version instead of failing the job.
+            with transaction(self.ctx.session_factory) as session:
+                status = session.execute(
+                    select(ModelVersion.status).where(ModelVersion.id == info["version_id"])
+                ).scalar_one_or_none()
+            if status != "active":
+                raise SourceChanged(
+                    f"version {info['version_number']} is {status} and its checkpoint retired; "
+                    "the job restarts from the active version"
+                ) from None
+            raise
         digest = hashlib.sha256(data).hexdigest()
         if digest != info["version_sha"]:
             raise JobError(
@@ -735,24 +810,62 @@ class _Execution:
             ) from None
         return model
 
+    def _current_source(self, dataset_id: str) -> tuple[str, str, str, str, str] | None:
+        with transaction(self.ctx.session_factory) as session:
+            dataset = session.get(Dataset, dataset_id)
+            return _source(dataset) if dataset is not None else None
+
+    def _dataset(self, source: tuple[str, str, str, str, str]) -> Any:
+        """The parsed current file of a dataset (cached). A purge may have replaced the file
+        since its key was read: follow the dataset to its new file."""
+        from service.datasets_io import load_tensor_npz
+
+        for _ in range(5):
+            kind, key, name, content_sha, dataset_id = source
+            data = _DATASETS.get((key, content_sha))
+            if data is not None:
+                return data
+            try:
+                raw = self._read_object(key, f"dataset {name!r}")
+            except JobError:
+                current = self._current_source(dataset_id)
+                if current is None or current[1] == key:
+                    raise
+                source = current
+                continue
+            data = load_tensor_npz(raw)
+            _DATASETS.evict_other_files(key)
+            _DATASETS.put((key, content_sha), data)
+            return data
+        raise SourceChanged(f"dataset {source[2]!r} kept changing while it was read")
+
+    def _class_wise(self, source: tuple[str, str, str, str, str], keys: list[str]) -> bool:
+        """Whether the forget set holds every record of its classes left in the dataset."""
+        try:
+            data = self._dataset(source)
+        except Exception:
+            return False
+        forget = set(keys)
+        labels = {int(label) for key, label in zip(data.ids, data.labels, strict=True)
+                  if key in forget}
+        return not any(int(label) in labels and key not in forget
+                       for key, label in zip(data.ids, data.labels, strict=True))
+
     def _load_rows(
-        self, source: tuple[str, str, str, str], keys: list[str] | None
+        self, source: tuple[str, str, str, str, str], keys: list[str] | None
     ) -> tuple[Any, Any]:
         import torch
 
-        from service.datasets_io import DatasetError, load_tensor_npz, select_rows
+        from service.datasets_io import DatasetError, select_rows
 
-        kind, key, name, content_sha = source
+        kind, key, name, content_sha, _dataset_id = source
         if kind != "tensor":
             raise JobError(
                 "unsupported-dataset", "Unsupported dataset",
                 f"dataset {name!r} is of kind {kind!r}; this worker unlearns tensor datasets",
             )  # fmt: skip
         try:
-            data = _DATASETS.get((key, content_sha))
-            if data is None:
-                data = load_tensor_npz(self._read_object(key, f"dataset {name!r}"))
-                _DATASETS.put((key, content_sha), data)
+            data = self._dataset(source)
             inputs, labels = select_rows(data, keys if keys is not None else data.ids)
         except DatasetError as exc:
             raise JobError("dataset-invalid", "Dataset unreadable", f"{name}: {exc}") from None
@@ -835,6 +948,10 @@ class _Execution:
         self.ctx.hook("before_save", self.job_id)
         self._close_phase()
         self.timings["total"] = time.perf_counter() - started
+        policy = decide(
+            effective_policy(self.ctx.settings, loaded.params.get("policy")),
+            before, after, class_wise=loaded.class_wise,
+        )  # fmt: skip
         metrics = {
             "before": before,
             "after": after,
@@ -842,6 +959,7 @@ class _Execution:
             "device": self.ctx.device,
             "method": loaded.kind,
             "n_forget": len(loaded.keys),
+            "policy": policy,
         }
         try:
             version_id = self._commit(loaded, key, sha, size, metrics)
@@ -849,6 +967,8 @@ class _Execution:
             self._delete_written()
             raise
         cleanup_job_checkpoints(self.ctx.storage, self.model_id, self.job_id, keep=key)
+        if policy["decision"] == "active":
+            after_activation(self.ctx, self.model_id, loaded.dataset_id)
         return version_id
 
     def _commit(
@@ -881,32 +1001,19 @@ class _Execution:
                 or 0
             ) + 1
             now = utcnow()
+            status = metrics["policy"]["decision"]  # active | candidate
             version = ModelVersion(
                 model_id=self.model_id, number=number, parent_id=source.id, job_id=job.id,
-                storage_key=key, sha256=sha, size_bytes=size, status="active",
+                storage_key=key, sha256=sha, size_bytes=size, status=status,
                 metrics=metrics, created_at=now,
             )  # fmt: skip
             session.add(version)
             session.flush()  # the unique job_id constraint fires here, inside the transaction
-            source.status = "superseded"
-            source.superseded_at = now
             forgotten = 0
-            for chunk in _chunks(loaded.keys):
-                forgotten += session.execute(
-                    update(Record)
-                    .where(
-                        Record.dataset_id == loaded.dataset_id,
-                        Record.key.in_(chunk),
-                        Record.state == "present",
-                    )
-                    .values(state="forgotten", forgotten_at=now, forgotten_by_job_id=job.id)
-                    .execution_options(synchronize_session=False)
-                ).rowcount
-            if forgotten != len(set(loaded.keys)):
-                raise JobError(
-                    "records-unavailable", "Records unavailable",
-                    f"only {forgotten} of {len(loaded.keys)} records were still present at save",
-                )  # fmt: skip
+            if status == "active":
+                source.status = "superseded"
+                source.superseded_at = now
+                forgotten = _mark_forgotten(session, loaded.dataset_id, loaded.keys, job.id, now)
             job.result_version_id = version.id
             job.metrics = metrics
             job.timings = {k: round(v, 6) for k, v in self.timings.items()}
@@ -915,22 +1022,27 @@ class _Execution:
             job.error = None
             finish_job(
                 session, job, "succeeded", actor=actor,
-                payload={"result_version_id": version.id, "worker_id": self.ctx.worker_id},
+                payload={"result_version_id": version.id, "worker_id": self.ctx.worker_id,
+                         "decision": status},
+                request_status="completed" if status == "active" else "needs_review",
             )  # fmt: skip
             append_event(
                 session, actor=actor, action="version.created", subject_type="model_version",
                 subject_id=version.id,
                 payload={"model_id": self.model_id, "number": number, "parent_id": source.id,
-                         "job_id": job.id, "sha256": sha, "size_bytes": size,
-                         "status": "active", "superseded_id": source.id},
+                         "job_id": job.id, "request_id": job.request_id, "sha256": sha,
+                         "size_bytes": size, "status": status,
+                         "superseded_id": source.id if status == "active" else None,
+                         "policy": {"failed": metrics["policy"]["failed"],
+                                    "mode": metrics["policy"]["mode"]}},
             )  # fmt: skip
-            append_event(
-                session, actor=actor, action="records.forgotten", subject_type="dataset",
-                subject_id=loaded.dataset_id,
-                payload={"job_id": job.id, "count": forgotten,
-                         "key_sha256": [hashlib.sha256(k.encode()).hexdigest()
-                                        for k in loaded.keys[:10000]]},
-            )  # fmt: skip
+            if status == "active":
+                from service.forgetting import append_forgotten_event
+
+                append_forgotten_event(
+                    session, actor=actor, dataset_id=loaded.dataset_id, job_id=job.id,
+                    request_id=job.request_id, keys=loaded.keys, count=forgotten,
+                )
             return version.id
 
     # Endings ---------------------------------------------------------------------------

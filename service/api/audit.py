@@ -14,6 +14,8 @@ from service.auth import Principal
 from service.domain.pagination import DEFAULT_LIMIT, MAX_LIMIT, decode_cursor, page
 from service.models import AuditEvent
 
+SUBJECT_TYPES = ("api_key", "dataset", "model", "model_version", "deletion_request", "job")
+
 router = APIRouter(prefix="/v1/audit", tags=["audit"], responses=COMMON_ERRORS)
 
 
@@ -21,6 +23,10 @@ router = APIRouter(prefix="/v1/audit", tags=["audit"], responses=COMMON_ERRORS)
     "", summary="Page through audit events (oldest first)", response_model=Page[AuditEventOut]
 )
 def list_events(
+    subject: Annotated[
+        str | None,
+        Query(description="A subject id, or `type:id` (e.g. `job:<id>`, `dataset:<id>`)."),
+    ] = None,
     subject_type: Annotated[str | None, Query()] = None,
     subject_id: Annotated[str | None, Query()] = None,
     action: Annotated[str | None, Query()] = None,
@@ -31,6 +37,12 @@ def list_events(
 ) -> dict[str, Any]:
     after = decode_cursor(cursor, 1)
     q = select(AuditEvent).order_by(AuditEvent.seq)
+    if subject:
+        kind, sep, ident = subject.partition(":")
+        if sep and kind in SUBJECT_TYPES:
+            q = q.where(AuditEvent.subject_type == kind, AuditEvent.subject_id == ident)
+        else:
+            q = q.where(AuditEvent.subject_id == subject)
     if subject_type:
         q = q.where(AuditEvent.subject_type == subject_type)
     if subject_id:

@@ -75,7 +75,9 @@ def show_dataset(
 @router.get(
     "/{dataset_id}/records",
     summary="Page through record keys and states",
-    description="Items: `{key, row, state, sha256, forgotten_at}` in file order.",
+    description="Items: `{key, row, state, sha256, forgotten_at, purged_at}` in the order of "
+    "the file as uploaded (`row`); a forgotten record's content is purged from the file, its "
+    "key and sha256 remain.",
     response_model=Page[RecordOut],
 )
 def list_records(

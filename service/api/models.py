@@ -14,7 +14,9 @@ from service.api.deps import AppState, get_state, iter_file, only_form_fields, r
 from service.api.schemas import COMMON_ERRORS, ModelOut, Page, VersionOut
 from service.auth import Principal
 from service.domain import models as domain
+from service.domain import versions as versions_domain
 from service.domain.pagination import DEFAULT_LIMIT, MAX_LIMIT
+from service.domain.views import iso
 from service.problems import Problem
 from service.storage import CHUNK
 
@@ -100,6 +102,66 @@ def show_version(
     return domain.show_version(state.sessions, version_id)
 
 
+@router.get(
+    "/v1/model-versions/{version_id}/lineage",
+    summary="The chain from this version back to version 1",
+    description=(
+        "`{version_id, model, versions: [...]}`, newest first. Each entry is the version "
+        "(sha256, status, metrics, `retired_at`, `checkpoint_available`) plus "
+        "`deletion_request` (id, status, subject_ref, reason, created_at) of the job that "
+        "produced it, `record_key_sha256` (sha256 of each record key the request named, never "
+        "the key or its content) and `records_forgotten`."
+    ),
+)
+def version_lineage(
+    version_id: str,
+    _: Principal = Depends(require("read")),
+    state: AppState = Depends(get_state),
+) -> dict[str, Any]:
+    return versions_domain.lineage(state.sessions, version_id)
+
+
+@router.post(
+    "/v1/model-versions/{version_id}/promote",
+    summary="Release a candidate held by the release policy (admin)",
+    description=(
+        "candidate → active; the previous active version is superseded (and retired after "
+        "LETHE_SUPERSEDED_RETENTION_S), the request's records are forgotten and purged and the "
+        "request becomes `completed`. 409 when the version is not a candidate, or when it is "
+        "stale (its parent is no longer the active version: later jobs moved the model on)."
+    ),
+    response_model=VersionOut,
+    responses={409: {"description": "Not a candidate, or stale"}},
+)
+def promote_version(
+    version_id: str,
+    principal: Principal = Depends(require("admin")),
+    state: AppState = Depends(get_state),
+) -> dict[str, Any]:
+    return versions_domain.promote(
+        state.sessions, state.storage, state.settings, version_id, actor=principal.actor
+    )
+
+
+@router.post(
+    "/v1/model-versions/{version_id}/reject",
+    summary="Reject a candidate (admin)",
+    description=(
+        "candidate → rejected; its checkpoint is deleted at once, the request becomes "
+        "`rejected` and its records stay present (they can be requested again). 409 when the "
+        "version is not a candidate."
+    ),
+    response_model=VersionOut,
+    responses={409: {"description": "Not a candidate"}},
+)
+def reject_version(
+    version_id: str,
+    principal: Principal = Depends(require("admin")),
+    state: AppState = Depends(get_state),
+) -> dict[str, Any]:
+    return versions_domain.reject(state.sessions, state.storage, version_id, actor=principal.actor)
+
+
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """One `bytes=a-b` range as inclusive (start, end); None means send the whole file.
 
@@ -152,10 +214,15 @@ def download_checkpoint(
     with state.sessions() as session:
         version, model = domain.get_version(session, version_id)
         key, sha, number = version.storage_key, version.sha256, version.number
+        status, retired_at = version.status, iso(version.retired_at)
     if key is None or not state.storage.exists(key):
         raise Problem(
-            410, "checkpoint-retired", f"the checkpoint of version {version_id} is retired",
-            title="Checkpoint no longer available",
+            410, "checkpoint-retired",
+            f"the checkpoint of version {number} ({status}) was deleted"
+            + (f" at {retired_at}" if retired_at else "")
+            + "; its metadata and sha256 remain (GET /v1/model-versions/{id})",
+            title="Checkpoint no longer available", version_id=version_id,
+            version_status=status, sha256=sha, retired_at=retired_at,
         )
     size = state.storage.size(key)
     etag = f'"{sha}"'

@@ -53,6 +53,30 @@ def submit(
 
 
 @router.get(
+    "/{request_id}/receipt",
+    summary="Signed erasure receipt of a completed request",
+    description=(
+        "A JSON document: the request, the sha256 of each record key, source and result "
+        "version sha256, metrics before and after, the audit sequence range of the request's "
+        "events and the chain head at issue time, `issued_at`, and `signature` (HMAC-SHA256 "
+        "over the canonical JSON of the rest). Verify offline with `lethe receipt verify`. "
+        "409 unless the request is `completed`. Format: README, \"Erasure receipts\"."
+    ),
+    responses={409: {"description": "The request is not completed (or purge in progress)"}},
+)
+def receipt(
+    request_id: str,
+    principal: Principal = Depends(require("read")),
+    state: AppState = Depends(get_state),
+) -> dict[str, Any]:
+    from service.receipts import issue_receipt
+
+    return issue_receipt(
+        state.sessions, state.storage, state.settings, request_id, actor=principal.actor
+    )
+
+
+@router.get(
     "/{request_id}",
     summary="A deletion request and its job's state",
     response_model=DeletionRequestOut,

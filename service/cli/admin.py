@@ -1,4 +1,4 @@
-"""`lethe keys create|list|revoke` and `lethe audit verify`: offline, against the database.
+"""`lethe keys create|list|revoke`, `lethe audit verify`, `lethe receipt verify`: offline.
 
 They talk to the configured database directly (no server needed), so the first admin key can
 be created before anything is running. Every key change is written to the audit log.
@@ -36,6 +36,7 @@ def register(app: typer.Typer) -> None:
     """Attach this module's commands to the root app."""
     keys = _group(app, "keys", "Manage API keys (offline, against the configured database).")
     audit = _group(app, "audit", "The hash-chained audit log.")
+    receipt = _group(app, "receipt", "Erasure receipts.")
 
     @keys.command("create")
     def keys_create(
@@ -125,3 +126,69 @@ def register(app: typer.Typer) -> None:
         typer.echo(json.dumps(result, indent=2))
         if not result["ok"]:
             raise typer.Exit(1)
+
+    @receipt.command("verify")
+    def receipt_verify(
+        file: Annotated[typer.FileText, typer.Argument(help="Receipt JSON file ('-' = stdin).")],
+        key: Annotated[
+            str | None, typer.Option(help="The HMAC key itself (prefer --key-env).")
+        ] = None,
+        key_env: Annotated[
+            str | None, typer.Option(help="Name of an environment variable holding the key.")
+        ] = None,
+        key_file: Annotated[
+            str | None, typer.Option(help="A file holding the key (e.g. a copy of "
+                                     "LETHE_HOME/receipt-hmac.key).")
+        ] = None,
+    ) -> None:
+        """Check an erasure receipt's signature offline; exit 1 when it was modified.
+
+        Without a key option the installation's key is used: LETHE_RECEIPT_HMAC_KEY, else
+        LETHE_HOME/receipt-hmac.key.
+        """
+        import os
+        from pathlib import Path
+
+        from service.receipts import ReceiptError, read_key_file, verify
+        from service.receipts import key_file as default_key_file
+
+        try:
+            if key is not None:
+                secret = key.encode("utf-8")
+            elif key_env is not None:
+                value = os.environ.get(key_env)
+                if not value:
+                    raise ReceiptError(f"environment variable {key_env} is not set")
+                secret = value.encode("utf-8")
+            elif key_file is not None:
+                secret = read_key_file(Path(key_file))
+            else:
+                settings = cli_settings()
+                if settings.receipt_hmac_key:
+                    secret = settings.receipt_hmac_key.encode("utf-8")
+                else:
+                    path = default_key_file(settings)
+                    if not path.exists():
+                        raise ReceiptError(
+                            f"no key: set LETHE_RECEIPT_HMAC_KEY, or pass --key-env/--key-file "
+                            f"({path} does not exist)"
+                        )
+                    secret = read_key_file(path)
+        except (ReceiptError, OSError) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        try:
+            document = json.loads(file.read())
+        except json.JSONDecodeError as exc:
+            typer.echo(f"INVALID: not JSON ({exc.msg} at line {exc.lineno})", err=True)
+            raise typer.Exit(1) from None
+        try:
+            summary = verify(document, secret)
+        except ReceiptError as exc:
+            typer.echo(f"INVALID: {exc}", err=True)
+            raise typer.Exit(1) from None
+        typer.echo(
+            f"OK: receipt for deletion request {summary['request_id']} "
+            f"({summary['records']} records, issued {summary['issued_at']}) "
+            f"signed with key {summary['key_id']}"
+        )

@@ -194,7 +194,7 @@ def list_records(
         return {
             "items": [
                 {"key": r.key, "row": r.row, "state": r.state, "sha256": r.content_sha256,
-                 "forgotten_at": iso(r.forgotten_at)}
+                 "forgotten_at": iso(r.forgotten_at), "purged_at": iso(r.purged_at)}
                 for r in items
             ],
             "next_cursor": next_cursor,

@@ -78,9 +78,10 @@ def validate_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
     """Bounds-check method params; returns the overrides to store (policy kept as given)."""
     params = dict(params)
     policy = params.pop("policy", None)
-    if policy is not None and not isinstance(policy, dict):
-        raise validation("params.policy must be an object",
-                         [{"field": "params.policy", "message": "must be an object"}])
+    if policy is not None:
+        from service.policy import validate_policy
+
+        policy = validate_policy(policy)
     if method == "imu":
         for key in SERVER_ONLY_PARAMS:
             if key in params:
@@ -184,11 +185,25 @@ def _check_keys(session: Session, model_id: str, dataset_id: str, keys: list[str
     for named in pending_rows:
         pending_keys.update(named)
     pending = [k for k in keys if k in pending_keys and k in states]
+    # A candidate awaiting review still holds its records (they are forgotten on promotion):
+    # naming them again meanwhile would make two versions race to forget the same records.
+    review_keys: set[str] = set()
+    for named in session.execute(
+        select(DeletionRequest.record_keys).where(
+            DeletionRequest.model_id == model_id,
+            DeletionRequest.dataset_id == dataset_id,
+            DeletionRequest.status == "needs_review",
+        )
+    ).scalars():
+        review_keys.update(named)
+    in_review = [k for k in keys if k in review_keys and k in states and k not in pending_keys]
     errors = (
         [{"field": "record_keys", "key": k, "message": "not in the dataset"} for k in missing]
         + [{"field": "record_keys", "key": k, "message": "already forgotten"} for k in forgotten]
         + [{"field": "record_keys", "key": k, "message": "named by a queued or running request"}
            for k in pending]
+        + [{"field": "record_keys", "key": k, "message": "named by a request awaiting review"}
+           for k in in_review]
     )
     if errors:
         parts = []
@@ -200,10 +215,16 @@ def _check_keys(session: Session, model_id: str, dataset_id: str, keys: list[str
             parts.append(
                 f"{len(pending)} named by a queued or running request ({', '.join(pending[:10])})"
             )
+        if in_review:
+            parts.append(
+                f"{len(in_review)} named by a request awaiting review "
+                f"({', '.join(in_review[:10])})"
+            )
         raise Problem(
             422, "invalid-record-keys", "record keys refused: " + "; ".join(parts),
             title="Invalid record keys", errors=errors[:1000],
             missing=missing[:1000], forgotten=forgotten[:1000], pending=pending[:1000],
+            in_review=in_review[:1000],
         )
 
 

@@ -43,6 +43,7 @@ def version_view(v: ModelVersion, model_name: str) -> dict[str, Any]:
         "metrics": v.metrics,
         "created_at": iso(v.created_at),
         "superseded_at": iso(v.superseded_at),
+        "retired_at": iso(v.retired_at),
         "checkpoint_available": v.storage_key is not None,
     }
 

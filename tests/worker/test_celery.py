@@ -67,7 +67,8 @@ def _versions_by_job(stack: Stack) -> dict[str, int]:
 
 def _no_orphans(stack: Stack) -> None:
     storage = Path(stack.settings.storage)
-    kept = {v.storage_key for v in stack.all_versions() if v.job_id}
+    # Superseded versions are retired (retention 0 s): their storage_key is None, file gone.
+    kept = {v.storage_key for v in stack.all_versions() if v.job_id and v.storage_key}
     assert set(job_checkpoint_files(storage)) == kept
 
 

@@ -73,9 +73,10 @@ def test_duplicate_deliveries_ordering_and_takeover_fence(stack: Stack, trained:
     assert_chains(stack, model, [first, second])
     job = stack.job(first)
     assert job["attempts"] == 2 and job["status"] == "succeeded"
-    # Only the two committed checkpoints exist.
-    assert len(_files(stack)) == 2
-    assert all(("-a2." in f) or (second in f) for f in _files(stack))
+    # Only the active version's checkpoint remains: the stale attempt's file was deleted, and
+    # version 2 (first's) was retired once version 3 superseded it (retention 0 s).
+    assert len(_files(stack)) == 1 and second in _files(stack)[0]
+    assert stack.versions(model)[1]["retired_at"] is not None
 
 
 def test_transient_error_requeues_and_the_retry_succeeds(stack: Stack, trained: Trained) -> None:

@@ -1,0 +1,195 @@
+"""Version lineage and the review decisions on candidates (promote, reject).
+
+Ordering while a candidate waits for review: the model's active version does not change, so
+later jobs of the model start from it (it still holds the candidate's records) and may make
+a newer version active. The candidate is then stale: promoting it would resurrect what those
+later jobs forgot, so promotion requires that the candidate's parent is still the active
+version (409 `candidate-stale` otherwise); reject it and submit the request again. Keys named
+by a request awaiting review cannot be named by another request meanwhile (422).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.audit import append_event
+from service.db import transaction
+from service.domain.models import active_version, get_version
+from service.domain.views import iso, version_view
+from service.forgetting import append_forgotten_event, mark_forgotten
+from service.models import DeletionRequest, Job, Model, ModelVersion, utcnow
+from service.problems import Problem, conflict
+from service.purge import key_sha256, purge_dataset
+from service.retention import retire_due, retire_version
+from service.settings import Settings
+from service.storage import Storage
+
+log = logging.getLogger("lethe.versions")
+
+MAX_LINEAGE = 10_000
+
+
+def _request_of(session: Session, version: ModelVersion) -> DeletionRequest | None:
+    if version.job_id is None:
+        return None
+    job = session.get(Job, version.job_id)
+    return session.get(DeletionRequest, job.request_id) if job is not None else None
+
+
+def lineage_entry(session: Session, version: ModelVersion, model_name: str) -> dict[str, Any]:
+    request = _request_of(session, version)
+    entry = version_view(version, model_name)
+    entry["deletion_request"] = None
+    entry["record_key_sha256"] = []
+    # A version's records are forgotten once it (or a descendant) became active.
+    entry["records_forgotten"] = version.status in ("active", "superseded") and (
+        request is not None
+    )
+    if request is not None:
+        entry["deletion_request"] = {
+            "id": request.id,
+            "status": request.status,
+            "method": request.method,
+            "subject_ref": request.subject_ref,
+            "reason": request.reason,
+            "created_at": iso(request.created_at),
+        }
+        entry["record_key_sha256"] = [key_sha256(str(k)) for k in request.record_keys]
+    return entry
+
+
+def lineage(factory: sessionmaker[Session], version_id: str) -> dict[str, Any]:
+    """The chain from this version back to version 1, newest first."""
+    with factory() as session:
+        version, model = get_version(session, version_id)
+        chain = []
+        current: ModelVersion | None = version
+        while current is not None and len(chain) < MAX_LINEAGE:
+            chain.append(lineage_entry(session, current, model.name))
+            current = session.get(ModelVersion, current.parent_id) if current.parent_id else None
+        return {"version_id": version.id, "model": model.name, "versions": chain}
+
+
+def _locked(session: Session, version_id: str) -> tuple[ModelVersion, Model]:
+    version, model = get_version(session, version_id)
+    # Lock order shared with the worker's save step: model row, then the versions.
+    session.execute(select(Model.id).where(Model.id == model.id).with_for_update())
+    locked = session.execute(
+        select(ModelVersion).where(ModelVersion.id == version_id).with_for_update()
+        .execution_options(populate_existing=True)
+    ).scalar_one()
+    return locked, model
+
+
+def _not_candidate(version: ModelVersion, action: str) -> Problem:
+    return conflict(
+        "version-not-candidate",
+        f"version {version.number} is {version.status}; only a candidate can be {action}",
+        title="Not a candidate", version_status=version.status,
+    )
+
+
+def promote(
+    factory: sessionmaker[Session],
+    storage: Storage,
+    settings: Settings,
+    version_id: str,
+    *,
+    actor: str,
+) -> dict[str, Any]:
+    """candidate → active; the previous active version is superseded; the request's records
+    are forgotten (then purged) and the request completed."""
+    with transaction(factory) as session:
+        version, model = _locked(session, version_id)
+        if version.status != "candidate":
+            raise _not_candidate(version, "promoted")
+        current = active_version(session, model.id)
+        if current is None or current.id != version.parent_id:
+            raise conflict(
+                "candidate-stale",
+                f"version {version.number} was computed from a version that is no longer "
+                "active; promoting it would bring back records forgotten since. Reject it and "
+                "submit the deletion request again.",
+                title="Candidate is stale",
+                active_version_id=current.id if current else None,
+            )
+        request = _request_of(session, version)
+        if request is None:
+            raise conflict("version-not-candidate", "the version has no deletion request")
+        now = utcnow()
+        keys = [str(k) for k in request.record_keys]
+        count = mark_forgotten(session, request.dataset_id, keys, version.job_id or "", now)
+        if count != len(set(keys)):
+            raise conflict(
+                "records-unavailable",
+                f"only {count} of the request's {len(keys)} records are still present "
+                "(another request forgot some meanwhile); reject this candidate",
+                title="Records unavailable",
+            )
+        version.status = "active"
+        current.status = "superseded"
+        current.superseded_at = now
+        request.status = "completed"
+        append_event(
+            session, actor=actor, action="version.promoted", subject_type="model_version",
+            subject_id=version.id,
+            payload={"model_id": model.id, "number": version.number,
+                     "superseded_id": current.id, "request_id": request.id,
+                     "job_id": version.job_id, "sha256": version.sha256},
+        )  # fmt: skip
+        append_forgotten_event(
+            session, actor=actor, dataset_id=request.dataset_id, job_id=version.job_id or "",
+            request_id=request.id, keys=keys, count=count,
+        )  # fmt: skip
+        dataset_id, model_id = request.dataset_id, model.id
+    _after_activation(factory, storage, settings, model_id, dataset_id, actor)
+    with factory() as session:
+        version, model = get_version(session, version_id)
+        return version_view(version, model.name)
+
+
+def _after_activation(
+    factory: sessionmaker[Session],
+    storage: Storage,
+    settings: Settings,
+    model_id: str,
+    dataset_id: str,
+    actor: str,
+) -> None:
+    # Idempotent follow-ups; if they fail here the worker's reaper completes them.
+    try:
+        purge_dataset(factory, storage, dataset_id, actor=actor)
+    except Exception as exc:
+        log.warning("dataset %s: purge after promotion failed: %s", dataset_id, exc)
+    try:
+        retire_due(factory, storage, settings, actor=actor, model_id=model_id)
+    except Exception as exc:
+        log.warning("model %s: retirement after promotion failed: %s", model_id, exc)
+
+
+def reject(
+    factory: sessionmaker[Session], storage: Storage, version_id: str, *, actor: str
+) -> dict[str, Any]:
+    """candidate → rejected: its checkpoint is deleted, the request is `rejected` and its
+    records stay present (they can be requested again)."""
+    with transaction(factory) as session:
+        version, model = _locked(session, version_id)
+        if version.status != "candidate":
+            raise _not_candidate(version, "rejected")
+        request = _request_of(session, version)
+        version.status = "rejected"
+        if request is not None:
+            request.status = "rejected"
+        append_event(
+            session, actor=actor, action="version.rejected", subject_type="model_version",
+            subject_id=version.id,
+            payload={"model_id": model.id, "number": version.number,
+                     "request_id": request.id if request else None,
+                     "job_id": version.job_id, "sha256": version.sha256},
+        )  # fmt: skip
+        retire_version(session, storage, version, actor=actor, reason="rejected")
+        return version_view(version, model.name)

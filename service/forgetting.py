@@ -1,0 +1,58 @@
+"""Marking records forgotten, shared by the worker's save step and promotion of a candidate.
+
+A record becomes `forgotten` exactly when a version without it becomes active, in the same
+transaction, with a `records.forgotten` audit event carrying the sha256 of each key (never
+the key or the content). Purging the content follows (service.purge).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from service.audit import append_event
+from service.models import Record
+from service.purge import key_sha256
+
+_CHUNK = 500
+
+
+def mark_forgotten(
+    session: Session, dataset_id: str, keys: Sequence[str], job_id: str, now: datetime
+) -> int:
+    """Mark the still-present records among `keys` forgotten; how many were marked."""
+    keys = list(keys)
+    forgotten = 0
+    for start in range(0, len(keys), _CHUNK):
+        forgotten += session.execute(
+            update(Record)
+            .where(
+                Record.dataset_id == dataset_id,
+                Record.key.in_(keys[start : start + _CHUNK]),
+                Record.state == "present",
+            )
+            .values(state="forgotten", forgotten_at=now, forgotten_by_job_id=job_id)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+    return forgotten
+
+
+def append_forgotten_event(
+    session: Session,
+    *,
+    actor: str,
+    dataset_id: str,
+    job_id: str,
+    request_id: str,
+    keys: Sequence[str],
+    count: int,
+) -> None:
+    append_event(
+        session, actor=actor, action="records.forgotten", subject_type="dataset",
+        subject_id=dataset_id,
+        payload={"job_id": job_id, "request_id": request_id, "count": count,
+                 "key_sha256": [key_sha256(k) for k in list(keys)[:10000]]},
+    )  # fmt: skip

@@ -1,0 +1,121 @@
+"""Release policy: does a new version become `active` at once, or wait as a `candidate`?
+
+Thresholds come from settings (LETHE_POLICY_*) and may be overridden per request through
+`params.policy`, each within [0, 1]. Checks, each skipped (and said so) when its metric is
+missing:
+
+- `eval_acc_drop` = eval accuracy before − after ≤ `max_eval_acc_drop` (utility kept);
+- forgetting achieved, by the kind of forget set (`mode`; `auto` decides from the data):
+  - `class` (the forget set holds every remaining training record of its classes):
+    forget accuracy after ≤ `max_forget_acc`;
+  - `random` (anything else): `mia_gap` = 1 − MIA efficacy after, the share of forgotten
+    records the membership-inference attack still calls training members, ≤ `max_mia_gap`.
+- `require_review: true` always holds the result for a human decision.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from service.problems import validation
+from service.settings import Settings
+
+MODES = ("auto", "class", "random")
+THRESHOLDS = ("max_eval_acc_drop", "max_forget_acc", "max_mia_gap")
+FIELDS = (*THRESHOLDS, "mode", "require_review")
+
+
+def validate_policy(policy: Any) -> dict[str, Any]:
+    """Check a request's `params.policy`; 422 names the offending field."""
+    if not isinstance(policy, dict):
+        raise validation(
+            "params.policy must be an object",
+            [{"field": "params.policy", "message": "must be an object"}],
+        )
+    errors = []
+    for name, value in policy.items():
+        field = f"params.policy.{name}"
+        if name not in FIELDS:
+            errors.append({"field": field, "message": f"unknown; accepted: {list(FIELDS)}"})
+        elif name in THRESHOLDS:
+            if isinstance(value, bool) or not isinstance(value, int | float) or not (
+                0.0 <= float(value) <= 1.0
+            ):
+                errors.append({"field": field, "message": "must be a number in [0, 1]"})
+        elif name == "mode" and value not in MODES:
+            errors.append({"field": field, "message": f"must be one of {list(MODES)}"})
+        elif name == "require_review" and not isinstance(value, bool):
+            errors.append({"field": field, "message": "must be true or false"})
+    if errors:
+        raise validation(
+            "invalid release policy: " + ", ".join(e["field"] for e in errors), errors
+        )
+    return {k: (float(v) if k in THRESHOLDS else v) for k, v in policy.items()}
+
+
+def effective_policy(settings: Settings, overrides: dict[str, Any] | None) -> dict[str, Any]:
+    policy: dict[str, Any] = {
+        "max_eval_acc_drop": settings.policy_max_eval_acc_drop,
+        "max_forget_acc": settings.policy_max_forget_acc,
+        "max_mia_gap": settings.policy_max_mia_gap,
+        "mode": "auto",
+        "require_review": False,
+    }
+    policy.update(overrides or {})
+    return policy
+
+
+def _check(name: str, value: float | None, limit: float, why_missing: str) -> dict[str, Any]:
+    if value is None:
+        return {"name": name, "value": None, "limit": limit, "ok": None, "note": why_missing}
+    return {"name": name, "value": round(value, 6), "limit": limit, "ok": value <= limit}
+
+
+def decide(
+    policy: dict[str, Any],
+    before: dict[str, Any],
+    after: dict[str, Any],
+    *,
+    class_wise: bool,
+) -> dict[str, Any]:
+    """The decision (`active` | `candidate`) with every check's value, limit and outcome."""
+    mode = policy["mode"] if policy["mode"] != "auto" else ("class" if class_wise else "random")
+    checks = []
+    drop = None
+    if before.get("eval_acc") is not None and after.get("eval_acc") is not None:
+        drop = float(before["eval_acc"]) - float(after["eval_acc"])
+    checks.append(
+        _check("eval_acc_drop", drop, policy["max_eval_acc_drop"], "no eval dataset")
+    )
+    if mode == "class":
+        forget_acc = after.get("forget_acc")
+        checks.append(
+            _check(
+                "forget_acc",
+                None if forget_acc is None else float(forget_acc),
+                policy["max_forget_acc"],
+                "no forget accuracy",
+            )
+        )
+    else:
+        efficacy = after.get("mia_efficacy")
+        checks.append(
+            _check(
+                "mia_gap",
+                None if efficacy is None else 1.0 - float(efficacy),
+                policy["max_mia_gap"],
+                after.get("mia_error") or "no member-probe dataset (MIA not computed)",
+            )
+        )
+    failed = [c["name"] for c in checks if c["ok"] is False]
+    if policy.get("require_review"):
+        failed.append("require_review")
+    return {
+        "decision": "candidate" if failed else "active",
+        "mode": mode,
+        "class_wise": class_wise,
+        "thresholds": {k: policy[k] for k in THRESHOLDS},
+        "require_review": bool(policy.get("require_review")),
+        "checks": checks,
+        "failed": failed,
+    }
