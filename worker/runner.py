@@ -17,10 +17,14 @@ model's active version at claim time, so deletions compound.
 Exactly-once result. Every write after the claim is fenced on (status=running, worker_id,
 attempts): a worker that lost its lease cannot save. The checkpoint goes to a key derived from
 the job id and attempt (`checkpoints/<model>/job-<job>-a<attempt>.safetensors`, written to a
-temp name and renamed), then ONE transaction creates version n+1, supersedes n, marks the
-records forgotten, finishes the job and request and appends the audit events. The unique
-constraint on ModelVersion.job_id backs this up. If that transaction fails the file is deleted;
-files of attempts that died before committing are deleted when the job ends.
+temp name and renamed), then ONE transaction creates version n+1 and, by the release policy
+(service.policy), either activates it (supersedes n, marks the records forgotten, request
+completed) or keeps it a candidate (request needs_review), finishes the job and appends the
+audit events. The unique constraint on ModelVersion.job_id backs this up. If that
+transaction fails the file is deleted; files of attempts that died before committing are
+deleted when the job ends. After an activating commit, the records' content is purged from
+the dataset store and superseded checkpoints due for retirement are deleted
+(`after_activation`; idempotent, finished by the reaper if interrupted).
 
 Errors. `JobError` is deterministic (missing or already-forgotten records, corrupt or missing
 checkpoint, unreadable dataset, invalid parameters, unknown architecture, time limit): the job
