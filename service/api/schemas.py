@@ -48,6 +48,9 @@ class VersionOut(_Out):
     size_bytes: int
     metrics: dict[str, Any]
     created_at: str
+    retired_at: str | None = Field(
+        default=None, description="When the checkpoint was deleted (downloads then answer 410)."
+    )
 
 
 class ModelOut(_Out):
@@ -86,7 +89,10 @@ class SubmissionOut(_Out):
 
 class DeletionRequestOut(_Out):
     id: str
-    status: str
+    status: str = Field(
+        description="queued | running | needs_review (result held by the release policy) | "
+        "completed (a version without the records is active) | failed | cancelled | rejected"
+    )
     model: str
     dataset: str
     record_keys: list[str]

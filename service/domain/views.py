@@ -24,6 +24,7 @@ def dataset_view(ds: Dataset) -> dict[str, Any]:
         "role": ds.role,
         "record_count": ds.record_count,
         "sha256": ds.sha256,
+        "content_sha256": ds.content_sha256,  # of the current file (differs after a purge)
         "size_bytes": ds.size_bytes,
         "meta": ds.meta,
         "created_at": iso(ds.created_at),
