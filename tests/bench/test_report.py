@@ -68,6 +68,13 @@ def test_avg_gap_is_mean_absolute_difference() -> None:
     method = headline(0.10, 0.70, 0.65, 0.90)
     # |90-100| + |70-97| + |65-91| + |90-100| = 10 + 27 + 26 + 10 = 73 -> 18.25
     assert avg_gap(method, gold) == pytest.approx(18.25)
+    runs = [{"scenario": "c", "seed": 0, "method": "retrain", "metrics": gold},
+            {"scenario": "c", "seed": 0, "method": "ga", "metrics": dict(method)},
+            {"scenario": "c", "seed": 1, "method": "ga", "metrics": dict(method)}]
+    add_gaps(runs)
+    assert runs[1]["metrics"]["avg_gap"] == pytest.approx(18.25)
+    assert runs[1]["metrics"]["gap_no_mia"] == pytest.approx(63 / 3)  # 10 + 27 + 26
+    assert "avg_gap" not in runs[2]["metrics"]  # no retrain run for seed 1
 
 
 def test_report_builds_tables_decision_and_plots(tmp_path: Path) -> None:
@@ -97,6 +104,7 @@ def test_report_builds_tables_decision_and_plots(tmp_path: Path) -> None:
     # are 142/4 = 35.5 and 130/4 = 32.5, so 34.0; overall (18.375 + 34) / 2.
     assert "| Gradient ascent (GA) | 18.38 (1.00×) | 34.00 (1.00×) | 26.19 (1.00×) |" in text
     assert "## Summary" in text and "mean Avg. Gap" in text
+    assert "Without the MIA term" in text and "agrees with the decision" in text
     # Speed table and ratio at the largest n: 2.0 / 0.02 = 100x.
     assert "n = 4096" in text and "100.0× faster than the per-sample loop (`loop`)" in text
     assert "closed form 100.0× faster than the authors' per-sample loop" in text
