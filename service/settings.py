@@ -6,7 +6,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "LETHE_"
@@ -18,7 +18,9 @@ class SettingsError(RuntimeError):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="ignore", frozen=True, populate_by_name=True
+    )
 
     home: Path = Field(Path("./.lethe"), description="Root for embedded state (database, storage).")
     database_url: str = Field("", description="SQLAlchemy URL; default SQLite under LETHE_HOME.")
@@ -39,7 +41,15 @@ class Settings(BaseSettings):
     queue_name: str = Field("lethe", min_length=1)
 
     # Retention, release policy and receipts.
-    superseded_retention_s: float = Field(0.0, ge=0)
+    # Issue 7 names the variable LETHE_SUPERSEDED_RETENTION; the _S spelling says the unit.
+    superseded_retention_s: float = Field(
+        0.0,
+        ge=0,
+        validation_alias=AliasChoices(
+            "LETHE_SUPERSEDED_RETENTION_S", "LETHE_SUPERSEDED_RETENTION", "superseded_retention_s"
+        ),
+        description="Seconds a superseded checkpoint is kept before deletion (0: at once).",
+    )
     policy_max_eval_acc_drop: float = Field(0.05, ge=0, le=1)
     policy_max_forget_acc: float = Field(0.2, ge=0, le=1)
     policy_max_mia_gap: float = Field(0.5, ge=0, le=1)
@@ -110,8 +120,13 @@ def load_settings(**overrides: object) -> Settings:
         problems = []
         for err in exc.errors():
             loc = err.get("loc") or ()
-            field = str(loc[0]) if loc else "settings"
-            name = ENV_PREFIX + field.upper() if loc else "LETHE_* settings"
+            field = str(loc[0]).upper() if loc else ""
+            if not field:
+                name = "LETHE_* settings"
+            elif field.startswith(ENV_PREFIX):  # reported under an env alias
+                name = field
+            else:
+                name = ENV_PREFIX + field
             problems.append(f"{name}: {err['msg']}")
         raise SettingsError("invalid configuration: " + "; ".join(problems)) from None
 

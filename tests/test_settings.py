@@ -51,3 +51,18 @@ def test_time_limits_must_be_ordered(lethe_env: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv("LETHE_JOB_HARD_TIME_LIMIT_S", "50")
     with pytest.raises(SettingsError, match="LETHE_JOB_HARD_TIME_LIMIT_S"):
         load_settings()
+
+
+@pytest.mark.parametrize("var", ["LETHE_SUPERSEDED_RETENTION_S", "LETHE_SUPERSEDED_RETENTION"])
+def test_retention_accepts_both_spellings(
+    lethe_env: Path, monkeypatch: pytest.MonkeyPatch, var: str
+) -> None:
+    monkeypatch.setenv(var, "90")
+    assert load_settings().superseded_retention_s == 90.0
+    monkeypatch.setenv(var, "-5")
+    with pytest.raises(SettingsError, match=f"(?<!LETHE_){var}"):
+        load_settings()
+
+
+def test_fields_can_be_passed_by_name(lethe_env: Path) -> None:
+    assert load_settings(superseded_retention_s=7).superseded_retention_s == 7.0

@@ -64,6 +64,7 @@ from service.models import (
 )
 from service.policy import decide, effective_policy
 from service.problems import problem_dict
+from service.purge import key_sha256
 from service.settings import Settings
 from service.storage import Storage
 from worker.lease import JobMonitor, as_utc, holder_is_dead, lease_until, utcnow
@@ -929,7 +930,8 @@ class _Execution:
         kept = stats.pop("kept_indices", None)
         stats.pop("weights", None)
         if kept is not None:
-            stats["kept_keys"] = [loaded.keys[i] for i in kept[:1000]]
+            # Metrics outlive the records and show up in lineage: keep only key hashes.
+            stats["kept_key_sha256"] = [key_sha256(loaded.keys[i]) for i in kept[:1000]]
         return _jsonable(stats)
 
     # Saving ----------------------------------------------------------------------------
