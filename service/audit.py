@@ -85,28 +85,19 @@ def append_event(
     head = _locked_head(session)
     # Truncate to microseconds: both SQLite and PostgreSQL store that precision.
     now = utcnow().replace(tzinfo=UTC)
-    seq = head.seq + 1
-    digest = event_hash(
-        seq=seq,
-        time=now,
-        actor=actor,
-        action=action,
-        subject_type=subject_type,
-        subject_id=str(subject_id),
-        payload=clean_payload,
-        prev_hash=head.hash,
-    )
-    event = AuditEvent(
-        seq=seq,
-        time=now,
-        actor=actor,
-        action=action,
-        subject_type=subject_type,
-        subject_id=str(subject_id),
-        payload=clean_payload,
-        prev_hash=head.hash,
-        hash=digest,
-    )
+    fields: dict[str, Any] = {
+        "seq": head.seq + 1,
+        "time": now,
+        "actor": actor,
+        "action": action,
+        "subject_type": subject_type,
+        "subject_id": str(subject_id),
+        "payload": clean_payload,
+        "prev_hash": head.hash,
+    }
+    digest = event_hash(**fields)
+    seq = fields["seq"]
+    event = AuditEvent(**fields, hash=digest)
     session.add(event)
     head.seq = seq
     head.hash = digest

@@ -1075,41 +1075,36 @@ class _Execution:
             return True
 
     def _finish_cancelled(self) -> RunResult:
-        self._delete_written()
-
-        def apply(session: Session, job: Job) -> None:
-            self._close_phase()
-            job.timings = {k: round(v, 6) for k, v in self.timings.items()}
-            finish_job(session, job, "cancelled", actor=self.ctx.actor,
-                       payload={"phase": self._phase})  # fmt: skip
-
-        try:
-            ok = self._fenced_update(apply)
-        except Exception as exc:
-            log.warning("job %s: could not record cancellation: %s", self.job_id, exc)
-            return RunResult(Outcome.RETRY, self.job_id, detail=f"cancel not recorded: {exc}")
-        if not ok:
-            return RunResult(Outcome.LOST, self.job_id, detail="lost before cancel was recorded")
-        cleanup_job_checkpoints(self.ctx.storage, self.model_id, self.job_id)
-        return RunResult(Outcome.CANCELLED, self.job_id)
+        return self._record_end(
+            "cancelled", Outcome.CANCELLED, payload={"phase": self._phase}, detail=""
+        )
 
     def _fail(self, problem: dict[str, Any]) -> RunResult:
+        return self._record_end(
+            "failed", Outcome.FAILED, error=problem, detail=problem.get("detail", "")
+        )
+
+    def _record_end(
+        self, status: str, outcome: Outcome, *, detail: str, **finish: Any
+    ) -> RunResult:
+        """Write a terminal status (no version) while we still hold the job, then clean up."""
         self._delete_written()
 
         def apply(session: Session, job: Job) -> None:
             self._close_phase()
             job.timings = {k: round(v, 6) for k, v in self.timings.items()}
-            finish_job(session, job, "failed", actor=self.ctx.actor, error=problem)
+            finish_job(session, job, status, actor=self.ctx.actor, **finish)
 
+        noun = "cancellation" if status == "cancelled" else "failure"
         try:
             ok = self._fenced_update(apply)
         except Exception as exc:
-            log.warning("job %s: could not record failure: %s", self.job_id, exc)
-            return RunResult(Outcome.RETRY, self.job_id, detail=f"failure not recorded: {exc}")
+            log.warning("job %s: could not record %s: %s", self.job_id, noun, exc)
+            return RunResult(Outcome.RETRY, self.job_id, detail=f"{noun} not recorded: {exc}")
         if not ok:
-            return RunResult(Outcome.LOST, self.job_id, detail="lost before failure was recorded")
+            return RunResult(Outcome.LOST, self.job_id, detail=f"lost before {noun} was recorded")
         cleanup_job_checkpoints(self.ctx.storage, self.model_id, self.job_id)
-        return RunResult(Outcome.FAILED, self.job_id, detail=problem.get("detail", ""))
+        return RunResult(outcome, self.job_id, detail=detail)
 
     def _retry_or_fail(self, exc: BaseException) -> RunResult:
         self._delete_written()

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from service.cli.common import cli_settings, open_database
+from service.cli.common import cli_settings, command_group, open_database
 
 
 def _actor() -> str:
@@ -22,21 +22,12 @@ def _actor() -> str:
         return "cli"
 
 
-def _group(app: typer.Typer, name: str, help_text: str) -> typer.Typer:
-    """The sub-app called `name`, shared with other modules that add commands to it."""
-    for info in app.registered_groups:
-        if info.name == name and info.typer_instance is not None:
-            return info.typer_instance
-    sub = typer.Typer(help=help_text, no_args_is_help=True)
-    app.add_typer(sub, name=name)
-    return sub
-
 
 def register(app: typer.Typer) -> None:
     """Attach this module's commands to the root app."""
-    keys = _group(app, "keys", "Manage API keys (offline, against the configured database).")
-    audit = _group(app, "audit", "The hash-chained audit log.")
-    receipt = _group(app, "receipt", "Erasure receipts.")
+    keys = command_group(app, "keys", "Manage API keys (offline, against the configured database).")
+    audit = command_group(app, "audit", "The hash-chained audit log.")
+    receipt = command_group(app, "receipt", "Erasure receipts.")
 
     @keys.command("create")
     def keys_create(

@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from service.cli.common import command_group
 from service.client import (
     DEFAULT_URL,
     ChecksumMismatch,
@@ -108,15 +109,6 @@ def read_keys_file(path: Path) -> list[str]:
             line.lstrip().startswith("#")]
 
 
-def _group(app: typer.Typer, name: str, help_text: str) -> typer.Typer:
-    """The sub-app called `name`, reusing one another module already registered."""
-    for info in app.registered_groups:
-        if info.name == name and info.typer_instance is not None:
-            return info.typer_instance
-    sub = typer.Typer(help=help_text, no_args_is_help=True)
-    app.add_typer(sub, name=name)
-    return sub
-
 
 def _has_command(group: typer.Typer, name: str) -> bool:
     for info in group.registered_commands:
@@ -142,7 +134,7 @@ def register(app: typer.Typer) -> None:
 
 # -- datasets -------------------------------------------------------------------------------
 def _register_datasets(app: typer.Typer) -> None:
-    datasets = _group(app, "datasets", "Upload and inspect datasets.")
+    datasets = command_group(app, "datasets", "Upload and inspect datasets.")
 
     @datasets.command("upload")
     def upload(
@@ -199,7 +191,7 @@ def _register_datasets(app: typer.Typer) -> None:
 
 # -- models ---------------------------------------------------------------------------------
 def _register_models(app: typer.Typer) -> None:
-    models = _group(app, "models", "Register and inspect models.")
+    models = command_group(app, "models", "Register and inspect models.")
 
     @models.command("register")
     def register_(
@@ -347,7 +339,7 @@ def _exit_for(job: dict[str, Any]) -> None:
 
 # -- jobs -----------------------------------------------------------------------------------
 def _register_jobs(app: typer.Typer) -> None:
-    jobs = _group(app, "jobs", "Follow and cancel unlearning jobs.")
+    jobs = command_group(app, "jobs", "Follow and cancel unlearning jobs.")
 
     @jobs.command("list")
     def list_(
@@ -409,7 +401,7 @@ def _register_jobs(app: typer.Typer) -> None:
 
 # -- versions -------------------------------------------------------------------------------
 def _register_versions(app: typer.Typer) -> None:
-    versions = _group(app, "versions", "Inspect and download model versions.")
+    versions = command_group(app, "versions", "Inspect and download model versions.")
 
     @versions.command("show")
     def show(
@@ -461,7 +453,7 @@ def _byte_progress() -> Callable[[int, int | None], None]:
 
 # -- audit ----------------------------------------------------------------------------------
 def _register_audit(app: typer.Typer) -> None:
-    audit = _group(app, "audit", "The hash-chained audit log.")
+    audit = command_group(app, "audit", "The hash-chained audit log.")
     # The admin module may own an offline `audit verify`; the HTTP variant then gets its
     # own name instead of shadowing it.
     verify_name = "verify-remote" if _has_command(audit, "verify") else "verify"

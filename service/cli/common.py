@@ -49,3 +49,13 @@ def open_database(settings: Settings) -> tuple[Engine, sessionmaker[Session]]:
     ensure_schema(settings)
     engine = make_engine(settings.db_url)
     return engine, make_session_factory(engine)
+
+
+def command_group(app: typer.Typer, name: str, help_text: str) -> typer.Typer:
+    """The sub-app called `name`, shared by every module that adds commands to it."""
+    for info in app.registered_groups:
+        if info.name == name and info.typer_instance is not None:
+            return info.typer_instance
+    sub = typer.Typer(help=help_text, no_args_is_help=True)
+    app.add_typer(sub, name=name)
+    return sub
