@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -97,29 +98,31 @@ class Storage:
         return digest.hexdigest()
 
 
-class _Backend:
+class _Backend(ABC):
+    """What a storage backend provides; `Storage` adds key checks and hashing on top."""
+
+    @abstractmethod
     def write_stream(
         self, key: str, chunks: Iterable[bytes], max_bytes: int | None
-    ) -> tuple[str, int]:
-        raise NotImplementedError
+    ) -> tuple[str, int]: ...
 
-    def open_read(self, key: str) -> BinaryIO:
-        raise NotImplementedError
+    @abstractmethod
+    def open_read(self, key: str) -> BinaryIO: ...
 
-    def exists(self, key: str) -> bool:
-        raise NotImplementedError
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
 
-    def delete(self, key: str) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def delete(self, key: str) -> None: ...
 
-    def size(self, key: str) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def size(self, key: str) -> int: ...
 
     def local_path(self, key: str) -> Path | None:
         return None
 
-    def iter_keys(self, prefix: str) -> Iterator[str]:
-        raise NotImplementedError
+    @abstractmethod
+    def iter_keys(self, prefix: str) -> Iterator[str]: ...
 
 
 def _copy_hashing(chunks: Iterable[bytes], out: Any, max_bytes: int | None) -> tuple[str, int]:
