@@ -325,19 +325,20 @@ def headline_section(summaries: dict[str, dict], chosen: str | None) -> list[str
     if "ga" not in ga_methods or not imu_methods:
         return []
     columns = ["original", *ga_methods, *imu_methods]
-    rows = []
+    settings_ = [(arch, sc) for arch, by_key in summaries.items() for sc in _scenarios(by_key)]
     gaps: dict[tuple[str, str], list[float]] = {}  # (method, scenario) -> gaps over models
-    for arch, by_key in summaries.items():
-        for scenario in _scenarios(by_key):
-            cells = []
-            for m in columns:
-                g = _gap(by_key, scenario, m)
-                cells.append(f"{g:.2f}" if g is not None else "–")
-                if g is not None:
-                    gaps.setdefault((m, scenario), []).append(g)
-            rows.append([f"`{arch}`", SCENARIO_LABELS.get(scenario, scenario), *cells])
+    rows = []
+    for m in columns:
+        cells = []
+        for arch, scenario in settings_:
+            g = _gap(summaries[arch], scenario, m)
+            cells.append(f"{g:.2f}" if g is not None else "–")
+            if g is not None:
+                gaps.setdefault((m, scenario), []).append(g)
+        rows.append([label(m), *cells])
     out = ["## IMU vs gradient ascent (Avg. Gap to retraining, lower is better)", ""]
-    out += _table(["Model", "Scenario", *(label(m) for m in columns)], rows)
+    out += _table(["Method", *(f"`{arch}`, {SCENARIO_LABELS.get(sc, sc).lower()}"
+                               for arch, sc in settings_)], rows)
     scenarios = list(dict.fromkeys(sc for _, sc in gaps))
 
     def mean_gap(m: str, scs: list[str]) -> float | None:
@@ -394,7 +395,8 @@ def speed_section(speed: dict | None) -> list[str]:
         return out + ["`bench/results/influence_speed.json` is missing; run "
                       "`python -m bench.influence_speed`.", ""]
     rows = speed_rows(speed)
-    env = ", ".join(f"{k} {speed[k]}" for k in ("device", "device_name", "torch") if k in speed)
+    env = ", ".join(f"{k} {speed[k]}" for k in ("device", "device_name", "torch", "threads")
+                    if k in speed)
     out += [f"From `bench/results/influence_speed.json` ({env}), written by "
             "`bench/influence_speed.py`.", ""]
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -403,7 +405,11 @@ def speed_section(speed: dict | None) -> list[str]:
         t = {(r["method"], r["n"]): r["seconds"] for r in rows if r["model"] == model}
         table = [[f"`{m}`", *(f"{t[(m, n)]:.4f}" if (m, n) in t else "–" for n in ns)]
                  for m in methods]
-        out += [f"**{model}** — seconds", ""]
+        cfg = (speed.get("config") or {}).get("archs", {}).get(model, {})
+        shape = "×".join(str(v) for v in cfg.get("input", []))
+        extra = ", ".join(x for x in (f"width {cfg['width']}" if "width" in cfg else "",
+                                      f"inputs {shape}" if shape else "") if x)
+        out += [f"**{model}**{f' ({extra})' if extra else ''} — seconds", ""]
         out += _table(["Method", *(f"n = {n}" for n in ns)], table)
         ratio_lines = _speed_ratios(t, ns)
         out += ["", *ratio_lines, ""]
@@ -457,15 +463,20 @@ def plot_forget_vs_test(papers: list[dict], path: Path) -> Path | None:
     markers = {"original": "s", "retrain": "*", "ga": "X", "imu_train": "o", "imu_eval": "D"}
     # One colour per method across all panels (tab20 has enough for every variant).
     methods = list(dict.fromkeys(r["method"] for _, _, rows in panels for r in rows))
-    palette = plt.get_cmap("tab20" if len(methods) > 10 else "tab10")
-    colours = {m: palette(i % palette.N) for i, m in enumerate(methods)}
+    main_colours = {"original": "0.55", "retrain": "gold", "ga": "tab:orange",
+                    "imu_train": "tab:red", "imu_eval": "tab:blue"}
+    variants = [m for m in methods if m not in main_colours]
+    palette = ["tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan",
+               "darkgreen", "indigo", "teal", "maroon", "black", "lightgreen"]
+    colours = {m: palette[i % len(palette)] for i, m in enumerate(variants)} | main_colours
     handles: dict[str, object] = {}
     for ax, (arch, scenario, rows) in zip(axes.flat, panels, strict=False):
         for r in rows:
             ua, ta = r["metrics.ua"], r["metrics.ta"]
             name, overrides = parse_method(r["method"])
             h = ax.errorbar(100.0 - ua[0], ta[0], xerr=ua[1] or None, yerr=ta[1] or None,
-                            marker=markers.get(name, "o"), markersize=7 if overrides else 12,
+                            marker=markers.get(name, "o"),
+                            markersize=7 if overrides else 16 if name == "retrain" else 12,
                             linestyle="none", color=colours[r["method"]],
                             markeredgecolor="black", markeredgewidth=0.4)
             handles.setdefault(r["method"], h)
@@ -649,7 +660,7 @@ def _settings_section(papers: list[dict]) -> list[str]:
     out += [
         "",
         "Reproduce: `make bench` (CPU, this file's settings: a class-stratified 10k/2k subset "
-        "of Fashion-MNIST and small widths, ~20 min on 2 cores); `python -m bench.run_all "
+        "of Fashion-MNIST and small widths, within 20 min on 2 cores); `python -m bench.run_all "
         "--device cuda` for the same settings on a GPU; `--full` for the whole dataset, "
         "paper-size widths and 3 seeds. Trained models are cached in `bench/.cache/`.",
         "",
