@@ -16,7 +16,7 @@ def test_defaults_are_the_authors_values() -> None:
     cfg = IMUConfig()
     assert (cfg.top_data, cfg.clip_quantile, cfg.damping, cfg.alpha) == (0.1, 0.93, 0.01, 0.2)
     assert (cfg.lr, cfg.epochs, cfg.batch_size, cfg.momentum) == (0.01, 10, 256, 0.9)
-    assert cfg.weight_decay == 5e-4 and cfg.params is None and cfg.backbone_mode == "eval"
+    assert cfg.weight_decay == 5e-4 and cfg.params is None and cfg.backbone_mode == "train"
 
 
 @pytest.mark.parametrize(

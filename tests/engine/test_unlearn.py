@@ -30,7 +30,7 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and torch.equal(a, b)
 
 
-def test_defaults_forget_one_class_and_keep_the_others(trained_cnn, digits) -> None:
+def test_paper_defaults_eval_mode_forget_one_class(trained_cnn, digits) -> None:
     """Class-wise forgetting with the paper's defaults, backbone frozen (eval mode).
 
     Bound on the retained classes: eval-mode IMU only moves the final Linear, and the
@@ -44,7 +44,7 @@ def test_defaults_forget_one_class_and_keep_the_others(trained_cnn, digits) -> N
     before_others = _other_class_test_acc(model, digits)
     assert before_forget >= 0.95 and before_others >= 0.95
 
-    result = unlearn(model, xf, yf, IMUConfig(device="cpu"))
+    result = unlearn(model, xf, yf, IMUConfig(backbone_mode="eval", device="cpu"))
     assert result.model is model
     after_forget = accuracy(model, xf, yf)
     after_test_forget_class = predict_per_class_accuracy(model, digits.x_test, digits.y_test, 10)[
@@ -93,7 +93,8 @@ def test_eval_mode_changes_nothing_but_theta(trained_cnn, digits) -> None:
     ):
         model = copy.deepcopy(trained_cnn)
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        result = unlearn(model, xf, yf, IMUConfig(params=params, device="cpu"))
+        config = IMUConfig(params=params, backbone_mode="eval", device="cpu")
+        result = unlearn(model, xf, yf, config)
         assert set(result.stats["theta"]) == theta
         assert result.stats["cached_features"] is (params is None)
         after = model.state_dict()
@@ -143,7 +144,8 @@ def test_progress_phases_and_cancel(trained_cnn, digits) -> None:
     model = copy.deepcopy(trained_cnn)
     model.features.train()  # odd flags must survive the abort
     model.features[0].weight.requires_grad_(False)
-    for cfg in (IMUConfig(epochs=4, device="cpu"), IMUConfig(epochs=4, backbone_mode="train")):
+    for mode in ("eval", "train"):
+        cfg = IMUConfig(epochs=4, backbone_mode=mode, device="cpu")
         with pytest.raises(Cancelled):
             unlearn(model, xf, yf, cfg, progress=cancel_in_epoch_two)
         assert model.features.training and not model.fc.training
