@@ -4,7 +4,8 @@ Thresholds come from settings (LETHE_POLICY_*) and may be overridden per request
 `params.policy`, each within [0, 1]. Checks, each skipped (and said so) when its metric is
 missing:
 
-- `eval_acc_drop` = eval accuracy before − after ≤ `max_eval_acc_drop` (utility kept);
+- `eval_acc_drop` = eval accuracy before − after ≤ `max_eval_acc_drop` (utility kept); for a
+  class-wise forget set, on the eval records of the remaining classes;
 - forgetting achieved, by the kind of forget set (`mode`; `auto` decides from the data):
   - `class` (the forget set holds every remaining training record of its classes):
     forget accuracy after ≤ `max_forget_acc`;
@@ -81,12 +82,18 @@ def decide(
     """The decision (`active` | `candidate`) with every check's value, limit and outcome."""
     mode = policy["mode"] if policy["mode"] != "auto" else ("class" if class_wise else "random")
     checks = []
+    # Class-wise forgetting is meant to lose the forgotten classes: judge the others.
+    metric = "eval_acc"
+    if mode == "class" and all(
+        m.get("eval_acc_retained_classes") is not None for m in (before, after)
+    ):
+        metric = "eval_acc_retained_classes"
     drop = None
-    if before.get("eval_acc") is not None and after.get("eval_acc") is not None:
-        drop = float(before["eval_acc"]) - float(after["eval_acc"])
-    checks.append(
-        _check("eval_acc_drop", drop, policy["max_eval_acc_drop"], "no eval dataset")
-    )
+    if before.get(metric) is not None and after.get(metric) is not None:
+        drop = float(before[metric]) - float(after[metric])
+    check = _check("eval_acc_drop", drop, policy["max_eval_acc_drop"], "no eval dataset")
+    check["metric"] = metric
+    checks.append(check)
     if mode == "class":
         forget_acc = after.get("forget_acc")
         checks.append(

@@ -886,13 +886,21 @@ class _Execution:
     def _evaluate(self, loaded: Loaded) -> dict[str, Any]:
         from worker.imu import evaluate
 
-        result = evaluate(
-            loaded.model,
-            forget=loaded.forget,
-            eval=loaded.eval,
-            member_probe=loaded.member_probe if loaded.eval is not None else None,
+        result = dict(
+            evaluate(
+                loaded.model,
+                forget=loaded.forget,
+                eval=loaded.eval,
+                member_probe=loaded.member_probe if loaded.eval is not None else None,
+            )
         )
-        return _jsonable(dict(result))
+        if loaded.class_wise and loaded.eval is not None:
+            # Forgetting a whole class necessarily costs its share of eval accuracy; utility
+            # kept is judged on the classes that remain (the release policy uses this).
+            retained = _retained_classes_accuracy(loaded.model, loaded.eval, loaded.forget[1])
+            if retained is not None:
+                result["eval_acc_retained_classes"] = retained
+        return _jsonable(result)
 
     def _unlearn(self, loaded: Loaded) -> dict[str, Any]:
         from worker.imu import IMUConfig, gradient_ascent, unlearn
@@ -1210,3 +1218,18 @@ def wake_next(ctx: RunnerContext, model_id: str) -> None:
             ctx.wake(nxt)
     except Exception as exc:  # the reaper re-sends lost wake-ups
         log.warning("model %s: could not wake the next job: %s", model_id, exc)
+
+
+def _retained_classes_accuracy(
+    model: Any, eval_pair: tuple[Any, Any], forget_labels: Any
+) -> float | None:
+    """Accuracy on the eval records whose class is not being forgotten (None if none are)."""
+    import torch
+
+    from worker.imu.train import accuracy
+
+    x, y = eval_pair
+    keep = ~torch.isin(torch.as_tensor(y), torch.unique(torch.as_tensor(forget_labels)))
+    if not bool(keep.any()):
+        return None
+    return float(accuracy(model, x[keep], y[keep]))

@@ -180,10 +180,33 @@ def test_class_wise_forget_set_is_judged_by_forget_accuracy(
     class_keys = [k for k, label in zip(ids, labels, strict=True) if label == 7]
     job = _submit(stack, model, class_keys, {"max_forget_acc": 1.0, "max_eval_acc_drop": 1.0})
     assert run(stack, job) == Outcome.SUCCEEDED
-    policy = stack.versions(model)[-1]["metrics"]["policy"]
+    metrics = stack.versions(model)[-1]["metrics"]
+    policy = metrics["policy"]
     assert policy["class_wise"] is True and policy["mode"] == "class"
     assert [c["name"] for c in policy["checks"]] == ["eval_acc_drop", "forget_acc"]
     assert policy["decision"] == "active"
+    # Utility is judged on the classes that remain, measured before and after.
+    drop = policy["checks"][0]
+    assert drop["metric"] == "eval_acc_retained_classes"
+    before, after = metrics["before"], metrics["after"]
+    assert drop["value"] == pytest.approx(
+        before["eval_acc_retained_classes"] - after["eval_acc_retained_classes"], abs=1e-6
+    )
+
+
+def test_class_wise_eval_drop_ignores_the_forgotten_class() -> None:
+    from service.policy import decide
+
+    policy = {"max_eval_acc_drop": 0.05, "max_forget_acc": 0.2, "max_mia_gap": 0.5,
+              "mode": "auto", "require_review": False}
+    # Losing the forgotten class costs 9 points overall but only 1 on the other classes.
+    before = {"eval_acc": 0.98, "eval_acc_retained_classes": 0.98, "forget_acc": 1.0}
+    after = {"eval_acc": 0.89, "eval_acc_retained_classes": 0.97, "forget_acc": 0.05}
+    assert decide(policy, before, after, class_wise=True)["decision"] == "active"
+    # The same numbers for a random forget set are judged on all of eval.
+    random = decide(policy, before, {**after, "mia_efficacy": 0.9}, class_wise=False)
+    assert random["decision"] == "candidate" and random["failed"] == ["eval_acc_drop"]
+    assert random["checks"][0]["metric"] == "eval_acc"
 
 
 @pytest.mark.parametrize(
