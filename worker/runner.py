@@ -54,6 +54,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.audit import append_event
 from service.db import make_engine, make_session_factory, transaction
+from service.domain.models import active_version
 from service.models import (
     Dataset,
     DeletionRequest,
@@ -269,15 +270,6 @@ def lock_job(session: Session, job_id: str) -> Job | None:
         select(Job).where(Job.id == job_id).with_for_update().execution_options(
             populate_existing=True
         )
-    ).scalar_one_or_none()
-
-
-def active_version(session: Session, model_id: str) -> ModelVersion | None:
-    return session.execute(
-        select(ModelVersion)
-        .where(ModelVersion.model_id == model_id, ModelVersion.status == "active")
-        .order_by(ModelVersion.number.desc())
-        .limit(1)
     ).scalar_one_or_none()
 
 
