@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.audit import append_event
@@ -522,16 +522,27 @@ def claim_job(ctx: RunnerContext, job_id: str) -> Claim:
             )  # fmt: skip
             return Claim(Outcome.FAILED, job_id, model_id, detail="no active version")
         takeover = job.status == "running"
-        now = utcnow()
-        job.status = "running"
-        job.attempts += 1
-        job.worker_id = ctx.worker_id
-        job.device = device
-        job.lease_expires_at = lease_until(settings.lease_seconds)
-        job.phase = "loading"
-        job.progress = 0.0
-        job.source_version_id = source.id
-        job.started_at = job.started_at or now
+        # Compare-and-swap on (status, attempts): every claim bumps attempts, so the UPDATE
+        # matches only if nobody claimed the job since we read it, even without row locks.
+        swapped = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == job.status, Job.attempts == job.attempts)
+            .values(
+                status="running",
+                attempts=Job.attempts + 1,
+                worker_id=ctx.worker_id,
+                device=device,
+                lease_expires_at=lease_until(settings.lease_seconds),
+                phase="loading",
+                progress=0.0,
+                source_version_id=source.id,
+                started_at=func.coalesce(Job.started_at, utcnow()),
+            )
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        if swapped != 1:
+            return Claim(Outcome.BUSY, job_id, model_id, detail="claimed by another worker")
+        session.refresh(job)
         request = session.get(DeletionRequest, job.request_id)
         if request is not None:
             request.status = "running"
