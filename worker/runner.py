@@ -995,11 +995,7 @@ class _Execution:
         with transaction(self.ctx.session_factory) as session:
             lock_model(session, self.model_id)
             job = lock_job(session, self.job_id)
-            if job is None or not (
-                job.status == "running"
-                and job.worker_id == self.ctx.worker_id
-                and job.attempts == self.attempt
-            ):
+            if not self._still_ours(job):
                 raise LeaseLost(f"job {self.job_id}: claim lost before saving")
             if job.cancel_requested:
                 raise Cancelled()
@@ -1071,16 +1067,21 @@ class _Execution:
                 log.warning("job %s: could not delete %s: %s", self.job_id, self.written_key, exc)
             self.written_key = None
 
+    def _still_ours(self, job: Job | None) -> bool:
+        """The fence: the job is still running under this worker and this attempt."""
+        return (
+            job is not None
+            and job.status == "running"
+            and job.worker_id == self.ctx.worker_id
+            and job.attempts == self.attempt
+        )
+
     def _fenced_update(self, apply: Callable[[Session, Job], None]) -> bool:
         """Run `apply` on our still-claimed job in one transaction; False if we lost it."""
         with transaction(self.ctx.session_factory) as session:
             lock_model(session, self.model_id)
             job = lock_job(session, self.job_id)
-            if job is None or not (
-                job.status == "running"
-                and job.worker_id == self.ctx.worker_id
-                and job.attempts == self.attempt
-            ):
+            if not self._still_ours(job):
                 return False
             apply(session, job)
             return True
