@@ -1,17 +1,21 @@
 """Release policy: does a new version become `active` at once, or wait as a `candidate`?
 
 Thresholds come from settings (LETHE_POLICY_*) and may be overridden per request through
-`params.policy`, each within [0, 1]. Checks, each skipped (and said so) when its metric is
-missing:
+`params.policy`, each within [0, 1]. The checks judge the policy half of the eval set, which
+the calibration never saw (worker/heldout.py):
 
 - `eval_acc_drop` = eval accuracy before − after ≤ `max_eval_acc_drop` (utility kept); for a
   class-wise forget set, on the eval records of the remaining classes;
 - forgetting achieved, by the kind of forget set (`mode`; `auto` decides from the data):
   - `class` (the forget set holds every remaining training record of its classes):
     forget accuracy after ≤ `max_forget_acc`;
-  - `random` (anything else): `mia_gap` = 1 − MIA efficacy after, the share of forgotten
-    records the membership-inference attack still calls training members, ≤ `max_mia_gap`.
+  - `random` (anything else): the forgotten records look unseen — the AUC of per-sample
+    loss, forget vs held-out, ≤ 0.5 + 2·SE (+ `max_forget_auc_excess`). A fixed MIA threshold
+    would fail retraining itself on a memorising model; this test asks what retraining gives.
 - `require_review: true` always holds the result for a human decision.
+
+It fails safe: a check that could not run (no eval dataset, an empty set) is not a pass.
+The result is then held as a candidate, and `reasons` names what evidence was missing.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from service.problems import validation
 from service.settings import Settings
 
 MODES = ("auto", "class", "random")
-THRESHOLDS = ("max_eval_acc_drop", "max_forget_acc", "max_mia_gap")
+THRESHOLDS = ("max_eval_acc_drop", "max_forget_acc", "max_forget_auc_excess")
 FIELDS = (*THRESHOLDS, "mode", "require_review")
 
 
@@ -58,7 +62,7 @@ def effective_policy(settings: Settings, overrides: dict[str, Any] | None) -> di
     policy: dict[str, Any] = {
         "max_eval_acc_drop": settings.policy_max_eval_acc_drop,
         "max_forget_acc": settings.policy_max_forget_acc,
-        "max_mia_gap": settings.policy_max_mia_gap,
+        "max_forget_auc_excess": settings.policy_max_forget_auc_excess,
         "mode": "auto",
         "require_review": False,
     }
@@ -105,18 +109,24 @@ def decide(
             )
         )
     else:
-        efficacy = after.get("mia_efficacy")
-        checks.append(
-            _check(
-                "mia_gap",
-                None if efficacy is None else 1.0 - float(efficacy),
-                policy["max_mia_gap"],
-                after.get("mia_error") or "no member-probe dataset (MIA not computed)",
-            )
+        auc, limit = after.get("forget_loss_auc"), after.get("forget_loss_auc_limit")
+        check = _check(
+            "forget_indistinguishable",
+            None if auc is None or limit is None else float(auc) - float(limit),
+            policy["max_forget_auc_excess"],
+            "no eval dataset to compare the forgotten records with",
         )
-    failed = [c["name"] for c in checks if c["ok"] is False]
+        check.update(metric="forget_loss_auc - forget_loss_auc_limit", auc=auc, auc_limit=limit)
+        checks.append(check)
+    failed = [c["name"] for c in checks if c["ok"] is not True]
+    reasons = [
+        f"{c['name']}: {c['value']} > {c['limit']}" if c["ok"] is False
+        else f"{c['name']}: not measured ({c['note']})"
+        for c in checks if c["ok"] is not True
+    ]  # fmt: skip
     if policy.get("require_review"):
         failed.append("require_review")
+        reasons.append("require_review: the request asked for a human decision")
     return {
         "decision": "candidate" if failed else "active",
         "mode": mode,
@@ -125,4 +135,5 @@ def decide(
         "require_review": bool(policy.get("require_review")),
         "checks": checks,
         "failed": failed,
+        "reasons": reasons,
     }

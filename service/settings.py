@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     )
     policy_max_eval_acc_drop: float = Field(0.05, ge=0, le=1)
     policy_max_forget_acc: float = Field(0.2, ge=0, le=1)
-    policy_max_mia_gap: float = Field(0.5, ge=0, le=1)
+    policy_max_forget_auc_excess: float = Field(0.0, ge=0, le=1)
     receipt_hmac_key: str = Field("", description="HMAC key for erasure receipts.")
     idempotency_ttl_hours: float = Field(24.0, gt=0)
 

@@ -68,6 +68,7 @@ from service.problems import problem_dict
 from service.purge import key_sha256
 from service.settings import Settings
 from service.storage import Storage
+from worker.heldout import split_eval_keys
 from worker.lease import JobMonitor, as_utc, holder_is_dead, lease_until, utcnow
 
 log = logging.getLogger("lethe.worker")
@@ -76,7 +77,6 @@ PHASES = ("loading", "influence", "unlearning", "evaluating", "saving")
 TERMINAL = ("succeeded", "failed", "cancelled")
 ACTIVE = ("queued", "running")
 REQUEST_STATUS = {"succeeded": "completed", "failed": "failed", "cancelled": "cancelled"}
-GA_PARAMS = ("epochs", "lr", "batch_size", "params", "momentum", "train_mode", "seed")
 _IN_CHUNK = 500  # keys per IN (...) clause
 
 
@@ -389,23 +389,6 @@ def _chunks(values: Sequence[str], size: int = _IN_CHUNK) -> Iterable[Sequence[s
         yield values[start : start + size]
 
 
-def _jsonable(value: Any) -> Any:
-    """Plain JSON: finite floats (NaN/inf become null), lists, string keys."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return value
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(float(value)) else None
-    if hasattr(value, "tolist"):
-        return _jsonable(value.tolist())
-    return str(value)
-
-
 def _source(dataset: Dataset) -> tuple[str, str, str, str, str]:
     return (dataset.kind, dataset.storage_key, dataset.name, dataset.content_sha256, dataset.id)
 
@@ -570,6 +553,8 @@ class Loaded:
     source_version_id: str
     source_number: int
     class_wise: bool = False
+    guard: tuple[Any, Any] | None = None  # eval records the calibration may look at
+    eval_split: dict[str, Any] | None = None
 
 
 class _Execution:
@@ -711,11 +696,18 @@ class _Execution:
         forget = self._load_rows(info["dataset"], keys)
         class_wise = self._class_wise(info["dataset"], keys)
         self.progress("loading", 0.6)
-        eval_pair = self._load_rows(info["eval"], eval_keys) if info["eval"] else None
+        eval_pair = guard_pair = split = None
+        if info["eval"]:
+            if eval_keys is None:
+                eval_keys = [str(k) for k in self._dataset(info["eval"]).ids]
+            split = split_eval_keys(eval_keys)
+            eval_pair = self._load_rows(info["eval"], split.policy)
+            guard_pair = self._load_rows(info["eval"], split.guard)
         probe_pair = self._load_rows(info["probe"], probe_keys) if info["probe"] else None
         self.progress("loading", 0.8)
         return Loaded(
             model=model, forget=forget, eval=eval_pair, member_probe=probe_pair,
+            guard=guard_pair, eval_split=split.describe() if split else None,
             kind=info["kind"], params=info["params"], keys=keys, dataset_id=dataset.id,
             source_version_id=info["version_id"], source_number=info["version_number"],
             class_wise=class_wise,
@@ -887,63 +879,26 @@ class _Execution:
 
     # Engine ----------------------------------------------------------------------------
     def _evaluate(self, loaded: Loaded) -> dict[str, Any]:
-        from worker.imu import evaluate
+        from worker.job_metrics import job_metrics
 
-        result = dict(
-            evaluate(
-                loaded.model,
-                forget=loaded.forget,
-                eval=loaded.eval,
-                member_probe=loaded.member_probe if loaded.eval is not None else None,
-            )
-        )
-        if loaded.class_wise and loaded.eval is not None:
-            # Forgetting a whole class necessarily costs its share of eval accuracy; utility
-            # kept is judged on the classes that remain (the release policy uses this).
-            retained = _retained_classes_accuracy(loaded.model, loaded.eval, loaded.forget[1])
-            if retained is not None:
-                result["eval_acc_retained_classes"] = retained
-        return _jsonable(result)
+        return job_metrics(
+            loaded.model, forget=loaded.forget, eval_pair=loaded.eval,
+            member_probe=loaded.member_probe, class_wise=loaded.class_wise,
+        )  # fmt: skip
 
     def _unlearn(self, loaded: Loaded) -> dict[str, Any]:
-        from worker.imu import IMUConfig, gradient_ascent, unlearn
+        from worker.unlearning import InvalidParams, run_engine
 
-        x, y = loaded.forget
-        device = self.ctx.device
-        # `policy` (release thresholds) is not an engine parameter; the save step's concern.
-        params = {k: v for k, v in loaded.params.items() if k != "policy"}
-        if loaded.kind == "imu":
-            try:
-                config = IMUConfig.from_overrides({**params, "device": device})
-            except (ValueError, TypeError) as exc:
-                raise JobError("invalid-params", "Invalid parameters", str(exc)) from None
-            self._enter("influence")
-            result = unlearn(loaded.model, x, y, config, progress=self.progress)
-        elif loaded.kind == "ga":
-            unknown = sorted(set(params) - set(GA_PARAMS))
-            if unknown:
-                raise JobError(
-                    "invalid-params", "Invalid parameters",
-                    f"unknown parameter(s) for ga: {unknown}; accepted: {list(GA_PARAMS)}",
-                )  # fmt: skip
-            self._enter("unlearning")
-            try:
-                result = gradient_ascent(
-                    loaded.model, x, y, progress=self.progress, device=device, **params
-                )
-            except (ValueError, TypeError) as exc:
-                if self.monitor.cancel_requested.is_set():
-                    raise Cancelled() from None
-                raise JobError("invalid-params", "Invalid parameters", str(exc)) from None
-        else:
-            raise JobError("invalid-method", "Unknown method", f"unknown method {loaded.kind!r}")
-        stats = dict(result.stats)
-        kept = stats.pop("kept_indices", None)
-        stats.pop("weights", None)
-        if kept is not None:
-            # Metrics outlive the records and show up in lineage: keep only key hashes.
-            stats["kept_key_sha256"] = [key_sha256(loaded.keys[i]) for i in kept[:1000]]
-        return _jsonable(stats)
+        try:
+            return run_engine(
+                loaded.kind, loaded.params, loaded.model, loaded.forget, guard=loaded.guard,
+                class_wise=loaded.class_wise, device=self.ctx.device, progress=self.progress,
+                key_hash=lambda i: key_sha256(loaded.keys[i]),
+            )  # fmt: skip
+        except InvalidParams as exc:
+            if self.monitor.cancel_requested.is_set():
+                raise Cancelled() from None
+            raise JobError("invalid-params", "Invalid parameters", str(exc)) from None
 
     # Saving ----------------------------------------------------------------------------
     def _save(
@@ -1222,18 +1177,3 @@ def wake_next(ctx: RunnerContext, model_id: str) -> None:
             ctx.wake(nxt)
     except Exception as exc:  # the reaper re-sends lost wake-ups
         log.warning("model %s: could not wake the next job: %s", model_id, exc)
-
-
-def _retained_classes_accuracy(
-    model: Any, eval_pair: tuple[Any, Any], forget_labels: Any
-) -> float | None:
-    """Accuracy on the eval records whose class is not being forgotten (None if none are)."""
-    import torch
-
-    from worker.imu.train import accuracy
-
-    x, y = eval_pair
-    keep = ~torch.isin(torch.as_tensor(y), torch.unique(torch.as_tensor(forget_labels)))
-    if not bool(keep.any()):
-        return None
-    return float(accuracy(model, x[keep], y[keep]))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -36,13 +37,7 @@ MAX_KEYS = 100_000
 ACTIVE_JOB_STATES = ("queued", "running")
 FINISHED_JOB_STATES = ("succeeded", "failed", "cancelled")
 JOB_SEQ = "job_seq"
-# Gradient ascent baseline: the only knobs it has, with sane bounds.
-GA_BOUNDS: dict[str, tuple[type, float, float]] = {
-    "epochs": (int, 1, 1000),
-    "lr": (float, 1e-8, 10.0),
-    "batch_size": (int, 1, 65536),
-}
-# IMU fields the server controls (device placement is an operator decision).
+# Engine fields the server controls (device placement is an operator decision).
 SERVER_ONLY_PARAMS = ("device",)
 
 
@@ -82,38 +77,35 @@ def validate_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
         from service.policy import validate_policy
 
         policy = validate_policy(policy)
-    if method == "imu":
-        for key in SERVER_ONLY_PARAMS:
-            if key in params:
-                raise validation(
-                    f"params.{key} is set by the server (LETHE_DEVICE)",
-                    [{"field": f"params.{key}", "message": "not allowed"}],
-                )
-        from worker.imu import IMUConfig
-
-        try:
-            IMUConfig.from_overrides(params)
-        except (ValueError, TypeError) as exc:
+    for key in SERVER_ONLY_PARAMS:
+        if key in params:
             raise validation(
-                f"invalid IMU params: {exc}", [{"field": "params", "message": str(exc)}]
-            ) from None
-    else:
-        for key, value in params.items():
-            if key not in GA_BOUNDS:
-                raise validation(
-                    f"unknown parameter {key!r} for method ga; accepted: {sorted(GA_BOUNDS)}",
-                    [{"field": f"params.{key}", "message": "unknown parameter"}],
-                )
-            kind, low, high = GA_BOUNDS[key]
-            ok_type = (isinstance(value, int) if kind is int else isinstance(value, int | float))
-            if isinstance(value, bool) or not ok_type or not low <= value <= high:
-                raise validation(
-                    f"params.{key} must be {kind.__name__} in [{low}, {high}], got {value!r}",
-                    [{"field": f"params.{key}", "message": "out of bounds"}],
-                )
+                f"params.{key} is set by the server (LETHE_DEVICE)",
+                [{"field": f"params.{key}", "message": "not allowed"}],
+            )
+    from worker.imu import GAConfig, IMUConfig
+
+    config_cls = IMUConfig if method == "imu" else GAConfig
+    try:
+        config_cls.from_overrides(params)
+    except (ValueError, TypeError) as exc:
+        field = _named_field(str(exc), config_cls.field_names())
+        raise validation(
+            f"invalid {method} params: {exc}",
+            [{"field": f"params.{field}" if field else "params", "message": str(exc)}],
+        ) from None
     if policy is not None:
         params["policy"] = policy
     return params
+
+
+def _named_field(message: str, fields: list[str]) -> str | None:
+    """The parameter an engine error names: its first word, or the quoted unknown key."""
+    head = message.split(" ", 1)[0]
+    if head in fields:
+        return head
+    unknown = re.match(r"unknown parameter '([^']*)'", message)
+    return unknown.group(1) if unknown else None
 
 
 def body_fingerprint(body: DeletionRequestIn) -> str:

@@ -53,11 +53,12 @@ def test_out_of_range_values_name_the_field(field: str, value) -> None:
 def test_from_overrides_rejects_unknown_keys_and_applies_known_ones() -> None:
     with pytest.raises(ValueError, match="'learning_rate'"):
         IMUConfig.from_overrides({"learning_rate": 0.1})
-    cfg = IMUConfig.from_overrides({"epochs": 3, "lr": 1, "params": "fc"})
+    cfg = IMUConfig.from_overrides({"epochs": 3, "lr": 1, "params": "fc", "calibration": "off"})
     assert cfg.epochs == 3 and cfg.lr == 1.0 and isinstance(cfg.lr, float)
     assert cfg.params == ["fc"]
     base = IMUConfig(top_data=0.5)
-    assert IMUConfig.from_overrides({"epochs": 2}, base=base).top_data == 0.5
+    assert IMUConfig.from_overrides({"top_data": 0.2}, base=base).clip_quantile == 0.93
+    assert IMUConfig.from_overrides({"seed": 2}, base=base).top_data == 0.5
     assert IMUConfig.from_overrides(None) == IMUConfig()
 
 
@@ -75,10 +76,10 @@ def test_device_resolution() -> None:
 
 
 def test_integral_floats_are_accepted_for_integer_fields() -> None:
-    cfg = IMUConfig.from_overrides({"epochs": 3.0, "batch_size": 64.0})
+    cfg = IMUConfig.from_overrides({"epochs": 3.0, "batch_size": 64.0, "calibration": "off"})
     assert cfg.epochs == 3 and isinstance(cfg.epochs, int)
     with pytest.raises(ValueError, match="lr is out of range"):
-        IMUConfig.from_overrides({"lr": 10**400})
+        IMUConfig.from_overrides({"lr": 10**400, "calibration": "off"})
 
 
 _json = st.recursive(

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from worker.imu import IMUConfig, gradient_ascent, unlearn
+from worker.imu import GAConfig, IMUConfig, gradient_ascent, unlearn
 from worker.imu.train import accuracy, predict_per_class_accuracy
 
 FORGET_CLASS = 3
@@ -44,7 +44,9 @@ def test_paper_defaults_eval_mode_forget_one_class(trained_cnn, digits) -> None:
     before_others = _other_class_test_acc(model, digits)
     assert before_forget >= 0.95 and before_others >= 0.95
 
-    result = unlearn(model, xf, yf, IMUConfig(backbone_mode="eval", device="cpu"))
+    result = unlearn(
+        model, xf, yf, IMUConfig(backbone_mode="eval", device="cpu", calibration="off")
+    )
     assert result.model is model
     after_forget = accuracy(model, xf, yf)
     after_test_forget_class = predict_per_class_accuracy(model, digits.x_test, digits.y_test, 10)[
@@ -68,7 +70,9 @@ def test_train_mode_forgets_and_moves_only_theta_and_bn_statistics(trained_cnn, 
     model = copy.deepcopy(trained_cnn)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     before_others = _other_class_test_acc(model, digits)
-    result = unlearn(model, xf, yf, IMUConfig(backbone_mode="train", device="cpu"))
+    result = unlearn(
+        model, xf, yf, IMUConfig(backbone_mode="train", device="cpu", calibration="off")
+    )
     assert not result.stats["cached_features"]
     assert accuracy(model, xf, yf) <= 0.5
     # Batch statistics of one class shift the whole network: a looser bound than eval mode.
@@ -93,7 +97,7 @@ def test_eval_mode_changes_nothing_but_theta(trained_cnn, digits) -> None:
     ):
         model = copy.deepcopy(trained_cnn)
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        config = IMUConfig(params=params, backbone_mode="eval", device="cpu")
+        config = IMUConfig(params=params, backbone_mode="eval", device="cpu", calibration="off")
         result = unlearn(model, xf, yf, config)
         assert set(result.stats["theta"]) == theta
         assert result.stats["cached_features"] is (params is None)
@@ -111,7 +115,10 @@ def test_same_seed_gives_identical_weights(trained_cnn, digits) -> None:
         runs = []
         for seed in (7, 7, 8):
             model = copy.deepcopy(trained_cnn)
-            cfg = IMUConfig(backbone_mode=mode, seed=seed, batch_size=4, epochs=3, device="cpu")
+            cfg = IMUConfig(
+                backbone_mode=mode, seed=seed, batch_size=4, epochs=3, device="cpu",
+                calibration="off",
+            )  # fmt: skip
             unlearn(model, xf, yf, cfg)
             runs.append(model.state_dict())
         assert all(_same(runs[0][k], runs[1][k]) for k in runs[0])
@@ -125,7 +132,7 @@ def test_progress_phases_and_cancel(trained_cnn, digits) -> None:
         copy.deepcopy(trained_cnn),
         xf,
         yf,
-        IMUConfig(epochs=4, device="cpu"),
+        IMUConfig(epochs=4, device="cpu", calibration="off"),
         progress=lambda phase, frac: seen.append((phase, frac)),
     )
     phases = [p for p, _ in seen]
@@ -145,13 +152,15 @@ def test_progress_phases_and_cancel(trained_cnn, digits) -> None:
     model.features.train()  # odd flags must survive the abort
     model.features[0].weight.requires_grad_(False)
     for mode in ("eval", "train"):
-        cfg = IMUConfig(epochs=4, backbone_mode=mode, device="cpu")
+        cfg = IMUConfig(epochs=4, backbone_mode=mode, device="cpu", calibration="off")
         with pytest.raises(Cancelled):
             unlearn(model, xf, yf, cfg, progress=cancel_in_epoch_two)
         assert model.features.training and not model.fc.training
         assert not model.features[0].weight.requires_grad and model.fc.weight.requires_grad
     with pytest.raises(Cancelled):
-        gradient_ascent(model, xf, yf, progress=cancel_in_epoch_two, epochs=2)
+        gradient_ascent(
+            model, xf, yf, GAConfig(epochs=2, calibration="off"), progress=cancel_in_epoch_two
+        )
     assert model.features.training and not model.fc.training
     assert not model.features[0].weight.requires_grad
 
@@ -161,9 +170,8 @@ def test_gradient_ascent_baseline(trained_cnn, digits) -> None:
     model = copy.deepcopy(trained_cnn)
     before = {k: v.clone() for k, v in model.named_parameters()}
     seen: list[str] = []
-    result = gradient_ascent(
-        model, xf, yf, epochs=5, lr=1e-2, batch_size=32, progress=lambda p, f: seen.append(p)
-    )
+    cfg = GAConfig(epochs=5, lr=1e-2, batch_size=32, calibration="off", device="cpu")
+    result = gradient_ascent(model, xf, yf, cfg, progress=lambda p, f: seen.append(p))
     losses = result.stats["forget_loss_per_epoch"]
     assert losses[-1] > losses[0]  # ascent: the forget loss goes up
     assert accuracy(model, xf, yf) < accuracy(trained_cnn, xf, yf)
@@ -171,7 +179,7 @@ def test_gradient_ascent_baseline(trained_cnn, digits) -> None:
     assert set(seen) == {"unlearning"} and json.dumps(result.stats)
 
     head_only = copy.deepcopy(trained_cnn)
-    gradient_ascent(head_only, xf, yf, params=["fc"], epochs=1)
+    gradient_ascent(head_only, xf, yf, GAConfig(params=["fc"], epochs=1, calibration="off"))
     for name, p in head_only.named_parameters():
         assert torch.equal(p, dict(trained_cnn.named_parameters())[name]) != name.startswith("fc")
 
@@ -186,7 +194,7 @@ def test_invalid_requests_fail_before_touching_the_model(trained_cnn, digits) ->
     with pytest.raises(ValueError, match="prefix 'nope'"):
         unlearn(model, xf, yf, IMUConfig(params=["nope"], device="cpu"))
     with pytest.raises(ValueError, match="epochs"):
-        gradient_ascent(model, xf, yf, epochs=0)
+        gradient_ascent(model, xf, yf, GAConfig(epochs=0))
     assert all(
         torch.equal(a, b)
         for a, b in zip(model.state_dict().values(), trained_cnn.state_dict().values(), strict=True)
@@ -202,7 +210,9 @@ def test_unlearn_and_evaluate_on_cuda(trained_cnn, digits) -> None:
     results = []
     for _ in range(2):
         m = copy.deepcopy(model)
-        result = unlearn(m, xf, yf, IMUConfig(device="cuda"))
+        heldout = (digits.x_test, digits.y_test)
+        result = unlearn(m, xf, yf, IMUConfig(device="cuda"), heldout=heldout, class_wise=True)
+        assert result.stats["calibration"]["reason"] == "target-reached"
         results.append(m.state_dict())
         assert result.stats["device"].startswith("cuda")
         assert accuracy(m, xf, yf) <= 0.5

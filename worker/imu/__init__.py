@@ -7,13 +7,14 @@ architecture registry and checkpoint checks, the worker for the algorithm.
     result = unlearn(model, x_forget, y_forget, IMUConfig(), progress=lambda phase, f: ...)
 """
 
-from worker.imu.config import IMUConfig, resolve_device
+from worker.imu.config import GAConfig, IMUConfig, resolve_device
 from worker.imu.evaluation import evaluate
 from worker.imu.influence import compute_influence, influence_scores
 from worker.imu.selection import select_and_weight
 from worker.imu.unlearn import UnlearnResult, gradient_ascent, unlearn
 
 __all__ = [
+    "GAConfig",
     "IMUConfig",
     "UnlearnResult",
     "compute_influence",

@@ -88,6 +88,16 @@ def rng_devices(device: torch.device) -> list[int]:
     return [device.index if device.index is not None else torch.cuda.current_device()]
 
 
+def epoch_batches(order: torch.Tensor, batch_size: int, avoid_single: bool) -> list[torch.Tensor]:
+    """Mini-batches of ``order``, each sample exactly once; with ``avoid_single`` a trailing
+    batch of one sample joins the previous one (train-mode BatchNorm cannot normalise one)."""
+    parts = list(torch.split(order, batch_size))
+    if avoid_single and len(parts) > 1 and parts[-1].numel() == 1:
+        last = parts.pop()  # popped first, so the join lands on the batch before it
+        parts[-1] = torch.cat([parts[-1], last])
+    return parts
+
+
 def chunks(n: int, size: int) -> Iterator[slice]:
     for start in range(0, n, size):
         yield slice(start, min(n, start + size))

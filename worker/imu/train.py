@@ -10,6 +10,7 @@ from worker.imu._util import (
     as_inputs,
     as_labels,
     check_pair,
+    epoch_batches,
     model_device,
     model_dtype,
     rng_devices,
@@ -51,11 +52,8 @@ def fit(
         model.train()
         for _ in range(epochs):
             order = torch.randperm(n, generator=generator)
-            parts = list(torch.split(order, batch_size))
-            if len(parts) > 1 and parts[-1].numel() == 1:  # BatchNorm needs two samples
-                parts[-2] = torch.cat([parts[-2], parts.pop()])
             total = 0.0
-            for idx in parts:
+            for idx in epoch_batches(order, batch_size, avoid_single=True):
                 x = as_inputs(inputs[idx], dev, dtype)
                 loss = F.cross_entropy(model(x), labels[idx].to(dev))
                 opt.zero_grad(set_to_none=True)

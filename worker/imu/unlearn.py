@@ -1,17 +1,22 @@
-"""IMU unlearning (DESIGN §4, all steps) and the gradient-ascent baseline.
+"""IMU unlearning (ALGORITHM.md, all steps) and the gradient-ascent baseline.
 
 Both functions update the model in place and return it in an ``UnlearnResult`` whose
-``stats`` is plain JSON (it is stored with the job). ``progress(phase, fraction)`` is called
-with phase "influence" and "unlearning" (at least once per epoch); an exception raised by
-it propagates unchanged — that is how the worker cancels. On any exception the parameters
-keep the optimizer steps already taken (the caller discards the model), while the
-train/eval flags and ``requires_grad`` flags are always restored.
+``stats`` is plain JSON (it is stored with the job). Both run their ascent through the same
+controller (``worker.imu.calibration``): calibrated by default, the fixed schedule with
+``calibration="off"``. ``heldout`` is the guard half of the eval set (records the model
+never trained on) and ``class_wise`` says whether the forget set is whole classes; both
+shape the calibration's target and guard.
+
+``progress(phase, fraction)`` is called with phase "influence" and "unlearning" (at least
+once per epoch or step); an exception raised by it propagates unchanged — that is how the
+worker cancels. On any exception the parameters keep the steps already taken (the caller
+discards the model), while the train/eval flags and ``requires_grad`` flags are restored.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,9 +36,13 @@ from worker.imu._util import (
     resolve_theta,
     rng_devices,
 )
-from worker.imu.config import IMUConfig, resolve_device
+from worker.imu.calibration import AscentProblem, calibrated_ascent, fixed_schedule
+from worker.imu.checks import build_checks
+from worker.imu.config import GAConfig, IMUConfig, StepConfig, resolve_device
 from worker.imu.influence import compute_influence
 from worker.imu.selection import select_and_weight
+
+Pair = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -42,22 +51,56 @@ class UnlearnResult:
     stats: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable
 
 
-def _batches(order: torch.Tensor, batch_size: int, avoid_single: bool) -> list[torch.Tensor]:
-    """Mini-batches of ``order``; with ``avoid_single`` a trailing batch of one sample joins
-    the previous one (train-mode BatchNorm cannot normalise a single vector)."""
-    parts = list(torch.split(order, batch_size))
-    if avoid_single and len(parts) > 1 and parts[-1].numel() == 1:
-        parts[-2] = torch.cat([parts[-2], parts.pop()])
-    return parts
-
-
-def _l1(params: Sequence[torch.Tensor]) -> torch.Tensor:
-    return sum(p.abs().sum() for p in params)
-
-
 def _call(progress: Progress | None, phase: str, fraction: float) -> None:
     if progress is not None:
         progress(phase, float(fraction))
+
+
+def _forget_set(inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    inputs = torch.as_tensor(inputs)
+    n = check_pair(inputs, labels, "forget set")
+    if n == 0:
+        raise ValueError("the forget set is empty")
+    return inputs, as_labels(labels)
+
+
+def _heldout(heldout: Pair | None) -> Pair | None:
+    if heldout is None:
+        return None
+    x, y = torch.as_tensor(heldout[0]), as_labels(heldout[1])
+    check_pair(x, y, "held-out set")
+    return (x, y) if y.numel() else None
+
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _ascend(
+    problem: AscentProblem,
+    cfg: StepConfig,
+    make_checks: Callable[[], Any],
+    *,
+    alpha: float,
+    l1_scale: float,
+    cheap_checks: bool,
+    progress: Progress | None,
+) -> dict[str, Any]:
+    """Run the fixed or the calibrated schedule inside the caller's mode contexts."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    if not cfg.calibrated:
+        losses = fixed_schedule(
+            problem, cfg, lr=cfg.lr, alpha=alpha, epochs=cfg.epochs,
+            generator=generator, progress=progress,
+        )  # fmt: skip
+        return {"calibration": {"mode": "off"}, "loss_per_epoch": losses}
+    every = cfg.check_every or (1 if cheap_checks else 4)
+    outcome = calibrated_ascent(
+        problem, make_checks(), cfg, l1_scale=l1_scale, generator=generator,
+        progress=progress, check_every=every,
+    )  # fmt: skip
+    _call(progress, "unlearning", 1.0)
+    return {"calibration": {"mode": "auto", "check_every": every, **outcome.as_stats()}}
 
 
 def unlearn(
@@ -66,20 +109,22 @@ def unlearn(
     labels: torch.Tensor,
     config: IMUConfig | None = None,
     progress: Progress | None = None,
+    *,
+    heldout: Pair | None = None,
+    class_wise: bool = False,
 ) -> UnlearnResult:
     """Run IMU on the forget set (inputs, labels); update θ of ``model`` in place.
 
     ``stats`` holds the selection info (n, candidates, kept, clip value, weight quantiles,
-    fallback), ``kept_indices`` (into the forget set, most influential first), the loss per
-    epoch, seconds per phase, the influence path, θ names and the device.
+    fallback), ``kept_indices`` (into the forget set, most influential first), the
+    calibration outcome (or the loss per epoch), seconds per phase, the influence path, θ
+    names and the device.
     """
     cfg = config if config is not None else IMUConfig()
     cfg.validate()
-    inputs = torch.as_tensor(inputs)
-    n = check_pair(inputs, labels, "forget set")
-    if n == 0:
-        raise ValueError("the forget set is empty")
-    labels = as_labels(labels)
+    inputs, labels = _forget_set(inputs, labels)
+    heldout = _heldout(heldout)
+    n = int(labels.numel())
     device = resolve_device(cfg.device)
     model.to(device)
     dtype = model_dtype(model)
@@ -103,51 +148,52 @@ def unlearn(
     head = find_head(model, as_inputs(inputs[: min(n, 4)], device, dtype))
     theta = resolve_theta(model, cfg.params, head)
     theta_names = [name for name, _ in theta]
-    theta_params = [p for _, p in theta]
-    features = infl.features[kept.to(device)] if infl.features is not None else None
-    infl.features = None  # only the kept rows are needed from here on
-    use_cached = features is not None and cfg.backbone_mode == "eval"
+    all_features = infl.features
+    infl.features = None
+    use_cached = all_features is not None and cfg.backbone_mode == "eval" and head is not None
+    features = all_features[kept.to(device)] if use_cached else None
     w_all = weights.to(device=device, dtype=dtype)
     y_all = labels[kept].to(device)
     x_kept = None if use_cached else inputs[kept]
-    head_w = head_b = None
     if use_cached:
         prefix = head.name + "." if head.name else ""
-        head_w, head_b = head.module.weight, head.module.bias
         assert {prefix + "weight", prefix + "bias"} >= set(theta_names)
 
-    generator = torch.Generator().manual_seed(cfg.seed)
-    losses: list[float] = []
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        on = idx.to(device)
+        if features is not None:
+            logits = F.linear(features[on].to(dtype), head.module.weight, head.module.bias)
+        else:
+            logits = model(as_inputs(x_kept[idx], device, dtype))
+        ce = F.cross_entropy(logits, y_all[on], reduction="none")
+        w = w_all[on]
+        return -(w * ce).sum() / w.sum()
+
+    train = cfg.backbone_mode == "train"
+    problem = AscentProblem(
+        model, [p for _, p in theta], int(kept.numel()), batch_loss, cfg.batch_size,
+        train_mode=train, l1=True,
+    )  # fmt: skip
+
+    def make_checks() -> Any:
+        return build_checks(
+            model, (inputs, labels), heldout, class_wise=class_wise,
+            forget_acc_target=cfg.forget_acc_target, seed=cfg.seed,
+            head=head.module if use_cached else None,
+            forget_features=all_features if use_cached else None,
+        )  # fmt: skip
+
     _call(progress, "unlearning", 0.0)
     with (
-        preserved_modes(model, train=cfg.backbone_mode == "train"),
+        preserved_modes(model, train=train),
         only_these_require_grad(model, theta_names),
         torch.random.fork_rng(devices=rng_devices(device)),
     ):
         torch.manual_seed(cfg.seed)  # dropout in train mode draws from here
-        opt = torch.optim.SGD(
-            theta_params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
-        avoid_single = cfg.backbone_mode == "train"
-        for epoch in range(cfg.epochs):
-            order = torch.randperm(kept.numel(), generator=generator)
-            total, count = 0.0, 0
-            for idx in _batches(order, cfg.batch_size, avoid_single):
-                w, y = w_all[idx.to(device)], y_all[idx.to(device)]
-                if use_cached:
-                    logits = F.linear(features[idx.to(device)].to(dtype), head_w, head_b)
-                else:
-                    logits = model(as_inputs(x_kept[idx], device, dtype))
-                ce = F.cross_entropy(logits, y, reduction="none")
-                loss = -(w * ce).sum() / w.sum() + cfg.alpha * _l1(theta_params)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += float(loss.detach()) * idx.numel()
-                count += idx.numel()
-            losses.append(total / count)
-            _call(progress, "unlearning", (epoch + 1) / cfg.epochs)
-        opt.zero_grad(set_to_none=True)
+        ascent = _ascend(
+            problem, cfg, make_checks, alpha=cfg.alpha, l1_scale=cfg.l1_scale,
+            cheap_checks=use_cached or not (train and _has_batchnorm(model)), progress=progress,
+        )  # fmt: skip
     t_end = time.perf_counter()
 
     stats: dict[str, Any] = {
@@ -155,7 +201,7 @@ def unlearn(
         "selection": info,
         "kept_indices": kept.tolist(),
         "weights": [float(v) for v in weights.tolist()],
-        "loss_per_epoch": losses,
+        **ascent,
         "seconds": {
             "influence": t_influence - t_start,
             "selection": t_selection - t_influence,
@@ -178,87 +224,72 @@ def gradient_ascent(
     model: nn.Module,
     inputs: torch.Tensor,
     labels: torch.Tensor,
-    *,
-    epochs: int = 5,
-    lr: float = 1e-3,
-    batch_size: int = 256,
-    params: Sequence[str] | None = None,
+    config: GAConfig | None = None,
     progress: Progress | None = None,
-    momentum: float = 0.0,
-    train_mode: bool = True,
-    seed: int = 0,
-    device: str | torch.device | None = None,
+    *,
+    heldout: Pair | None = None,
+    class_wise: bool = False,
 ) -> UnlearnResult:
     """Baseline ``ga``: SGD ascent on the mean cross-entropy of the whole forget set.
 
-    ``params`` None = every parameter; else parameter-name prefixes as in IMUConfig. The
-    model is in train mode during the epochs (as a training loop would be) unless
-    ``train_mode`` is False. Only "unlearning" progress is reported (there is no influence
-    phase).
+    θ = every parameter unless ``config.params`` names prefixes. The model is in train mode
+    during the steps unless ``config.train_mode`` is False. Only "unlearning" progress is
+    reported (there is no influence phase).
     """
-    for name, value, lo in (("epochs", epochs, 1), ("batch_size", batch_size, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if not (isinstance(lr, (int, float)) and 0 < lr <= 10):
-        raise ValueError(f"lr must be in (0, 10], got {lr!r}")
-    if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
-        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-    inputs = torch.as_tensor(inputs)
-    n = check_pair(inputs, labels, "forget set")
-    if n == 0:
-        raise ValueError("the forget set is empty")
-    labels = as_labels(labels)
-    dev = resolve_device(device)
-    model.to(dev)
+    cfg = config if config is not None else GAConfig()
+    cfg.validate()
+    inputs, labels = _forget_set(inputs, labels)
+    heldout = _heldout(heldout)
+    device = resolve_device(cfg.device)
+    model.to(device)
     dtype = model_dtype(model)
-    if params is None:
+    if cfg.params is None:
         names = [name for name, _ in model.named_parameters()]
     else:
-        names = [name for name, _ in resolve_theta(model, list(params), None)]
+        names = [name for name, _ in resolve_theta(model, cfg.params, None)]
     chosen = [p for name, p in model.named_parameters() if name in set(names)]
     if not chosen:
         raise ValueError("the model has no parameters to update")
 
-    generator = torch.Generator().manual_seed(seed)
-    losses: list[float] = []
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        x = as_inputs(inputs[idx], device, dtype)
+        return -F.cross_entropy(model(x), labels[idx].to(device))
+
+    problem = AscentProblem(
+        model, chosen, int(labels.numel()), batch_loss, cfg.batch_size, train_mode=cfg.train_mode
+    )
+
+    def make_checks() -> Any:
+        return build_checks(
+            model, (inputs, labels), heldout, class_wise=class_wise,
+            forget_acc_target=cfg.forget_acc_target, seed=cfg.seed,
+        )  # fmt: skip
+
     t0 = time.perf_counter()
     _call(progress, "unlearning", 0.0)
     with (
-        preserved_modes(model, train=train_mode),
+        preserved_modes(model, train=cfg.train_mode),
         only_these_require_grad(model, names),
-        torch.random.fork_rng(devices=rng_devices(dev)),
+        torch.random.fork_rng(devices=rng_devices(device)),
     ):
-        torch.manual_seed(seed)
-        opt = torch.optim.SGD(chosen, lr=lr, momentum=momentum)
-        for epoch in range(epochs):
-            order = torch.randperm(n, generator=generator)
-            total = 0.0
-            for idx in _batches(order, batch_size, avoid_single=train_mode):
-                x = as_inputs(inputs[idx], dev, dtype)
-                y = labels[idx].to(dev)
-                ce = F.cross_entropy(model(x), y)
-                opt.zero_grad(set_to_none=True)
-                (-ce).backward()
-                opt.step()
-                total += float(ce.detach()) * idx.numel()
-            losses.append(total / n)
-            _call(progress, "unlearning", (epoch + 1) / epochs)
-        opt.zero_grad(set_to_none=True)
+        torch.manual_seed(cfg.seed)
+        ascent = _ascend(
+            problem, cfg, make_checks, alpha=0.0, l1_scale=0.0,
+            cheap_checks=not (cfg.train_mode and _has_batchnorm(model)), progress=progress,
+        )  # fmt: skip
     t1 = time.perf_counter()
+    if "loss_per_epoch" in ascent:  # the ascent minimises -CE; report the forget loss itself
+        ascent["forget_loss_per_epoch"] = [-v for v in ascent.pop("loss_per_epoch")]
     stats = {
         "method": "ga",
-        "n": n,
-        "forget_loss_per_epoch": losses,
+        "n": int(labels.numel()),
+        **ascent,
         "seconds": {"unlearning": t1 - t0, "total": t1 - t0},
-        "params": names if params is not None else "all",
-        "config": {
-            "epochs": epochs,
-            "lr": float(lr),
-            "batch_size": batch_size,
-            "momentum": float(momentum),
-            "train_mode": bool(train_mode),
-            "seed": seed,
-        },  # fmt: skip
-        "device": str(dev),
+        "params": names if cfg.params is not None else "all",
+        "config": cfg.to_dict(),
+        "device": str(device),
     }
     return UnlearnResult(model=model, stats=stats)
+
+
+__all__ = ["UnlearnResult", "gradient_ascent", "unlearn"]

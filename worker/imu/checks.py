@@ -1,0 +1,205 @@
+"""What the calibration controller measures between steps (ALGORITHM.md §5), and the
+indistinguishability test the release policy reuses.
+
+- Class-wise requests: target forget accuracy ≤ ``forget_acc_target``; utility guard on the
+  held-out records of the remaining classes.
+- Other requests: target "the forget set looks unseen": the AUC of per-sample loss, forget
+  vs held-out, is at most 0.5 + 2·SE (``loss_auc``); utility guard on all held-out records.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from worker.imu._util import as_inputs, model_device, model_dtype, preserved_modes
+
+LogitsFn = Callable[[], torch.Tensor]
+AUC_Z = 2.0  # the target's margin in standard errors of the AUC under "no difference"
+
+
+def loss_auc(
+    forget_losses: torch.Tensor, heldout_losses: torch.Tensor, z: float = AUC_Z
+) -> tuple[float, float]:
+    """(AUC, limit): AUC = P(a held-out loss exceeds a forget loss), ties counted half —
+    0.5 when the forget set looks like unseen data, 1 when every forget record fits better.
+    limit = 0.5 + z·SE with SE = √((n_f + n_e + 1) / (12 n_f n_e)), the Mann-Whitney
+    standard error under the null."""
+    f = forget_losses.detach().double().flatten().cpu()
+    e = heldout_losses.detach().double().flatten().cpu()
+    n_f, n_e = f.numel(), e.numel()
+    if n_f == 0 or n_e == 0:
+        raise ValueError("the AUC needs forget and held-out losses")
+    wins = 0.0
+    for start in range(0, n_f, 1024):
+        part = f[start : start + 1024, None]
+        wins += float((e[None, :] > part).sum()) + 0.5 * float((e[None, :] == part).sum())
+    se = math.sqrt((n_f + n_e + 1) / (12.0 * n_f * n_e))
+    return wins / (n_f * n_e), 0.5 + z * se
+
+
+@torch.no_grad()
+def model_logits(model: nn.Module, inputs: torch.Tensor, batch_size: int = 512) -> LogitsFn:
+    """Logits of ``inputs`` in eval mode, recomputed at each call (the model moves)."""
+    x = torch.as_tensor(inputs)
+
+    @torch.no_grad()
+    def logits() -> torch.Tensor:
+        device, dtype = model_device(model), model_dtype(model)
+        with preserved_modes(model, train=False):
+            outs = [
+                model(as_inputs(x[s : s + batch_size], device, dtype))
+                for s in range(0, x.shape[0], batch_size)
+            ]
+        return torch.cat(outs).float()
+
+    return logits
+
+
+@torch.no_grad()
+def head_inputs(
+    model: nn.Module, head: nn.Linear, inputs: torch.Tensor, batch_size: int = 512
+) -> torch.Tensor:
+    """The inputs of ``head`` for every record (eval mode): the cached features."""
+    x = torch.as_tensor(inputs)
+    device, dtype = model_device(model), model_dtype(model)
+    seen: list[torch.Tensor] = []
+    handle = head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].detach()))
+    try:
+        with preserved_modes(model, train=False):
+            for s in range(0, x.shape[0], batch_size):
+                model(as_inputs(x[s : s + batch_size], device, dtype))
+    finally:
+        handle.remove()
+    return torch.cat(seen)
+
+
+def cached_head_logits(head: nn.Linear, features: torch.Tensor) -> LogitsFn:
+    @torch.no_grad()
+    def logits() -> torch.Tensor:
+        return F.linear(features.to(head.weight.dtype), head.weight, head.bias).float()
+
+    return logits
+
+
+@dataclass
+class Measurement:
+    forget_acc: float
+    guard_acc: float | None = None
+    auc: float | None = None
+    auc_limit: float | None = None
+
+    def as_dict(self) -> dict[str, float | None]:
+        return {k: (None if v is None else round(float(v), 6)) for k, v in asdict(self).items()}
+
+
+class Checks:
+    """Forget accuracy, guard accuracy and the loss AUC, from logits functions."""
+
+    def __init__(
+        self,
+        forget: tuple[LogitsFn, torch.Tensor],
+        guard: tuple[LogitsFn, torch.Tensor] | None,
+        *,
+        class_wise: bool,
+        forget_acc_target: float,
+    ) -> None:
+        self.forget_logits, self.forget_labels = forget[0], forget[1].long()
+        self.guard = None
+        if guard is not None and guard[1].numel() > 0:
+            self.guard = (guard[0], guard[1].long())
+        self.class_wise = class_wise
+        self.forget_acc_target = forget_acc_target
+        forgotten = torch.unique(self.forget_labels)
+        self.guard_keep = None
+        if self.guard is not None and class_wise:
+            # Forgetting a class costs its share of accuracy: guard the classes that remain.
+            self.guard_keep = ~torch.isin(self.guard[1], forgotten)
+
+    @property
+    def has_target(self) -> bool:
+        """Class-wise targets need only the forget set; the AUC test needs held-out data."""
+        return self.class_wise or self.guard is not None
+
+    def measure(self) -> Measurement:
+        logits = self.forget_logits()
+        y = self.forget_labels.to(logits.device)
+        result = Measurement(forget_acc=float((logits.argmax(1) == y).double().mean()))
+        if self.guard is None:
+            return result
+        g_logits = self.guard[0]()
+        g_y = self.guard[1].to(g_logits.device)
+        correct = g_logits.argmax(1) == g_y
+        if self.guard_keep is not None:
+            kept = self.guard_keep.to(correct.device)
+            result.guard_acc = float(correct[kept].double().mean()) if kept.any() else None
+        else:
+            result.guard_acc = float(correct.double().mean())
+        if not self.class_wise:
+            result.auc, result.auc_limit = loss_auc(
+                F.cross_entropy(logits, y, reduction="none"),
+                F.cross_entropy(g_logits, g_y, reduction="none"),
+            )
+        return result
+
+    def target_met(self, m: Measurement) -> bool:
+        if self.class_wise:
+            return m.forget_acc <= self.forget_acc_target
+        return m.auc is not None and m.auc_limit is not None and m.auc <= m.auc_limit
+
+    @staticmethod
+    def guard_failed(start: Measurement, now: Measurement, max_drop: float) -> bool:
+        if start.guard_acc is None or now.guard_acc is None:
+            return False
+        return start.guard_acc - now.guard_acc > max_drop
+
+
+CHECK_FORGET_MAX = 512  # forget records looked at per check
+CHECK_GUARD_MAX = 4096  # held-out records looked at per check
+
+
+def _subset(n: int, limit: int, seed: int) -> torch.Tensor:
+    if n <= limit:
+        return torch.arange(n)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.sort(torch.randperm(n, generator=generator)[:limit]).values
+
+
+def build_checks(
+    model: nn.Module,
+    forget: tuple[torch.Tensor, torch.Tensor],
+    heldout: tuple[torch.Tensor, torch.Tensor] | None,
+    *,
+    class_wise: bool,
+    forget_acc_target: float,
+    seed: int,
+    head: nn.Linear | None = None,
+    forget_features: torch.Tensor | None = None,
+) -> Checks:
+    """Checks on seeded subsets of the forget and held-out sets. With ``head`` (θ is the
+    head and the backbone is frozen in eval mode) the logits come from cached features."""
+    x_f, y_f = forget
+    pick = _subset(int(y_f.shape[0]), CHECK_FORGET_MAX, seed)
+    if head is not None:
+        feats = forget_features if forget_features is not None else head_inputs(model, head, x_f)
+        forget_fn = cached_head_logits(head, feats[pick.to(feats.device)])
+    else:
+        forget_fn = model_logits(model, x_f[pick])
+    guard = None
+    if heldout is not None and int(heldout[1].shape[0]) > 0:
+        x_e, y_e = heldout
+        pick_e = _subset(int(y_e.shape[0]), CHECK_GUARD_MAX, seed + 1)
+        x_e, y_e = x_e[pick_e], torch.as_tensor(y_e)[pick_e]
+        if head is not None:
+            guard = (cached_head_logits(head, head_inputs(model, head, x_e)), y_e)
+        else:
+            guard = (model_logits(model, x_e), y_e)
+    return Checks(
+        (forget_fn, torch.as_tensor(y_f)[pick]), guard,
+        class_wise=class_wise, forget_acc_target=forget_acc_target,
+    )  # fmt: skip

@@ -1,0 +1,79 @@
+"""Before/after metrics of a job (ALGORITHM.md §6), measured on the policy half of the eval
+set: accuracies, the SVC membership attacks, the retained-classes accuracy of class-wise
+requests and the loss-AUC indistinguishability test of the others."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from worker.imu import evaluate
+from worker.imu.checks import loss_auc, model_logits
+from worker.imu.train import accuracy
+
+Pair = tuple[torch.Tensor, torch.Tensor]
+
+
+def jsonable(value: Any) -> Any:
+    """Plain JSON: finite floats (NaN/inf become null), lists, string keys."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(float(value)) else None
+    if hasattr(value, "tolist"):
+        return jsonable(value.tolist())
+    return str(value)
+
+
+def retained_classes_accuracy(model: Any, eval_pair: Pair, forget_labels: Any) -> float | None:
+    """Accuracy on the eval records whose class is not being forgotten (None if none are)."""
+    x, y = eval_pair
+    keep = ~torch.isin(torch.as_tensor(y), torch.unique(torch.as_tensor(forget_labels)))
+    if not bool(keep.any()):
+        return None
+    return float(accuracy(model, x[keep], y[keep]))
+
+
+def _losses(model: Any, pair: Pair) -> torch.Tensor:
+    logits = model_logits(model, pair[0])()
+    return F.cross_entropy(
+        logits, torch.as_tensor(pair[1]).long().to(logits.device), reduction="none"
+    )
+
+
+def job_metrics(
+    model: Any,
+    *,
+    forget: Pair,
+    eval_pair: Pair | None,
+    member_probe: Pair | None,
+    class_wise: bool,
+) -> dict[str, Any]:
+    result = dict(
+        evaluate(
+            model,
+            forget=forget,
+            eval=eval_pair,
+            member_probe=member_probe if eval_pair is not None else None,
+        )
+    )
+    if eval_pair is not None and int(torch.as_tensor(eval_pair[1]).numel()) > 0:
+        if class_wise:
+            # Forgetting a whole class necessarily costs its share of eval accuracy; utility
+            # kept is judged on the classes that remain (the release policy uses this).
+            retained = retained_classes_accuracy(model, eval_pair, forget[1])
+            if retained is not None:
+                result["eval_acc_retained_classes"] = retained
+        auc, limit = loss_auc(_losses(model, forget), _losses(model, eval_pair))
+        result["forget_loss_auc"], result["forget_loss_auc_limit"] = auc, limit
+    return jsonable(result)
