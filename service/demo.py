@@ -31,7 +31,8 @@ NUM_CLASSES = 10
 # The authors' lr 0.01 was tuned for ResNet-18 heads fed BatchNorm-ed features; this small
 # CNN's penultimate features are ~45 in norm, so at 0.01 the first steps already collapse the
 # head to one class. A per-request override (bounds-checked by the service) fixes the scale.
-IMU_PARAMS: dict[str, Any] = {"lr": 1e-4}
+# A default request: the engine calibrates its own intensity (ALGORITHM.md §5).
+IMU_PARAMS: dict[str, Any] = {}
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,9 @@ class DemoConfig:
 
     @property
     def arch_kwargs(self) -> dict[str, Any]:
-        return {"in_channels": 1, "num_classes": NUM_CLASSES, "width": self.width}
+        # BatchNorm, as most deployed CNNs have (and the backbone mode was chosen for).
+        return {"in_channels": 1, "num_classes": NUM_CLASSES, "width": self.width,
+                "batch_norm": True}
 
 
 @dataclass
@@ -386,16 +389,24 @@ def _drive(
             raise RuntimeError(f"job {job_id} {job['status']}: {error.get('title')}: "
                                f"{error.get('detail')}")
         version = api.get_version(job["result_version_id"])
+        request = api.get_deletion_request(accepted["id"])
         promoted = False
         if version.get("status") == "candidate":
-            # The release policy held the result for review; the demo acts as the reviewer.
-            console.print("  the release policy kept the new version as a candidate; "
-                          "promoting it as the admin reviewer (POST .../promote)")
+            # Held by the release policy: say why, then act as the admin reviewer so the
+            # walkthrough can go on (the summary records that a person had to decide).
+            reasons = (version.get("metrics") or {}).get("policy", {}).get("reasons", [])
+            console.print("  [yellow]held for review[/yellow]: " + "; ".join(reasons))
+            console.print("  promoting it as the admin reviewer (POST .../promote)")
             api.promote_version(version["id"])
             version = api.get_version(version["id"])
             promoted = True
-        console.print(f"  job {job_id} succeeded -> version {version['number']} "
-                      f"({version['status']})")
+        calibration = ((job.get("metrics") or {}).get("influence") or {}).get("calibration", {})
+        console.print(
+            f"  request {request['status']}: job {job_id} succeeded -> version "
+            f"{version['number']} ({version['status']}); calibration "
+            f"{calibration.get('reason')} after {calibration.get('steps')} steps"
+        )
+        job["request_status"] = request["status"]
         reports.append(JobReport(label, accepted["id"], job, version, keys, promoted))
 
     console.print(results_table(reports))
@@ -428,7 +439,8 @@ def _drive(
         "arch_kwargs": registered["arch_kwargs"],
         "forget_class": cfg.forget_class,
         "final_version": final,
-        "jobs": [{"label": r.label, "request_id": r.request_id, "job": r.job} for r in reports],
+        "jobs": [{"label": r.label, "request_id": r.request_id, "job": r.job,
+                  "promoted": r.promoted} for r in reports],
         "per_class_before": before,
         "per_class_after": after,
         "audit": audit,

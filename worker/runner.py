@@ -931,6 +931,7 @@ class _Execution:
             "device": self.ctx.device,
             "method": loaded.kind,
             "n_forget": len(loaded.keys),
+            "eval_split": loaded.eval_split,
             "policy": policy,
         }
         try:

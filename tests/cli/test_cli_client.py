@@ -19,6 +19,8 @@ from .conftest import Server
 
 pytestmark = pytest.mark.slow
 
+ONE_EPOCH = {"epochs": 1, "calibration": "off"}
+
 
 @pytest.fixture
 def runner() -> CliRunner:
@@ -98,7 +100,7 @@ def test_forget_wait_then_jobs_and_records(
     keys_file.write_text("# people who asked\n" + "\n".join(keys) + "\n\n")
     out = invoke_json(runner, server, "forget", "--model", registered["name"], "--dataset",
                       registered["dataset"]["id"], "--keys-file", str(keys_file), "--wait",
-                      "--params", json.dumps({"epochs": 2}))
+                      "--params", json.dumps({"epochs": 2, "calibration": "off"}))
     job = out["job"]
     assert job["status"] == "succeeded", job
     assert job["result_version_id"]
@@ -172,7 +174,7 @@ def test_forget_without_wait_then_watch(
     keys_file.write_text(json.dumps(["d0101", "d0102", "d0103"]))
     accepted = invoke_json(runner, server, "forget", "--model", registered["name"], "--dataset",
                            registered["dataset"]["id"], "--keys-file", str(keys_file),
-                           "--params", json.dumps({"epochs": 2}))
+                           "--params", json.dumps({"epochs": 2, "calibration": "off"}))
     assert accepted["job"]["status"] in {"queued", "running"}
     watch = invoke(runner, server, "jobs", "watch", accepted["job"]["id"], "--interval", "0.2")
     assert watch.exit_code == 0, watch.output
@@ -186,13 +188,13 @@ def test_idempotent_submission_through_the_client(
     key = f"idem-{uuid.uuid4().hex}"
     with LetheClient(server.url, server.admin_key) as api:
         first = api.submit_deletion(registered["name"], registered["dataset"]["id"], ["d0200"],
-                                    params={"epochs": 1}, idempotency_key=key)
+                                    params=ONE_EPOCH, idempotency_key=key)
         second = api.submit_deletion(registered["name"], registered["dataset"]["id"], ["d0200"],
-                                     params={"epochs": 1}, idempotency_key=key)
+                                     params=ONE_EPOCH, idempotency_key=key)
         assert second["id"] == first["id"] and second["job"]["id"] == first["job"]["id"]
         with pytest.raises(LetheAPIError) as conflict:
             api.submit_deletion(registered["name"], registered["dataset"]["id"], ["d0201"],
-                                params={"epochs": 1}, idempotency_key=key)
+                                params=ONE_EPOCH, idempotency_key=key)
         assert conflict.value.status == 409 and conflict.value.title
         seen: list[str] = []
         final = api.wait_for_job(first["job"]["id"], poll_interval=0.2,
@@ -206,7 +208,8 @@ def test_cancel_a_fresh_job(server: Server, registered: dict[str, Any]) -> None:
     """Cancelling right after submission either cancels it (202) or finds it finished (409)."""
     with LetheClient(server.url, server.admin_key) as api:
         accepted = api.submit_deletion(registered["name"], registered["dataset"]["id"],
-                                       ["d0300", "d0301"], params={"epochs": 50})
+                                       ["d0300", "d0301"],
+                                       params={"epochs": 50, "calibration": "off"})
         job_id = accepted["job"]["id"]
         try:
             api.cancel_job(job_id)

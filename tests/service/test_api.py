@@ -183,17 +183,27 @@ def test_submit_validation(api: Api, registered, settings) -> None:
     assert r.status_code == 422 and "top_data" in r.json()["detail"]
     r = _submit(api, registered, ["digit-11"], body={"params": {"nonsense": 1}})
     assert r.status_code == 422 and "nonsense" in r.json()["detail"]
-    r = _submit(api, registered, ["digit-11"], body={"method": "ga", "params": {"lr": 1e9}})
-    assert r.status_code == 422 and "params.lr" in r.json()["detail"]
-    r = _submit(api, registered, ["digit-11"], body={"method": "ga", "params": {"epochs": 2}})
-    assert r.status_code == 202
+    ga_off = {"method": "ga", "params": {"lr": 1e9, "calibration": "off"}}
+    r = _submit(api, registered, ["digit-11"], body=ga_off)
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "params.lr"
+    # With calibration on (the default) the step size is the controller's to choose.
+    r = _submit(api, registered, ["digit-11"], body={"params": {"lr": 0.1}})
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "params.lr"
+    assert "calibration" in r.json()["detail"]
+    # Every GA knob the engine has is accepted, weight decay included.
+    ga = {"epochs": 2, "calibration": "off", "weight_decay": 0.0, "momentum": 0.5,
+          "train_mode": False, "params": ["fc"]}
+    r = _submit(api, registered, ["digit-11"], body={"method": "ga", "params": ga})
+    assert r.status_code == 202, r.text
     r = _submit(
         api, registered, ["digit-12"],
-        body={"params": {"epochs": 3, "top_data": 0.5, "policy": {"max_forget_acc": 0.3}}},
+        body={"params": {"epochs": 3, "calibration": "off", "top_data": 0.5,
+                        "policy": {"max_forget_acc": 0.3}}},
     )
     assert r.status_code == 202
     job = api.client.get(r.headers["location"], headers=api.h("read")).json()
-    assert job["params"] == {"epochs": 3, "top_data": 0.5, "policy": {"max_forget_acc": 0.3}}
+    assert job["params"] == {"epochs": 3, "calibration": "off", "top_data": 0.5,
+                             "policy": {"max_forget_acc": 0.3}}
 
     r = _submit(api, registered, ["digit-13"], body={"method": "sgd"})
     assert r.status_code == 422 and r.json()["errors"][0]["field"] == "method"

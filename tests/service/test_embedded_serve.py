@@ -82,7 +82,7 @@ def test_embedded_serve_runs_a_job_end_to_end(tmp_path: Path, digits) -> None:
                 files={"weights": ("w.safetensors", mlp_weights())}).raise_for_status()
             r = c.post("/v1/deletion-requests", json={
                 "model": "m", "dataset": ds["id"], "record_keys": ["digit-1", "digit-2"],
-                "params": {"epochs": 2}})
+                "params": {"epochs": 2, "calibration": "off"}})
             assert r.status_code == 202, r.text
             job_url = r.headers["location"]
             deadline = time.monotonic() + 180

@@ -152,7 +152,7 @@ def test_thresholds_decide_and_are_recorded(stack: Stack, trained: Trained) -> N
     model = stack.register(trained, "mlp")
     # A strict per-request policy: any drop in eval accuracy holds the result.
     job = _submit(stack, model, trained.train_ids[:8],
-                  {"max_eval_acc_drop": 0.0, "max_mia_gap": 1.0, "mode": "random"})
+                  {"max_eval_acc_drop": 0.0, "max_forget_auc_excess": 1.0, "mode": "random"})
     assert run(stack, job) == Outcome.SUCCEEDED
     version = stack.versions(model)[-1]
     policy = version["metrics"]["policy"]
@@ -160,8 +160,10 @@ def test_thresholds_decide_and_are_recorded(stack: Stack, trained: Trained) -> N
     drop = next(c for c in policy["checks"] if c["name"] == "eval_acc_drop")
     assert drop["value"] == pytest.approx(before["eval_acc"] - after["eval_acc"], abs=1e-6)
     assert drop["limit"] == 0.0 and drop["ok"] == (drop["value"] <= 0.0)
-    gap = next(c for c in policy["checks"] if c["name"] == "mia_gap")
-    assert gap["value"] == pytest.approx(1.0 - after["mia_efficacy"], abs=1e-6)
+    unseen = next(c for c in policy["checks"] if c["name"] == "forget_indistinguishable")
+    excess = after["forget_loss_auc"] - after["forget_loss_auc_limit"]
+    assert unseen["value"] == pytest.approx(excess, abs=1e-6) and unseen["ok"] is True
+    assert "mia_confidence" in after and "mia_efficacy" in after
     expected = "candidate" if not drop["ok"] else "active"
     assert version["status"] == policy["decision"] == expected
     assert policy["thresholds"]["max_eval_acc_drop"] == 0.0
@@ -197,14 +199,15 @@ def test_class_wise_forget_set_is_judged_by_forget_accuracy(
 def test_class_wise_eval_drop_ignores_the_forgotten_class() -> None:
     from service.policy import decide
 
-    policy = {"max_eval_acc_drop": 0.05, "max_forget_acc": 0.2, "max_mia_gap": 0.5,
+    policy = {"max_eval_acc_drop": 0.05, "max_forget_acc": 0.2, "max_forget_auc_excess": 0.0,
               "mode": "auto", "require_review": False}
     # Losing the forgotten class costs 9 points overall but only 1 on the other classes.
     before = {"eval_acc": 0.98, "eval_acc_retained_classes": 0.98, "forget_acc": 1.0}
     after = {"eval_acc": 0.89, "eval_acc_retained_classes": 0.97, "forget_acc": 0.05}
     assert decide(policy, before, after, class_wise=True)["decision"] == "active"
     # The same numbers for a random forget set are judged on all of eval.
-    random = decide(policy, before, {**after, "mia_efficacy": 0.9}, class_wise=False)
+    unseen = {"forget_loss_auc": 0.52, "forget_loss_auc_limit": 0.56}
+    random = decide(policy, before, {**after, **unseen}, class_wise=False)
     assert random["decision"] == "candidate" and random["failed"] == ["eval_acc_drop"]
     assert random["checks"][0]["metric"] == "eval_acc"
 
@@ -214,7 +217,7 @@ def test_class_wise_eval_drop_ignores_the_forgotten_class() -> None:
     [
         ({"max_eval_acc_drop": 1.5}, "params.policy.max_eval_acc_drop"),
         ({"max_forget_acc": -0.1}, "params.policy.max_forget_acc"),
-        ({"max_mia_gap": "high"}, "params.policy.max_mia_gap"),
+        ({"max_forget_auc_excess": "high"}, "params.policy.max_forget_auc_excess"),
         ({"mode": "sometimes"}, "params.policy.mode"),
         ({"require_review": "yes"}, "params.policy.require_review"),
         ({"max_recall": 0.1}, "params.policy.max_recall"),
@@ -242,3 +245,19 @@ def _key(stack: Stack, scope: str) -> str:
     with transaction(stack.sessions) as session:
         _, secret = create_key(session, scope=scope)
     return secret
+
+
+def test_no_utility_evidence_is_never_activated() -> None:
+    from service.policy import decide
+
+    policy = {"max_eval_acc_drop": 1.0, "max_forget_acc": 1.0, "max_forget_auc_excess": 1.0,
+              "mode": "auto", "require_review": False}
+    # No eval dataset: neither the drop nor the indistinguishability test can run.
+    result = decide(policy, {"forget_acc": 1.0}, {"forget_acc": 0.0}, class_wise=False)
+    assert result["decision"] == "candidate"
+    assert result["failed"] == ["eval_acc_drop", "forget_indistinguishable"]
+    assert all("not measured" in r for r in result["reasons"])
+    # Class-wise with forgetting measured but utility not: still held.
+    held = decide(policy, {"forget_acc": 1.0}, {"forget_acc": 0.0}, class_wise=True)
+    assert held["decision"] == "candidate" and held["failed"] == ["eval_acc_drop"]
+    assert held["reasons"] == ["eval_acc_drop: not measured (no eval dataset)"]

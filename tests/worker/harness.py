@@ -57,7 +57,7 @@ def _npz(ids: list[str], inputs: np.ndarray, labels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def train_models(n_train: int = 1200, epochs: int = 25) -> Trained:
+def train_models(n_train: int = 1200, epochs: int = 25, batch_norm: bool = False) -> Trained:
     import torch
     from sklearn.datasets import load_digits
 
@@ -74,7 +74,8 @@ def train_models(n_train: int = 1200, epochs: int = 25) -> Trained:
     probe_rows = list(range(n_train - 300, n_train))  # retained members, never forgotten
     specs: dict[str, tuple[str, dict[str, Any]]] = {
         "mlp": ("mlp", {"in_features": 64, "hidden": [32], "num_classes": 10}),
-        "cnn": ("cnn", {"in_channels": 1, "num_classes": 10, "width": 8}),
+        "cnn": ("cnn", {"in_channels": 1, "num_classes": 10, "width": 8,
+                        **({"batch_norm": True} if batch_norm else {})}),
     }
     weights = {}
     for label, (arch, kwargs) in specs.items():

@@ -31,7 +31,8 @@ from tests.worker.harness import (
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 
 # ~1-3 s of unlearning on 10 digits with the MLP: long enough to be caught mid-job.
-LONG_IMU = {"epochs": 300, "top_data": 1.0, "batch_size": 1, "backbone_mode": "train",
+LONG_IMU = {"calibration": "off", "epochs": 300, "top_data": 1.0, "batch_size": 1,
+            "backbone_mode": "train",
             "lr": 1e-5}  # fmt: skip
 
 
@@ -86,7 +87,8 @@ def test_twenty_jobs_over_two_models_run_in_submission_order(
         work = [(model, trained.train_ids[i * 8 : (i + 1) * 8])
                 for i in range(10) for model in (mlp, cnn)]  # fmt: skip
         with ThreadPoolExecutor(max_workers=8) as pool:
-            submitted = list(pool.map(lambda mk: stack.submit(mk[0], mk[1], params={"epochs": 3}),
+            fixed = {"epochs": 3, "calibration": "off"}
+            submitted = list(pool.map(lambda mk: stack.submit(mk[0], mk[1], params=fixed),
                                       work))  # fmt: skip
         keys = {job_id: chunk for job_id, (_, chunk) in zip(submitted, work, strict=True)}
         rows = stack.job_rows(submitted)
@@ -222,7 +224,9 @@ def test_cancel_queued_and_running_jobs(
     model = stack.register(trained, "mlp")
     running = stack.submit(model, trained.train_ids[:10], params=LONG_IMU)
     queued = stack.submit(model, trained.train_ids[10:20])
-    after = stack.submit(model, trained.train_ids[20:30], params={"epochs": 2})
+    after = stack.submit(
+        model, trained.train_ids[20:30], params={"epochs": 2, "calibration": "off"}
+    )
     # The queued one is cancelled before any worker exists: at once, no worker involved.
     resp = stack.cancel(queued)
     assert resp.status_code == 202 and resp.json()["status"] == "cancelled"

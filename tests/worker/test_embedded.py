@@ -24,7 +24,10 @@ from tests.worker.harness import (
     wait_until,
 )
 
-SLOW = {"epochs": 300, "top_data": 1.0, "batch_size": 1, "backbone_mode": "train", "lr": 1e-5}
+SLOW = {
+    "calibration": "off", "epochs": 300, "top_data": 1.0, "batch_size": 1,
+    "backbone_mode": "train", "lr": 1e-5,
+}  # fmt: skip
 
 
 @pytest.mark.slow

@@ -94,7 +94,8 @@ def test_jobs_queued_across_a_redis_restart_still_run(
         worker = WorkerProcess.celery(settings, tmp_path / "worker.log").start()
         try:
             wait_until(lambda: "ready" in worker.log_text(), timeout=60, what="worker ready")
-            slow = {"epochs": 100, "top_data": 1.0, "batch_size": 1, "backbone_mode": "train",
+            slow = {"calibration": "off", "epochs": 100, "top_data": 1.0, "batch_size": 1,
+                    "backbone_mode": "train",
                     "lr": 1e-5}  # fmt: skip
             job_ids = [
                 stack.submit(model, trained.train_ids[i * 5 : (i + 1) * 5], params=slow)

@@ -1,0 +1,158 @@
+"""A deletion request with no params, judged as a user would: through the HTTP API with the
+production release policy, the released checkpoint downloaded and scored on held-out data.
+
+Digits MLP and BatchNorm CNN trained here on 1200 records (the controller was not tuned on
+them), class-wise and random requests. A model registered without an eval dataset shows the
+policy failing safe.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.trust.conftest import get, post, request_id_of, run
+from tests.worker.harness import (
+    Stack,
+    Trained,
+    api_stack,
+    image_npz,
+    stack_settings,
+    train_models,
+)
+from worker.imu.architectures import build
+from worker.imu.checkpoints import load_state_dict
+from worker.imu.train import accuracy
+from worker.runner import Outcome
+
+PRODUCTION_POLICY = {
+    "policy_max_eval_acc_drop": 0.05,
+    "policy_max_forget_acc": 0.2,
+    "policy_max_forget_auc_excess": 0.0,
+}
+
+
+@pytest.fixture(scope="module")
+def deployed() -> Trained:
+    """Models as a team would deploy them: all 1200 training records, BatchNorm in the CNN."""
+    return train_models(n_train=1200, epochs=25, batch_norm=True)
+
+
+@pytest.fixture
+def prod_stack(lethe_env: Path, database_url: str, storage_dir: Path) -> Iterator[Stack]:
+    settings = stack_settings(
+        database_url=database_url, storage_dir=storage_dir, **PRODUCTION_POLICY
+    )
+    with api_stack(settings) as s:
+        yield s
+
+
+def _arrays(npz: bytes) -> tuple[list[str], np.ndarray, np.ndarray]:
+    with np.load(io.BytesIO(npz), allow_pickle=False) as f:
+        return [str(i) for i in f["ids"]], f["inputs"], f["labels"]
+
+
+def _heldout_accuracy(
+    trained: Trained, label: str, weights: bytes, forget_class: int | None
+) -> float:
+    """Score a checkpoint on every eval record (classes being forgotten left out)."""
+    arch, kwargs = trained.specs[label]
+    model = build(arch, **kwargs)
+    model.load_state_dict(load_state_dict(weights))
+    eval_npz = trained.eval_npz if label == "mlp" else image_npz(trained.eval_npz)
+    _, x, y = _arrays(eval_npz)
+    keep = y != forget_class if forget_class is not None else np.ones(len(y), dtype=bool)
+    return accuracy(model.eval(), torch.from_numpy(x[keep]), torch.from_numpy(y[keep]))
+
+
+@pytest.mark.parametrize("label", ["mlp", "cnn"])
+@pytest.mark.parametrize("scenario", ["class", "random"])
+def test_default_request_is_released_forgotten_and_useful(
+    prod_stack: Stack, deployed: Trained, label: str, scenario: str
+) -> None:
+    stack, trained = prod_stack, deployed
+    model = stack.register(trained, label)
+    ids, _, labels = _arrays(trained.train_npz)
+    probe = set(ids[-300:])  # the harness's member probe: retained records
+    if scenario == "class":
+        forget_class: int | None = 7
+        keys = [k for k, c in zip(ids, labels, strict=True) if c == forget_class]
+    else:
+        forget_class = None
+        rng = np.random.default_rng(11)
+        pool = [k for k in ids if k not in probe]
+        keys = [pool[i] for i in sorted(rng.choice(len(pool), size=len(pool) // 10, replace=False))]
+    job = stack.submit(model, keys)  # no params at all
+    assert run(stack, job) == Outcome.SUCCEEDED
+    request = get(stack, f"/v1/deletion-requests/{request_id_of(stack, job)}").json()
+    view = stack.job(job)
+    metrics = view["metrics"]
+    policy = metrics["policy"]
+    calibration = metrics["influence"]["calibration"]
+    assert request["status"] == "completed", (policy, calibration)
+    assert policy["decision"] == "active" and policy["failed"] == []
+    # The job view shows the controller's record of what it did.
+    assert calibration["mode"] == "auto" and "trajectory" in calibration
+    assert {"reason", "steps", "lr", "alpha", "backtracks"} <= set(calibration)
+    split = metrics["eval_split"]
+    n_eval = len(_arrays(trained.eval_npz)[0])
+    assert split["n_guard"] + split["n_policy"] == n_eval and not split["shared"]
+    assert metrics["after"]["n_eval"] == split["n_policy"]  # the policy judged its own half
+
+    v1, v2 = stack.versions(model)
+    assert v2["status"] == "active" and v1["status"] == "superseded"
+    # Superseded weights are retired once a version passed the policy.
+    assert not v1["checkpoint_available"]
+    download = get(stack, f"/v1/model-versions/{v2['id']}/checkpoint")
+    assert download.status_code == 200
+    before = _heldout_accuracy(trained, label, trained.weights[label], forget_class)
+    after = _heldout_accuracy(trained, label, download.content, forget_class)
+    if scenario == "class":
+        assert metrics["after"]["forget_acc"] <= 0.05
+        assert calibration["reason"] == "target-reached"
+        m_before = metrics["before"]["eval_acc_retained_classes"]
+        m_after = metrics["after"]["eval_acc_retained_classes"]
+    else:
+        assert metrics["after"]["forget_loss_auc"] <= metrics["after"]["forget_loss_auc_limit"]
+        m_before, m_after = metrics["before"]["eval_acc"], metrics["after"]["eval_acc"]
+    assert m_before - m_after <= 0.03, (m_before, m_after)
+    # On all held-out records (both halves), from the downloaded checkpoint.
+    assert before - after <= 0.03, (before, after)
+    states = stack.record_states(stack.models[model], keys)
+    assert set(states.values()) == {"forgotten"}
+    assert json.dumps(view)
+
+
+def test_without_an_eval_dataset_nothing_is_activated_or_deleted(
+    prod_stack: Stack, trained: Trained
+) -> None:
+    stack = prod_stack
+    train_id = stack.upload("solo-train", "train", trained.train_npz)
+    arch, kwargs = trained.specs["mlp"]
+    spec = {"name": "solo-mlp", "architecture": arch, "arch_kwargs": kwargs}
+    resp = post(
+        stack, "/v1/models", data={"spec": json.dumps(spec)},
+        files={"weights": ("w.safetensors", trained.weights["mlp"], "application/octet-stream")},
+    )  # fmt: skip
+    assert resp.status_code == 201, resp.text
+    stack.models["solo-mlp"] = train_id
+    ids, _, labels = _arrays(trained.train_npz)
+    keys = [k for k, c in zip(ids, labels, strict=True) if c == 4]
+    job = stack.submit("solo-mlp", keys)
+    assert run(stack, job) == Outcome.SUCCEEDED
+    v1, v2 = stack.versions("solo-mlp")
+    policy = v2["metrics"]["policy"]
+    assert v2["status"] == "candidate" and v1["status"] == "active"
+    assert "eval_acc_drop" in policy["failed"]
+    assert any("not measured" in r and "eval" in r for r in policy["reasons"])
+    # Version 1's weights are kept until a version passes or a reviewer promotes one.
+    assert v1["checkpoint_available"] and v2["checkpoint_available"]
+    request = get(stack, f"/v1/deletion-requests/{request_id_of(stack, job)}").json()
+    assert request["status"] == "needs_review"
+    assert set(stack.record_states(train_id, keys).values()) == {"present"}
