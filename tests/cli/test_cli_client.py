@@ -110,6 +110,19 @@ def test_forget_wait_then_jobs_and_records(
     listed = invoke_json(runner, server, "jobs", "list", "--status", "succeeded")
     assert job["id"] in {j["id"] for j in listed}
 
+    # The model has no eval dataset: without utility evidence the result waits for review,
+    # and nothing is forgotten until a reviewer releases it.
+    held = invoke_json(runner, server, "versions", "show", job["result_version_id"])
+    assert held["status"] == "candidate"
+    assert "eval_acc_drop" in held["metrics"]["policy"]["failed"]
+    pending = invoke_json(runner, server, "datasets", "show", registered["dataset"]["id"],
+                          "--records", "--state", "forgotten")
+    assert pending["records"] == []
+    import httpx
+
+    promoted = httpx.post(f"{server.url}/v1/model-versions/{held['id']}/promote",
+                          headers={"Authorization": f"Bearer {server.admin_key}"}, timeout=30)
+    assert promoted.status_code == 200, promoted.text
     forgotten = invoke_json(runner, server, "datasets", "show", registered["dataset"]["id"],
                             "--records", "--state", "forgotten")
     assert sorted(r["key"] for r in forgotten["records"]) == sorted(keys)

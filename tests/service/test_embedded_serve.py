@@ -96,6 +96,10 @@ def test_embedded_serve_runs_a_job_end_to_end(tmp_path: Path, digits) -> None:
             assert job["result_version_id"] and job["progress"] == 1
             version = c.get(f"/v1/model-versions/{job['result_version_id']}").json()
             assert version["number"] == 2 and version["parent_id"] is not None
+            # No eval dataset: no utility evidence, so the result waits for a reviewer.
+            assert version["status"] == "candidate"
+            promoted = c.post(f"/v1/model-versions/{version['id']}/promote")
+            assert promoted.status_code == 200, promoted.text
             records = c.get(f"/v1/datasets/{ds['id']}/records",
                             params={"state": "forgotten"}).json()
             assert sorted(r["key"] for r in records["items"]) == ["digit-1", "digit-2"]
