@@ -22,7 +22,7 @@ from pathlib import Path
 from bench import paper, report
 
 BENCH_DIR = Path(__file__).resolve().parent
-ARCHS = ("cnn", "resnet18_cifar")
+ARCHS = ("cnn", "resnet18_cifar", paper.DIGITS)
 QUICK_DIR = BENCH_DIR / ".cache" / "quick"
 
 
