@@ -156,3 +156,41 @@ def test_without_an_eval_dataset_nothing_is_activated_or_deleted(
     request = get(stack, f"/v1/deletion-requests/{request_id_of(stack, job)}").json()
     assert request["status"] == "needs_review"
     assert set(stack.record_states(train_id, keys).values()) == {"present"}
+
+
+def test_records_that_already_look_unseen_leave_the_weights_unchanged(
+    prod_stack: Stack, deployed: Trained
+) -> None:
+    """Records the model never fitted (here: held-out digits registered as its training
+    set): the controller returns θ₀ (`target-at-start`), yet the request completes as usual —
+    a new version, the records forgotten and their content purged."""
+    from sqlalchemy import select
+
+    from service.models import Record
+
+    stack, trained = prod_stack, deployed
+    model = stack.register(trained, "mlp")
+    # Swap in a "training" set made of records the model never saw, then forget some. (They
+    # are the eval records themselves, so their losses are the held-out distribution.)
+    unseen_id = stack.upload("unseen-as-train", "train", trained.eval_npz)
+    stack.models[model] = unseen_id
+    ids, _, _ = _arrays(trained.eval_npz)
+    keys = ids[:40]
+    job = stack.submit(model, keys)
+    assert run(stack, job) == Outcome.SUCCEEDED
+    metrics = stack.job(job)["metrics"]
+    assert metrics["influence"]["calibration"]["reason"] == "target-at-start"
+    assert metrics["influence"]["calibration"]["steps"] == 0
+    request = get(stack, f"/v1/deletion-requests/{request_id_of(stack, job)}").json()
+    assert request["status"] == "completed"
+    v1, v2 = stack.versions(model)
+    assert v2["status"] == "active" and v2["number"] == 2
+    download = get(stack, f"/v1/model-versions/{v2['id']}/checkpoint")
+    new, old = load_state_dict(download.content), load_state_dict(trained.weights["mlp"])
+    assert new.keys() == old.keys() and all(torch.equal(new[k], old[k]) for k in old)
+    with stack.sessions() as session:
+        rows = session.execute(
+            select(Record).where(Record.dataset_id == unseen_id, Record.key.in_(keys))
+        ).scalars().all()
+    assert len(rows) == len(keys)
+    assert all(r.state == "forgotten" and r.purged_at is not None for r in rows)
