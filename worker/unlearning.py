@@ -20,11 +20,13 @@ class InvalidParams(ValueError):
 def engine_config(method: str, params: dict[str, Any], device: str | None) -> IMUConfig | GAConfig:
     """The run's config; `policy` (release thresholds) is not an engine parameter."""
     engine_params = {k: v for k, v in params.items() if k != "policy"}
-    cls = {"imu": IMUConfig, "ga": GAConfig}.get(method)
-    if cls is None:
+    if method not in ("imu", "ga"):
         raise InvalidParams(f"unknown method {method!r}")
+    overrides = {**engine_params, "device": device}
     try:
-        return cls.from_overrides({**engine_params, "device": device})
+        if method == "imu":
+            return IMUConfig.from_overrides(overrides)
+        return GAConfig.from_overrides(overrides)
     except (ValueError, TypeError) as exc:
         raise InvalidParams(f"{method}: {exc}") from None
 

@@ -150,19 +150,26 @@ def unlearn(
     theta_names = [name for name, _ in theta]
     all_features = infl.features
     infl.features = None
-    use_cached = all_features is not None and cfg.backbone_mode == "eval" and head is not None
-    features = all_features[kept.to(device)] if use_cached else None
+    # Cached head inputs: θ is the logits head and the backbone is frozen in eval mode.
+    cached_head = head.module if all_features is not None and head is not None else None
+    if cfg.backbone_mode != "eval":
+        cached_head = None
+    features = (
+        all_features[kept.to(device)]
+        if cached_head is not None and all_features is not None
+        else None
+    )
     w_all = weights.to(device=device, dtype=dtype)
     y_all = labels[kept].to(device)
-    x_kept = None if use_cached else inputs[kept]
-    if use_cached:
+    x_kept = inputs[kept]
+    if cached_head is not None and head is not None:
         prefix = head.name + "." if head.name else ""
         assert {prefix + "weight", prefix + "bias"} >= set(theta_names)
 
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
         on = idx.to(device)
-        if features is not None:
-            logits = F.linear(features[on].to(dtype), head.module.weight, head.module.bias)
+        if features is not None and cached_head is not None:
+            logits = F.linear(features[on].to(dtype), cached_head.weight, cached_head.bias)
         else:
             logits = model(as_inputs(x_kept[idx], device, dtype))
         ce = F.cross_entropy(logits, y_all[on], reduction="none")
@@ -179,8 +186,8 @@ def unlearn(
         return build_checks(
             model, (inputs, labels), heldout, class_wise=class_wise,
             forget_acc_target=cfg.forget_acc_target, seed=cfg.seed,
-            head=head.module if use_cached else None,
-            forget_features=all_features if use_cached else None,
+            head=cached_head,
+            forget_features=all_features if cached_head is not None else None,
         )  # fmt: skip
 
     _call(progress, "unlearning", 0.0)
@@ -192,7 +199,8 @@ def unlearn(
         torch.manual_seed(cfg.seed)  # dropout in train mode draws from here
         ascent = _ascend(
             problem, cfg, make_checks, alpha=cfg.alpha, l1_scale=cfg.l1_scale,
-            cheap_checks=use_cached or not (train and _has_batchnorm(model)), progress=progress,
+            cheap_checks=cached_head is not None or not (train and _has_batchnorm(model)),
+            progress=progress,
         )  # fmt: skip
     t_end = time.perf_counter()
 
@@ -213,7 +221,7 @@ def unlearn(
         "theta": theta_names,
         "theta_numel": int(infl.theta_numel),
         "head": infl.head,
-        "cached_features": bool(use_cached),
+        "cached_features": cached_head is not None,
         "device": str(device),
         "config": cfg.to_dict(),
     }
