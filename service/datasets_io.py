@@ -20,6 +20,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from service.textcheck import bad_char
+
 MAX_KEY_LENGTH = 500  # Record.key column width
 _SHOWN = 10  # how many offending ids an error message lists
 
@@ -75,6 +77,13 @@ def _check_ids(ids: list[str]) -> None:
         raise DatasetError(
             f"ids must be non-empty strings; rows {empty[:_SHOWN]} are empty",
             [{"field": "ids", "message": "empty id", "rows": empty[:_SHOWN]}],
+        )
+    # Record keys go into the database: NUL and lone surrogates cannot be stored there.
+    unstorable = [i for i, key in enumerate(ids) if bad_char(key)]
+    if unstorable:
+        raise DatasetError(
+            f"ids contain NUL or lone surrogate characters in rows {unstorable[:_SHOWN]}",
+            [{"field": "ids", "message": "unstorable characters", "rows": unstorable[:_SHOWN]}],
         )
     too_long = [key for key in ids if len(key) > MAX_KEY_LENGTH]
     if too_long:
