@@ -6,7 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
@@ -18,6 +18,7 @@ from service.observability import Metrics, MetricsMiddleware
 from service.problems import Problem, install_handlers, problem_response
 from service.settings import Settings, get_settings
 from service.storage import Storage
+from service.textcheck import check_request_strings
 
 log = logging.getLogger("lethe.api")
 
@@ -83,7 +84,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     engine_kwargs: dict[str, object] = {}
     if settings.db_url.startswith("postgresql"):
         # Sync endpoints run in a thread pool (40 threads): give them connections.
-        engine_kwargs = {"pool_size": 10, "max_overflow": 30, "pool_timeout": 30}
+        # A short connect timeout: with the database unreachable a request answers 503 within
+        # seconds instead of hanging a worker thread.
+        engine_kwargs = {
+            "pool_size": 10, "max_overflow": 30, "pool_timeout": 30,
+            "connect_args": {"connect_timeout": 5},
+        }
     engine = make_engine(settings.db_url, **engine_kwargs)
     state = AppState(
         settings=settings,
@@ -111,6 +117,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        # Every route: strings PostgreSQL cannot store are a 422 naming the field, not a 500.
+        dependencies=[Depends(check_request_strings)],
     )
     app.state.lethe = state
     install_handlers(app)

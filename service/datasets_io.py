@@ -20,6 +20,9 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from service.npzread import NpzError, NpzLimits, read_npz
+from service.textcheck import bad_char
+
 MAX_KEY_LENGTH = 500  # Record.key column width
 _SHOWN = 10  # how many offending ids an error message lists
 
@@ -76,6 +79,13 @@ def _check_ids(ids: list[str]) -> None:
             f"ids must be non-empty strings; rows {empty[:_SHOWN]} are empty",
             [{"field": "ids", "message": "empty id", "rows": empty[:_SHOWN]}],
         )
+    # Record keys go into the database: NUL and lone surrogates cannot be stored there.
+    unstorable = [i for i, key in enumerate(ids) if bad_char(key)]
+    if unstorable:
+        raise DatasetError(
+            f"ids contain NUL or lone surrogate characters in rows {unstorable[:_SHOWN]}",
+            [{"field": "ids", "message": "unstorable characters", "rows": unstorable[:_SHOWN]}],
+        )
     too_long = [key for key in ids if len(key) > MAX_KEY_LENGTH]
     if too_long:
         raise DatasetError(
@@ -113,37 +123,34 @@ def _ids_from_array(arr: np.ndarray) -> list[str]:
     )
 
 
-def load_tensor_npz(src: Source) -> TensorData:
-    """Load and validate an `.npz` tensor dataset (allow_pickle=False, always)."""
+def load_tensor_npz(src: Source, limits: NpzLimits | None = None) -> TensorData:
+    """Load and validate an `.npz` tensor dataset: never unpickles, bounded memory."""
+    fh = _as_fileobj(src)
+    close = isinstance(fh, str | os.PathLike)
+    if close:
+        fh = open(fh, "rb")  # noqa: SIM115 - closed below
     try:
-        archive = np.load(_as_fileobj(src), allow_pickle=False)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise DatasetError(f"not a readable .npz archive: {exc}") from None
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise DatasetError("expected an .npz archive (several named arrays), got a single .npy")
-    with archive:
-        missing = [name for name in ("ids", "inputs", "labels") if name not in archive.files]
-        if missing:
+        start = fh.tell()
+        if fh.read(6) == b"\x93NUMPY":
             raise DatasetError(
-                f"missing arrays: {', '.join(missing)} "
-                f"(found: {', '.join(archive.files) or 'none'})",
-                [{"field": name, "message": "missing array"} for name in missing],
+                "expected an .npz archive (several named arrays), got a single .npy"
             )
-        arrays = {}
-        for name in ("ids", "inputs", "labels"):
-            try:
-                arrays[name] = archive[name]
-            except ValueError as exc:
-                # numpy refuses object arrays without allow_pickle; say which array it was.
-                msg = "object arrays are not allowed" if "allow_pickle" in str(exc) else str(exc)
-                raise DatasetError(
-                    f"array '{name}': {msg}", [{"field": name, "message": msg}]
-                ) from None
-            except (OSError, EOFError, zipfile.BadZipFile) as exc:
-                raise DatasetError(
-                    f"array '{name}' is unreadable: {exc}",
-                    [{"field": name, "message": "unreadable"}],
-                ) from None
+        fh.seek(start)
+        arrays, members = read_npz(fh, ("ids", "inputs", "labels"), limits or NpzLimits())
+    except NpzError as exc:
+        raise DatasetError(str(exc), [{"field": exc.field, "message": str(exc)}]) from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        # zipfile: bad archive, CRC mismatch, truncated member; all the uploader's problem.
+        raise DatasetError(f"not a readable .npz archive: {exc}") from None
+    finally:
+        if close:
+            fh.close()
+    missing = [name for name in ("ids", "inputs", "labels") if name not in arrays]
+    if missing:
+        raise DatasetError(
+            f"missing arrays: {', '.join(missing)} (found: {', '.join(members) or 'none'})",
+            [{"field": name, "message": "missing array"} for name in missing],
+        )
     ids = _ids_from_array(arrays["ids"])
     inputs, labels = arrays["inputs"], arrays["labels"]
     if inputs.dtype.kind not in "iuf" or inputs.ndim < 1:
@@ -170,7 +177,12 @@ def load_tensor_npz(src: Source) -> TensorData:
         )
     _check_ids(ids)
     if inputs.dtype.kind == "f":
-        bad_rows = np.flatnonzero(~np.isfinite(inputs.reshape(n, -1)).all(axis=1))
+        flat = inputs.reshape(n, -1)
+        step = max(1, (16 << 20) // max(1, flat.shape[1] * flat.itemsize))  # bounded temporaries
+        bad_rows = np.concatenate([
+            np.flatnonzero(~np.isfinite(flat[i : i + step]).all(axis=1)) + i
+            for i in range(0, n, step)
+        ])
         if bad_rows.size:
             bad_ids = [ids[i] for i in bad_rows[:_SHOWN]]
             raise DatasetError(
@@ -232,9 +244,11 @@ def load_text_jsonl(src: Source) -> TextData:
     return TextData(ids=ids, texts=texts, labels=labels)
 
 
-def load_dataset(kind: str, src: Source) -> TensorData | TextData:
+def load_dataset(
+    kind: str, src: Source, limits: NpzLimits | None = None
+) -> TensorData | TextData:
     if kind == "tensor":
-        return load_tensor_npz(src)
+        return load_tensor_npz(src, limits)
     if kind == "text":
         return load_text_jsonl(src)
     raise DatasetError(f"unknown dataset kind {kind!r}", [{"field": "kind", "message": "unknown"}])

@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 PROBLEM_BASE = "https://lethe.dev/problems/"
@@ -166,7 +167,33 @@ async def _handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
     return problem_response(body)
 
 
+# Seconds a client should wait before retrying while the database is unreachable.
+DB_RETRY_AFTER_S = 5
+
+
+def database_unavailable() -> dict[str, Any]:
+    return problem_dict(
+        "database-unavailable", "Database unavailable", 503,
+        "the service cannot reach its database; retry later",
+    )
+
+
+async def _handle_database(request: Request, exc: Exception) -> JSONResponse:
+    # Only connection-level failures are a 503; any other driver error is a bug (500).
+    if isinstance(exc, sa_exc.DBAPIError) and not isinstance(
+        exc, sa_exc.OperationalError | sa_exc.InterfaceError
+    ) and not exc.connection_invalidated:
+        return await _handle_unexpected(request, exc)
+    # The driver's message names host and port: log it, never send it.
+    log.error("database unavailable on %s %s: %s", request.method, request.url.path,
+              str(exc).splitlines()[0][:300])
+    return problem_response(database_unavailable(), {"Retry-After": str(DB_RETRY_AFTER_S)})
+
+
 def install_handlers(app: FastAPI) -> None:
+    # Pool exhaustion (TimeoutError) and a dropped connection both mean "come back later".
+    for exc_type in (sa_exc.DBAPIError, sa_exc.TimeoutError, sa_exc.DisconnectionError):
+        app.add_exception_handler(exc_type, _handle_database)
     app.add_exception_handler(Problem, _handle_problem)
     app.add_exception_handler(RequestValidationError, _handle_validation)
     app.add_exception_handler(StarletteHTTPException, _handle_http)

@@ -29,6 +29,12 @@ class Settings(BaseSettings):
     storage_url: str = Field("", description="Directory or s3:// URL; default LETHE_HOME/storage.")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     max_upload_mb: int = Field(2048, gt=0, description="Largest accepted upload, in MiB.")
+    max_dataset_mb: int = Field(
+        1024, gt=0, description="Largest inflated size of a tensor dataset's arrays, in MiB."
+    )
+    max_compression_ratio: float = Field(
+        200.0, gt=1, description="Largest inflated/compressed ratio of an .npz member."
+    )
 
     # Job execution.
     max_attempts: int = Field(3, ge=1, le=100)

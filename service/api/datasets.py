@@ -11,6 +11,7 @@ from service.api.schemas import COMMON_ERRORS, DatasetOut, Page, RecordOut
 from service.auth import Principal
 from service.domain import datasets as domain
 from service.domain.pagination import DEFAULT_LIMIT, MAX_LIMIT
+from service.npzread import NpzLimits
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=COMMON_ERRORS)
 
@@ -26,7 +27,10 @@ Cursor = Annotated[str | None, Query(description="`next_cursor` of the previous 
         "Multipart upload. `kind=tensor`: an `.npz` (read with allow_pickle=False) holding "
         "`ids` (unique strings), `inputs` (numeric, finite, first axis = records) and `labels` "
         "(integers). `kind=text`: JSONL lines `{id, text[, label]}`. The file is streamed to "
-        "storage while hashed; past LETHE_MAX_UPLOAD_MB the answer is 413. Returns "
+        "storage while hashed; past LETHE_MAX_UPLOAD_MB the answer is 413. `.npz` members are "
+        "checked from their headers before any data is read: inflated sizes over "
+        "LETHE_MAX_DATASET_MB or compression ratios over LETHE_MAX_COMPRESSION_RATIO are 422. "
+        "Returns "
         "`{id, name, kind, role, record_count, sha256, created_at, ...}`."
     ),
     dependencies=[Depends(only_form_fields("file", "name", "kind", "role"))],
@@ -44,7 +48,7 @@ def upload_dataset(
     return domain.register_dataset(
         state.sessions, state.storage, name=name, kind=kind, role=role,
         chunks=iter_file(file.file), max_bytes=state.settings.max_upload_bytes,
-        actor=principal.actor,
+        actor=principal.actor, limits=NpzLimits.from_settings(state.settings),
     )
 
 

@@ -1,7 +1,8 @@
-"""/healthz (process up), /readyz (database at head, broker reachable), /metrics."""
+"""/healthz (process up), /readyz (database at head; broker reported, not required), /metrics."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import APIRouter, Depends
@@ -9,9 +10,10 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 
 from service.api.deps import AppState, get_state
-from service.migrate import check_at_head
-from service.problems import PROBLEM_MEDIA_TYPE, problem_dict
+from service.migrate import SchemaBehind, check_at_head
+from service.problems import DB_RETRY_AFTER_S, PROBLEM_MEDIA_TYPE, problem_dict
 
+log = logging.getLogger("lethe.api")
 router = APIRouter(tags=["health"])
 
 
@@ -20,57 +22,70 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-def _check_database(state: AppState) -> str | None:
+def _check_database(state: AppState) -> str:
     try:
         with state.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
         check_at_head(state.engine)
-    except Exception as exc:  # any failure means not ready; say why
-        return f"database: {exc}".splitlines()[0][:500]
-    return None
+    except SchemaBehind:
+        return "migration-pending"
+    except Exception as exc:  # the driver's message (host, port) goes to the log only
+        log.warning("readiness: database check failed: %s", str(exc).splitlines()[0][:300])
+        return "unavailable"
+    return "ok"
 
 
-def _check_broker(state: AppState) -> str | None:
+def _check_broker(state: AppState) -> bool:
     url = state.settings.broker_url
     if not url.startswith(("redis://", "rediss://")):
-        return None  # embedded, or a transport this check does not know how to ping
+        return True  # a transport this check does not know how to ping
     import redis
 
     client = redis.Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=1.0)
     try:
         client.ping()
     except Exception as exc:
-        return f"broker: {type(exc).__name__}: {exc}"[:500]
+        log.warning("readiness: broker check failed: %s: %s", type(exc).__name__, exc)
+        return False
     finally:
         client.close()
-    return None
+    return True
 
 
 @router.get(
     "/readyz",
-    summary="Readiness: database reachable and at the migration head, broker reachable",
+    summary="Readiness: 503 only when this instance cannot serve requests (database down)",
+    description=(
+        "`checks` says, per dependency, `ok` or `unavailable` (the database also "
+        "`migration-pending`, the broker `embedded`); details go to the server log only. "
+        "The database down, or behind the migration head: 503 (take the instance out of the "
+        "load balancer). Only the broker down: 200 with `status: degraded`: submissions are "
+        "still accepted, stored as queued and dispatched once the broker is back, so keep "
+        "routing to the instance and alert on the broker instead."
+    ),
     responses={503: {"content": {PROBLEM_MEDIA_TYPE: {}}}},
 )
 def readyz(state: AppState = Depends(get_state)) -> JSONResponse:
-    checks: dict[str, Any] = {}
-    reasons = []
-    db = _check_database(state)
-    checks["database"] = "ok" if db is None else "failed"
-    if db:
-        reasons.append(db)
+    checks: dict[str, Any] = {"database": _check_database(state)}
     if state.settings.embedded:
         checks["broker"] = "embedded"
     else:
-        broker = _check_broker(state)
-        checks["broker"] = "ok" if broker is None else "failed"
-        if broker:
-            reasons.append(broker)
-    if reasons:
-        body = problem_dict(
-            "not-ready", "Not ready", 503, "; ".join(reasons), checks=checks, reasons=reasons
+        checks["broker"] = "ok" if _check_broker(state) else "unavailable"
+    if checks["database"] != "ok":
+        detail = (
+            "the database schema is behind the migration head: run `lethe migrate`"
+            if checks["database"] == "migration-pending" else "database unavailable"
         )
-        return JSONResponse(body, status_code=503, media_type=PROBLEM_MEDIA_TYPE)
-    return JSONResponse({"status": "ready", "checks": checks})
+        body = problem_dict(
+            "not-ready", "Not ready", 503, detail, checks=checks,
+            reasons=[f"{name} {v}" for name, v in checks.items() if v not in ("ok", "embedded")],
+        )
+        return JSONResponse(
+            body, status_code=503, media_type=PROBLEM_MEDIA_TYPE,
+            headers={"Retry-After": str(DB_RETRY_AFTER_S)},
+        )
+    status = "ready" if checks["broker"] != "unavailable" else "degraded"
+    return JSONResponse({"status": status, "checks": checks})
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)

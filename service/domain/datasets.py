@@ -20,6 +20,7 @@ from service.db import transaction
 from service.domain.pagination import MAX_LIMIT, decode_cursor, page
 from service.domain.views import dataset_view, iso
 from service.models import Dataset, Record, new_id
+from service.npzread import NpzLimits
 from service.problems import Problem, not_found, validation
 from service.storage import Storage, TooLarge
 
@@ -59,6 +60,7 @@ def register_dataset(
     chunks: Iterable[bytes],
     max_bytes: int | None,
     actor: str,
+    limits: NpzLimits | None = None,
 ) -> dict[str, Any]:
     check_name(name)
     errors = []
@@ -79,7 +81,7 @@ def register_dataset(
         if size == 0:
             raise DatasetError("the uploaded file is empty")
         with storage.open_read(key) as fh:
-            data = load_dataset(kind, fh)
+            data = load_dataset(kind, fh, limits)
         hashes = record_hashes(data)
         with transaction(factory) as session:
             ds = Dataset(

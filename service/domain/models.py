@@ -25,6 +25,7 @@ from service.domain.views import model_view, version_view
 from service.models import Model, ModelVersion, new_id
 from service.problems import Problem, conflict, not_found, validation
 from service.storage import Storage, TooLarge
+from service.textcheck import check_json
 
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,199}$")
 
@@ -49,6 +50,7 @@ def parse_spec(raw: str) -> ModelSpec:
         raise validation(
             f"spec is not valid JSON: {exc.msg}", [{"field": "spec", "message": "invalid JSON"}]
         ) from None
+    check_json(data, "spec")  # the JSON inside the form field: `\u0000` escapes decode here
     try:
         spec = ModelSpec.model_validate(data)
     except ValidationError as exc:

@@ -70,7 +70,7 @@ def test_app_refuses_database_behind_head(database_url: str, lethe_env, storage_
     client = TestClient(app, raise_server_exceptions=False)
     ready = client.get("/readyz")  # no lifespan here: the route itself reports the state
     assert ready.status_code == 503 and "lethe migrate" in ready.json()["detail"]
-    assert ready.json()["checks"]["database"] == "failed"
+    assert ready.json()["checks"]["database"] == "migration-pending"
     with pytest.raises(migrate.SchemaBehind, match="lethe migrate"), client:
         pass
     migrate.upgrade(database_url)
