@@ -119,6 +119,7 @@ def train_fixture(
             if exact_recall(model, train).mean() == 1.0:
                 break
             model.train()
+    opt.zero_grad(set_to_none=True)
     model.eval()
     return Fixture(cfg, tok, model, batches["forget"], batches["retain"], batches["heldout"],
                    ex, time.process_time() - start, epoch)  # fmt: skip
