@@ -3,9 +3,10 @@ counterpart of ``checks.Checks``, with the same interface (``measure``, ``has_ta
 ``target_met``, ``guard_failed``) so ``calibrated_ascent`` runs unchanged.
 
 - Target: forget verbatim recall ≤ ``recall_target`` AND the forget set looks unseen by one of
-  two tests: its mean NLL reached the held-out level, or the min-k% (k = 40 %) membership AUC
-  forget vs held-out is within 0.5 + 2·SE. Two tests because with ~20 forget records the AUC's
-  standard error is large, and the NLL level is the direct "toward held-out" criterion.
+  two tests: its mean NLL reached the held-out NLL of the model before unlearning, or the
+  min-k% (k = 40 %) membership AUC forget vs held-out is within 0.5 + 2·SE. Two tests
+  because with ~20 forget records the AUC's standard error is large, and the NLL level is
+  the direct "toward held-out" criterion.
 - Guard: held-out perplexity may rise by at most ``ppl_max_rise`` (relative), and member-probe
   (retained records) recall may drop by at most ``max_drop`` (absolute). The study in
   LANGUAGE_MODELS.md found retain-free ascent destroys retained recall before forget recall
@@ -52,6 +53,11 @@ class TextChecks:
         self.heldout = heldout if heldout is not None and len(heldout) else None
         self.probe = member_probe if member_probe is not None and len(member_probe) else None
         self.recall_target, self.ppl_max_rise = recall_target, ppl_max_rise
+        # The level to reach is the held-out NLL of the model before unlearning: the current
+        # held-out NLL rises with the damage, and chasing it would reward destruction.
+        self.nll_target: float | None = None
+        if self.heldout is not None:
+            self.nll_target = split_summary(record_stats(model, self.heldout))["nll"]
 
     @property
     def has_target(self) -> bool:
@@ -75,10 +81,10 @@ class TextChecks:
         return out
 
     def target_met(self, m: TextMeasurement) -> bool:
-        if m.forget_recall > self.recall_target or m.heldout_nll is None:
+        if m.forget_recall > self.recall_target or self.nll_target is None:
             return False
         unseen_auc = m.auc is not None and m.auc_limit is not None and m.auc <= m.auc_limit
-        return unseen_auc or m.forget_nll >= m.heldout_nll
+        return unseen_auc or m.forget_nll >= self.nll_target
 
     def guard_failed(self, start: TextMeasurement, now: TextMeasurement, max_drop: float) -> bool:
         before, after = start.heldout_ppl, now.heldout_ppl
