@@ -1,0 +1,182 @@
+"""IMU and gradient ascent on causal LMs: influence → selection and weights → weighted
+ascent, run by the same controller as classifiers (``calibration.calibrated_ascent``) with
+``TextChecks`` for targets and guards.
+
+Two losses for the ascent on a batch B of kept records (weights w_i, ℓ_i = mean token NLL):
+
+- ``ga``:  L = − Σ w_i ℓ_i / Σ w_i  (unbounded: it keeps pushing as ℓ_i grows);
+- ``npo``: L = (2/β) Σ w_i softplus(β r_i) / Σ w_i with r_i = log π_θ(y_i) − log π_ref(y_i)
+  (summed over the record's scored tokens, π_ref the model before unlearning) — negative
+  preference optimisation (Zhang et al. 2024). Its gradient is the GA gradient scaled by
+  2σ(β r_i), which fades once a record's likelihood has dropped, so the loss is bounded below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from worker.imu._util import Progress, only_these_require_grad, preserved_modes
+from worker.imu.calibration import AscentProblem, calibrated_ascent, fixed_schedule
+from worker.imu.config import Bounds, StepConfig
+from worker.imu.lm_data import TokenBatch, record_losses
+from worker.imu.lm_influence import lm_influence, lm_theta
+from worker.imu.selection import select_and_weight
+from worker.imu.text_checks import TextChecks
+
+LOSSES = ("ga", "npo")
+METHODS = ("imu", "ga")
+
+
+@dataclass
+class LMUnlearnConfig(StepConfig):
+    """Settings of LM unlearning; the StepConfig fields drive the controller.
+
+    method: ``imu`` (influence weights, θ = decoder blocks by default, α‖θ‖₁) or ``ga``
+        (uniform weights, θ = every parameter, no L1).
+    top_data: share of the candidates kept. 1.0 for LMs: every record named in a deletion
+        request must lose its verbatim recall, so none may be dropped by the selection.
+    loss: ``ga`` or ``npo`` (see the module docstring); npo_beta: β of NPO.
+    recall_target / ppl_max_rise: see ``TextChecks``.
+    """
+
+    batch_size: int = 8
+    method: str = "imu"
+    loss: str = "ga"
+    top_data: float = 1.0
+    clip_quantile: float = 0.93
+    damping: float = 0.01
+    l1_scale: float = 1e-3
+    npo_beta: float = 0.1
+    recall_target: float = 0.0
+    ppl_max_rise: float = 0.1
+    chunk_bytes: int = 256 << 20
+
+    _FLOAT_BOUNDS: ClassVar[Bounds] = {
+        **StepConfig._FLOAT_BOUNDS,
+        "top_data": (0.0, 1.0, False, True),
+        "clip_quantile": (0.0, 1.0, False, True),
+        "damping": (0.0, 1e6, False, True),
+        "l1_scale": (0.0, 0.1, True, True),
+        "npo_beta": (0.0, 100.0, False, True),
+        "recall_target": (0.0, 1.0, True, True),
+        "ppl_max_rise": (0.0, 100.0, True, True),
+    }
+    _INT_BOUNDS: ClassVar[dict[str, tuple[int, int]]] = {
+        **StepConfig._INT_BOUNDS,
+        "chunk_bytes": (1 << 20, 1 << 36),
+    }
+    _CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        **StepConfig._CHOICES,
+        "method": METHODS,
+        "loss": LOSSES,
+    }
+
+
+@dataclass
+class LMUnlearnResult:
+    model: nn.Module  # the module passed in, updated in place
+    stats: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def make_batch_loss(
+    model: nn.Module,
+    forget: TokenBatch,
+    kept: torch.Tensor,
+    weights: torch.Tensor,
+    loss: str,
+    beta: float,
+):
+    """The loss of a mini-batch of positions into ``kept`` (what the controller cycles)."""
+    device = next(model.parameters()).device
+    w_all = weights.to(device, torch.float32)
+    ref = None
+    if loss == "npo":
+        with torch.no_grad(), preserved_modes(model, train=False):
+            nll, count = record_losses(model, forget.take(kept))
+            ref = (nll * count).detach()  # −log π_ref(y_i), summed over scored tokens
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        nll, count = record_losses(model, forget.take(kept[idx]))
+        w = w_all[idx.to(device)]
+        if loss == "ga":
+            return -(w * nll).sum() / w.sum()
+        assert ref is not None
+        log_ratio = ref[idx.to(device)] - nll * count  # log π_θ − log π_ref
+        return (2.0 / beta) * (w * F.softplus(beta * log_ratio)).sum() / w.sum()
+
+    return batch_loss
+
+
+def unlearn_lm(
+    model: nn.Module,
+    forget: TokenBatch,
+    heldout: TokenBatch | None,
+    member_probe: TokenBatch | None = None,
+    cfg: LMUnlearnConfig | None = None,
+    progress: Progress | None = None,
+) -> LMUnlearnResult:
+    """Forget ``forget`` in place. With ``calibration="auto"`` the controller stops at the
+    text target or when the guard gives up, keeping the last state that passed the guard."""
+    cfg = cfg or LMUnlearnConfig()
+    t0 = time.perf_counter()
+    stats: dict[str, Any] = {"config": dataclasses.asdict(cfg), "loss": cfg.loss}
+    n = len(forget)
+    if cfg.method == "imu":
+        infl = lm_influence(
+            model, forget, params=cfg.params, damping=cfg.damping,
+            chunk_bytes=cfg.chunk_bytes, cache_bytes=cfg.chunk_bytes, progress=progress,
+        )  # fmt: skip
+        kept, weights, sel = select_and_weight(infl.scores, cfg.top_data, cfg.clip_quantile)
+        theta = lm_theta(model, cfg.params)
+        stats["influence"] = {
+            "theta_numel": infl.theta_numel, "chunk": infl.chunk, "streamed": infl.streamed,
+            "theta": infl.theta[:50],
+        }  # fmt: skip
+        stats["selection"] = sel
+    else:
+        kept = torch.arange(n, dtype=torch.int64)
+        weights = torch.ones(n, dtype=torch.float64)
+        theta = lm_theta(model, cfg.params or [name for name, _ in model.named_parameters()])
+    t1 = time.perf_counter()
+    names = [name for name, _ in theta]
+    with only_these_require_grad(model, names), preserved_modes(model, train=False):
+        problem = AscentProblem(
+            model, [p for _, p in theta], int(kept.numel()),
+            make_batch_loss(model, forget, kept, weights, cfg.loss, cfg.npo_beta),
+            cfg.batch_size, train_mode=False, l1=cfg.method == "imu",
+        )  # fmt: skip
+        generator = torch.Generator().manual_seed(cfg.seed)
+        if cfg.calibrated:
+            checks = TextChecks(
+                model, forget, heldout, member_probe,
+                recall_target=cfg.recall_target, ppl_max_rise=cfg.ppl_max_rise,
+            )  # fmt: skip
+            every = cfg.check_every or 1
+            outcome = calibrated_ascent(
+                problem, checks, cfg, l1_scale=cfg.l1_scale if problem.l1 else 0.0,  # type: ignore[arg-type]
+                generator=generator, progress=progress, check_every=every,
+            )  # fmt: skip
+            stats["calibration"] = {"mode": "auto", "check_every": every, **outcome.as_stats()}
+        else:
+            losses = fixed_schedule(
+                problem, cfg, lr=cfg.lr, alpha=0.0, epochs=cfg.epochs,
+                generator=generator, progress=progress,
+            )  # fmt: skip
+            stats["calibration"] = {"mode": "off", "epoch_losses": losses}
+    for p in model.parameters():
+        p.grad = None
+    stats["timings"] = {"influence_s": t1 - t0, "unlearning_s": time.perf_counter() - t1}
+    stats["peak_rss_mib"] = _peak_rss_mib()
+    return LMUnlearnResult(model, stats)
