@@ -165,8 +165,15 @@ def resolve_theta(
         if not chosen:
             raise ValueError(f"the head {head.name!r} has no parameters")
         return chosen
+    return by_prefixes(named, params)
+
+
+def by_prefixes(
+    named: Sequence[tuple[str, nn.Parameter]], prefixes: Sequence[str]
+) -> list[tuple[str, nn.Parameter]]:
+    """The parameters whose dotted name equals a prefix or starts with ``prefix + '.'``."""
     chosen: list[tuple[str, nn.Parameter]] = []
-    for prefix in params:
+    for prefix in prefixes:
         hits = [(n, p) for n, p in named if n == prefix or n.startswith(prefix + ".")]
         if not hits:
             raise ValueError(f"params: no parameter matches the prefix {prefix!r}")

@@ -435,11 +435,18 @@ def check_state_dict(
     integer/bool): ``load_state_dict`` casts between float precisions, but an integer buffer
     filled from floats, or the reverse, is a broken checkpoint.
     """
-    model = build_meta(name, kwargs)
+    return compare_state_dict(build_meta(name, kwargs), tensors_meta)
+
+
+def compare_state_dict(
+    model: nn.Module, tensors_meta: Mapping[str, Any], optional: frozenset[str] = frozenset()
+) -> StateDictCheck:
+    """The comparison rule of ``check_state_dict`` against a built (meta) model; keys in
+    ``optional`` may be absent (tied weights saved under one name)."""
     expected = {k: (tuple(v.shape), dtype_name(v.dtype)) for k, v in model.state_dict().items()}
     got = {k: _meta_of(k, v) for k, v in tensors_meta.items()}
     result = StateDictCheck(
-        missing=[k for k in expected if k not in got],
+        missing=[k for k in expected if k not in got and k not in optional],
         unexpected=[k for k in got if k not in expected],
     )
     for key, exp in expected.items():

@@ -21,13 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from worker.imu.architectures import (
-    SAFETENSORS_DTYPES,
-    Mismatch,
-    StateDictCheck,
-    _meta_of,
-    dtype_name,
-)
+from worker.imu.architectures import StateDictCheck, compare_state_dict
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -163,8 +157,7 @@ def check_causal_lm(
     numel = sum(p.numel() for p in model.parameters())
     if numel > MAX_PARAMETERS:
         raise ValueError(f"config.json: {numel} parameters exceeds {MAX_PARAMETERS}")
-    expected = {k: (tuple(v.shape), dtype_name(v.dtype)) for k, v in model.state_dict().items()}
-    got = {k: _meta_of(k, v) for k, v in tensors_meta.items()}
+    got = set(tensors_meta)
     optional: set[str] = set()
     for group in tied_groups(model):
         # One name of a tied group carries the tensor (save_pretrained drops the others);
@@ -173,19 +166,7 @@ def check_causal_lm(
         optional.update(k for k in group if k not in present)
         if not present:
             optional.discard(group[0])
-    result = StateDictCheck(
-        missing=[k for k in expected if k not in got and k not in optional],
-        unexpected=[k for k in got if k not in expected],
-    )
-    for key, exp in expected.items():
-        if key not in got:
-            continue
-        have = got[key]
-        exp_float = SAFETENSORS_DTYPES[exp[1]].is_floating_point
-        have_float = SAFETENSORS_DTYPES[have[1]].is_floating_point
-        if exp[0] != have[0] or exp_float != have_float:
-            result.mismatched.append(Mismatch(key, exp, have))
-    return result
+    return compare_state_dict(model, tensors_meta, frozenset(optional))
 
 
 def require_match(config: bytes | str | Mapping[str, Any], tensors_meta: Mapping[str, Any]) -> None:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from worker.imu._util import Progress, model_device, preserved_modes
+from worker.imu._util import Progress, by_prefixes, model_device, preserved_modes
 from worker.imu.lm_data import TokenBatch, nll_from_logits, record_losses
 
 CHUNK_BYTES = 256 << 20  # one chunk of per-sample gradients
@@ -34,14 +34,7 @@ def lm_theta(model: nn.Module, params: Sequence[str] | None) -> list[tuple[str, 
         if not chosen:
             raise ValueError("no decoder-block parameters found; pass params (name prefixes)")
         return chosen
-    out: list[tuple[str, nn.Parameter]] = []
-    for prefix in params:
-        hits = [(n, p) for n, p in named if n == prefix or n.startswith(prefix + ".")]
-        if not hits:
-            raise ValueError(f"params: no parameter matches the prefix {prefix!r}")
-        out += [h for h in hits if h[0] not in {c[0] for c in out}]
-    order = {n: i for i, (n, _) in enumerate(named)}
-    return sorted(out, key=lambda item: order[item[0]])
+    return by_prefixes(named, params)
 
 
 def _functional_loss(model: nn.Module, theta: list[tuple[str, nn.Parameter]]):
