@@ -124,7 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_handlers(app)
     for router in (
         datasets.router, models.router, requests.router, jobs.router, audit.router,
-        health.router,
+        health.router, audit.jwks_router,
     ):
         app.include_router(router)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes + _FORM_OVERHEAD_BYTES)

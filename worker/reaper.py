@@ -61,6 +61,7 @@ class ReapReport:
     resent: list[str] = field(default_factory=list)
     purged: list[str] = field(default_factory=list)  # dataset ids
     retired: list[str] = field(default_factory=list)  # version ids
+    checkpoint_seq: int | None = None  # the signed audit checkpoint written this tick
 
 
 @dataclass
@@ -86,6 +87,7 @@ class Reaper:
         self.enqueue = enqueue  # None in embedded mode: the executor polls the database
         self._waiting: dict[str, _Waiting] = {}
         self.first_resend_s = max(1.0, 3 * settings.reaper_interval_seconds)
+        self._next_checkpoint = 0.0
 
     def tick(self) -> ReapReport:
         report = ReapReport()
@@ -107,6 +109,24 @@ class Reaper:
         report.retired.extend(
             retire_due(self.factory, self.storage, self.settings, actor=self.actor)
         )
+        self._checkpoint(report)
+
+    def _checkpoint(self, report: ReapReport) -> None:
+        """A signed audit checkpoint every `checkpoint_interval_s` (the first on the first
+        tick), so truncating the log is detectable even when no receipt was issued."""
+        from service.checkpoints import write_checkpoint
+        from service.signing import load_signer
+
+        now = time.monotonic()
+        if now < self._next_checkpoint:
+            return
+        self._next_checkpoint = now + self.settings.checkpoint_interval_s
+        try:
+            written = write_checkpoint(self.factory, self.storage, load_signer(self.settings))
+        except Exception:  # a broken chain is never signed; say so loudly, keep reaping
+            log.exception("could not write a signed audit checkpoint")
+            return
+        report.checkpoint_seq = written["seq"] if written else None
 
     # 1 ----------------------------------------------------------------------------------
     def _recover_running(self, report: ReapReport) -> None:
