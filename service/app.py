@@ -104,6 +104,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         # Refuse to serve a database behind the migration head (run `lethe migrate`).
         check_at_head(engine)
+        # Temporary files of a process killed mid-write (this one, before a restart, or another).
+        state.storage.sweep_temp(settings.temp_max_age_s)
         log.info(
             "lethe %s serving (%s, %s)", __version__,
             "postgresql" if is_postgres(engine) else "sqlite",

@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     retired_signing_keys: str = Field(
         "", description="Comma-separated PEM files of earlier keys, kept for verification."
     )
+    temp_max_age_s: float = Field(
+        3600.0, gt=0, description="Age after which an untouched temporary upload/checkpoint "
+        "file (.tmp/*.part in storage) counts as abandoned and is removed.",
+    )
     checkpoint_interval_s: float = Field(
         300.0, gt=0, description="Seconds between periodic signed audit checkpoints."
     )

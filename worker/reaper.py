@@ -15,7 +15,9 @@ Each tick:
    by design; duplicates are harmless because claiming is idempotent. The first re-send comes
    `3 × reaper_interval_seconds` after the reaper first sees the job waiting, so a worker that
    starts after downtime picks up everything that was queued meanwhile.
-4. Trust upkeep (service.purge, service.retention): finish content purges that an earlier
+4. Trust upkeep (service.purge, service.retention, service.checkpoints): signed audit
+   checkpoints every LETHE_CHECKPOINT_INTERVAL_S, abandoned temporary `.part` files older than
+   LETHE_TEMP_MAX_AGE_S removed, finish content purges that an earlier
    save or promotion could not complete, and retire superseded checkpoints whose
    `LETHE_SUPERSEDED_RETENTION_S` has run out (and rejected ones). Both are idempotent and
    lock what they change, so concurrent reapers are harmless.
@@ -61,6 +63,7 @@ class ReapReport:
     resent: list[str] = field(default_factory=list)
     purged: list[str] = field(default_factory=list)  # dataset ids
     retired: list[str] = field(default_factory=list)  # version ids
+    swept: list[str] = field(default_factory=list)  # abandoned temporary files removed
     checkpoint_seq: int | None = None  # the signed audit checkpoint written this tick
 
 
@@ -110,6 +113,7 @@ class Reaper:
             retire_due(self.factory, self.storage, self.settings, actor=self.actor)
         )
         self._checkpoint(report)
+        report.swept = self.storage.sweep_temp(self.settings.temp_max_age_s)
 
     def _checkpoint(self, report: ReapReport) -> None:
         """A signed audit checkpoint every `checkpoint_interval_s` (the first on the first
