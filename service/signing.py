@@ -48,13 +48,20 @@ def _import_pem(path: Path) -> OKPKey:
 def _create(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     pem = OKPKey.generate_key("Ed25519").as_pem(private=True)
-    try:
-        # O_EXCL: processes racing on first use agree on the one that won.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as fh:
         fh.write(pem)
+        fh.flush()
+        os.fsync(fh.fileno())
+    try:
+        # link() fails if the key exists: processes racing on first use agree on the winner,
+        # and nobody ever reads a half-written key.
+        os.link(tmp, path)
+    except FileExistsError:
+        return
+    finally:
+        tmp.unlink(missing_ok=True)
     log.warning(
         "LETHE_SIGNING_KEY is not set: created a per-installation Ed25519 key at %s (mode "
         "0600); set LETHE_SIGNING_KEY when several hosts sign, and back the key up", path,
