@@ -104,6 +104,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         # Refuse to serve a database behind the migration head (run `lethe migrate`).
         check_at_head(engine)
+        # Temporary files of a process killed mid-write (this one, before a restart, or another).
+        state.storage.sweep_temp(settings.temp_max_age_s)
         log.info(
             "lethe %s serving (%s, %s)", __version__,
             "postgresql" if is_postgres(engine) else "sqlite",
@@ -124,7 +126,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_handlers(app)
     for router in (
         datasets.router, models.router, requests.router, jobs.router, audit.router,
-        health.router,
+        health.router, audit.jwks_router,
     ):
         app.include_router(router)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes + _FORM_OVERHEAD_BYTES)

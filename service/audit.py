@@ -133,12 +133,21 @@ _EVENT_COLUMNS = (
 )
 
 
-def verify_chain(session: Session, batch: int = 1000) -> dict[str, Any]:
-    """Recompute every link; report the first bad sequence number (gaps and head included)."""
-    expected_seq = 1
-    prev_hash = GENESIS_HASH
+def verify_chain(
+    session: Session,
+    batch: int = 1000,
+    *,
+    checkpoints: dict[int, str] | None = None,
+    start: tuple[int, str] = (0, GENESIS_HASH),
+) -> dict[str, Any]:
+    """Recompute every link from `start` (seq, hash) on; report the first bad sequence
+    number (gaps and head included). `checkpoints` maps seq -> hash signed outside the
+    database: a chain that differs at one of them, or ends before the latest, fails."""
+    checkpoints = checkpoints or {}
+    expected_seq = start[0] + 1
+    prev_hash = start[1]
     checked = 0
-    last_seq = 0
+    last_seq = start[0]
     while True:
         rows = (
             session.execute(
@@ -173,12 +182,24 @@ def verify_chain(session: Session, batch: int = 1000) -> dict[str, Any]:
                 if recomputed != event.hash:
                     reason = "content does not match its hash"
                     bad_seq = event.seq
+                elif checkpoints.get(event.seq, event.hash) != event.hash:
+                    # Internally consistent but not the chain that was signed: recomputed.
+                    reason = ("hash differs from the signed checkpoint at this seq: the chain "
+                              "up to here was rewritten")
+                    bad_seq = event.seq
             if reason is not None:
                 return _result(False, checked, prev_hash, bad_seq, reason)
             checked += 1
             prev_hash = event.hash
             last_seq = event.seq
             expected_seq += 1
+    signed_max = max(checkpoints, default=0)
+    if signed_max > last_seq:
+        return _result(
+            False, checked, prev_hash, last_seq + 1,
+            f"the chain ends at seq {last_seq} but a signed checkpoint records seq "
+            f"{signed_max}: events were deleted",
+        )
     head = session.get(AuditHead, HEAD_ID)
     head_seq = head.seq if head else 0
     head_hash = head.hash if head else GENESIS_HASH

@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 PROBLEM_BASE = "https://lethe.dev/problems/"
 PROBLEM_MEDIA_TYPE = "application/problem+json"
@@ -155,7 +156,25 @@ async def _handle_http(_request: Request, exc: Exception) -> JSONResponse:
     status = exc.status_code
     detail = exc.detail if isinstance(exc.detail, str) else _default_title(status)
     body = problem_dict(_STATUS_SLUGS.get(status, f"http-{status}"), None, status, detail)
-    return problem_response(body, getattr(exc, "headers", None))
+    headers = dict(getattr(exc, "headers", None) or {})
+    if status == 405:
+        headers["Allow"] = _allowed_methods(_request)
+    return problem_response(body, headers or None)
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path. Starlette names only the first route
+    whose path matched, but GET and POST of one path are often separate routes."""
+    # Ask the router per method: included routers nest routes, so probing beats walking them.
+    methods = {
+        method for method in _METHODS
+        if any(route.matches({**request.scope, "method": method})[0] == Match.FULL
+               for route in request.app.router.routes)
+    }
+    return ", ".join(sorted(methods))
 
 
 async def _handle_unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -1,31 +1,25 @@
-"""Erasure receipts: a signed JSON statement that a deletion request was carried out.
+"""Erasure receipts: a JWS (RFC 7515, EdDSA per RFC 8037) stating that a deletion request was
+carried out.
 
-The document (format in README.md, "Erasure receipts") names the request, the sha256 of each
+The payload (format in README.md, "Erasure receipts") names the request, the sha256 of each
 record key, the source and result versions' sha256, metrics before and after, the audit
-sequence range of the request's events and the chain head at issue time. It is signed with
-HMAC-SHA256 over its canonical JSON (keys sorted, no whitespace, UTF-8; the `signature`
-member left out).
-
-The key is `LETHE_RECEIPT_HMAC_KEY`. When that is empty, a random per-installation key is
-created on first use at `LETHE_HOME/receipt-hmac.key` (mode 0600) and reused; a deployment
-with several API hosts must set LETHE_RECEIPT_HMAC_KEY so that every host signs alike.
+sequence range of the request's events, the chain head at issue time and the signed audit
+checkpoint written when the receipt was issued. It is signed with the installation's Ed25519
+key (service.signing); anyone holding the public keys of `GET /.well-known/jwks.json` can
+check it with any JOSE library, and nobody without the private key can forge one.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
-import os
-import secrets
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import __version__
-from service.audit import canonical_json
+from service.checkpoints import TYP as CHECKPOINT_TYP
+from service.checkpoints import CheckpointError, write_checkpoint
 from service.domain.views import iso
 from service.models import (
     AuditEvent,
@@ -41,101 +35,50 @@ from service.models import (
 from service.problems import conflict, not_found
 from service.purge import key_sha256, purge_dataset
 from service.settings import Settings
+from service.signing import SignatureError, load_signer, verify_compact
 from service.storage import Storage
 
 log = logging.getLogger("lethe.receipts")
 
-RECEIPT_TYPE = "https://lethe.dev/receipts/erasure/v1"
-ALGORITHM = "HMAC-SHA256"
-KEY_FILE = "receipt-hmac.key"
+RECEIPT_TYPE = "https://lethe.dev/receipts/erasure/v2"
+TYP = "lethe-erasure-receipt+jws"
 
 
 class ReceiptError(ValueError):
-    """The receipt is malformed or its signature does not match."""
+    """The receipt is malformed or its signature does not verify."""
 
 
-# --------------------------------------------------------------------------- keys
-
-
-def key_file(settings: Settings) -> Path:
-    return Path(settings.home) / KEY_FILE
-
-
-def load_or_create_key(settings: Settings) -> bytes:
-    """The signing key: the setting, else the installation's key file (created once)."""
-    if settings.receipt_hmac_key:
-        return settings.receipt_hmac_key.encode("utf-8")
-    path = key_file(settings)
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        secret = secrets.token_hex(32)
-        try:
-            # O_EXCL: two processes racing on first use agree on the one that won.
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass
-        else:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(secret + "\n")
-            log.warning(
-                "LETHE_RECEIPT_HMAC_KEY is not set: created a per-installation receipt key at "
-                "%s (mode 0600); set LETHE_RECEIPT_HMAC_KEY when several hosts issue receipts",
-                path,
-            )
-    return read_key_file(path)
-
-
-def read_key_file(path: Path) -> bytes:
-    key = path.read_text(encoding="utf-8").strip()
-    if not key:
-        raise ReceiptError(f"the key file {path} is empty")
-    return key.encode("utf-8")
-
-
-def key_id(key: bytes) -> str:
-    """A public fingerprint of the key, so a verifier can tell which key signed."""
-    return hashlib.sha256(b"lethe-receipt-key\x00" + key).hexdigest()[:16]
-
-
-# --------------------------------------------------------------------------- signing
-
-
-def signing_input(document: dict[str, Any]) -> bytes:
-    body = {k: v for k, v in document.items() if k != "signature"}
-    return canonical_json(body).encode("utf-8")
-
-
-def sign(document: dict[str, Any], key: bytes) -> dict[str, Any]:
-    mac = hmac.new(key, signing_input(document), hashlib.sha256).hexdigest()
-    return {**document, "signature": {"alg": ALGORITHM, "key_id": key_id(key), "value": mac}}
-
-
-def verify(document: Any, key: bytes) -> dict[str, Any]:
-    """Check a receipt; returns a summary or raises ReceiptError saying what is wrong."""
-    if not isinstance(document, dict):
-        raise ReceiptError("a receipt is a JSON object")
-    if document.get("type") != RECEIPT_TYPE:
-        raise ReceiptError(f"not an erasure receipt (type {document.get('type')!r})")
-    signature = document.get("signature")
-    if not isinstance(signature, dict) or not isinstance(signature.get("value"), str):
-        raise ReceiptError("the receipt has no signature")
-    if signature.get("alg") != ALGORITHM:
-        raise ReceiptError(f"unsupported signature algorithm {signature.get('alg')!r}")
-    expected = hmac.new(key, signing_input(document), hashlib.sha256).hexdigest()
-    if not hmac.compare_digest(expected, signature["value"]):
-        if signature.get("key_id") != key_id(key):
-            raise ReceiptError(
-                f"signature mismatch: the receipt names key {signature.get('key_id')!r}, the "
-                f"key given is {key_id(key)!r} (wrong key, or the receipt was modified)"
-            )
-        raise ReceiptError("signature mismatch: the receipt was modified after it was issued")
-    request = document.get("request") or {}
+def verify(receipt: Any, jwks: dict[str, Any]) -> dict[str, Any]:
+    """Check a receipt (the compact JWS, or the API's `{jws, payload}` answer) against a
+    JWKS; returns a summary or raises ReceiptError saying what is wrong."""
+    token = receipt.get("jws") if isinstance(receipt, dict) else receipt
+    if not isinstance(token, str):
+        raise ReceiptError("a receipt is a compact JWS, or a JSON object with a `jws` member")
+    try:
+        header, payload = verify_compact(token.strip(), jwks, TYP)
+    except SignatureError as exc:
+        raise ReceiptError(str(exc)) from None
+    if payload.get("type") != RECEIPT_TYPE:
+        raise ReceiptError(f"not an erasure receipt (type {payload.get('type')!r})")
+    audit = payload.get("audit") or {}
+    checkpoint = audit.get("checkpoint") or {}
+    try:
+        _, signed = verify_compact(str(checkpoint.get("jws")), jwks, CHECKPOINT_TYP)
+    except SignatureError as exc:
+        raise ReceiptError(f"the embedded audit checkpoint does not verify: {exc}") from None
+    if (signed.get("seq"), signed.get("hash")) != (checkpoint.get("seq"), checkpoint.get("hash")):
+        raise ReceiptError("the embedded checkpoint's fields differ from its signed payload")
+    if (audit.get("last_seq") or 0) > signed["seq"]:
+        raise ReceiptError("the checkpoint predates the request's audit events")
+    request = payload.get("request") or {}
     return {
         "ok": True,
         "request_id": request.get("id"),
-        "key_id": signature.get("key_id"),
-        "records": (document.get("records") or {}).get("count"),
-        "issued_at": document.get("issued_at"),
+        "key_id": header.get("kid"),
+        "records": (payload.get("records") or {}).get("count"),
+        "issued_at": payload.get("issued_at"),
+        "checkpoint_seq": signed["seq"],
+        "payload": payload,
     }
 
 
@@ -177,7 +120,8 @@ def issue_receipt(
     *,
     actor: str,
 ) -> dict[str, Any]:
-    """The signed receipt of a completed request (409 otherwise)."""
+    """`{jws, kid, payload}` for a completed request (409 otherwise); `payload` is a
+    convenience copy of what the JWS signs: verifiers read the JWS."""
     with factory() as session:
         request = session.get(DeletionRequest, request_id)
         if request is None:
@@ -203,7 +147,17 @@ def issue_receipt(
         except Exception as exc:
             log.warning("dataset %s: purge before receipt failed: %s", dataset_id, exc)
     document = _document(factory, request_id)
-    return sign(document, load_or_create_key(settings))
+    signer = load_signer(settings)
+    # Written after the document: its seq covers every event the receipt names.
+    try:
+        checkpoint = write_checkpoint(factory, storage, signer)
+    except CheckpointError as exc:  # never sign a receipt on top of a tampered log
+        raise conflict("audit-chain-broken", str(exc), title="Audit chain broken") from None
+    assert checkpoint is not None  # the request's own events are in the log
+    document["audit"]["checkpoint"] = {
+        k: checkpoint[k] for k in ("seq", "hash", "time", "kid", "jws")
+    }
+    return {"jws": signer.sign(document, TYP), "kid": signer.kid, "payload": document}
 
 
 def _document(factory: sessionmaker[Session], request_id: str) -> dict[str, Any]:

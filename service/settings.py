@@ -59,7 +59,20 @@ class Settings(BaseSettings):
     policy_max_eval_acc_drop: float = Field(0.05, ge=0, le=1)
     policy_max_forget_acc: float = Field(0.2, ge=0, le=1)
     policy_max_forget_auc_excess: float = Field(0.0, ge=0, le=1)
-    receipt_hmac_key: str = Field("", description="HMAC key for erasure receipts.")
+    signing_key: str = Field(
+        "", description="Ed25519 private key (PEM file) signing receipts and audit checkpoints; "
+        "empty = LETHE_HOME/signing-key.pem, created once with mode 0600.",
+    )
+    retired_signing_keys: str = Field(
+        "", description="Comma-separated PEM files of earlier keys, kept for verification."
+    )
+    temp_max_age_s: float = Field(
+        3600.0, gt=0, description="Age after which an untouched temporary upload/checkpoint "
+        "file (.tmp/*.part in storage) counts as abandoned and is removed.",
+    )
+    checkpoint_interval_s: float = Field(
+        300.0, gt=0, description="Seconds between periodic signed audit checkpoints."
+    )
     idempotency_ttl_hours: float = Field(24.0, gt=0)
 
     log_level: str = Field("INFO")

@@ -8,9 +8,11 @@ temporary name first and are renamed into place, so a reader never sees half a f
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import shutil
+import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
@@ -19,6 +21,7 @@ from typing import Any, BinaryIO
 
 CHUNK = 1024 * 1024
 _SEGMENT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._\-]*$")
+log = logging.getLogger("lethe.storage")
 _TMP_DIR = ".tmp"
 
 
@@ -90,6 +93,15 @@ class Storage:
     def iter_keys(self, prefix: str = "") -> Iterator[str]:
         return self._backend.iter_keys(prefix)
 
+    def sweep_temp(self, max_age_s: float) -> list[str]:
+        """Delete temporary `.part` files untouched for `max_age_s`: what a process killed
+        mid-write left behind. A live writer keeps its file's mtime fresh, so the age bound
+        is what keeps a sweep on one host from breaking another host's upload."""
+        removed = self._backend.sweep_temp(time.time() - max_age_s)
+        if removed:
+            log.info("removed %d abandoned temporary file(s) from storage", len(removed))
+        return removed
+
     def sha256(self, key: str) -> str:
         digest = hashlib.sha256()
         with self.open_read(key) as fh:
@@ -123,6 +135,9 @@ class _Backend(ABC):
 
     @abstractmethod
     def iter_keys(self, prefix: str) -> Iterator[str]: ...
+
+    @abstractmethod
+    def sweep_temp(self, older_than: float) -> list[str]: ...
 
 
 def _copy_hashing(chunks: Iterable[bytes], out: Any, max_bytes: int | None) -> tuple[str, int]:
@@ -184,6 +199,17 @@ class _LocalBackend(_Backend):
     def local_path(self, key: str) -> Path | None:
         return self._path(key)
 
+    def sweep_temp(self, older_than: float) -> list[str]:
+        removed = []
+        for path in (self.root / _TMP_DIR).glob("*.part"):
+            try:
+                if path.stat().st_mtime < older_than:
+                    path.unlink()
+                    removed.append(path.name)
+            except FileNotFoundError:  # its writer finished (or another sweep won) meanwhile
+                continue
+        return removed
+
     def iter_keys(self, prefix: str) -> Iterator[str]:
         for dirpath, dirnames, filenames in os.walk(self.root):
             rel_dir = Path(dirpath).relative_to(self.root)
@@ -243,6 +269,20 @@ class _FsspecBackend(_Backend):
 
     def size(self, key: str) -> int:
         return int(self.fs.size(self._path(key)))
+
+    def sweep_temp(self, older_than: float) -> list[str]:
+        tmp = self._path(_TMP_DIR)
+        if not self.fs.exists(tmp):
+            return []
+        removed = []
+        for path, info in self.fs.find(tmp, detail=True).items():
+            stamp = info.get("mtime") or info.get("LastModified") or info.get("created")
+            if hasattr(stamp, "timestamp"):
+                stamp = stamp.timestamp()
+            if path.endswith(".part") and isinstance(stamp, int | float) and stamp < older_than:
+                self.fs.rm(path)
+                removed.append(path.rsplit("/", 1)[-1])
+        return removed
 
     def iter_keys(self, prefix: str) -> Iterator[str]:
         if not self.fs.exists(self.root):

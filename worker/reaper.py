@@ -15,7 +15,9 @@ Each tick:
    by design; duplicates are harmless because claiming is idempotent. The first re-send comes
    `3 × reaper_interval_seconds` after the reaper first sees the job waiting, so a worker that
    starts after downtime picks up everything that was queued meanwhile.
-4. Trust upkeep (service.purge, service.retention): finish content purges that an earlier
+4. Trust upkeep (service.purge, service.retention, service.checkpoints): signed audit
+   checkpoints every LETHE_CHECKPOINT_INTERVAL_S, abandoned temporary `.part` files older than
+   LETHE_TEMP_MAX_AGE_S removed, finish content purges that an earlier
    save or promotion could not complete, and retire superseded checkpoints whose
    `LETHE_SUPERSEDED_RETENTION_S` has run out (and rejected ones). Both are idempotent and
    lock what they change, so concurrent reapers are harmless.
@@ -61,6 +63,8 @@ class ReapReport:
     resent: list[str] = field(default_factory=list)
     purged: list[str] = field(default_factory=list)  # dataset ids
     retired: list[str] = field(default_factory=list)  # version ids
+    swept: list[str] = field(default_factory=list)  # abandoned temporary files removed
+    checkpoint_seq: int | None = None  # the signed audit checkpoint written this tick
 
 
 @dataclass
@@ -86,6 +90,7 @@ class Reaper:
         self.enqueue = enqueue  # None in embedded mode: the executor polls the database
         self._waiting: dict[str, _Waiting] = {}
         self.first_resend_s = max(1.0, 3 * settings.reaper_interval_seconds)
+        self._next_checkpoint = 0.0
 
     def tick(self) -> ReapReport:
         report = ReapReport()
@@ -107,6 +112,25 @@ class Reaper:
         report.retired.extend(
             retire_due(self.factory, self.storage, self.settings, actor=self.actor)
         )
+        self._checkpoint(report)
+        report.swept = self.storage.sweep_temp(self.settings.temp_max_age_s)
+
+    def _checkpoint(self, report: ReapReport) -> None:
+        """A signed audit checkpoint every `checkpoint_interval_s` (the first on the first
+        tick), so truncating the log is detectable even when no receipt was issued."""
+        from service.checkpoints import write_checkpoint
+        from service.signing import load_signer
+
+        now = time.monotonic()
+        if now < self._next_checkpoint:
+            return
+        self._next_checkpoint = now + self.settings.checkpoint_interval_s
+        try:
+            written = write_checkpoint(self.factory, self.storage, load_signer(self.settings))
+        except Exception:  # a broken chain is never signed; say so loudly, keep reaping
+            log.exception("could not write a signed audit checkpoint")
+            return
+        report.checkpoint_seq = written["seq"] if written else None
 
     # 1 ----------------------------------------------------------------------------------
     def _recover_running(self, report: ReapReport) -> None:

@@ -488,7 +488,10 @@ def claim_job(ctx: RunnerContext, job_id: str) -> Claim:
         if job.attempts >= settings.max_attempts:
             finish_job(
                 session, job, "failed", actor=ctx.actor,
-                error=job.error or worker_lost_problem(job.worker_id),
+                # A running job's holder is the last attempt's worker; job.error may still
+                # name the worker of an earlier attempt.
+                error=worker_lost_problem(job.worker_id) if job.status == "running"
+                else job.error or worker_lost_problem(None),
             )  # fmt: skip
             return Claim(Outcome.FAILED, job_id, model_id, detail="attempts exhausted")
         blocker = blocking_job(session, job)

@@ -1,22 +1,26 @@
-"""/v1/audit: page through the hash-chained log and verify it."""
+"""/v1/audit: page through the hash-chained log and verify it; the public JWKS."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
+from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
 from service.api.deps import AppState, get_state, require
 from service.api.schemas import COMMON_ERRORS, AuditEventOut, Page, VerifyOut
-from service.audit import event_dict, verify_chain
+from service.audit import event_dict
 from service.auth import Principal
+from service.checkpoints import verify_with_checkpoints
 from service.domain.pagination import DEFAULT_LIMIT, MAX_LIMIT, decode_cursor, page
 from service.models import AuditEvent
+from service.signing import load_signer
 
 SUBJECT_TYPES = ("api_key", "dataset", "model", "model_version", "deletion_request", "job")
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"], responses=COMMON_ERRORS)
+jwks_router = APIRouter(tags=["keys"])
 
 
 @router.get(
@@ -59,12 +63,28 @@ def list_events(
 
 @router.get(
     "/verify",
-    summary="Recompute the hash chain",
-    description="`{ok, checked, head_hash, first_bad_seq, reason}`.",
+    summary="Recompute the hash chain and check it against every signed checkpoint",
+    description=(
+        "`{ok, checked, head_hash, first_bad_seq, reason, checkpoints, latest_checkpoint}`. "
+        "Fails on a broken link, and on a chain that ends before, or differs at, a signed "
+        "checkpoint in object storage (deleted events, a rewound head, a recomputed chain)."
+    ),
     response_model=VerifyOut,
 )
 def verify(
     _: Principal = Depends(require("read")), state: AppState = Depends(get_state)
 ) -> dict[str, Any]:
+    signer = load_signer(state.settings)
     with state.sessions() as session:
-        return verify_chain(session)
+        return verify_with_checkpoints(session, state.storage, signer.jwks())
+
+
+@jwks_router.get(
+    "/.well-known/jwks.json",
+    summary="Public keys (JWKS, RFC 7517) that sign receipts and audit checkpoints",
+    description="No authentication: verifying a receipt needs only these keys.",
+)
+def jwks(state: AppState = Depends(get_state)) -> JSONResponse:
+    return JSONResponse(
+        load_signer(state.settings).jwks(), headers={"Cache-Control": "public, max-age=300"}
+    )

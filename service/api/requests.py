@@ -56,10 +56,12 @@ def submit(
     "/{request_id}/receipt",
     summary="Signed erasure receipt of a completed request",
     description=(
-        "A JSON document: the request, the sha256 of each record key, source and result "
-        "version sha256, metrics before and after, the audit sequence range of the request's "
-        "events and the chain head at issue time, `issued_at`, and `signature` (HMAC-SHA256 "
-        "over the canonical JSON of the rest). Verify offline with `lethe receipt verify`. "
+        "`{jws, kid, payload}`: `jws` is a compact JWS (EdDSA, Ed25519; verify it with the "
+        "public keys of `/.well-known/jwks.json` and any JOSE library, or `lethe receipt "
+        "verify`). Its payload names the request, the sha256 of each record key, source and "
+        "result version sha256, metrics before and after, the audit sequence range of the "
+        "request's events and the signed audit checkpoint written at issue time. `payload` is "
+        "an unsigned copy for convenience. "
         "409 unless the request is `completed`. Format: README, \"Erasure receipts\"."
     ),
     responses={409: {"description": "The request is not completed (or purge in progress)"}},

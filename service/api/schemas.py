@@ -113,11 +113,21 @@ class AuditEventOut(_Out):
     hash: str
 
 
+class CheckpointOut(_Out):
+    seq: int
+    hash: str
+    time: str
+    kid: str
+
+
 class VerifyOut(_Out):
     ok: bool
     checked: int
     head_hash: str
     first_bad_seq: int | None
+    reason: str | None = None
+    checkpoints: int = 0
+    latest_checkpoint: CheckpointOut | None = None
 
 
 class ProblemOut(_Out):

@@ -103,15 +103,28 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"revoked key {key_name!r}")
 
     @audit.command("verify")
-    def audit_verify() -> None:
-        """Recompute the audit hash chain in the database; exit 1 if it is broken."""
-        from service.audit import verify_chain
+    def audit_verify(
+        jwks: Annotated[
+            str | None, typer.Option(help="JWKS URL or file to trust (default: this "
+                                     "installation's keys).")
+        ] = None,
+    ) -> None:
+        """Recompute the audit hash chain and check it against every signed checkpoint in
+        object storage; exit 1 if it is broken, truncated or rewritten."""
+        from service.checkpoints import verify_with_checkpoints
+        from service.signing import SignatureError, load_signer
+        from service.storage import Storage
 
         settings = cli_settings()
+        try:
+            keys = _load_jwks(jwks) if jwks else load_signer(settings).jwks()
+        except (SignatureError, OSError, ValueError) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
         engine, sessions = open_database(settings)
         try:
             with sessions() as session:
-                result = verify_chain(session)
+                result = verify_with_checkpoints(session, Storage.from_settings(settings), keys)
         finally:
             engine.dispose()
         typer.echo(json.dumps(result, indent=2))
@@ -120,66 +133,51 @@ def register(app: typer.Typer) -> None:
 
     @receipt.command("verify")
     def receipt_verify(
-        file: Annotated[typer.FileText, typer.Argument(help="Receipt JSON file ('-' = stdin).")],
-        key: Annotated[
-            str | None, typer.Option(help="The HMAC key itself (prefer --key-env).")
-        ] = None,
-        key_env: Annotated[
-            str | None, typer.Option(help="Name of an environment variable holding the key.")
-        ] = None,
-        key_file: Annotated[
-            str | None, typer.Option(help="A file holding the key (e.g. a copy of "
-                                     "LETHE_HOME/receipt-hmac.key).")
-        ] = None,
+        file: Annotated[typer.FileText, typer.Argument(help="Receipt: the API's JSON answer "
+                                                       "or the bare JWS ('-' = stdin).")],
+        jwks: Annotated[str, typer.Option(help="JWKS URL (e.g. https://host/.well-known/"
+                                          "jwks.json) or file.")],
     ) -> None:
-        """Check an erasure receipt's signature offline; exit 1 when it was modified.
-
-        Without a key option the installation's key is used: LETHE_RECEIPT_HMAC_KEY, else
-        LETHE_HOME/receipt-hmac.key.
-        """
-        import os
-        from pathlib import Path
-
-        from service.receipts import ReceiptError, read_key_file, verify
-        from service.receipts import key_file as default_key_file
+        """Check an erasure receipt with nothing but the issuer's public keys; exit 1 when it
+        does not verify, 2 when the keys cannot be read."""
+        from service.receipts import ReceiptError, verify
 
         try:
-            if key is not None:
-                secret = key.encode("utf-8")
-            elif key_env is not None:
-                value = os.environ.get(key_env)
-                if not value:
-                    raise ReceiptError(f"environment variable {key_env} is not set")
-                secret = value.encode("utf-8")
-            elif key_file is not None:
-                secret = read_key_file(Path(key_file))
-            else:
-                settings = cli_settings()
-                if settings.receipt_hmac_key:
-                    secret = settings.receipt_hmac_key.encode("utf-8")
-                else:
-                    path = default_key_file(settings)
-                    if not path.exists():
-                        raise ReceiptError(
-                            f"no key: set LETHE_RECEIPT_HMAC_KEY, or pass --key-env/--key-file "
-                            f"({path} does not exist)"
-                        )
-                    secret = read_key_file(path)
-        except (ReceiptError, OSError) as exc:
-            typer.echo(f"error: {exc}", err=True)
+            keys = _load_jwks(jwks)
+        except Exception as exc:  # unreachable URL, bad file, not a JWKS: all "cannot read"
+            typer.echo(f"error: cannot read the JWKS {jwks}: {exc}", err=True)
             raise typer.Exit(2) from None
+        raw = file.read().strip()
         try:
-            document = json.loads(file.read())
+            document = json.loads(raw) if raw.startswith("{") else raw
         except json.JSONDecodeError as exc:
             typer.echo(f"INVALID: not JSON ({exc.msg} at line {exc.lineno})", err=True)
             raise typer.Exit(1) from None
         try:
-            summary = verify(document, secret)
+            summary = verify(document, keys)
         except ReceiptError as exc:
             typer.echo(f"INVALID: {exc}", err=True)
             raise typer.Exit(1) from None
         typer.echo(
             f"OK: receipt for deletion request {summary['request_id']} "
             f"({summary['records']} records, issued {summary['issued_at']}) "
-            f"signed with key {summary['key_id']}"
+            f"signed with key {summary['key_id']}, audit checkpoint seq "
+            f"{summary['checkpoint_seq']}"
         )
+
+
+def _load_jwks(source: str) -> dict:
+    """A JWKS from an http(s) URL or a file."""
+    if source.startswith(("http://", "https://")):
+        import httpx
+
+        resp = httpx.get(source, timeout=10, follow_redirects=True)
+        resp.raise_for_status()
+        data = resp.json()
+    else:
+        from pathlib import Path
+
+        data = json.loads(Path(source).read_text(encoding="utf-8"))
+    if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
+        raise ValueError("not a JWKS (an object with a `keys` list)")
+    return data

@@ -19,7 +19,7 @@ from tests.service.netfaults import TcpProxy, lethe_server, server_env
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
-NO_DATABASE = {"/healthz", "/metrics", "/readyz"}
+NO_DATABASE = {"/healthz", "/metrics", "/readyz", "/.well-known/jwks.json"}  # key files only
 
 
 def _every_operation(base: str) -> list[tuple[str, str]]:
@@ -70,6 +70,7 @@ def test_database_loss_is_503_everywhere_and_recovers(postgres_url: str, tmp_pat
                 assert int(r.headers["Retry-After"]) > 0
                 assert str(proxy.port) not in r.text and "127.0.0.1" not in r.text
             assert http.get("/healthz").status_code == 200  # the process itself is alive
+            assert http.get("/.well-known/jwks.json").status_code == 200  # receipts verifiable
             ready = http.get("/readyz")
             assert ready.status_code == 503 and "Retry-After" in ready.headers
             assert ready.json()["checks"]["database"] == "unavailable"

@@ -149,7 +149,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "lease_seconds", "heartbeat_seconds", "reaper_interval_seconds", "embedded_poll_seconds",
         "queue_name", "job_soft_time_limit_s", "job_hard_time_limit_s", "log_level",
         "superseded_retention_s", "policy_max_eval_acc_drop", "policy_max_forget_acc",
-        "policy_max_forget_auc_excess", "receipt_hmac_key",
+        "policy_max_forget_auc_excess", "signing_key",
     ):  # fmt: skip
         env["LETHE_" + name.upper()] = str(getattr(settings, name))
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", LETHE_TORCH_THREADS="1")
