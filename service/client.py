@@ -90,14 +90,6 @@ def sha256_file(path: Path, *, chunk_size: int = _CHUNK) -> str:
     return digest.hexdigest()
 
 
-def _strip_etag(etag: str | None) -> str | None:
-    if not etag:
-        return None
-    etag = etag.strip()
-    if etag.startswith("W/"):
-        etag = etag[2:]
-    return etag.strip('"')
-
 
 class LetheClient:
     """Synchronous client. `url` and `api_key` default to LETHE_URL and LETHE_API_KEY."""

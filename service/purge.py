@@ -13,7 +13,7 @@ rewrites the dataset file without them:
 
 The step is idempotent and keyed on the database (`state = forgotten AND purged_at IS
 NULL`), so whoever runs it next finishes an interrupted purge: the worker right after its
-save, promotion, the receipt endpoint, and the worker's reaper on every tick.
+save, promotion (service.domain.activation), and the worker's reaper on every tick.
 
 Rows are addressed by key, never by position: the worker loads records through the ids in
 the current file, so `Record.row` stays the row in the file as uploaded.

@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service import __version__
 from service.audit import canonical_json
+from service.batching import chunked
 from service.domain.views import iso
 from service.models import (
     AuditEvent,
@@ -39,9 +40,8 @@ from service.models import (
     utcnow,
 )
 from service.problems import conflict, not_found
-from service.purge import key_sha256, purge_dataset
+from service.purge import key_sha256
 from service.settings import Settings
-from service.storage import Storage
 
 log = logging.getLogger("lethe.receipts")
 
@@ -170,14 +170,10 @@ def _audit_range(
 
 
 def issue_receipt(
-    factory: sessionmaker[Session],
-    storage: Storage,
-    settings: Settings,
-    request_id: str,
-    *,
-    actor: str,
+    factory: sessionmaker[Session], settings: Settings, request_id: str
 ) -> dict[str, Any]:
-    """The signed receipt of a completed request (409 otherwise)."""
+    """The signed receipt of a completed request (409 otherwise). Read-only: a purge that
+    the save or promotion could not finish is the reaper's (409 erasure-pending meanwhile)."""
     with factory() as session:
         request = session.get(DeletionRequest, request_id)
         if request is None:
@@ -189,19 +185,6 @@ def issue_receipt(
                 "version without its records is active (status completed)",
                 title="Request not completed", request_status=request.status,
             )
-        dataset_id = request.dataset_id
-        unpurged = session.execute(
-            select(Record.id).where(
-                Record.dataset_id == dataset_id,
-                Record.key.in_([str(k) for k in request.record_keys][:1000]),
-                Record.purged_at.is_(None),
-            ).limit(1)
-        ).first()
-    if unpurged is not None:  # finish the purge first (idempotent; normally already done)
-        try:
-            purge_dataset(factory, storage, dataset_id, actor=actor)
-        except Exception as exc:
-            log.warning("dataset %s: purge before receipt failed: %s", dataset_id, exc)
     document = _document(factory, request_id)
     return sign(document, load_or_create_key(settings))
 
@@ -219,12 +202,10 @@ def _document(factory: sessionmaker[Session], request_id: str) -> dict[str, Any]
         assert source is not None and result is not None
         keys = [str(k) for k in request.record_keys]
         records: list[Record] = []
-        for start in range(0, len(keys), 500):
+        for chunk in chunked(keys):
             records.extend(
                 session.execute(
-                    select(Record).where(
-                        Record.dataset_id == dataset.id, Record.key.in_(keys[start : start + 500])
-                    )
+                    select(Record).where(Record.dataset_id == dataset.id, Record.key.in_(chunk))
                 ).scalars()
             )
         not_purged = [r.key for r in records if r.purged_at is None or r.state != "forgotten"]

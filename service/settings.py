@@ -54,7 +54,6 @@ class Settings(BaseSettings):
     policy_max_forget_acc: float = Field(0.2, ge=0, le=1)
     policy_max_forget_auc_excess: float = Field(0.0, ge=0, le=1)
     receipt_hmac_key: str = Field("", description="HMAC key for erasure receipts.")
-    idempotency_ttl_hours: float = Field(24.0, gt=0)
 
     log_level: str = Field("INFO")
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
@@ -255,12 +254,3 @@ class _FsspecBackend(_Backend):
             if key.startswith(prefix):
                 yield key
 
-
-def copy_to_local(storage: Storage, key: str, dest: Path) -> Path:
-    """Materialise an object as a local file (for libraries that need a path)."""
-    local = storage.local_path(key)
-    if local is not None:
-        return local
-    with storage.open_read(key) as src, open(dest, "wb") as out:
-        shutil.copyfileobj(src, out, CHUNK)
-    return dest

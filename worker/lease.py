@@ -20,7 +20,6 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select, update
@@ -36,13 +35,6 @@ PROGRESS_MIN_INTERVAL_S = 1.0
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def as_utc(value: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes (it drops the zone); everything stored here is UTC."""
-    if value is None:
-        return None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def lease_until(seconds: float) -> datetime:
@@ -187,5 +179,3 @@ class JobMonitor(threading.Thread):
         if cancel:
             self.cancel_requested.set()
 
-
-ProgressFn = Callable[[str, float], None]

@@ -30,12 +30,11 @@ from service.domain.views import request_view
 from service.models import Counter, DeletionRequest, Job, Model, Record, new_id, utcnow
 from service.problems import Problem, conflict, not_found, validation
 from service.settings import Settings
+from service.states import ACTIVE_JOB_STATES
 
 log = logging.getLogger("lethe.requests")
 
 MAX_KEYS = 100_000
-ACTIVE_JOB_STATES = ("queued", "running")
-FINISHED_JOB_STATES = ("succeeded", "failed", "cancelled")
 JOB_SEQ = "job_seq"
 # Engine fields the server controls (device placement is an operator decision).
 SERVER_ONLY_PARAMS = ("device",)
@@ -328,7 +327,6 @@ def show_request(factory: sessionmaker[Session], request_id: str) -> dict[str, A
 class CancelResult:
     job: Job
     model_name: str
-    status_code: int  # 202
 
 
 def cancel_job(factory: sessionmaker[Session], job_id: str, *, actor: str) -> CancelResult:
@@ -374,4 +372,4 @@ def cancel_job(factory: sessionmaker[Session], job_id: str, *, actor: str) -> Ca
         session.refresh(job)
         model = session.get(Model, job.model_id)
         assert model is not None
-        return CancelResult(job=job, model_name=model.name, status_code=202)
+        return CancelResult(job=job, model_name=model.name)
