@@ -23,8 +23,9 @@ from typing import Any
 
 import httpx
 
+from service.states import TERMINAL_JOB_STATES
+
 DEFAULT_URL = "http://127.0.0.1:8000"
-TERMINAL_JOB_STATES = frozenset({"succeeded", "failed", "cancelled"})
 _CHUNK = 1024 * 1024
 
 JSONDict = dict[str, Any]

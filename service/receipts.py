@@ -26,7 +26,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service import __version__
 from service.audit import canonical_json
-from service.batching import chunked
 from service.domain.views import iso
 from service.models import (
     AuditEvent,
@@ -42,6 +41,7 @@ from service.models import (
 from service.problems import conflict, not_found
 from service.purge import key_sha256
 from service.settings import Settings
+from service.sql import chunked
 
 log = logging.getLogger("lethe.receipts")
 

@@ -50,6 +50,7 @@ from worker.job_queue import (
     lock_claimed,
     requeue,
     retry_delay,
+    retry_or_finish,
 )
 from worker.lease import JobMonitor
 from worker.loading import Loaded, Loader
@@ -263,18 +264,15 @@ class Execution:
     def _retry_or_fail(self, exc: BaseException) -> RunResult:
         self._delete_written()
         problem = transient_problem(exc)
-        max_attempts = self.ctx.settings.max_attempts
         final: list[Outcome] = []
 
         def apply(session: Session, job: Job) -> None:
-            if job.cancel_requested:
-                finish_job(session, job, JobStatus.CANCELLED, actor=self.ctx.actor)
-                final.append(Outcome.CANCELLED)
-            elif job.attempts >= max_attempts:
-                finish_job(session, job, JobStatus.FAILED, actor=self.ctx.actor, error=problem)
-                final.append(Outcome.FAILED)
-            else:
-                requeue(session, job, actor=self.ctx.actor, error=problem, reason="error")
+            status = retry_or_finish(
+                session, job, actor=self.ctx.actor, max_attempts=self.ctx.settings.max_attempts,
+                error=problem, reason="error",
+            )  # fmt: skip
+            if status is not None:
+                final.append(Outcome(status))
 
         try:
             ok = self._fenced_update(apply)

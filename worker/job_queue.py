@@ -31,6 +31,7 @@ from service.db import transaction
 from service.domain.models import active_version
 from service.models import DeletionRequest, Job, Model, ModelVersion
 from service.problems import problem_dict
+from service.sql import affected_rows
 from service.states import (
     ACTIVE_JOB_STATES,
     REQUEST_STATUS_OF_JOB,
@@ -214,6 +215,27 @@ def requeue(
     )  # fmt: skip
 
 
+def retry_or_finish(
+    session: Session,
+    job: Job,
+    *,
+    actor: str,
+    max_attempts: int,
+    error: dict[str, Any],
+    reason: str,
+) -> JobStatus | None:
+    """After a failed attempt: cancelled if asked, failed once attempts are spent, else
+    back in the queue. The final status, or None when requeued."""
+    if job.cancel_requested:
+        finish_job(session, job, JobStatus.CANCELLED, actor=actor)
+        return JobStatus.CANCELLED
+    if job.attempts >= max_attempts:
+        finish_job(session, job, JobStatus.FAILED, actor=actor, error=error)
+        return JobStatus.FAILED
+    requeue(session, job, actor=actor, error=error, reason=reason)
+    return None
+
+
 def checkpoint_key(model_id: str, job_id: str, attempt: int) -> str:
     return f"checkpoints/{model_id}/job-{job_id}-a{attempt}.safetensors"
 
@@ -297,7 +319,8 @@ def claim_job(ctx: RunnerContext, job_id: str) -> Claim:
         takeover = job.status == JobStatus.RUNNING
         # Compare-and-swap on (status, attempts): every claim bumps attempts, so the UPDATE
         # matches only if nobody claimed the job since we read it, even without row locks.
-        swapped = session.execute(
+        swapped = affected_rows(
+            session,
             update(Job)
             .where(Job.id == job_id, Job.status == job.status, Job.attempts == job.attempts)
             .values(
@@ -311,8 +334,8 @@ def claim_job(ctx: RunnerContext, job_id: str) -> Claim:
                 source_version_id=source.id,
                 started_at=func.coalesce(Job.started_at, utcnow()),
             )
-            .execution_options(synchronize_session=False)
-        ).rowcount
+            .execution_options(synchronize_session=False),
+        )
         if swapped != 1:
             return Claim(Outcome.BUSY, job_id, model_id, detail="claimed by another worker")
         session.refresh(job)

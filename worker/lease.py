@@ -22,11 +22,12 @@ import threading
 import time
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import transaction
 from service.models import Job
+from service.sql import affected_rows
 
 log = logging.getLogger("lethe.worker")
 
@@ -84,7 +85,7 @@ def _is_zombie(pid: int) -> bool:
         return False
 
 
-def fenced(job_id: str, worker_id: str, attempt: int):  # type: ignore[no-untyped-def]
+def fenced(job_id: str, worker_id: str, attempt: int) -> ColumnElement[bool]:
     """WHERE clause: the job is still running under this worker's claim."""
     return (
         (Job.id == job_id)
@@ -155,13 +156,14 @@ class JobMonitor(threading.Thread):
             values["lease_expires_at"] = lease_until(self.lease_seconds)
         with transaction(self._factory) as session:
             if values:
-                result = session.execute(
+                renewed = affected_rows(
+                    session,
                     update(Job)
                     .where(fenced(self.job_id, self.worker_id, self.attempt))
                     .values(**values)
-                    .execution_options(synchronize_session=False)
+                    .execution_options(synchronize_session=False),
                 )
-                if result.rowcount == 0:
+                if renewed == 0:
                     self.lost.set()
                     self._stop_event.set()
                     return

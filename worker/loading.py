@@ -18,10 +18,10 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.batching import chunked
 from service.datasets_io import TensorData
 from service.db import transaction
 from service.models import Dataset, DeletionRequest, Job, Model, ModelVersion, Record
+from service.sql import chunked
 from service.states import VersionStatus
 from worker.context import RunnerContext
 from worker.errors import JobError, SourceChanged

@@ -46,7 +46,7 @@ from worker.job_queue import (
     lock_job,
     lock_model,
     next_runnable_of_model,
-    requeue,
+    retry_or_finish,
     runnable_jobs,
 )
 
@@ -131,17 +131,12 @@ class Reaper:
                 return
             if lease_is_live(job.lease_expires_at, job.worker_id):
                 return  # renewed meanwhile
-            lost = worker_lost_problem(job.worker_id)
-            if job.cancel_requested:
-                finish_job(session, job, JobStatus.CANCELLED, actor=self.actor)
-                outcome = "cancelled"
-            elif job.attempts >= self.settings.max_attempts:
-                # The last attempt's error is that its worker vanished.
-                finish_job(session, job, JobStatus.FAILED, actor=self.actor, error=lost)
-                outcome = "failed"
-            else:
-                requeue(session, job, actor=self.actor, error=lost, reason="lease expired")
-                outcome = "requeued"
+            # The attempt's error is that its worker vanished.
+            final = retry_or_finish(
+                session, job, actor=self.actor, max_attempts=self.settings.max_attempts,
+                error=worker_lost_problem(job.worker_id), reason="lease expired",
+            )  # fmt: skip
+            outcome = str(final) if final is not None else "requeued"
             nxt = next_runnable_of_model(session, model_id) if outcome != "requeued" else job_id
         log.warning("job %s: worker lost, %s", job_id, outcome)
         getattr(report, outcome).append(job_id)

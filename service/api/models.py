@@ -274,9 +274,9 @@ def download_checkpoint(
     start, end = byte_range if byte_range else (0, size - 1)
     length = end - start + 1 if size else 0
     headers["Content-Length"] = str(length)
-    status = 200
+    code = 200
     if byte_range is not None:
-        status = 206
+        code = 206
         headers["Content-Range"] = f"bytes {start}-{end}/{size}"
 
     def body() -> Iterator[bytes]:
@@ -291,5 +291,5 @@ def download_checkpoint(
                 yield chunk
 
     return StreamingResponse(
-        body(), status_code=status, headers=headers, media_type="application/octet-stream"
+        body(), status_code=code, headers=headers, media_type="application/octet-stream"
     )

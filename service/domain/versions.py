@@ -66,7 +66,7 @@ def lineage(factory: sessionmaker[Session], version_id: str) -> dict[str, Any]:
     """The chain from this version back to version 1, newest first."""
     with factory() as session:
         version, model = get_version(session, version_id)
-        chain = []
+        chain: list[dict[str, Any]] = []
         current: ModelVersion | None = version
         while current is not None and len(chain) < MAX_LINEAGE:
             chain.append(lineage_entry(session, current, model.name))
