@@ -6,7 +6,7 @@ PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.lethe-installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint typecheck bench clean
 
 install: $(STAMP)
 
@@ -24,6 +24,9 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check .
+
+typecheck: install  # [tool.mypy] in pyproject.toml names the packages
+	$(VENV)/bin/mypy
 
 bench: install
 	$(PY) -m bench.run_all

@@ -26,9 +26,7 @@ def canonical_json(value: Any) -> str:
 
 
 def format_time(value: datetime) -> str:
-    """ISO-8601 UTC with microseconds; naive values (SQLite drops the zone) are UTC."""
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
+    """ISO-8601 UTC with microseconds (columns read back aware: service.models.UTCDateTime)."""
     return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 

@@ -23,8 +23,9 @@ from typing import Any
 
 import httpx
 
+from service.states import TERMINAL_JOB_STATES
+
 DEFAULT_URL = "http://127.0.0.1:8000"
-TERMINAL_JOB_STATES = frozenset({"succeeded", "failed", "cancelled"})
 _CHUNK = 1024 * 1024
 
 JSONDict = dict[str, Any]
@@ -89,14 +90,6 @@ def sha256_file(path: Path, *, chunk_size: int = _CHUNK) -> str:
             digest.update(chunk)
     return digest.hexdigest()
 
-
-def _strip_etag(etag: str | None) -> str | None:
-    if not etag:
-        return None
-    etag = etag.strip()
-    if etag.startswith("W/"):
-        etag = etag[2:]
-    return etag.strip('"')
 
 
 class LetheClient:

@@ -25,6 +25,7 @@ from rich.table import Table
 
 from service.client import LetheAPIError, LetheClient
 from service.localserver import LocalService
+from service.states import PHASES
 
 ARCHITECTURE = "cnn"
 NUM_CLASSES = 10
@@ -199,7 +200,6 @@ METRIC_ROWS = (
     ("member-probe acc", "member_probe_acc"),
     ("MIA efficacy", "mia_efficacy"),
 )
-PHASES = ("loading", "influence", "unlearning", "evaluating", "saving")
 
 
 def before_after(job: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -16,27 +16,26 @@ from sqlalchemy.orm import Session
 from service.audit import append_event
 from service.models import Record
 from service.purge import key_sha256
-
-_CHUNK = 500
+from service.sql import affected_rows, chunked
 
 
 def mark_forgotten(
     session: Session, dataset_id: str, keys: Sequence[str], job_id: str, now: datetime
 ) -> int:
     """Mark the still-present records among `keys` forgotten; how many were marked."""
-    keys = list(keys)
     forgotten = 0
-    for start in range(0, len(keys), _CHUNK):
-        forgotten += session.execute(
+    for chunk in chunked(list(keys)):
+        forgotten += affected_rows(
+            session,
             update(Record)
             .where(
                 Record.dataset_id == dataset_id,
-                Record.key.in_(keys[start : start + _CHUNK]),
+                Record.key.in_(chunk),
                 Record.state == "present",
             )
             .values(state="forgotten", forgotten_at=now, forgotten_by_job_id=job_id)
-            .execution_options(synchronize_session=False)
-        ).rowcount
+            .execution_options(synchronize_session=False),
+        )
     return forgotten
 
 

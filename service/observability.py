@@ -18,8 +18,9 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.states import JOB_STATES
+
 log = logging.getLogger("lethe.metrics")
-JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 
 class _JobCollector(Collector):

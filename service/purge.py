@@ -13,7 +13,7 @@ rewrites the dataset file without them:
 
 The step is idempotent and keyed on the database (`state = forgotten AND purged_at IS
 NULL`), so whoever runs it next finishes an interrupted purge: the worker right after its
-save, promotion, the receipt endpoint, and the worker's reaper on every tick.
+save, promotion (service.domain.activation), and the worker's reaper on every tick.
 
 Rows are addressed by key, never by position: the worker loads records through the ids in
 the current file, so `Record.row` stays the row in the file as uploaded.
@@ -36,12 +36,12 @@ from service.audit import append_event
 from service.datasets_io import TensorData, load_tensor_npz, save_tensor_npz
 from service.db import transaction
 from service.models import Dataset, Record, utcnow
+from service.sql import chunked
 from service.storage import Storage
 
 log = logging.getLogger("lethe.purge")
 
 EXTENSIONS = {"tensor": "npz", "text": "jsonl"}
-_CHUNK = 500
 
 
 @dataclass
@@ -162,10 +162,10 @@ def purge_dataset(
                 del content
                 now = utcnow()
                 ids = [row.id for row in pending]
-                for start in range(0, len(ids), _CHUNK):
+                for chunk in chunked(ids):
                     session.execute(
                         update(Record)
-                        .where(Record.id.in_(ids[start : start + _CHUNK]))
+                        .where(Record.id.in_(chunk))
                         .values(purged_at=now)
                         .execution_options(synchronize_session=False)
                     )
@@ -201,7 +201,7 @@ def sweep_stale_files(
     factory: sessionmaker[Session], storage: Storage, dataset_id: str
 ) -> list[str]:
     """Delete every file of the dataset except the current one (under the row lock)."""
-    deleted = []
+    deleted: list[str] = []
     with transaction(factory) as session:
         ds = _lock_dataset(session, dataset_id)
         if ds is None:

@@ -2,15 +2,20 @@
 
 Embedded mode (no LETHE_BROKER_URL): nothing to send; the executor process polls the database
 for queued jobs. Broker mode: a Celery message named `lethe.run_job` whose task id is the job
-id. The service sends by task name, so it never imports the worker's Celery app.
+id. The service sends by task name, so it never imports the worker's Celery app; the worker's
+app (worker.celery_app) takes its configuration and its `enqueue` from here, so the two
+cannot disagree.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 RUN_JOB_TASK = "lethe.run_job"
 
@@ -24,21 +29,54 @@ class EmbeddedQueue:
         return None
 
 
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """The one Celery configuration, for the worker's app and the API's sender alike."""
+    # Longer than the hard limit, so a long job's message is not redelivered while it runs.
+    visibility = settings.job_hard_time_limit_s * 2 + 60
+    transport = {"visibility_timeout": visibility}
+    return {
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_soft_time_limit": settings.job_soft_time_limit_s,
+        "task_time_limit": settings.job_hard_time_limit_s,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": transport,
+        "result_expires": 24 * 3600,
+        "task_default_queue": settings.queue_name,
+        "task_routes": {RUN_JOB_TASK: {"queue": settings.queue_name}},
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,  # ride out a broker restart, however long
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        "worker_hijack_root_logger": False,
+        "task_track_started": False,
+        "enable_utc": True,
+    }
+
+
+def send_run_job(
+    app: Celery, settings: Settings, job_id: str, countdown: float | None = None
+) -> None:
+    """The run message of a job: task id = job id, on the configured queue."""
+    app.send_task(
+        RUN_JOB_TASK, args=[job_id], task_id=job_id, queue=settings.queue_name, countdown=countdown
+    )
+
+
 class CeleryQueue:
     def __init__(self, settings: Settings) -> None:
         from celery import Celery
 
-        self._queue = settings.queue_name
+        self._settings = settings
         self._app = Celery("lethe-client", broker=settings.broker_url, set_as_current=False)
-        self._app.conf.update(
-            task_serializer="json",
-            accept_content=["json"],
-            broker_connection_retry_on_startup=True,
-            broker_transport_options={"visibility_timeout": settings.job_hard_time_limit_s * 2},
-        )
+        self._app.conf.update(celery_config(settings))
 
     def enqueue(self, job_id: str) -> None:
-        self._app.send_task(RUN_JOB_TASK, args=[job_id], task_id=job_id, queue=self._queue)
+        send_run_job(self._app, self._settings, job_id)
 
 
 @lru_cache(maxsize=8)

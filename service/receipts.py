@@ -33,9 +33,10 @@ from service.models import (
     utcnow,
 )
 from service.problems import conflict, not_found
-from service.purge import key_sha256, purge_dataset
+from service.purge import key_sha256
 from service.settings import Settings
 from service.signing import SignatureError, load_signer, verify_compact
+from service.sql import chunked
 from service.storage import Storage
 
 log = logging.getLogger("lethe.receipts")
@@ -113,15 +114,12 @@ def _audit_range(
 
 
 def issue_receipt(
-    factory: sessionmaker[Session],
-    storage: Storage,
-    settings: Settings,
-    request_id: str,
-    *,
-    actor: str,
+    factory: sessionmaker[Session], storage: Storage, settings: Settings, request_id: str
 ) -> dict[str, Any]:
     """`{jws, kid, payload}` for a completed request (409 otherwise); `payload` is a
-    convenience copy of what the JWS signs: verifiers read the JWS."""
+    convenience copy of what the JWS signs: verifiers read the JWS. It changes nothing in the
+    domain: a purge that the save or promotion could not finish is the reaper's (409
+    erasure-pending meanwhile); the one write is the signed audit checkpoint it embeds."""
     with factory() as session:
         request = session.get(DeletionRequest, request_id)
         if request is None:
@@ -133,19 +131,6 @@ def issue_receipt(
                 "version without its records is active (status completed)",
                 title="Request not completed", request_status=request.status,
             )
-        dataset_id = request.dataset_id
-        unpurged = session.execute(
-            select(Record.id).where(
-                Record.dataset_id == dataset_id,
-                Record.key.in_([str(k) for k in request.record_keys][:1000]),
-                Record.purged_at.is_(None),
-            ).limit(1)
-        ).first()
-    if unpurged is not None:  # finish the purge first (idempotent; normally already done)
-        try:
-            purge_dataset(factory, storage, dataset_id, actor=actor)
-        except Exception as exc:
-            log.warning("dataset %s: purge before receipt failed: %s", dataset_id, exc)
     document = _document(factory, request_id)
     signer = load_signer(settings)
     # Written after the document: its seq covers every event the receipt names.
@@ -173,12 +158,10 @@ def _document(factory: sessionmaker[Session], request_id: str) -> dict[str, Any]
         assert source is not None and result is not None
         keys = [str(k) for k in request.record_keys]
         records: list[Record] = []
-        for start in range(0, len(keys), 500):
+        for chunk in chunked(keys):
             records.extend(
                 session.execute(
-                    select(Record).where(
-                        Record.dataset_id == dataset.id, Record.key.in_(keys[start : start + 500])
-                    )
+                    select(Record).where(Record.dataset_id == dataset.id, Record.key.in_(chunk))
                 ).scalars()
             )
         not_purged = [r.key for r in records if r.purged_at is None or r.state != "forgotten"]

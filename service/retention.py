@@ -16,7 +16,7 @@ the next sweep records it (deleting a missing file is a no-op).
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -30,12 +30,6 @@ from service.storage import Storage
 log = logging.getLogger("lethe.retention")
 
 RETIRABLE = ("superseded", "rejected")
-
-
-def _utc(value: datetime | None) -> datetime | None:
-    if value is None:
-        return None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
 def retire_version(
@@ -66,7 +60,7 @@ def due(version: ModelVersion, retention_s: float, now: datetime) -> bool:
         return False
     if version.status == "rejected":
         return True
-    since = _utc(version.superseded_at)
+    since = version.superseded_at
     return since is None or since + timedelta(seconds=retention_s) <= now
 
 

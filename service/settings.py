@@ -73,7 +73,6 @@ class Settings(BaseSettings):
     checkpoint_interval_s: float = Field(
         300.0, gt=0, description="Seconds between periodic signed audit checkpoints."
     )
-    idempotency_ttl_hours: float = Field(24.0, gt=0)
 
     log_level: str = Field("INFO")
 

@@ -11,7 +11,6 @@ import hashlib
 import logging
 import os
 import re
-import shutil
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -295,12 +294,3 @@ class _FsspecBackend(_Backend):
             if key.startswith(prefix):
                 yield key
 
-
-def copy_to_local(storage: Storage, key: str, dest: Path) -> Path:
-    """Materialise an object as a local file (for libraries that need a path)."""
-    local = storage.local_path(key)
-    if local is not None:
-        return local
-    with storage.open_read(key) as src, open(dest, "wb") as out:
-        shutil.copyfileobj(src, out, CHUNK)
-    return dest

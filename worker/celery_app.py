@@ -1,6 +1,7 @@
 """The Celery application: `celery -A worker.celery_app worker` (or `lethe worker`).
 
-Delivery is at-least-once and the database decides what runs (see worker.runner):
+Delivery is at-least-once and the database decides what runs (see worker.job_queue).
+The configuration is service.queue.celery_config, shared with the API's sender:
 - JSON only; the task id is the job id; one queue, `LETHE_QUEUE_NAME`.
 - `acks_late` + `reject_on_worker_lost`: a message is acknowledged only once its job has been
   handled, and goes back to the queue if the pool process dies under it.
@@ -23,37 +24,10 @@ from typing import Any
 
 from celery import Celery, signals
 
-from service.queue import RUN_JOB_TASK
+from service.queue import celery_config, send_run_job
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("lethe.worker")
-
-
-def celery_config(settings: Settings) -> dict[str, Any]:
-    visibility = settings.job_hard_time_limit_s * 2 + 60
-    transport = {"visibility_timeout": visibility}
-    return {
-        "task_serializer": "json",
-        "result_serializer": "json",
-        "accept_content": ["json"],
-        "result_accept_content": ["json"],
-        "task_acks_late": True,
-        "task_reject_on_worker_lost": True,
-        "worker_prefetch_multiplier": 1,
-        "task_soft_time_limit": settings.job_soft_time_limit_s,
-        "task_time_limit": settings.job_hard_time_limit_s,
-        "broker_transport_options": transport,
-        "result_backend_transport_options": transport,
-        "result_expires": 24 * 3600,
-        "task_default_queue": settings.queue_name,
-        "task_routes": {RUN_JOB_TASK: {"queue": settings.queue_name}},
-        "broker_connection_retry_on_startup": True,
-        "broker_connection_max_retries": None,  # ride out a broker restart, however long
-        "worker_cancel_long_running_tasks_on_connection_loss": False,
-        "worker_hijack_root_logger": False,
-        "task_track_started": False,
-        "enable_utc": True,
-    }
 
 
 def create_celery(settings: Settings | None = None) -> Celery:
@@ -70,11 +44,8 @@ app = create_celery()
 
 
 def enqueue(job_id: str, countdown: float | None = None) -> None:
-    """Send the run message for a job (same shape as service.queue.CeleryQueue)."""
-    settings: Settings = app.conf.lethe_settings
-    app.send_task(
-        RUN_JOB_TASK, args=[job_id], task_id=job_id, queue=settings.queue_name, countdown=countdown
-    )
+    """Send the run message for a job (the one shape: service.queue.send_run_job)."""
+    send_run_job(app, app.conf.lethe_settings, job_id, countdown)
 
 
 # --------------------------------------------------------------------------- worker hooks

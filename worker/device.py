@@ -24,8 +24,10 @@ def resolve_device(setting: str) -> str:
         return "cpu"
     import torch
 
-    if setting == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+    from worker.imu.config import resolve_device as engine_device
+
+    if setting == "auto":  # the engine's own rule, as a string for the job row
+        return engine_device("auto").type
     match = _CUDA_RE.match(setting)
     if not match:
         raise DeviceUnavailable(f"LETHE_DEVICE={setting!r}: expected auto, cpu, cuda or cuda:N")

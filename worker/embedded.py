@@ -24,10 +24,12 @@ import threading
 import time
 from types import FrameType
 
+from service.backoff import backoff_delay
 from service.db import transaction
 from service.settings import Settings, get_settings
+from worker.job_queue import runnable_jobs
 from worker.reaper import Reaper
-from worker.runner import Outcome, RunnerContext, RunResult, run_job, runnable_jobs
+from worker.runner import Outcome, RunnerContext, RunResult, run_job
 
 log = logging.getLogger("lethe.embedded")
 
@@ -94,7 +96,8 @@ class EmbeddedExecutor:
             except Exception as exc:  # database not reachable or not migrated yet
                 failures += 1
                 log.warning("executor loop failed (%s); retrying", exc)
-                self.stop_event.wait(min(30.0, self.settings.embedded_poll_seconds * 2**failures))
+                delay = backoff_delay(failures, base=self.settings.embedded_poll_seconds, cap=30.0)
+                self.stop_event.wait(delay)
                 continue
             if result is None:
                 self.stop_event.wait(self.settings.embedded_poll_seconds)

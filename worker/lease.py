@@ -20,14 +20,14 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import transaction
 from service.models import Job
+from service.sql import affected_rows
 
 log = logging.getLogger("lethe.worker")
 
@@ -36,13 +36,6 @@ PROGRESS_MIN_INTERVAL_S = 1.0
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def as_utc(value: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes (it drops the zone); everything stored here is UTC."""
-    if value is None:
-        return None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def lease_until(seconds: float) -> datetime:
@@ -92,7 +85,7 @@ def _is_zombie(pid: int) -> bool:
         return False
 
 
-def fenced(job_id: str, worker_id: str, attempt: int):  # type: ignore[no-untyped-def]
+def fenced(job_id: str, worker_id: str, attempt: int) -> ColumnElement[bool]:
     """WHERE clause: the job is still running under this worker's claim."""
     return (
         (Job.id == job_id)
@@ -163,13 +156,14 @@ class JobMonitor(threading.Thread):
             values["lease_expires_at"] = lease_until(self.lease_seconds)
         with transaction(self._factory) as session:
             if values:
-                result = session.execute(
+                renewed = affected_rows(
+                    session,
                     update(Job)
                     .where(fenced(self.job_id, self.worker_id, self.attempt))
                     .values(**values)
-                    .execution_options(synchronize_session=False)
+                    .execution_options(synchronize_session=False),
                 )
-                if result.rowcount == 0:
+                if renewed == 0:
                     self.lost.set()
                     self._stop_event.set()
                     return
@@ -187,5 +181,3 @@ class JobMonitor(threading.Thread):
         if cancel:
             self.cancel_requested.set()
 
-
-ProgressFn = Callable[[str, float], None]

@@ -34,20 +34,22 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.backoff import backoff_delay
 from service.db import transaction
 from service.models import Job
 from service.settings import Settings
+from service.states import JobStatus
 from service.storage import Storage
-from worker.lease import as_utc, holder_is_dead, utcnow
-from worker.runner import (
+from worker.errors import worker_lost_problem
+from worker.job_queue import (
     cleanup_job_checkpoints,
     finish_job,
+    lease_is_live,
     lock_job,
     lock_model,
     next_runnable_of_model,
-    requeue,
+    retry_or_finish,
     runnable_jobs,
-    worker_lost_problem,
 )
 
 log = logging.getLogger("lethe.reaper")
@@ -70,7 +72,7 @@ class ReapReport:
 @dataclass
 class _Waiting:
     due: float
-    interval: float
+    sent: int = 0  # re-sends so far: the next interval doubles (service.backoff)
 
 
 class Reaper:
@@ -134,16 +136,14 @@ class Reaper:
 
     # 1 ----------------------------------------------------------------------------------
     def _recover_running(self, report: ReapReport) -> None:
-        now = utcnow()
         with transaction(self.factory) as session:
             rows = session.execute(
                 select(Job.id, Job.model_id, Job.lease_expires_at, Job.worker_id).where(
-                    Job.status == "running"
+                    Job.status == JobStatus.RUNNING
                 )
             ).all()
         for row in rows:
-            lease = as_utc(row.lease_expires_at)
-            if (lease is None or lease <= now) or holder_is_dead(row.worker_id):
+            if not lease_is_live(row.lease_expires_at, row.worker_id):
                 self._recover_one(row.id, row.model_id, report)
 
     def _recover_one(self, job_id: str, model_id: str, report: ReapReport) -> None:
@@ -151,22 +151,16 @@ class Reaper:
         with transaction(self.factory) as session:
             lock_model(session, model_id)
             job = lock_job(session, job_id)
-            if job is None or job.status != "running":
+            if job is None or job.status != JobStatus.RUNNING:
                 return
-            lease = as_utc(job.lease_expires_at)
-            if lease is not None and lease > utcnow() and not holder_is_dead(job.worker_id):
+            if lease_is_live(job.lease_expires_at, job.worker_id):
                 return  # renewed meanwhile
-            lost = worker_lost_problem(job.worker_id)
-            if job.cancel_requested:
-                finish_job(session, job, "cancelled", actor=self.actor)
-                outcome = "cancelled"
-            elif job.attempts >= self.settings.max_attempts:
-                # The last attempt's error is that its worker vanished.
-                finish_job(session, job, "failed", actor=self.actor, error=lost)
-                outcome = "failed"
-            else:
-                requeue(session, job, actor=self.actor, error=lost, reason="lease expired")
-                outcome = "requeued"
+            # The attempt's error is that its worker vanished.
+            final = retry_or_finish(
+                session, job, actor=self.actor, max_attempts=self.settings.max_attempts,
+                error=worker_lost_problem(job.worker_id), reason="lease expired",
+            )  # fmt: skip
+            outcome = str(final) if final is not None else "requeued"
             nxt = next_runnable_of_model(session, model_id) if outcome != "requeued" else job_id
         log.warning("job %s: worker lost, %s", job_id, outcome)
         getattr(report, outcome).append(job_id)
@@ -180,16 +174,16 @@ class Reaper:
         with transaction(self.factory) as session:
             rows = session.execute(
                 select(Job.id, Job.model_id).where(
-                    Job.status == "queued", Job.cancel_requested.is_(True)
+                    Job.status == JobStatus.QUEUED, Job.cancel_requested.is_(True)
                 )
             ).all()
         for row in rows:
             with transaction(self.factory) as session:
                 lock_model(session, row.model_id)
                 job = lock_job(session, row.id)
-                if job is None or job.status != "queued" or not job.cancel_requested:
+                if job is None or job.status != JobStatus.QUEUED or not job.cancel_requested:
                     continue
-                finish_job(session, job, "cancelled", actor=self.actor)
+                finish_job(session, job, JobStatus.CANCELLED, actor=self.actor)
                 nxt = next_runnable_of_model(session, row.model_id)
             report.cancelled.append(row.id)
             if nxt is not None:
@@ -206,10 +200,12 @@ class Reaper:
         for job_id in heads:
             waiting = self._waiting.get(job_id)
             if waiting is None:
-                self._waiting[job_id] = _Waiting(now + self.first_resend_s, self.first_resend_s)
+                self._waiting[job_id] = _Waiting(now + self.first_resend_s)
             elif now >= waiting.due:
-                waiting.interval = min(MAX_RESEND_INTERVAL_S, waiting.interval * 2)
-                waiting.due = now + waiting.interval
+                waiting.sent += 1
+                waiting.due = now + backoff_delay(
+                    waiting.sent, base=self.first_resend_s, cap=MAX_RESEND_INTERVAL_S
+                )
                 self._send(job_id, report)
 
     def _send(self, job_id: str, report: ReapReport) -> None:

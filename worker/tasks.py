@@ -13,6 +13,7 @@ import logging
 import os
 from typing import Any
 
+from service.backoff import backoff_delay
 from service.queue import RUN_JOB_TASK
 from worker.celery_app import app, enqueue
 from worker.runner import Outcome, RunnerContext, run_job
@@ -44,7 +45,7 @@ def run_job_task(self: Any, job_id: str) -> dict[str, Any]:
             log.error("job %s: giving up on this message: %s", job_id, exc)
             return {"outcome": "error", "job_id": job_id, "detail": str(exc)}
         log.warning("job %s: could not be handled (%s); retrying the message", job_id, exc)
-        raise self.retry(exc=exc, countdown=min(60, 2**retries), max_retries=None) from exc
+        raise self.retry(exc=exc, countdown=backoff_delay(retries), max_retries=None) from exc
     if result.outcome == Outcome.RETRY and result.retry_in is not None:
         enqueue(job_id, countdown=result.retry_in)
     return result.as_dict()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
@@ -14,10 +14,9 @@ from service.domain import jobs as domain
 from service.domain.pagination import DEFAULT_LIMIT, MAX_LIMIT
 from service.domain.requests import cancel_job
 from service.domain.views import job_view
+from service.states import JobStatus
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=COMMON_ERRORS)
-
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
 @router.get(

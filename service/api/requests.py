@@ -68,14 +68,12 @@ def submit(
 )
 def receipt(
     request_id: str,
-    principal: Principal = Depends(require("read")),
+    _: Principal = Depends(require("read")),
     state: AppState = Depends(get_state),
 ) -> dict[str, Any]:
     from service.receipts import issue_receipt
 
-    return issue_receipt(
-        state.sessions, state.storage, state.settings, request_id, actor=principal.actor
-    )
+    return issue_receipt(state.sessions, state.storage, state.settings, request_id)
 
 
 @router.get(

@@ -14,7 +14,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-PHASES = ("loading", "influence", "unlearning", "evaluating", "saving")
+from service.states import PHASES, TERMINAL_JOB_STATES
 
 
 class JobProgress:
@@ -62,7 +62,7 @@ class JobProgress:
             self.progress.update(self._status_task, note=status)
             if status == "running":
                 self._start(self._status_task)  # the clock counts from the claim, not the POST
-            elif status in ("succeeded", "failed", "cancelled"):
+            elif status in TERMINAL_JOB_STATES:
                 self._start(self._status_task)
                 self.progress.stop_task(self._status_task)
         current = PHASES.index(phase) if phase in PHASES else -1

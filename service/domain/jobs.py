@@ -12,8 +12,7 @@ from service.domain.pagination import MAX_LIMIT, decode_cursor, page
 from service.domain.views import job_view
 from service.models import Job, Model
 from service.problems import not_found, validation
-
-JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+from service.states import JOB_STATES
 
 
 def get_job(session: Session, job_id: str) -> Job:

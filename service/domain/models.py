@@ -251,7 +251,7 @@ def show_version(factory: sessionmaker[Session], version_id: str) -> dict[str, A
         version, model = get_version(session, version_id)
         view = version_view(version, model.name)
         # Lineage: the chain of parents back to version 1.
-        lineage = []
+        lineage: list[dict[str, Any]] = []
         parent_id = version.parent_id
         while parent_id is not None and len(lineage) < 10_000:
             parent = session.get(ModelVersion, parent_id)

@@ -30,12 +30,12 @@ from service.domain.views import request_view
 from service.models import Counter, DeletionRequest, Job, Model, Record, new_id, utcnow
 from service.problems import Problem, conflict, not_found, validation
 from service.settings import Settings
+from service.sql import affected_rows, chunked
+from service.states import ACTIVE_JOB_STATES, JobStatus, RequestStatus
 
 log = logging.getLogger("lethe.requests")
 
 MAX_KEYS = 100_000
-ACTIVE_JOB_STATES = ("queued", "running")
-FINISHED_JOB_STATES = ("succeeded", "failed", "cancelled")
 JOB_SEQ = "job_seq"
 # Engine fields the server controls (device placement is an operator decision).
 SERVER_ONLY_PARAMS = ("device",)
@@ -153,8 +153,7 @@ def _check_keys(session: Session, model_id: str, dataset_id: str, keys: list[str
             [{"field": "record_keys", "message": "duplicate", "keys": dupes[:1000]}],
         )
     states: dict[str, str] = {}
-    for start in range(0, len(keys), 1000):
-        chunk = keys[start : start + 1000]
+    for chunk in chunked(keys):
         states.update(
             session.execute(
                 select(Record.key, Record.state).where(
@@ -328,7 +327,6 @@ def show_request(factory: sessionmaker[Session], request_id: str) -> dict[str, A
 class CancelResult:
     job: Job
     model_name: str
-    status_code: int  # 202
 
 
 def cancel_job(factory: sessionmaker[Session], job_id: str, *, actor: str) -> CancelResult:
@@ -339,27 +337,29 @@ def cancel_job(factory: sessionmaker[Session], job_id: str, *, actor: str) -> Ca
         if job is None:
             raise not_found("job", job_id)
         now = utcnow()
-        cancelled = session.execute(
+        cancelled = affected_rows(
+            session,
             update(Job)
-            .where(Job.id == job_id, Job.status == "queued")
-            .values(status="cancelled", finished_at=now, cancel_requested=True)
-        ).rowcount
+            .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+            .values(status=JobStatus.CANCELLED, finished_at=now, cancel_requested=True),
+        )
         if cancelled:
             session.execute(
                 update(DeletionRequest)
                 .where(DeletionRequest.id == job.request_id)
-                .values(status="cancelled")
+                .values(status=RequestStatus.CANCELLED)
             )
             append_event(
                 session, actor=actor, action="job.cancelled", subject_type="job",
                 subject_id=job_id, payload={"request_id": job.request_id, "was": "queued"},
             )
         else:
-            requested = session.execute(
+            requested = affected_rows(
+                session,
                 update(Job)
-                .where(Job.id == job_id, Job.status == "running")
-                .values(cancel_requested=True)
-            ).rowcount
+                .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
+                .values(cancel_requested=True),
+            )
             if requested:
                 append_event(
                     session, actor=actor, action="job.cancel_requested", subject_type="job",
@@ -374,4 +374,4 @@ def cancel_job(factory: sessionmaker[Session], job_id: str, *, actor: str) -> Ca
         session.refresh(job)
         model = session.get(Model, job.model_id)
         assert model is not None
-        return CancelResult(job=job, model_name=model.name, status_code=202)
+        return CancelResult(job=job, model_name=model.name)

@@ -10,7 +10,6 @@ by a request awaiting review cannot be named by another request meanwhile (422).
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from sqlalchemy import select
@@ -18,17 +17,16 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.audit import append_event
 from service.db import transaction
+from service.domain.activation import RecordsUnavailable, activate, after_activation
 from service.domain.models import active_version, get_version
 from service.domain.views import iso, version_view
-from service.forgetting import append_forgotten_event, mark_forgotten
 from service.models import DeletionRequest, Job, Model, ModelVersion, utcnow
 from service.problems import Problem, conflict
-from service.purge import key_sha256, purge_dataset
-from service.retention import retire_due, retire_version
+from service.purge import key_sha256
+from service.retention import retire_version
 from service.settings import Settings
+from service.states import RequestStatus, VersionStatus
 from service.storage import Storage
-
-log = logging.getLogger("lethe.versions")
 
 MAX_LINEAGE = 10_000
 
@@ -46,7 +44,9 @@ def lineage_entry(session: Session, version: ModelVersion, model_name: str) -> d
     entry["deletion_request"] = None
     entry["record_key_sha256"] = []
     # A version's records are forgotten once it (or a descendant) became active.
-    entry["records_forgotten"] = version.status in ("active", "superseded") and (
+    entry["records_forgotten"] = version.status in (
+        VersionStatus.ACTIVE, VersionStatus.SUPERSEDED
+    ) and (
         request is not None
     )
     if request is not None:
@@ -66,7 +66,7 @@ def lineage(factory: sessionmaker[Session], version_id: str) -> dict[str, Any]:
     """The chain from this version back to version 1, newest first."""
     with factory() as session:
         version, model = get_version(session, version_id)
-        chain = []
+        chain: list[dict[str, Any]] = []
         current: ModelVersion | None = version
         while current is not None and len(chain) < MAX_LINEAGE:
             chain.append(lineage_entry(session, current, model.name))
@@ -105,7 +105,7 @@ def promote(
     are forgotten (then purged) and the request completed."""
     with transaction(factory) as session:
         version, model = _locked(session, version_id)
-        if version.status != "candidate":
+        if version.status != VersionStatus.CANDIDATE:
             raise _not_candidate(version, "promoted")
         current = active_version(session, model.id)
         if current is None or current.id != version.parent_id:
@@ -120,20 +120,8 @@ def promote(
         request = _request_of(session, version)
         if request is None:
             raise conflict("version-not-candidate", "the version has no deletion request")
-        now = utcnow()
         keys = [str(k) for k in request.record_keys]
-        count = mark_forgotten(session, request.dataset_id, keys, version.job_id or "", now)
-        if count != len(set(keys)):
-            raise conflict(
-                "records-unavailable",
-                f"only {count} of the request's {len(keys)} records are still present "
-                "(another request forgot some meanwhile); reject this candidate",
-                title="Records unavailable",
-            )
-        version.status = "active"
-        current.status = "superseded"
-        current.superseded_at = now
-        request.status = "completed"
+        request.status = RequestStatus.COMPLETED
         append_event(
             session, actor=actor, action="version.promoted", subject_type="model_version",
             subject_id=version.id,
@@ -141,34 +129,25 @@ def promote(
                      "superseded_id": current.id, "request_id": request.id,
                      "job_id": version.job_id, "sha256": version.sha256},
         )  # fmt: skip
-        append_forgotten_event(
-            session, actor=actor, dataset_id=request.dataset_id, job_id=version.job_id or "",
-            request_id=request.id, keys=keys, count=count,
-        )  # fmt: skip
+        try:  # raising rolls the whole promotion back, its event included
+            activate(
+                session, version, current, dataset_id=request.dataset_id, keys=keys,
+                job_id=version.job_id or "", request_id=request.id, actor=actor, now=utcnow(),
+            )  # fmt: skip
+        except RecordsUnavailable as exc:
+            raise conflict(
+                "records-unavailable",
+                f"only {exc.marked} of the request's {exc.requested} records are still "
+                "present (another request forgot some meanwhile); reject this candidate",
+                title="Records unavailable",
+            ) from None
         dataset_id, model_id = request.dataset_id, model.id
-    _after_activation(factory, storage, settings, model_id, dataset_id, actor)
+    after_activation(
+        factory, storage, settings, model_id=model_id, dataset_id=dataset_id, actor=actor
+    )
     with factory() as session:
         version, model = get_version(session, version_id)
         return version_view(version, model.name)
-
-
-def _after_activation(
-    factory: sessionmaker[Session],
-    storage: Storage,
-    settings: Settings,
-    model_id: str,
-    dataset_id: str,
-    actor: str,
-) -> None:
-    # Idempotent follow-ups; if they fail here the worker's reaper completes them.
-    try:
-        purge_dataset(factory, storage, dataset_id, actor=actor)
-    except Exception as exc:
-        log.warning("dataset %s: purge after promotion failed: %s", dataset_id, exc)
-    try:
-        retire_due(factory, storage, settings, actor=actor, model_id=model_id)
-    except Exception as exc:
-        log.warning("model %s: retirement after promotion failed: %s", model_id, exc)
 
 
 def reject(
@@ -178,12 +157,12 @@ def reject(
     records stay present (they can be requested again)."""
     with transaction(factory) as session:
         version, model = _locked(session, version_id)
-        if version.status != "candidate":
+        if version.status != VersionStatus.CANDIDATE:
             raise _not_candidate(version, "rejected")
         request = _request_of(session, version)
-        version.status = "rejected"
+        version.status = VersionStatus.REJECTED
         if request is not None:
-            request.status = "rejected"
+            request.status = RequestStatus.REJECTED
         append_event(
             session, actor=actor, action="version.rejected", subject_type="model_version",
             subject_id=version.id,

@@ -11,8 +11,6 @@ from service.models import Dataset, DeletionRequest, Job, Model, ModelVersion
 def iso(value: datetime | None) -> str | None:
     if value is None:
         return None
-    if value.tzinfo is None:  # SQLite returns naive datetimes; they are stored as UTC
-        value = value.replace(tzinfo=UTC)
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 

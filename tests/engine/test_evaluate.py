@@ -1,4 +1,4 @@
-"""evaluate(): accuracies and the SVC membership-inference attack (DESIGN §5)."""
+"""evaluate(): accuracies and the SVC membership-inference attack (ALGORITHM.md §6)."""
 
 from __future__ import annotations
 

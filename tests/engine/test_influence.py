@@ -18,7 +18,7 @@ TOL = 1e-6
 def reference_scores(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str], damping: float = 0.01
 ) -> torch.Tensor:
-    """DESIGN §4 steps 1-4 the slow, obvious way: one backward per sample."""
+    """ALGORITHM.md §2 the slow, obvious way: one backward per sample."""
     model = copy.deepcopy(model).eval()
     params = dict(model.named_parameters())
     theta = [params[n] for n in names]

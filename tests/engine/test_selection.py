@@ -1,4 +1,4 @@
-"""Selection and weighting (DESIGN §4 steps 5-6) on hand-made score vectors."""
+"""Selection and weighting (ALGORITHM.md §3) on hand-made score vectors."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Before/after evaluation (DESIGN §5): accuracies and the SVC membership-inference attack.
+"""Before/after evaluation (ALGORITHM.md §6): accuracies and the SVC membership-inference attack.
 
 MIA as in the paper's evaluation: an RBF SVM (C=3, gamma="auto") learns to tell the member
 probe (retained training records, label 1) from the eval set (label 0) on features of the
@@ -40,7 +40,7 @@ def softmax_outputs(model: nn.Module, inputs: torch.Tensor, batch_size: int = 51
 
 
 def _features(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, np.ndarray]:
-    """The five attack feature sets of DESIGN §5, one row per record."""
+    """The five attack feature sets of ALGORITHM.md §6, one row per record."""
     eps = 1e-30
     y = labels.long()
     p_y = probs.gather(1, y[:, None]).squeeze(1)

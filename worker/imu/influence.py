@@ -1,4 +1,4 @@
-"""Influence scores I_i = -g_i^T F^-1 ḡ (DESIGN §4 steps 1-4).
+"""Influence scores I_i = -g_i^T F^-1 ḡ (ALGORITHM.md §2).
 
 Three ways to the same numbers:
 

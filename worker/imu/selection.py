@@ -1,4 +1,4 @@
-"""Selection and weighting of the forget samples (DESIGN §4 steps 5-6)."""
+"""Selection and weighting of the forget samples (ALGORITHM.md §3)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,55 @@
+"""The lifecycle vocabulary shared by the API, the CLI and the worker: one definition each.
+
+`StrEnum` members compare equal to their strings, so stored values and JSON need no casts.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class JobStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class Phase(enum.StrEnum):
+    """The phases of a running job, in order (worker.execution)."""
+
+    LOADING = "loading"
+    INFLUENCE = "influence"
+    UNLEARNING = "unlearning"
+    EVALUATING = "evaluating"
+    SAVING = "saving"
+
+
+class RequestStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    NEEDS_REVIEW = "needs_review"  # the version waits as a candidate (service.policy)
+    REJECTED = "rejected"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class VersionStatus(enum.StrEnum):
+    ACTIVE = "active"
+    CANDIDATE = "candidate"
+    SUPERSEDED = "superseded"
+    REJECTED = "rejected"
+
+
+JOB_STATES: tuple[JobStatus, ...] = tuple(JobStatus)
+PHASES: tuple[Phase, ...] = tuple(Phase)
+ACTIVE_JOB_STATES = (JobStatus.QUEUED, JobStatus.RUNNING)
+TERMINAL_JOB_STATES = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+# The request's status when its job ends (a candidate version overrides `completed`).
+REQUEST_STATUS_OF_JOB = {
+    JobStatus.SUCCEEDED: RequestStatus.COMPLETED,
+    JobStatus.FAILED: RequestStatus.FAILED,
+    JobStatus.CANCELLED: RequestStatus.CANCELLED,
+}

@@ -1,0 +1,305 @@
+"""One claimed attempt of a job: loading → influence → unlearning → evaluating → saving.
+
+Progress and cancellation. The engine reports progress through `progress(phase, fraction)`;
+each report also checks for a lost lease, a cancel request and a shutdown. A monitor thread
+(worker.lease.JobMonitor) renews the lease, persists progress and polls `cancel_requested`.
+
+Fencing. Every write after the claim is fenced on (status=running, worker_id, attempts)
+(worker.job_queue.Fence): a worker that lost its lease cannot save.
+
+Errors. `JobError` is deterministic (missing or already-forgotten records, corrupt or missing
+checkpoint, unreadable dataset, invalid parameters, unknown architecture, time limit): the job
+fails at once, retrying cannot help. Anything else (database or storage unreachable, CUDA out
+of memory, a source version changed under us) is treated as transient: the job goes back to
+`queued` with the error recorded and is retried until `max_attempts` claims have been made,
+after which it fails for good with the last error. If even recording the error is impossible
+(database down), the job keeps its lease until it expires and the reaper re-queues it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from service.db import transaction
+from service.models import Job
+from service.policy import decide, effective_policy
+from service.purge import key_sha256
+from service.states import PHASES, JobStatus, Phase
+from worker.context import Outcome, RunnerContext, RunResult
+from worker.errors import (
+    Cancelled,
+    Interrupted,
+    JobError,
+    LeaseLost,
+    is_time_limit,
+    time_limit_problem,
+    transient_problem,
+)
+from worker.job_queue import (
+    Claim,
+    Fence,
+    checkpoint_key,
+    cleanup_job_checkpoints,
+    finish_job,
+    lock_claimed,
+    requeue,
+    retry_delay,
+    retry_or_finish,
+)
+from worker.lease import JobMonitor
+from worker.loading import Loaded, Loader
+from worker.saving import commit_version, finish_activation, write_checkpoint
+
+log = logging.getLogger("lethe.worker")
+
+
+class Execution:
+    def __init__(self, ctx: RunnerContext, claim: Claim) -> None:
+        self.ctx = ctx
+        self.job_id = claim.job_id
+        self.model_id = claim.model_id
+        self.attempt = claim.attempt
+        self.fence = Fence(claim.job_id, claim.model_id, ctx.worker_id, claim.attempt)
+        self.monitor = JobMonitor(
+            ctx.session_factory,
+            job_id=self.job_id,
+            worker_id=ctx.worker_id,
+            attempt=claim.attempt,
+            lease_seconds=ctx.settings.lease_seconds,
+            heartbeat_seconds=ctx.settings.heartbeat_seconds,
+        )
+        self.timings: dict[str, float] = {}
+        self._phase: str | None = None
+        self._phase_started = 0.0
+        self.written_key: str | None = None
+
+    # Phases and progress ------------------------------------------------------------
+    def _enter(self, phase: str) -> None:
+        if phase == self._phase:
+            return
+        self._close_phase()
+        self._phase, self._phase_started = phase, time.perf_counter()
+        self.monitor.report(phase, 0.0)
+
+    def _close_phase(self) -> None:
+        if self._phase is not None:
+            now = time.perf_counter()
+            spent = now - self._phase_started
+            self.timings[self._phase] = self.timings.get(self._phase, 0.0) + spent
+            self._phase_started = now
+
+    def check(self) -> None:
+        if self.monitor.lost.is_set():
+            raise LeaseLost(f"job {self.job_id}: lease taken over")
+        if self.monitor.cancel_requested.is_set():
+            raise Cancelled(f"job {self.job_id}: cancel requested")
+        if self.ctx.interrupt.is_set():
+            raise Interrupted(f"job {self.job_id}: worker shutting down")
+
+    def progress(self, phase: str, fraction: float) -> None:
+        phase = phase if phase in PHASES else (self._phase or Phase.UNLEARNING)
+        self._enter(phase)
+        fraction = min(1.0, max(0.0, float(fraction))) if math.isfinite(fraction) else 0.0
+        self.monitor.report(phase, fraction)
+        self.check()
+
+    # Main ------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        started = time.perf_counter()
+        self.monitor.start()
+        try:
+            self._enter(Phase.LOADING)
+            loaded = Loader(self.ctx, self.job_id, self.progress).load()
+            self.check()
+            before = self._evaluate(loaded)
+            self.check()
+            stats = self._unlearn(loaded)
+            self._enter(Phase.EVALUATING)
+            self.check()
+            after = self._evaluate(loaded)
+            self.progress(Phase.EVALUATING, 1.0)
+            self._enter(Phase.SAVING)
+            self.check()
+            self.timings["total"] = time.perf_counter() - started
+            version_id = self._save(loaded, before, after, stats, started)
+            return RunResult(Outcome.SUCCEEDED, self.job_id, version_id=version_id)
+        except Cancelled:
+            return self._finish_cancelled()
+        except Interrupted:
+            return self._hand_back()
+        except LeaseLost as exc:
+            log.warning("%s", exc)
+            self._delete_written()
+            return RunResult(Outcome.LOST, self.job_id, detail=str(exc))
+        except JobError as exc:
+            return self._fail(exc.problem())
+        except Exception as exc:
+            if is_time_limit(exc):
+                return self._fail(time_limit_problem(self.ctx.settings.job_soft_time_limit_s))
+            log.exception("job %s attempt %s failed", self.job_id, self.attempt)
+            return self._retry_or_fail(exc)
+        finally:
+            self.monitor.stop()
+
+    # Engine ----------------------------------------------------------------------------
+    def _evaluate(self, loaded: Loaded) -> dict[str, Any]:
+        from worker.job_metrics import job_metrics
+
+        return job_metrics(
+            loaded.model, forget=loaded.forget, eval_pair=loaded.eval,
+            member_probe=loaded.member_probe, class_wise=loaded.class_wise,
+        )  # fmt: skip
+
+    def _unlearn(self, loaded: Loaded) -> dict[str, Any]:
+        from worker.unlearning import InvalidParams, run_engine
+
+        try:
+            return run_engine(
+                loaded.kind, loaded.params, loaded.model, loaded.forget, guard=loaded.guard,
+                class_wise=loaded.class_wise, device=self.ctx.device, progress=self.progress,
+                key_hash=lambda i: key_sha256(loaded.keys[i]),
+            )  # fmt: skip
+        except InvalidParams as exc:
+            if self.monitor.cancel_requested.is_set():
+                raise Cancelled() from None
+            raise JobError("invalid-params", "Invalid parameters", str(exc)) from None
+
+    # Saving ----------------------------------------------------------------------------
+    def _save(
+        self,
+        loaded: Loaded,
+        before: dict[str, Any],
+        after: dict[str, Any],
+        stats: dict[str, Any],
+        started: float,
+    ) -> str:
+        key = checkpoint_key(self.model_id, self.job_id, self.attempt)
+        self.written_key = key  # set first: a half-written file is deleted too
+        stored = write_checkpoint(self.ctx.storage, key, self.job_id, loaded.model)
+        self.progress(Phase.SAVING, 0.5)
+        self.ctx.hook("before_save", self.job_id)
+        self._close_phase()
+        self.timings["total"] = time.perf_counter() - started
+        policy = decide(
+            effective_policy(self.ctx.settings, loaded.params.get("policy")),
+            before, after, class_wise=loaded.class_wise,
+        )  # fmt: skip
+        metrics = {
+            "before": before,
+            "after": after,
+            "influence": stats,
+            "device": self.ctx.device,
+            "method": loaded.kind,
+            "n_forget": len(loaded.keys),
+            "eval_split": loaded.eval_split,
+            "policy": policy,
+        }
+        try:
+            version_id = commit_version(self.ctx, self.fence, loaded, stored, metrics,
+                                        self.timings)  # fmt: skip
+        except BaseException:
+            self._delete_written()
+            raise
+        cleanup_job_checkpoints(self.ctx.storage, self.model_id, self.job_id, keep=stored.key)
+        if policy["decision"] == "active":
+            finish_activation(self.ctx, self.model_id, loaded.dataset_id)
+        return version_id
+
+    # Endings ---------------------------------------------------------------------------
+    def _delete_written(self) -> None:
+        if self.written_key is not None:
+            try:
+                self.ctx.storage.delete(self.written_key)
+            except Exception as exc:
+                log.warning("job %s: could not delete %s: %s", self.job_id, self.written_key, exc)
+            self.written_key = None
+
+    def _fenced_update(self, apply: Callable[[Session, Job], None]) -> bool:
+        """Run `apply` on our still-claimed job in one transaction; False if we lost it."""
+        with transaction(self.ctx.session_factory) as session:
+            job = lock_claimed(session, self.fence)
+            if job is None:
+                return False
+            apply(session, job)
+            return True
+
+    def _finish_cancelled(self) -> RunResult:
+        return self._record_end(
+            JobStatus.CANCELLED, Outcome.CANCELLED, payload={"phase": self._phase}, detail=""
+        )
+
+    def _fail(self, problem: dict[str, Any]) -> RunResult:
+        return self._record_end(
+            JobStatus.FAILED, Outcome.FAILED, error=problem, detail=problem.get("detail", "")
+        )
+
+    def _record_end(
+        self, status: JobStatus, outcome: Outcome, *, detail: str, **finish: Any
+    ) -> RunResult:
+        """Write a terminal status (no version) while we still hold the job, then clean up."""
+        self._delete_written()
+
+        def apply(session: Session, job: Job) -> None:
+            self._close_phase()
+            job.timings = {k: round(v, 6) for k, v in self.timings.items()}
+            finish_job(session, job, status, actor=self.ctx.actor, **finish)
+
+        noun = "cancellation" if status == JobStatus.CANCELLED else "failure"
+        try:
+            ok = self._fenced_update(apply)
+        except Exception as exc:
+            log.warning("job %s: could not record %s: %s", self.job_id, noun, exc)
+            return RunResult(Outcome.RETRY, self.job_id, detail=f"{noun} not recorded: {exc}")
+        if not ok:
+            return RunResult(Outcome.LOST, self.job_id, detail=f"lost before {noun} was recorded")
+        cleanup_job_checkpoints(self.ctx.storage, self.model_id, self.job_id)
+        return RunResult(outcome, self.job_id, detail=detail)
+
+    def _retry_or_fail(self, exc: BaseException) -> RunResult:
+        self._delete_written()
+        problem = transient_problem(exc)
+        final: list[Outcome] = []
+
+        def apply(session: Session, job: Job) -> None:
+            status = retry_or_finish(
+                session, job, actor=self.ctx.actor, max_attempts=self.ctx.settings.max_attempts,
+                error=problem, reason="error",
+            )  # fmt: skip
+            if status is not None:
+                final.append(Outcome(status))
+
+        try:
+            ok = self._fenced_update(apply)
+        except Exception as record_exc:
+            # Most likely the database itself is down: keep the claim; the lease runs out
+            # and the reaper re-queues the job once the database is back.
+            log.warning("job %s: could not record the error (%s); the reaper will retry it",
+                        self.job_id, record_exc)  # fmt: skip
+            return RunResult(Outcome.RETRY, self.job_id, detail=str(exc))
+        if not ok:
+            return RunResult(Outcome.LOST, self.job_id, detail="lost before error was recorded")
+        if final:
+            cleanup_job_checkpoints(self.ctx.storage, self.model_id, self.job_id)
+            return RunResult(final[0], self.job_id, detail=str(exc))
+        return RunResult(
+            Outcome.RETRY, self.job_id, detail=str(exc), retry_in=retry_delay(self.attempt)
+        )
+
+    def _hand_back(self) -> RunResult:
+        self._delete_written()
+
+        def apply(session: Session, job: Job) -> None:
+            job.attempts = max(0, job.attempts - 1)  # a shutdown is not the job's fault
+            requeue(session, job, actor=self.ctx.actor, error=None, reason="worker shutdown")
+
+        try:
+            self._fenced_update(apply)
+        except Exception as exc:
+            log.warning("job %s: could not hand the job back: %s", self.job_id, exc)
+        return RunResult(Outcome.INTERRUPTED, self.job_id)

@@ -1,0 +1,371 @@
+"""The loading phase: the job's inputs from the database, its checkpoint and its datasets.
+
+Parsed dataset files are cached per process (`DATASETS`): the eval and member-probe sets are
+read by every job of a model. The cache is keyed by storage key and content sha256, so a file
+rewritten by a purge is never served stale, and a purge evicts the dataset's older files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.datasets_io import TensorData
+from service.db import transaction
+from service.models import Dataset, DeletionRequest, Job, Model, ModelVersion, Record
+from service.sql import chunked
+from service.states import VersionStatus
+from worker.context import RunnerContext
+from worker.errors import JobError, SourceChanged
+from worker.heldout import split_eval_keys
+
+Pair = tuple[Any, Any]  # (inputs, labels) tensors
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where a dataset's current file is (a purge may replace it while a job runs)."""
+
+    kind: str
+    storage_key: str
+    name: str
+    content_sha256: str
+    dataset_id: str
+
+    @classmethod
+    def of(cls, dataset: Dataset) -> DataSource:
+        return cls(
+            dataset.kind, dataset.storage_key, dataset.name, dataset.content_sha256, dataset.id
+        )
+
+
+@dataclass(frozen=True)
+class JobInputs:
+    """What the loading transaction reads; the files are fetched after it commits."""
+
+    architecture: str
+    arch_kwargs: dict[str, Any]
+    version_id: str
+    version_number: int
+    version_key: str | None
+    version_sha256: str
+    dataset: DataSource
+    eval: DataSource | None
+    probe: DataSource | None
+    eval_keys: list[str] | None  # present records of the eval set, in file order
+    probe_keys: list[str] | None
+    kind: str
+    params: dict[str, Any]
+    keys: list[str]
+
+
+@dataclass
+class Loaded:
+    model: Any  # torch.nn.Module
+    forget: Pair
+    eval: Pair | None
+    member_probe: Pair | None
+    kind: str
+    params: dict[str, Any]
+    keys: list[str]
+    dataset_id: str
+    source_version_id: str
+    class_wise: bool = False
+    guard: Pair | None = None  # eval records the calibration may look at
+    eval_split: dict[str, Any] | None = None
+
+
+class DatasetCache:
+    """Parsed dataset files kept between jobs of one process; bounded in entries and bytes."""
+
+    def __init__(self, max_entries: int = 4, max_bytes: int = 512 * 1024 * 1024) -> None:
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        self._items: OrderedDict[tuple[str, str], TensorData] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str]) -> TensorData | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: tuple[str, str], data: TensorData) -> None:
+        if _nbytes(data) > self.max_bytes:
+            return
+        with self._lock:
+            self._items[key] = data
+            while len(self._items) > self.max_entries or self._total() > self.max_bytes:
+                self._items.popitem(last=False)
+
+    def evict_other_files(self, storage_key: str) -> None:
+        """Drop cached copies of earlier files of the same dataset (a purge rewrote it): the
+        forgotten rows must not outlive their file in memory either."""
+        prefix = _dataset_prefix(storage_key)
+        with self._lock:
+            for key in [k for k in self._items if k[0] != storage_key
+                        and _dataset_prefix(k[0]) == prefix]:  # fmt: skip
+                del self._items[key]
+
+    def _total(self) -> int:
+        return sum(_nbytes(d) for d in self._items.values())
+
+
+def _nbytes(data: TensorData) -> int:
+    return int(getattr(data.inputs, "nbytes", 0))
+
+
+def _dataset_prefix(storage_key: str) -> str:
+    # datasets/<36-char dataset id>[-<rewrite>].<ext>
+    name = storage_key.rsplit("/", 1)[-1]
+    return name[:36]
+
+
+DATASETS = DatasetCache()
+
+
+class Loader:
+    """Reads one job's inputs; `progress(phase, fraction)` also checks for cancellation."""
+
+    def __init__(self, ctx: RunnerContext, job_id: str, progress: Callable[[str, float], None]):
+        self.ctx, self.job_id, self.progress = ctx, job_id, progress
+
+    def load(self) -> Loaded:
+        inputs = self._read_inputs()
+        self.progress("loading", 0.1)
+        model = self._load_model(inputs)
+        self.progress("loading", 0.4)
+        forget = self._load_rows(inputs.dataset, inputs.keys)
+        class_wise = self._class_wise(inputs.dataset, inputs.keys)
+        self.progress("loading", 0.6)
+        eval_pair = guard_pair = split = None
+        if inputs.eval:
+            eval_keys = inputs.eval_keys
+            if eval_keys is None:
+                eval_keys = [str(k) for k in self.dataset(inputs.eval).ids]
+            split = split_eval_keys(eval_keys)
+            eval_pair = self._load_rows(inputs.eval, split.policy)
+            guard_pair = self._load_rows(inputs.eval, split.guard)
+        probe_pair = (
+            self._load_rows(inputs.probe, inputs.probe_keys) if inputs.probe else None
+        )
+        self.progress("loading", 0.8)
+        return Loaded(
+            model=model, forget=forget, eval=eval_pair, member_probe=probe_pair,
+            guard=guard_pair, eval_split=split.describe() if split else None,
+            kind=inputs.kind, params=inputs.params, keys=inputs.keys,
+            dataset_id=inputs.dataset.dataset_id, source_version_id=inputs.version_id,
+            class_wise=class_wise,
+        )  # fmt: skip
+
+    # Database --------------------------------------------------------------------------
+    def _read_inputs(self) -> JobInputs:
+        with transaction(self.ctx.session_factory) as session:
+            job = session.get(Job, self.job_id)
+            assert job is not None
+            request = session.get(DeletionRequest, job.request_id)
+            model_row = session.get(Model, job.model_id)
+            version = session.get(ModelVersion, job.source_version_id)
+            assert request is not None and model_row is not None and version is not None
+            dataset = session.get(Dataset, request.dataset_id)
+            if dataset is None:
+                raise JobError(
+                    "dataset-missing", "Dataset missing", "the dataset is gone", status=404
+                )
+            keys = [str(k) for k in request.record_keys]
+            _check_records(session, dataset.id, keys)
+            eval_ds = _optional(session, model_row.eval_dataset_id)
+            probe_ds = _optional(session, model_row.member_probe_dataset_id)
+            return JobInputs(
+                architecture=model_row.architecture,
+                arch_kwargs=dict(model_row.arch_kwargs or {}),
+                version_id=version.id,
+                version_number=version.number,
+                version_key=version.storage_key,
+                version_sha256=version.sha256,
+                dataset=DataSource.of(dataset),
+                eval=DataSource.of(eval_ds) if eval_ds else None,
+                probe=DataSource.of(probe_ds) if probe_ds else None,
+                eval_keys=_present_keys(session, eval_ds),
+                probe_keys=_present_keys(session, probe_ds),
+                kind=job.kind,
+                params=dict(job.params or {}),
+                keys=keys,
+            )
+
+    def _current_source(self, dataset_id: str) -> DataSource | None:
+        with transaction(self.ctx.session_factory) as session:
+            dataset = session.get(Dataset, dataset_id)
+            return DataSource.of(dataset) if dataset is not None else None
+
+    # Storage ---------------------------------------------------------------------------
+    def _read_object(self, key: str | None, what: str) -> bytes:
+        if not key:
+            raise JobError("checkpoint-missing", f"{what} missing", f"{what} has no stored file")
+        try:
+            with self.ctx.storage.open_read(key) as fh:
+                return fh.read()
+        except FileNotFoundError:
+            raise JobError(
+                f"{'checkpoint' if 'checkpoint' in what else 'dataset'}-missing",
+                f"{what} missing",
+                f"{what} ({key}) is not in storage",
+                status=500,
+            ) from None
+
+    def _load_model(self, inputs: JobInputs) -> Any:
+        from worker.imu.architectures import build
+        from worker.imu.checkpoints import load_safetensors_into
+
+        what = f"checkpoint of version {inputs.version_number}"
+        try:
+            data = self._read_object(inputs.version_key, what)
+        except JobError:
+            # A promotion may have superseded (and retired) our source since the claim:
+            # then retry from the new active version instead of failing the job.
+            with transaction(self.ctx.session_factory) as session:
+                status = session.execute(
+                    select(ModelVersion.status).where(ModelVersion.id == inputs.version_id)
+                ).scalar_one_or_none()
+            if status != VersionStatus.ACTIVE:
+                raise SourceChanged(
+                    f"version {inputs.version_number} is {status} and its checkpoint retired; "
+                    "the job restarts from the active version"
+                ) from None
+            raise
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != inputs.version_sha256:
+            raise JobError(
+                "checkpoint-corrupt",
+                "Checkpoint corrupt",
+                f"the {what} ({inputs.version_key}) has sha256 {digest[:16]}…, but "
+                f"{inputs.version_sha256[:16]}… was registered: the stored file was altered or "
+                "damaged",
+                status=500,
+            )
+        try:
+            model = build(inputs.architecture, **inputs.arch_kwargs)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise JobError("architecture-invalid", "Architecture invalid", str(exc)) from None
+        try:
+            load_safetensors_into(model, data)
+        except (ValueError, RuntimeError) as exc:
+            raise JobError(
+                "checkpoint-corrupt",
+                "Checkpoint corrupt",
+                f"the {what} cannot be loaded into {inputs.architecture}: {exc}"[:2000],
+                status=500,
+            ) from None
+        return model
+
+    def dataset(self, source: DataSource) -> TensorData:
+        """The parsed current file of a dataset (cached). A purge may have replaced the file
+        since its key was read: follow the dataset to its new file."""
+        from service.datasets_io import load_tensor_npz
+
+        for _ in range(5):
+            cache_key = (source.storage_key, source.content_sha256)
+            data = DATASETS.get(cache_key)
+            if data is not None:
+                return data
+            try:
+                raw = self._read_object(source.storage_key, f"dataset {source.name!r}")
+            except JobError:
+                current = self._current_source(source.dataset_id)
+                if current is None or current.storage_key == source.storage_key:
+                    raise
+                source = current
+                continue
+            data = load_tensor_npz(raw)
+            DATASETS.evict_other_files(source.storage_key)
+            DATASETS.put(cache_key, data)
+            return data
+        raise SourceChanged(f"dataset {source.name!r} kept changing while it was read")
+
+    def _class_wise(self, source: DataSource, keys: list[str]) -> bool:
+        """Whether the forget set holds every record of its classes left in the dataset."""
+        try:
+            data = self.dataset(source)
+        except Exception:
+            return False
+        forget = set(keys)
+        pairs = list(zip(data.ids, data.labels, strict=True))
+        labels = {int(label) for key, label in pairs if key in forget}
+        return not any(int(label) in labels and key not in forget for key, label in pairs)
+
+    def _load_rows(self, source: DataSource, keys: list[str] | None) -> Pair:
+        import torch
+
+        from service.datasets_io import DatasetError, select_rows
+
+        if source.kind != "tensor":
+            raise JobError(
+                "unsupported-dataset", "Unsupported dataset",
+                f"dataset {source.name!r} is of kind {source.kind!r}; this worker unlearns "
+                "tensor datasets",
+            )  # fmt: skip
+        try:
+            data = self.dataset(source)
+            inputs, labels = select_rows(data, keys if keys is not None else data.ids)
+        except DatasetError as exc:
+            raise JobError(
+                "dataset-invalid", "Dataset unreadable", f"{source.name}: {exc}"
+            ) from None
+        except KeyError as exc:
+            raise JobError(
+                "records-unavailable", "Records unavailable", f"{source.name}: {exc.args[0]}"
+            ) from None
+        x = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))
+        y = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
+        return x, y
+
+
+def _optional(session: Session, dataset_id: str | None) -> Dataset | None:
+    return session.get(Dataset, dataset_id) if dataset_id else None
+
+
+def _check_records(session: Session, dataset_id: str, keys: list[str]) -> None:
+    if not keys:
+        raise JobError(
+            "records-unavailable", "No records to forget", "the request names no records"
+        )
+    states: dict[str, str] = {}
+    for chunk in chunked(keys):
+        for key, state in session.execute(
+            select(Record.key, Record.state).where(
+                Record.dataset_id == dataset_id, Record.key.in_(chunk)
+            )
+        ):
+            states[key] = state
+    problems = [
+        {"key": k, "reason": "not in the dataset" if k not in states else "already forgotten"}
+        for k in keys
+        if states.get(k) != "present"
+    ]
+    if problems:
+        raise JobError(
+            "records-unavailable",
+            "Records unavailable",
+            f"{len(problems)} of the requested records are missing or already forgotten",
+            errors=problems[:100],
+        )
+
+
+def _present_keys(session: Session, dataset: Dataset | None) -> list[str] | None:
+    if dataset is None:
+        return None
+    return list(
+        session.execute(
+            select(Record.key)
+            .where(Record.dataset_id == dataset.id, Record.state == "present")
+            .order_by(Record.row)
+        ).scalars()
+    )
