@@ -50,6 +50,7 @@ def test_no_5xx_anywhere(postgres_url: str, tmp_path: Path, digits) -> None:
              "--request-timeout", "30", "--no-color",
              "--report", "ndjson", "--report-ndjson-path", str(report)],
             capture_output=True, text=True, timeout=MAX_TIME_S + 240,
+            cwd=tmp_path,  # its example cache stays out of the work tree
         )
         log = (tmp_path / "server.log").read_text()
         assert run.returncode == 0, run.stdout[-6000:] + log[-3000:]
