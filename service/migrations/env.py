@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from alembic import context
+from alembic.autogenerate.api import AutogenContext
 from sqlalchemy import Connection, DateTime
 
 from service.db import make_engine
@@ -23,7 +24,9 @@ def _url() -> str:
     return get_settings().db_url
 
 
-def _render_item(kind: str, obj: Any, autogen_context: Any) -> str | bool:
+def _render_item(
+    kind: str, obj: Any, autogen_context: AutogenContext
+) -> str | Literal[False]:
     # UTCDateTime only normalises zones in Python: migrations spell the column type itself.
     if kind == "type" and isinstance(obj, UTCDateTime):
         autogen_context.imports.add("import sqlalchemy as sa")
