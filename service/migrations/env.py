@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 from alembic import context
-from sqlalchemy import Connection
+from alembic.autogenerate.api import AutogenContext
+from sqlalchemy import Connection, DateTime
 
 from service.db import make_engine
-from service.models import Base
+from service.models import Base, UTCDateTime
 
 config = context.config
 target_metadata = Base.metadata
@@ -21,11 +24,22 @@ def _url() -> str:
     return get_settings().db_url
 
 
+def _render_item(
+    kind: str, obj: Any, autogen_context: AutogenContext
+) -> str | Literal[False]:
+    # UTCDateTime only normalises zones in Python: migrations spell the column type itself.
+    if kind == "type" and isinstance(obj, UTCDateTime):
+        autogen_context.imports.add("import sqlalchemy as sa")
+        return repr(DateTime(timezone=True)).replace("DateTime", "sa.DateTime", 1)
+    return False
+
+
 def _configure(connection: Connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
         compare_type=True,
+        render_item=_render_item,
         # SQLite cannot ALTER most things; batch mode recreates tables instead.
         render_as_batch=connection.dialect.name == "sqlite",
     )
@@ -33,7 +47,8 @@ def _configure(connection: Connection) -> None:
 
 def run_migrations_offline() -> None:
     context.configure(
-        url=_url(), target_metadata=target_metadata, literal_binds=True, compare_type=True
+        url=_url(), target_metadata=target_metadata, literal_binds=True, compare_type=True,
+        render_item=_render_item,
     )
     with context.begin_transaction():
         context.run_migrations()
