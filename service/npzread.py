@@ -96,7 +96,8 @@ def _read_member(zf: zipfile.ZipFile, name: str, info: zipfile.ZipInfo) -> np.nd
                 f"entry holds {_mib(info.file_size - header)}",
             )
         flat = np.empty(count, dtype=dtype)
-        view = memoryview(flat.view(np.uint8)) if count else memoryview(b"")
+        # The byte view of the final array: chunks land in place, never a second copy.
+        view = memoryview(flat.view(np.uint8).data) if count else memoryview(b"")
         pos = 0
         while pos < nbytes:
             chunk = fh.read(min(_CHUNK, nbytes - pos))

@@ -8,6 +8,7 @@ exceptions become a 500 without any internal detail (the traceback goes to the l
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any
 
@@ -119,7 +120,9 @@ def conflict(slug: str, detail: str, title: str = "Conflict", **extra: Any) -> P
     return Problem(409, slug, detail, title=title, **extra)
 
 
-def problem_response(body: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
+def problem_response(
+    body: dict[str, Any], headers: Mapping[str, str] | None = None
+) -> JSONResponse:
     return JSONResponse(
         body, status_code=body["status"], media_type=PROBLEM_MEDIA_TYPE, headers=headers
     )

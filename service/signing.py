@@ -125,7 +125,7 @@ def verify_compact(token: str, jwks: dict[str, Any], typ: str | None = None) -> 
     if not isinstance(token, str) or token.count(".") != 2:
         raise SignatureError("not a compact JWS (three base64url parts separated by '.')")
     try:
-        keys = KeySet.import_key_set(jwks)
+        keys = KeySet.import_key_set(jwks)  # type: ignore[arg-type]  # validated by joserfc
     except (JoseError, ValueError, KeyError, TypeError) as exc:
         raise SignatureError(f"invalid JWKS: {exc}") from None
     try:

@@ -41,8 +41,9 @@ def find_bad(value: Any, field: str, where: str, out: list[dict[str, Any]]) -> N
     elif isinstance(value, dict):
         for key, item in value.items():
             name = f"{field}.{key}" if field else str(key)
-            if isinstance(key, str) and bad_char(key):
-                out.append({"field": name, "in": where, "message": "key " + bad_char(key)})
+            why = bad_char(key) if isinstance(key, str) else None
+            if why:
+                out.append({"field": name, "in": where, "message": "key " + why})
             find_bad(item, name, where, out)
     elif isinstance(value, list):
         for i, item in enumerate(value):

@@ -295,7 +295,7 @@ def _register_forget(app: typer.Typer) -> None:
                 model, dataset, keys, method=method, params=json.loads(params),
                 subject_ref=subject_ref, reason=reason, idempotency_key=idempotency_key,
             )
-            job_id = (req.get("job") or {}).get("id")
+            job_id = str((req.get("job") or {}).get("id"))
             if not wait:
                 if as_json:
                     _print_json(req)

@@ -13,10 +13,10 @@ Progress = Callable[[str, float], None]
 
 
 def model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
     return torch.device("cpu")
 
 
@@ -119,10 +119,12 @@ def find_head(model: nn.Module, probe: torch.Tensor) -> Head | None:
     call of the same module or any other post-processing is not the logits layer, and the
     fast path then must not be used.
     """
-    linears = {m: n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    linears: dict[nn.Module, str] = {
+        m: n for n, m in model.named_modules() if isinstance(m, nn.Linear)
+    }
     if not linears:
         return None
-    calls: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
+    calls: list[tuple[nn.Module, torch.Tensor | None, torch.Tensor]] = []
 
     def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
         calls.append((mod, args[0] if args else None, out))
@@ -136,6 +138,7 @@ def find_head(model: nn.Module, probe: torch.Tensor) -> Head | None:
             h.remove()
     if not calls:
         last = list(linears)[-1]
+        assert isinstance(last, nn.Linear)
         return Head(linears[last], last, False)
     mod, inp, out = calls[-1]
     once = sum(1 for c in calls if c[0] is mod) == 1
@@ -148,6 +151,7 @@ def find_head(model: nn.Module, probe: torch.Tensor) -> Head | None:
         and out.shape == logits.shape
         and torch.equal(out, logits)
     )
+    assert isinstance(mod, nn.Linear)
     return Head(linears[mod], mod, bool(is_logits))
 
 

@@ -191,7 +191,9 @@ class ResNet18Cifar(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        # The stages are registered by name in __init__; getattr keeps their names stable.
+        for i in range(1, 5):
+            x = getattr(self, f"layer{i}")(x)
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
@@ -234,6 +236,8 @@ def _torchvision_names() -> list[str]:
 
 def _torchvision_builder(name: str) -> Callable[..., nn.Module]:
     tvm = _torchvision_models()
+    if tvm is None:
+        raise ValueError(f"architecture {name!r} needs torchvision, which is not installed")
     short = name[len(TORCHVISION_PREFIX) :]
 
     def build_tv(cifar_stem: bool = False, **kwargs: Any) -> nn.Module:

@@ -133,7 +133,7 @@ def compute_influence(
     with preserved_modes(model, train=False):
         parts = head_parts(theta, head)
         if method in ("auto", "closed_form"):
-            if parts is None:
+            if parts is None or head is None:  # head_parts is None without a head
                 if method == "closed_form":
                     raise ValueError("closed_form needs θ within the final Linear of the logits")
             else:
@@ -199,7 +199,7 @@ def _closed_form(
                 captured.clear()
                 logits = model(as_inputs(inputs[sl], device, dtype))
                 h, z = captured.get("h"), captured.get("z")
-                if h is None or z is not logits and not torch.equal(z, logits):
+                if h is None or z is None or (z is not logits and not torch.equal(z, logits)):
                     raise _NotLogits
                 if h.dim() != 2 or logits.dim() != 2:
                     raise _NotLogits
@@ -209,7 +209,7 @@ def _closed_form(
                 h, logits = h.to(acc), logits.to(acc)
                 e = torch.softmax(logits, dim=1)
                 e[torch.arange(e.shape[0], device=device), y] -= 1.0
-                if feats is None:
+                if feats is None or errs is None:
                     feats = torch.empty((n, h.shape[1]), dtype=h.dtype, device=device)
                     errs = torch.empty((n, e.shape[1]), dtype=e.dtype, device=device)
                 feats[sl], errs[sl] = h, e

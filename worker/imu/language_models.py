@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -130,7 +130,7 @@ def build_causal_lm(config: bytes | str | Mapping[str, Any] | PretrainedConfig) 
     """The model with freshly initialised weights on the current default device; under
     ``torch.device("meta")`` shapes and dtypes only. Embeddings are tied when the config says so."""
     tf = _transformers()
-    cfg = config if isinstance(config, tf.PretrainedConfig) else build_config(config)
+    cfg = config if isinstance(config, tf.PretrainedConfig) else build_config(cast(Any, config))
     try:
         model = tf.AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)
     except (TypeError, ValueError, RuntimeError) as exc:
