@@ -200,7 +200,7 @@ def load_digits_fallback(*, n_train: int | None, n_test: int | None, seed: int =
     xt, xe = _normalise(x_tr[tr], x_te[te])
     return BenchData(
         name="sklearn-digits",
-        source="sklearn.datasets.load_digits (fallback: no Fashion-MNIST files found)",
+        source="sklearn.datasets.load_digits",
         x_train=xt,
         y_train=torch.from_numpy(y_tr[tr]),
         x_test=xe,
@@ -216,13 +216,16 @@ def load_bench_data(
     """Fashion-MNIST if its files exist (prefer='auto' or 'fashion-mnist'), else digits."""
     if prefer not in ("auto", "fashion-mnist", "digits"):
         raise ValueError(f"prefer must be auto, fashion-mnist or digits, not {prefer!r}")
-    if prefer != "digits":
-        folder = find_fashion_mnist()
-        if folder is not None:
-            return load_fashion_mnist(folder, n_train=n_train, n_test=n_test, seed=seed)
-        if prefer == "fashion-mnist":
-            raise FileNotFoundError(
-                "Fashion-MNIST idx files not found: set LETHE_FASHION_MNIST or "
-                f"`apt-get install {DEBIAN_PACKAGE}`"
-            )
-    return load_digits_fallback(n_train=n_train, n_test=n_test, seed=seed)
+    if prefer == "digits":
+        return load_digits_fallback(n_train=n_train, n_test=n_test, seed=seed)
+    folder = find_fashion_mnist()
+    if folder is not None:
+        return load_fashion_mnist(folder, n_train=n_train, n_test=n_test, seed=seed)
+    if prefer == "fashion-mnist":
+        raise FileNotFoundError(
+            "Fashion-MNIST idx files not found: set LETHE_FASHION_MNIST or "
+            f"`apt-get install {DEBIAN_PACKAGE}`"
+        )
+    data = load_digits_fallback(n_train=n_train, n_test=n_test, seed=seed)
+    data.source += " (fallback: no Fashion-MNIST files found)"
+    return data
