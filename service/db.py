@@ -10,6 +10,9 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+# Execution option marking a connection whose transaction will write (see `transaction()`).
+WRITE_OPTION = "lethe_write"
+
 
 def make_engine(url: str, **kwargs: object) -> Engine:
     parsed = make_url(url)
@@ -30,9 +33,13 @@ def make_engine(url: str, **kwargs: object) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn) -> None:  # type: ignore[no-untyped-def]
-            # BEGIN IMMEDIATE takes the write lock up front, so read-then-write transactions
-            # (claims, audit appends) serialise instead of failing with "database is locked".
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # Units of work (`transaction()`) take the write lock up front with BEGIN IMMEDIATE,
+            # so read-then-write transactions (claims, audit appends) serialise instead of
+            # failing with "database is locked" when their WAL snapshot goes stale. Everything
+            # else only reads: a deferred BEGIN keeps WAL's concurrent readers, which neither
+            # wait for each other nor for a writer.
+            write = conn.get_execution_options().get(WRITE_OPTION, False)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
         @event.listens_for(engine, "connect")
         def _sqlite_no_autobegin(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
@@ -49,8 +56,14 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
 
 @contextmanager
 def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
-    """One unit of work: commit on success, roll back on any error."""
+    """One unit of work: commit on success, roll back on any error.
+
+    On SQLite it holds the database's write lock from its first statement (BEGIN IMMEDIATE);
+    sessions opened with `factory()` alone are for reading and begin deferred. On PostgreSQL
+    the option is inert: row locks (FOR UPDATE, UPDATE) do the serialising there.
+    """
     with factory() as session, session.begin():
+        session.connection(execution_options={WRITE_OPTION: True})
         yield session
 
 
