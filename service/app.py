@@ -12,6 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import __version__
 from service.api import audit, datasets, health, jobs, models, requests
 from service.api.deps import AppState
+from service.auth import KeyCache, authenticate
 from service.db import is_postgres, make_engine, make_session_factory
 from service.migrate import check_at_head
 from service.observability import Metrics, MetricsMiddleware
@@ -78,19 +79,32 @@ class BodyLimitMiddleware:
         await self.app(scope, limited_receive, send)
 
 
+def _warm_up(state: AppState) -> None:
+    """Pay one-time costs at start-up, not on the first request: submission checks IMU params
+    with the engine's config (importing torch, seconds), and the pool opens a connection."""
+    from service.domain.requests import validate_params
+
+    validate_params("imu", {})
+    with state.sessions() as session:
+        authenticate(session, "lethe_warm-up")
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    engine_kwargs: dict[str, object] = {}
-    if settings.db_url.startswith("postgresql"):
-        # Sync endpoints run in a thread pool (40 threads): give them connections.
-        engine_kwargs = {"pool_size": 10, "max_overflow": 30, "pool_timeout": 30}
-    engine = make_engine(settings.db_url, **engine_kwargs)
+    # Sync endpoints run in a thread pool (40 threads) and hold a connection for milliseconds.
+    # Pooled connections stay open: overflow ones were closed and reopened (with their PRAGMAs)
+    # under load. PostgreSQL: 20 per process keeps `lethe serve`'s workers (≤ 4) under the
+    # server's default max_connections of 100; SQLite connections are cheap, one per thread.
+    pool_size = 20 if settings.db_url.startswith("postgresql") else 40
+    engine = make_engine(settings.db_url, pool_size=pool_size, max_overflow=0, pool_timeout=30)
     state = AppState(
         settings=settings,
         engine=engine,
         sessions=make_session_factory(engine),
         storage=Storage.from_settings(settings),
         metrics=Metrics(),
+        keys=KeyCache(settings.auth_cache_seconds),
+        inline_reads=not is_postgres(engine),
     )
     state.metrics.watch_jobs(state)
 
@@ -98,6 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         # Refuse to serve a database behind the migration head (run `lethe migrate`).
         check_at_head(engine)
+        _warm_up(state)
         log.info(
             "lethe %s serving (%s, %s)", __version__,
             "postgresql" if is_postgres(engine) else "sqlite",

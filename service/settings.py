@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     policy_max_mia_gap: float = Field(0.5, ge=0, le=1)
     receipt_hmac_key: str = Field("", description="HMAC key for erasure receipts.")
     idempotency_ttl_hours: float = Field(24.0, gt=0)
+    auth_cache_seconds: float = Field(
+        5.0, ge=0, le=300, description="How long a checked API key is trusted (revocation bound)."
+    )
 
     log_level: str = Field("INFO")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sqlalchemy import text
 
-from service.db import make_engine, make_session_factory, transaction
+from service.db import make_engine, make_session_factory, read_once, transaction
 
 
 def _engine(tmp_path: Path):  # type: ignore[no-untyped-def]
@@ -80,4 +80,17 @@ def test_read_then_write_units_serialise(tmp_path: Path) -> None:
         t.join()
     with factory() as s:
         assert s.execute(text("SELECT v FROM t")).scalar_one() == 1 + 4 * 20
+    engine.dispose()
+
+
+def test_read_once_runs_outside_any_transaction(tmp_path: Path) -> None:
+    engine = _engine(tmp_path)
+    factory = make_session_factory(engine)
+    with read_once(factory) as conn:
+        assert conn.execute(text("SELECT v FROM t")).scalar_one() == 1
+        # No BEGIN was sent: SQLite is in autocommit mode, holding no snapshot or lock.
+        assert conn.connection.driver_connection.in_transaction is False
+    with factory() as session:
+        session.execute(text("SELECT v FROM t")).scalar_one()
+        assert session.connection().connection.driver_connection.in_transaction is True
     engine.dispose()
