@@ -14,7 +14,7 @@ from bench import api_throughput
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)")
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk missing: apt-get install wrk")
 def test_api_throughput_writes_json_and_plot(tmp_path: Path) -> None:
     out = tmp_path / "api.json"
     rc = api_throughput.main(["--duration", "1", "--connections", "8", "--backends", "sqlite",
