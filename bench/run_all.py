@@ -7,7 +7,8 @@
 
 Steps: the paper comparison for each architecture (bench/paper.py, base models cached in
 bench/.cache), the influence-speed benchmark (bench/influence_speed.py, run as its own
-process), then bench/report.py.
+process), the API throughput benchmark (bench/api_throughput.py: SQLite and PostgreSQL, needs
+wrk), then bench/report.py.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="*", default=None)
     parser.add_argument("--skip-paper", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--skip-api", action="store_true", help="skip bench/api_throughput.py")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--speed-args", default="",
                         help="extra arguments passed to bench.influence_speed (quoted)")
@@ -81,6 +83,15 @@ def main(argv: list[str] | None = None) -> int:
         if rc != 0:
             failures.append(f"bench.influence_speed exited with {rc}")
         print(f"influence speed done ({time.perf_counter() - t0:.0f}s)", flush=True)
+    if not (args.report_only or args.skip_api):
+        cmd = [sys.executable, "-m", "bench.api_throughput",
+               "--out", str(args.results / "api_throughput.json")]
+        if args.quick:
+            cmd += ["--duration", "2", "--backends", "sqlite"]
+        print("$", " ".join(cmd), flush=True)
+        rc = subprocess.run(cmd, cwd=BENCH_DIR.parent).returncode
+        if rc != 0:
+            failures.append(f"bench.api_throughput exited with {rc}")
     decision = report.build_report(args.results, out_md)
     print(f"wrote {out_md}; backbone_mode decision: {decision.get('choice')}")
     print(f"total {time.perf_counter() - started:.0f}s")

@@ -12,6 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import __version__
 from service.api import audit, datasets, health, jobs, models, requests
 from service.api.deps import AppState
+from service.auth import KeyCache, authenticate
 from service.db import is_postgres, make_engine, make_session_factory
 from service.migrate import check_at_head
 from service.observability import Metrics, MetricsMiddleware
@@ -79,17 +80,29 @@ class BodyLimitMiddleware:
         await self.app(scope, limited_receive, send)
 
 
+def _warm_up(state: AppState) -> None:
+    """Pay one-time costs at start-up, not on the first request: submission checks IMU params
+    with the engine's config (importing torch, seconds), and the pool opens a connection."""
+    from service.domain.requests import validate_params
+
+    validate_params("imu", {})
+    with state.sessions() as session:
+        authenticate(session, "lethe_warm-up")
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    engine_kwargs: dict[str, object] = {}
+    # Sync endpoints run in a thread pool (40 threads) and hold a connection for milliseconds.
+    # Pooled connections stay open: overflow ones were closed and reopened (with their PRAGMAs)
+    # under load. PostgreSQL: 20 per process keeps `lethe serve`'s workers (≤ 4) under the
+    # server's default max_connections of 100; SQLite connections are cheap, one per thread.
+    engine_kwargs: dict[str, object] = {"max_overflow": 0, "pool_timeout": 30}
     if settings.db_url.startswith("postgresql"):
-        # Sync endpoints run in a thread pool (40 threads): give them connections.
         # A short connect timeout: with the database unreachable a request answers 503 within
         # seconds instead of hanging a worker thread.
-        engine_kwargs = {
-            "pool_size": 10, "max_overflow": 30, "pool_timeout": 30,
-            "connect_args": {"connect_timeout": 5},
-        }
+        engine_kwargs.update(pool_size=20, connect_args={"connect_timeout": 5})
+    else:
+        engine_kwargs.update(pool_size=40)
     engine = make_engine(settings.db_url, **engine_kwargs)
     state = AppState(
         settings=settings,
@@ -97,6 +110,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         sessions=make_session_factory(engine),
         storage=Storage.from_settings(settings),
         metrics=Metrics(),
+        keys=KeyCache(settings.auth_cache_seconds),
+        inline_reads=not is_postgres(engine),
     )
     state.metrics.watch_jobs(state)
 
@@ -106,6 +121,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         check_at_head(engine)
         # Temporary files of a process killed mid-write (this one, before a restart, or another).
         state.storage.sweep_temp(settings.temp_max_age_s)
+        _warm_up(state)
         log.info(
             "lethe %s serving (%s, %s)", __version__,
             "postgresql" if is_postgres(engine) else "sqlite",

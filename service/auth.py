@@ -10,10 +10,13 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from service.audit import append_event
 from service.models import ApiKey, utcnow
@@ -96,11 +99,57 @@ def revoke_key(session: Session, name_or_id: str, *, actor: str = "cli") -> ApiK
     return key
 
 
+def _principal_for_hash(session: Session, digest: str) -> Principal | None:
+    row = session.execute(
+        select(ApiKey.id, ApiKey.name, ApiKey.scope, ApiKey.revoked_at)
+        .where(ApiKey.key_hash == digest)
+    ).first()
+    if row is None or row.revoked_at is not None:
+        return None
+    return Principal(key_id=row.id, name=row.name, scope=row.scope)
+
+
 def authenticate(session: Session, secret: str) -> Principal | None:
     """The principal for a presented secret, or None when unknown or revoked."""
-    key = session.execute(
-        select(ApiKey).where(ApiKey.key_hash == hash_secret(secret))
-    ).scalar_one_or_none()
-    if key is None or key.revoked_at is not None:
+    return _principal_for_hash(session, hash_secret(secret))
+
+
+class KeyCache:
+    """Valid principals by key hash, each trusted for `ttl` seconds after its lookup.
+
+    This takes the key lookup off nearly every request. The price is a bound on revocation:
+    a key revoked anywhere (`lethe keys revoke` is another process) is refused by every API
+    process at most `ttl` seconds later (LETHE_AUTH_CACHE_SECONDS, default 5; 0 = look up
+    every time). Unknown and revoked keys are never cached, so a new key works at once.
+    """
+
+    MAX_ENTRIES = 10_000  # a bound on memory; cleared wholesale when reached
+
+    def __init__(self, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl = ttl
+        self.clock = clock
+        self._entries: dict[str, tuple[Principal, float]] = {}
+        self._lock = threading.Lock()
+
+    def cached(self, secret: str) -> Principal | None:
+        """The principal if a fresh lookup is cached (no database access), else None."""
+        hit = self._entries.get(hash_secret(secret))
+        if hit is not None and hit[1] > self.clock():
+            return hit[0]
         return None
-    return Principal(key_id=key.id, name=key.name, scope=key.scope)
+
+    def lookup(self, factory: sessionmaker[Session], secret: str) -> Principal | None:
+        digest = hash_secret(secret)
+        hit = self._entries.get(digest)
+        if hit is not None and hit[1] > self.clock():
+            return hit[0]
+        with factory() as session:
+            principal = _principal_for_hash(session, digest)
+        with self._lock:
+            if principal is None or self.ttl <= 0:
+                self._entries.pop(digest, None)
+            else:
+                if len(self._entries) >= self.MAX_ENTRIES:
+                    self._entries.clear()
+                self._entries[digest] = (principal, self.clock() + self.ttl)
+        return principal

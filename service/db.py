@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+# Execution option marking a connection whose transaction will write (see `transaction()`).
+WRITE_OPTION = "lethe_write"
+# Marks a SQLite connection that runs one read statement outside a transaction.
+READ_ONCE_OPTION = "lethe_read_once"
+# One per SQLite engine: this process's units of work queue here, in order, instead of in
+# SQLite's busy handler, which polls with sleeps of up to 100 ms (a 40-thread pool made most
+# of a POST's time such sleeps). Other processes (executor, workers) still meet at SQLite's
+# lock and its busy_timeout.
+LOCK_TIMEOUT_S = 30.0
+_WRITE_LOCKS: weakref.WeakKeyDictionary[Engine, threading.RLock] = weakref.WeakKeyDictionary()
 
 
 def make_engine(url: str, **kwargs: object) -> Engine:
@@ -16,8 +29,9 @@ def make_engine(url: str, **kwargs: object) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        connect_args = {"timeout": 30, "check_same_thread": False}
+        connect_args = {"timeout": LOCK_TIMEOUT_S, "check_same_thread": False}
         engine = create_engine(url, connect_args=connect_args, **kwargs)
+        _WRITE_LOCKS[engine] = threading.RLock()
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
@@ -25,14 +39,20 @@ def make_engine(url: str, **kwargs: object) -> Engine:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute(f"PRAGMA busy_timeout={int(LOCK_TIMEOUT_S * 1000)}")
             cur.close()
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn) -> None:  # type: ignore[no-untyped-def]
-            # BEGIN IMMEDIATE takes the write lock up front, so read-then-write transactions
-            # (claims, audit appends) serialise instead of failing with "database is locked".
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # Units of work (`transaction()`) take the write lock up front with BEGIN IMMEDIATE,
+            # so read-then-write transactions (claims, audit appends) serialise instead of
+            # failing with "database is locked" when their WAL snapshot goes stale. Everything
+            # else only reads: a deferred BEGIN keeps WAL's concurrent readers, which neither
+            # wait for each other nor for a writer.
+            options = conn.get_execution_options()
+            if options.get(READ_ONCE_OPTION):
+                return  # `read_once()`: one statement, atomic by itself; no BEGIN/ROLLBACK
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if options.get(WRITE_OPTION) else "BEGIN")
 
         @event.listens_for(engine, "connect")
         def _sqlite_no_autobegin(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
@@ -49,9 +69,49 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
 
 @contextmanager
 def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
-    """One unit of work: commit on success, roll back on any error."""
-    with factory() as session, session.begin():
+    """One unit of work: commit on success, roll back on any error.
+
+    On SQLite it holds the database's write lock from its first statement (BEGIN IMMEDIATE);
+    sessions opened with `factory()` alone are for reading and begin deferred. On PostgreSQL
+    the option is inert: row locks (FOR UPDATE, UPDATE) do the serialising there.
+    """
+    with _write_lock(factory.kw.get("bind")), factory() as session, session.begin():
+        session.connection(execution_options={WRITE_OPTION: True})
         yield session
+
+
+def _write_lock(engine: Engine | None) -> AbstractContextManager[object]:
+    lock = _WRITE_LOCKS.get(engine) if engine is not None else None
+    if lock is None:
+        return nullcontext()
+    # The same bound as SQLite's busy_timeout: a stuck writer fails others, never hangs them.
+    if not lock.acquire(timeout=LOCK_TIMEOUT_S):
+        raise TimeoutError(f"database is locked: no write lock after {LOCK_TIMEOUT_S:.0f}s")
+    return _Release(lock)
+
+
+class _Release:
+    def __init__(self, lock: threading.RLock) -> None:
+        self._lock = lock
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+@contextmanager
+def read_once(factory: sessionmaker[Session]) -> Iterator[Connection]:
+    """A connection for a single read statement (hot GET routes), with no transaction around
+    it: no BEGIN and ROLLBACK round trips, no ORM session. One statement sees one consistent
+    snapshot on its own; use a session for reads that need several statements to agree."""
+    engine: Engine = factory.kw["bind"]
+    options: dict[str, object] = (
+        {"isolation_level": "AUTOCOMMIT"} if is_postgres(engine) else {READ_ONCE_OPTION: True}
+    )
+    with engine.connect().execution_options(**options) as conn:
+        yield conn
 
 
 def is_postgres(engine: Engine) -> bool:

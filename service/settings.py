@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     checkpoint_interval_s: float = Field(
         300.0, gt=0, description="Seconds between periodic signed audit checkpoints."
     )
+    auth_cache_seconds: float = Field(
+        5.0, ge=0, le=300, description="How long a checked API key is trusted (revocation bound)."
+    )
 
     log_level: str = Field("INFO")
 

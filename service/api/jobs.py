@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from functools import partial
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
 
-from service.api.deps import AppState, get_state, require
+from service.api.deps import AppState, get_state, require, run_read
 from service.api.schemas import COMMON_ERRORS, JobOut, Page
 from service.auth import Principal
 from service.domain import jobs as domain
@@ -24,17 +25,19 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=COMMON_ERRORS)
     summary="List jobs (newest submission first), filtered by status and model",
     response_model=Page[JobOut],
 )
-def list_jobs(
+async def list_jobs(
     status: Annotated[JobStatus | None, Query()] = None,
     model: Annotated[str | None, Query(description="Model name.")] = None,
     cursor: Annotated[str | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
     _: Principal = Depends(require("read")),
     state: AppState = Depends(get_state),
-) -> dict[str, Any]:
-    return domain.list_jobs(
-        state.sessions, status=status, model=model, cursor=cursor, limit=limit
-    )
+) -> JSONResponse:
+    # A Response skips response_model validation: the view already has the documented shape.
+    page = await run_read(state, partial(
+        domain.list_jobs, state.sessions, status=status, model=model, cursor=cursor, limit=limit
+    ))
+    return JSONResponse(page)
 
 
 @router.get(
@@ -44,10 +47,10 @@ def list_jobs(
     "result_version_id, metrics, created_at, started_at, finished_at, ...}`.",
     response_model=JobOut,
 )
-def show_job(
+async def show_job(
     job_id: str, _: Principal = Depends(require("read")), state: AppState = Depends(get_state)
-) -> dict[str, Any]:
-    return domain.show_job(state.sessions, job_id)
+) -> JSONResponse:
+    return JSONResponse(await run_read(state, domain.show_job, state.sessions, job_id))
 
 
 @router.post(

@@ -69,6 +69,23 @@ class ExecutorSupervisor:
         self._thread.join(timeout)
 
 
+MAX_PG_WORKERS = 4
+
+
+def default_workers(db_url: str, cpus: int | None = None) -> int:
+    """Worker processes for `lethe serve` when --workers is not given.
+
+    SQLite: 1. Reads already run beside writes (WAL, deferred reads), and one process queues
+    its writes on an in-process lock; several processes would meet in SQLite's busy handler,
+    which polls with sleeps of up to 100 ms. PostgreSQL: one per CPU, at most 4: each process
+    has a 20-connection pool, and 4 × 20 stays under the server's default max_connections
+    (100).
+    """
+    if not db_url.startswith("postgresql"):
+        return 1
+    return max(1, min(cpus if cpus is not None else (os.cpu_count() or 1), MAX_PG_WORKERS))
+
+
 def _exit_cleanly(signum: int, _frame: object) -> None:
     raise SystemExit(0)
 
@@ -107,7 +124,11 @@ def register(app: typer.Typer) -> None:
                 help="In embedded mode, also run the job executor as a child process.",
             ),
         ] = True,
-        workers: Annotated[int, typer.Option(help="Uvicorn worker processes.")] = 1,
+        workers: Annotated[
+            int | None,
+            typer.Option(help="Uvicorn worker processes (default: chosen for the database: "
+                         "1 on SQLite, min(CPUs, 4) on PostgreSQL)."),
+        ] = None,
     ) -> None:
         """Run the HTTP API (and, without a broker, the embedded job executor)."""
         import uvicorn
@@ -117,6 +138,9 @@ def register(app: typer.Typer) -> None:
             level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
         )
         ensure_schema(settings)
+        if workers is None:
+            workers = default_workers(settings.db_url)
+        log.info("serving with %d worker process(es)", workers)
         # Uvicorn shuts down gracefully on SIGTERM and then re-raises it to the previous
         # handler; with this one that ends in SystemExit(0), so `finally` stops the executor.
         signal.signal(signal.SIGTERM, _exit_cleanly)

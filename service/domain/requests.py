@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import insert, select, update
+from sqlalchemy import func, insert, select, true, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -144,6 +144,27 @@ def _replay(session: Session, key: str, fingerprint: str) -> Submission | None:
     return Submission(request_view(req, job, model.name, full=False), job.id, req.id, True)
 
 
+def _keys_named(
+    session: Session, model_id: str, dataset_id: str, keys: list[str], *conditions: Any,
+    join_jobs: bool = False,
+) -> set[str]:
+    """Which of `keys` appear in the record_keys of the requests matching `conditions`."""
+    fn = (func.json_array_elements_text if session.get_bind().dialect.name == "postgresql"
+          else func.json_each)
+    element = fn(DeletionRequest.record_keys).table_valued("value").alias("named_key")
+    found: set[str] = set()
+    for start in range(0, len(keys), 1000):
+        q = select(element.c.value).select_from(DeletionRequest)
+        if join_jobs:
+            q = q.join(Job, Job.request_id == DeletionRequest.id)
+        q = q.join(element, true()).where(
+            DeletionRequest.model_id == model_id, DeletionRequest.dataset_id == dataset_id,
+            element.c.value.in_(keys[start : start + 1000]), *conditions,
+        )
+        found.update(session.execute(q.distinct()).scalars())
+    return found
+
+
 def _check_keys(session: Session, model_id: str, dataset_id: str, keys: list[str]) -> None:
     seen: set[str] = set()
     dupes = sorted({k for k in keys if k in seen or seen.add(k)})  # type: ignore[func-returns-value]
@@ -163,30 +184,16 @@ def _check_keys(session: Session, model_id: str, dataset_id: str, keys: list[str
         )
     missing = [k for k in keys if k not in states]
     forgotten = [k for k in keys if states.get(k) == "forgotten"]
-    pending_rows = session.execute(
-        select(DeletionRequest.record_keys)
-        .join(Job, Job.request_id == DeletionRequest.id)
-        .where(
-            DeletionRequest.model_id == model_id,
-            DeletionRequest.dataset_id == dataset_id,
-            Job.status.in_(ACTIVE_JOB_STATES),
-        )
-    ).scalars()
-    pending_keys: set[str] = set()
-    for named in pending_rows:
-        pending_keys.update(named)
+    # Match the submitted keys inside the database (the JSON arrays are expanded there): this
+    # runs under the submission lock, and decoding every queued request's key list made each
+    # POST slower as the backlog grew.
+    pending_keys = _keys_named(session, model_id, dataset_id, keys,
+                               Job.status.in_(ACTIVE_JOB_STATES), join_jobs=True)
+    review_keys = _keys_named(session, model_id, dataset_id, keys,
+                              DeletionRequest.status == "needs_review")
     pending = [k for k in keys if k in pending_keys and k in states]
     # A candidate awaiting review still holds its records (they are forgotten on promotion):
     # naming them again meanwhile would make two versions race to forget the same records.
-    review_keys: set[str] = set()
-    for named in session.execute(
-        select(DeletionRequest.record_keys).where(
-            DeletionRequest.model_id == model_id,
-            DeletionRequest.dataset_id == dataset_id,
-            DeletionRequest.status == "needs_review",
-        )
-    ).scalars():
-        review_keys.update(named)
     in_review = [k for k in keys if k in review_keys and k in states and k not in pending_keys]
     errors = (
         [{"field": "record_keys", "key": k, "message": "not in the dataset"} for k in missing]

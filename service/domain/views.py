@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from sqlalchemy import Row
+
 from service.models import Dataset, DeletionRequest, Job, Model, ModelVersion
 
 
@@ -61,7 +63,8 @@ def model_view(m: Model, active: ModelVersion | None) -> dict[str, Any]:
     }
 
 
-def job_view(job: Job, model_name: str | None = None) -> dict[str, Any]:
+def job_view(job: Job | Row[Any], model_name: str | None = None) -> dict[str, Any]:
+    """From an ORM Job or a row of the jobs table's columns (same attribute names)."""
     return {
         "id": job.id,
         "request_id": job.request_id,

@@ -321,6 +321,10 @@ def test_auth_and_scopes(api: Api, registered, settings) -> None:
     with transaction(factory) as s:
         revoke_key(s, "test-read")
     engine.dispose()
+    # Revocation takes effect within LETHE_AUTH_CACHE_SECONDS (the key cache's ttl).
+    keys = api.client.app.state.lethe.keys
+    now = keys.clock()
+    keys.clock = lambda: now + keys.ttl + 0.001
     assert api.client.get("/v1/models", headers=api.h("read")).status_code == 401
     for path in ("/healthz", "/readyz", "/metrics"):
         assert api.client.get(path).status_code == 200
