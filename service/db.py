@@ -7,6 +7,7 @@ import weakref
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
@@ -34,7 +35,7 @@ def make_engine(url: str, **kwargs: object) -> Engine:
         _WRITE_LOCKS[engine] = threading.RLock()
 
         @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
             # WAL lets the API read while the executor writes; FKs are off by default in SQLite.
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA foreign_keys=ON")
@@ -43,7 +44,7 @@ def make_engine(url: str, **kwargs: object) -> Engine:
             cur.close()
 
         @event.listens_for(engine, "begin")
-        def _sqlite_begin(conn) -> None:  # type: ignore[no-untyped-def]
+        def _sqlite_begin(conn: Any) -> None:
             # Units of work (`transaction()`) take the write lock up front with BEGIN IMMEDIATE,
             # so read-then-write transactions (claims, audit appends) serialise instead of
             # failing with "database is locked" when their WAL snapshot goes stale. Everything
@@ -55,7 +56,7 @@ def make_engine(url: str, **kwargs: object) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE" if options.get(WRITE_OPTION) else "BEGIN")
 
         @event.listens_for(engine, "connect")
-        def _sqlite_no_autobegin(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+        def _sqlite_no_autobegin(dbapi_conn: Any, _record: Any) -> None:
             dbapi_conn.isolation_level = None
 
         return engine
