@@ -24,6 +24,8 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 typecheck: install  # [tool.mypy] in pyproject.toml names the packages
 	$(VENV)/bin/mypy

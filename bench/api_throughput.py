@@ -111,10 +111,24 @@ def parse_wrk(output: str) -> dict[str, Any]:
     }
 
 
-def run_wrk(url: str, *, duration: float, connections: int, threads: int,
-            headers: dict[str, str] | None = None, script: Path | None = None) -> dict[str, Any]:
-    cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(duration))}s",
-           "--latency", "--timeout", "30s"]
+def run_wrk(
+    url: str,
+    *,
+    duration: float,
+    connections: int,
+    threads: int,
+    headers: dict[str, str] | None = None,
+    script: Path | None = None,
+) -> dict[str, Any]:
+    cmd = [
+        "wrk",
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{max(1, round(duration))}s",
+        "--latency",
+        "--timeout",
+        "30s",
+    ]
     for name, value in (headers or {}).items():
         cmd += ["-H", f"{name}: {value}"]
     if script is not None:
@@ -136,9 +150,12 @@ def _fixture_files(folder: Path, records: int) -> tuple[Path, Path]:
 
     rng = np.random.default_rng(0)
     data = folder / "bench.npz"
-    np.savez(data, ids=np.array([f"r{i}" for i in range(records)]),
-             inputs=rng.normal(size=(records, 4)).astype(np.float32),
-             labels=rng.integers(0, 2, size=records).astype(np.int64))
+    np.savez(
+        data,
+        ids=np.array([f"r{i}" for i in range(records)]),
+        inputs=rng.normal(size=(records, 4)).astype(np.float32),
+        labels=rng.integers(0, 2, size=records).astype(np.int64),
+    )
     torch.manual_seed(0)
     model = build("mlp", in_features=4, hidden=[8], num_classes=2)
     weights = folder / "bench.safetensors"
@@ -149,18 +166,29 @@ def _fixture_files(folder: Path, records: int) -> tuple[Path, Path]:
 SEED_JOBS = 60
 
 
-def _seed(service: LocalService, key: str, data: Path, weights: Path,
-          records: int) -> dict[str, str]:
+def _seed(
+    service: LocalService, key: str, data: Path, weights: Path, records: int
+) -> dict[str, str]:
     """Register the dataset and model and submit a few jobs; returns ids for the routes."""
     from service.client import LetheClient
 
     with LetheClient(service.url, key, timeout=120) as api:
         dataset = api.upload_dataset(data, name="bench", kind="tensor", role="train")
-        api.register_model({"name": "bench", "architecture": "mlp", "arch_kwargs": {
-            "in_features": 4, "hidden": [8], "num_classes": 2}}, weights)
+        api.register_model(
+            {
+                "name": "bench",
+                "architecture": "mlp",
+                "arch_kwargs": {"in_features": 4, "hidden": [8], "num_classes": 2},
+            },
+            weights,
+        )
         # The last keys, above every wrk thread's range: the POST run never collides with them.
-        jobs = [api.submit_deletion("bench", dataset["id"], [f"r{records - 1 - i}"],
-                                    method="ga")["job"]["id"] for i in range(SEED_JOBS)]
+        jobs = [
+            api.submit_deletion("bench", dataset["id"], [f"r{records - 1 - i}"], method="ga")[
+                "job"
+            ]["id"]
+            for i in range(SEED_JOBS)
+        ]
     return {"dataset": dataset["id"], "job": jobs[-1]}
 
 
@@ -181,8 +209,16 @@ def _pg_database() -> tuple[str, Any]:
     return url, drop
 
 
-def bench_backend(backend: str, *, duration: float, connections: int, threads: int,
-                  records: int, workers: int | None, log: Any = print) -> dict[str, Any]:
+def bench_backend(
+    backend: str,
+    *,
+    duration: float,
+    connections: int,
+    threads: int,
+    records: int,
+    workers: int | None,
+    log: Any = print,
+) -> dict[str, Any]:
     home = Path(tempfile.mkdtemp(prefix=f"lethe-api-bench-{backend}-"))
     env = {"LETHE_LOG_LEVEL": "WARNING", "OMP_NUM_THREADS": "1"}
     drop = None
@@ -203,8 +239,9 @@ def bench_backend(backend: str, *, duration: float, connections: int, threads: i
         auth = {"Authorization": f"Bearer {key}"}
         script = home / "post.lua"
         per_thread = (records - SEED_JOBS) // threads
-        script.write_text(POST_LUA % {"per": per_thread, "model": "bench",
-                                      "dataset": ids["dataset"], "key": key})
+        script.write_text(
+            POST_LUA % {"per": per_thread, "model": "bench", "dataset": ids["dataset"], "key": key}
+        )
         targets = {
             "healthz": (f"{service.url}/healthz", {}, None),
             "get_job": (f"{service.url}/v1/jobs/{ids['job']}", auth, None),
@@ -214,19 +251,33 @@ def bench_backend(backend: str, *, duration: float, connections: int, threads: i
         routes: dict[str, Any] = {}
         for route in ROUTES:
             target, headers, lua = targets[route]
-            routes[route] = run_wrk(target, duration=duration, connections=connections,
-                                    threads=threads, headers=headers, script=lua)
+            routes[route] = run_wrk(
+                target,
+                duration=duration,
+                connections=connections,
+                threads=threads,
+                headers=headers,
+                script=lua,
+            )
             log(f"  {backend:8s} {route:14s} {routes[route]}")
         floor = routes["healthz"]["req_per_s"]
         for result in routes.values():
             result["ratio_to_healthz"] = round(result["req_per_s"] / floor, 3) if floor else None
         log_tail = service.log_tail(20)
         return {
-            "backend": backend, "workers": workers or "auto", "startup_s": round(startup_s, 2),
-            "healthz_after_start": first.status_code, "routes": routes,
-            "goals": {route: {"goal": goal, "ratio": routes[route]["ratio_to_healthz"],
-                              "met": (routes[route]["ratio_to_healthz"] or 0) >= goal}
-                      for route, goal in GOALS.items()},
+            "backend": backend,
+            "workers": workers or "auto",
+            "startup_s": round(startup_s, 2),
+            "healthz_after_start": first.status_code,
+            "routes": routes,
+            "goals": {
+                route: {
+                    "goal": goal,
+                    "ratio": routes[route]["ratio_to_healthz"],
+                    "met": (routes[route]["ratio_to_healthz"] or 0) >= goal,
+                }
+                for route, goal in GOALS.items()
+            },
             "server_log_tail": log_tail if "Traceback" in log_tail else "",
         }
     finally:
@@ -247,17 +298,21 @@ def plot(result: dict[str, Any], path: Path) -> None:
     width = 0.8 / max(1, len(backends))
     for i, entry in enumerate(backends):
         xs = [j + i * width for j in range(len(ROUTES))]
-        axes[0].bar(xs, [entry["routes"][r]["req_per_s"] for r in ROUTES], width,
-                    label=entry["backend"])
-        axes[1].bar(xs, [entry["routes"][r]["p99_ms"] for r in ROUTES], width,
-                    label=entry["backend"])
+        axes[0].bar(
+            xs, [entry["routes"][r]["req_per_s"] for r in ROUTES], width, label=entry["backend"]
+        )
+        axes[1].bar(
+            xs, [entry["routes"][r]["p99_ms"] for r in ROUTES], width, label=entry["backend"]
+        )
     for ax, title in zip(axes, ("req/s (higher is better)", "p99 latency, ms"), strict=True):
         ax.set_xticks([j + width * (len(backends) - 1) / 2 for j in range(len(ROUTES))])
         ax.set_xticklabels(ROUTES, rotation=15)
         ax.set_title(title)
         ax.legend()
-    fig.suptitle(f"lethe serve, wrk -c{result['connections']} -d{result['duration_s']}s "
-                 f"on {result['machine']['cpus']} CPUs")
+    fig.suptitle(
+        f"lethe serve, wrk -c{result['connections']} -d{result['duration_s']}s "
+        f"on {result['machine']['cpus']} CPUs"
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -269,14 +324,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per route")
     parser.add_argument("--connections", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
-    parser.add_argument("--records", type=int, default=None,
-                        help="dataset size (default: enough keys for the POST run)")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="uvicorn worker processes (default: lethe serve's choice)")
+    parser.add_argument(
+        "--records",
+        type=int,
+        default=None,
+        help="dataset size (default: enough keys for the POST run)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="uvicorn worker processes (default: lethe serve's choice)",
+    )
     parser.add_argument("--backends", default="sqlite,postgres")
     parser.add_argument("--out", type=Path, default=RESULTS / "api_throughput.json")
-    parser.add_argument("--plot", type=Path, default=None,
-                        help="PNG path (default: beside --out, api_throughput.png)")
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        help="PNG path (default: beside --out, api_throughput.png)",
+    )
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
         print("wrk not found: apt-get install -y wrk", file=sys.stderr)
@@ -284,17 +351,31 @@ def main(argv: list[str] | None = None) -> int:
     records = args.records or args.threads * KEYS_PER_THREAD + SEED_JOBS
     started = time.perf_counter()
     result: dict[str, Any] = {
-        "benchmark": "api_throughput", "created_at": datetime.now(UTC).isoformat(),
-        "duration_s": args.duration, "connections": args.connections, "wrk_threads": args.threads,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version(),
-                    "load_avg_at_start": [round(x, 2) for x in os.getloadavg()]},
-        "goals": GOALS, "backends": [],
+        "benchmark": "api_throughput",
+        "created_at": datetime.now(UTC).isoformat(),
+        "duration_s": args.duration,
+        "connections": args.connections,
+        "wrk_threads": args.threads,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
+        },
+        "goals": GOALS,
+        "backends": [],
     }
     for backend in args.backends.split(","):
-        result["backends"].append(bench_backend(
-            backend.strip(), duration=args.duration, connections=args.connections,
-            threads=args.threads, records=records, workers=args.workers))
+        result["backends"].append(
+            bench_backend(
+                backend.strip(),
+                duration=args.duration,
+                connections=args.connections,
+                threads=args.threads,
+                records=records,
+                workers=args.workers,
+            )
+        )
     result["machine"]["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     result["wall_s"] = round(time.perf_counter() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -305,8 +386,10 @@ def main(argv: list[str] | None = None) -> int:
     for entry in result["backends"]:
         for route, goal in entry["goals"].items():
             verdict = "met" if goal["met"] else "MISSED"
-            print(f"{entry['backend']}: {route} {goal['ratio']}× healthz (goal {goal['goal']}×) "
-                  f"{verdict}")
+            print(
+                f"{entry['backend']}: {route} {goal['ratio']}× healthz (goal {goal['goal']}×) "
+                f"{verdict}"
+            )
     return 0
 
 

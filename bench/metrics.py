@@ -44,9 +44,7 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 def add_gaps(runs: list[dict]) -> None:
     """Set run['metrics']['avg_gap'] for every run that has a retrain run of the same seed."""
-    gold = {
-        (r["scenario"], r["seed"]): r["metrics"] for r in runs if r["method"] == GOLD_METHOD
-    }
+    gold = {(r["scenario"], r["seed"]): r["metrics"] for r in runs if r["method"] == GOLD_METHOD}
     for run in runs:
         ref = gold.get((run["scenario"], run["seed"]))
         if ref is not None:

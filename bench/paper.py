@@ -104,7 +104,8 @@ ARCH_DEFAULTS = {
 # Sensitivity runs: IMU at smaller step sizes than the engine default, GA at a smaller one.
 DEFAULT_VARIANTS = (
     *(f"imu_{mode}@lr={lr}" for lr in ("0.001", "0.0003", "0.0001") for mode in ("train", "eval")),
-    "ga@lr=0.01", "ga@lr=0.0001",
+    "ga@lr=0.01",
+    "ga@lr=0.0001",
 )
 
 
@@ -116,18 +117,40 @@ def preset(name: str, arch: str, device: str = "cpu") -> PaperSettings:
     kwargs, train = ARCH_DEFAULTS[name][arch]
     settings = PaperSettings(arch, dict(kwargs), train, device=device, variants=DEFAULT_VARIANTS)
     if arch == DIGITS:
-        settings = replace(settings, arch="cnn", label=DIGITS, data="digits", n_train=None,
-                           n_test=None, member_probe_size=300, retain_eval_size=None,
-                           seeds=[0, 1, 2], forget_class=3)
+        settings = replace(
+            settings,
+            arch="cnn",
+            label=DIGITS,
+            data="digits",
+            n_train=None,
+            n_test=None,
+            member_probe_size=300,
+            retain_eval_size=None,
+            seeds=[0, 1, 2],
+            forget_class=3,
+        )
         if name == "quick":
             return replace(settings, seeds=[0], variants=("imu_eval@lr=0.001",))
         return settings
     if name == "full":
-        return replace(settings, n_train=None, n_test=None, member_probe_size=5_000,
-                       retain_eval_size=None, seeds=[0, 1, 2])
+        return replace(
+            settings,
+            n_train=None,
+            n_test=None,
+            member_probe_size=5_000,
+            retain_eval_size=None,
+            seeds=[0, 1, 2],
+        )
     if name == "quick":
-        return replace(settings, n_train=600, n_test=200, data="digits", member_probe_size=200,
-                       retain_eval_size=None, variants=("imu_eval@lr=0.001",))
+        return replace(
+            settings,
+            n_train=600,
+            n_test=200,
+            data="digits",
+            member_probe_size=200,
+            retain_eval_size=None,
+            variants=("imu_eval@lr=0.001",),
+        )
     return settings
 
 
@@ -172,8 +195,14 @@ def _build(settings: PaperSettings, data: BenchData) -> nn.Module:
 
 
 def train_cached(
-    settings: PaperSettings, data: BenchData, x: torch.Tensor, y: torch.Tensor,
-    *, seed: int, tag: str, cache_dir: Path = CACHE_DIR,
+    settings: PaperSettings,
+    data: BenchData,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    seed: int,
+    tag: str,
+    cache_dir: Path = CACHE_DIR,
 ) -> tuple[nn.Module, dict]:
     """Train (or load from bench/.cache) a model; returns it and how long training took.
 
@@ -186,9 +215,14 @@ def train_cached(
     device_type = torch.device(settings.device).type
     key_src = json.dumps(
         {
-            "arch": settings.arch, "kwargs": settings.arch_kwargs,
-            "train": asdict(settings.train), "seed": seed, "tag": tag,
-            "data": _fingerprint(x, y), "torch": torch.__version__, "device": device_type,
+            "arch": settings.arch,
+            "kwargs": settings.arch_kwargs,
+            "train": asdict(settings.train),
+            "seed": seed,
+            "tag": tag,
+            "data": _fingerprint(x, y),
+            "torch": torch.__version__,
+            "device": device_type,
         },
         sort_keys=True,
     )
@@ -205,8 +239,14 @@ def train_cached(
     model = _build(settings, data)  # rebuilt after seeding so init depends only on the seed
     with _Timer(settings.device) as t:
         fit(
-            model, x, y, epochs=settings.train.epochs, lr=settings.train.lr,
-            batch_size=settings.train.batch_size, seed=seed, device=settings.device,
+            model,
+            x,
+            y,
+            epochs=settings.train.epochs,
+            lr=settings.train.lr,
+            batch_size=settings.train.batch_size,
+            seed=seed,
+            device=settings.device,
         )
     info = {"train_s": t.seconds, "device": settings.device, "n": int(x.shape[0])}
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -244,14 +284,22 @@ def make_split(scenario: str, settings: PaperSettings, data: BenchData, seed: in
     retain = torch.nonzero(~mask).flatten()
     m = min(settings.member_probe_size, retain.numel())
     probe = retain[torch.randperm(retain.numel(), generator=gen)[:m]].sort().values
-    r = retain.numel() if settings.retain_eval_size is None else min(
-        settings.retain_eval_size, retain.numel())
+    r = (
+        retain.numel()
+        if settings.retain_eval_size is None
+        else min(settings.retain_eval_size, retain.numel())
+    )
     retain_eval = retain[torch.randperm(retain.numel(), generator=gen)[:r]].sort().values
     return Split(forget=forget, retain=retain, probe=probe, retain_eval=retain_eval, test=test)
 
 
-def measure(model: nn.Module, data: BenchData, split: Split, settings: PaperSettings,
-            extra_test: torch.Tensor | None) -> tuple[dict, float]:
+def measure(
+    model: nn.Module,
+    data: BenchData,
+    split: Split,
+    settings: PaperSettings,
+    extra_test: torch.Tensor | None,
+) -> tuple[dict, float]:
     """The four headline numbers plus the engine's raw evaluation, and its wall time."""
     from worker.imu import evaluate
     from worker.imu.train import accuracy
@@ -264,12 +312,14 @@ def measure(model: nn.Module, data: BenchData, split: Split, settings: PaperSett
             eval=(data.x_test[split.test], data.y_test[split.test]),
             member_probe=(xt[split.probe], yt[split.probe]),
         )
-        retain_acc = accuracy(model, xt[split.retain_eval], yt[split.retain_eval],
-                              device=settings.device)
+        retain_acc = accuracy(
+            model, xt[split.retain_eval], yt[split.retain_eval], device=settings.device
+        )
         extra = None
         if extra_test is not None and extra_test.numel():
-            extra = accuracy(model, data.x_test[extra_test], data.y_test[extra_test],
-                             device=settings.device)
+            extra = accuracy(
+                model, data.x_test[extra_test], data.y_test[extra_test], device=settings.device
+            )
     # MIA: the confidence attack, the key the paper's codebase lineage reports.
     metrics = headline(ev["forget_acc"], retain_acc, ev["eval_acc"], ev["mia_confidence"])
     metrics["raw"] = {k: float(v) for k, v in ev.items() if isinstance(v, int | float)}
@@ -316,9 +366,16 @@ def _jsonable(obj: object) -> object:
     return str(obj)
 
 
-def run_method(method: str, base: nn.Module, data: BenchData, split: Split,
-               settings: PaperSettings, seed: int, scenario: str,
-               cache_dir: Path = CACHE_DIR) -> tuple[nn.Module, dict]:
+def run_method(
+    method: str,
+    base: nn.Module,
+    data: BenchData,
+    split: Split,
+    settings: PaperSettings,
+    seed: int,
+    scenario: str,
+    cache_dir: Path = CACHE_DIR,
+) -> tuple[nn.Module, dict]:
     """Apply one method; returns the resulting model and its timing/stat record."""
     from worker.imu import GAConfig, IMUConfig, gradient_ascent, unlearn
 
@@ -328,15 +385,21 @@ def run_method(method: str, base: nn.Module, data: BenchData, split: Split,
     class_wise = scenario == "classwise"
     if method == "retrain":
         model, info = train_cached(
-            settings, data, data.x_train[split.retain], data.y_train[split.retain],
-            seed=seed, tag=f"retrain-{scenario}", cache_dir=cache_dir,
+            settings,
+            data,
+            data.x_train[split.retain],
+            data.y_train[split.retain],
+            seed=seed,
+            tag=f"retrain-{scenario}",
+            cache_dir=cache_dir,
         )
         return model, {"times": {"train_s": info["train_s"]}, "cached": info["cached"]}
     name, overrides = parse_method(method)
     model = copy.deepcopy(base)
     if name == "ga":
         ga_cfg = GAConfig.from_overrides(
-            asdict(settings.ga) | {"calibration": "off", "seed": seed, "device": settings.device}
+            asdict(settings.ga)
+            | {"calibration": "off", "seed": seed, "device": settings.device}
             | overrides
         )
         with _Timer(settings.device) as t:
@@ -347,8 +410,13 @@ def run_method(method: str, base: nn.Module, data: BenchData, split: Split,
             res = gradient_ascent(model, xf, yf, ga_cfg, heldout=guard, class_wise=class_wise)
     elif name in ("imu_train", "imu_eval"):
         cfg = IMUConfig.from_overrides(
-            {"backbone_mode": name.split("_", 1)[1], "seed": seed, "device": settings.device,
-             "calibration": "off"} | overrides
+            {
+                "backbone_mode": name.split("_", 1)[1],
+                "seed": seed,
+                "device": settings.device,
+                "calibration": "off",
+            }
+            | overrides
         )
         with _Timer(settings.device) as t:
             res = unlearn(model, xf, yf, cfg)
@@ -374,27 +442,40 @@ def run_paper(settings: PaperSettings, *, log=print, cache_dir: Path = CACHE_DIR
     runs: list[dict] = []
     bases: dict[int, dict] = {}
     probe_model = _build(settings, data)
-    has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm)
-                        for m in probe_model.modules())
+    has_batchnorm = any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in probe_model.modules()
+    )
     n_params = sum(p.numel() for p in probe_model.parameters())
     for seed in settings.seeds:
-        base, base_info = train_cached(settings, data, data.x_train, data.y_train,
-                                       seed=seed, tag="base", cache_dir=cache_dir)
+        base, base_info = train_cached(
+            settings, data, data.x_train, data.y_train, seed=seed, tag="base", cache_dir=cache_dir
+        )
         bases[seed] = {"train_s": base_info["train_s"], "cached": base_info["cached"]}
         how = "cached" if base_info["cached"] else f"trained in {base_info['train_s']:.1f}s"
         log(f"[{settings.arch}] seed {seed}: base model ({how})")
         for scenario in settings.scenarios:
             split = make_split(scenario, settings, data, seed)
-            extra = (torch.nonzero(data.y_test == settings.forget_class).flatten()
-                     if scenario == "classwise" else None)
+            extra = (
+                torch.nonzero(data.y_test == settings.forget_class).flatten()
+                if scenario == "classwise"
+                else None
+            )
             metrics, eval_s = measure(base, data, split, settings, extra)
             judge_before = policy_metrics(base, data, split, scenario)
-            runs.append({"scenario": scenario, "seed": seed, "method": "original",
-                         "metrics": metrics, "times": {"evaluate_s": eval_s},
-                         "n_forget": int(split.forget.numel())})
+            runs.append(
+                {
+                    "scenario": scenario,
+                    "seed": seed,
+                    "method": "original",
+                    "metrics": metrics,
+                    "times": {"evaluate_s": eval_s},
+                    "n_forget": int(split.forget.numel()),
+                }
+            )
             for method in (*settings.methods, *settings.variants):
-                model, rec = run_method(method, base, data, split, settings, seed, scenario,
-                                        cache_dir)
+                model, rec = run_method(
+                    method, base, data, split, settings, seed, scenario, cache_dir
+                )
                 metrics, eval_s = measure(model, data, split, settings, extra)
                 rec["times"]["evaluate_s"] = eval_s
                 if method != "retrain":
@@ -403,18 +484,29 @@ def run_paper(settings: PaperSettings, *, log=print, cache_dir: Path = CACHE_DIR
                     )
                     rec["policy_decision"] = verdict
                     rec["released"] = 1.0 if verdict == "active" else 0.0
-                runs.append({"scenario": scenario, "seed": seed, "method": method,
-                             "metrics": metrics, "n_forget": int(split.forget.numel()), **rec})
+                runs.append(
+                    {
+                        "scenario": scenario,
+                        "seed": seed,
+                        "method": method,
+                        "metrics": metrics,
+                        "n_forget": int(split.forget.numel()),
+                        **rec,
+                    }
+                )
                 m = metrics
-                log(f"[{settings.arch}] {scenario:9s} s{seed} {method:9s} UA {m['ua']:6.2f} "
+                log(
+                    f"[{settings.arch}] {scenario:9s} s{seed} {method:9s} UA {m['ua']:6.2f} "
                     f"RA {m['ra']:6.2f} TA {m['ta']:6.2f} MIA {m['mia']:6.2f} "
-                    f"({', '.join(f'{k} {v:.2f}' for k, v in rec['times'].items())})")
+                    f"({', '.join(f'{k} {v:.2f}' for k, v in rec['times'].items())})"
+                )
                 del model
     add_gaps(runs)
     return {
         "kind": "paper",
         "arch": settings.label or settings.arch,
-        "meta": environment(settings.device) | {
+        "meta": environment(settings.device)
+        | {
             "data": data.describe(),
             "seeds": list(settings.seeds),
             "batchnorm": has_batchnorm,
@@ -441,10 +533,16 @@ def environment(device: str) -> dict:
     else:
         info["device_name"] = platform.processor() or platform.machine()
     try:
-        info["git_commit"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-            cwd=BENCH_DIR, timeout=5,
-        ).stdout.strip() or None
+        info["git_commit"] = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=BENCH_DIR,
+                timeout=5,
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         info["git_commit"] = None
     return info

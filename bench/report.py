@@ -36,16 +36,21 @@ SPEED_LABELS = {
     "loop": "authors' per-sample loop",
 }
 SUMMARY_KEYS = [
-    "metrics.ua", "metrics.ra", "metrics.ta", "metrics.mia", "metrics.avg_gap",
+    "metrics.ua",
+    "metrics.ra",
+    "metrics.ta",
+    "metrics.mia",
+    "metrics.avg_gap",
     "metrics.gap_no_mia",
-    "times.unlearn_s", "times.train_s", "times.evaluate_s", "released",
+    "times.unlearn_s",
+    "times.train_s",
+    "times.evaluate_s",
+    "released",
 ]
 
 
 def load_results(results_dir: Path) -> tuple[list[dict], dict | None]:
-    papers = [
-        json.loads(p.read_text()) for p in sorted(results_dir.glob("paper_*.json"))
-    ]
+    papers = [json.loads(p.read_text()) for p in sorted(results_dir.glob("paper_*.json"))]
     speed_path = results_dir / "influence_speed.json"
     speed = json.loads(speed_path.read_text()) if speed_path.is_file() else None
     return papers, speed
@@ -163,8 +168,9 @@ def _scenarios(by_key: dict) -> list[str]:
 
 def _methods(summaries: dict[str, dict], prefix: str) -> list[str]:
     """Every method name starting with prefix, engine defaults first, in first-seen order."""
-    names = dict.fromkeys(m for by_key in summaries.values() for _, m in by_key
-                          if m.startswith(prefix))
+    names = dict.fromkeys(
+        m for by_key in summaries.values() for _, m in by_key if m.startswith(prefix)
+    )
     return sorted(names, key=lambda m: ("@" in m, list(names).index(m)))
 
 
@@ -189,23 +195,28 @@ def decide_backbone(summaries: dict[str, dict], batchnorm: dict[str, bool] | Non
     for arch, by_key in summaries.items():
         for scenario in _scenarios(by_key):
             for train_m in _methods({arch: by_key}, "imu_train"):
-                eval_m = "imu_eval" + train_m[len("imu_train"):]
+                eval_m = "imu_eval" + train_m[len("imu_train") :]
                 g_train = _gap(by_key, scenario, train_m)
                 g_eval = _gap(by_key, scenario, eval_m)
                 if g_train is None or g_eval is None:
                     continue
                 _, overrides = parse_method(train_m)
-                cells.append({
-                    "nomia_train": _cell(by_key, scenario, train_m, "metrics.gap_no_mia"),
-                    "nomia_eval": _cell(by_key, scenario, eval_m, "metrics.gap_no_mia"),
-                    "arch": arch, "scenario": scenario,
-                    "variant": ", ".join(f"{k} {v:g}" for k, v in overrides.items())
-                    or "engine defaults",
-                    "gap_train": g_train, "gap_eval": g_eval,
-                    "time_train": _time(by_key, scenario, train_m),
-                    "time_eval": _time(by_key, scenario, eval_m),
-                    "batchnorm": batchnorm.get(arch), "deciding": arch in deciding,
-                })
+                cells.append(
+                    {
+                        "nomia_train": _cell(by_key, scenario, train_m, "metrics.gap_no_mia"),
+                        "nomia_eval": _cell(by_key, scenario, eval_m, "metrics.gap_no_mia"),
+                        "arch": arch,
+                        "scenario": scenario,
+                        "variant": ", ".join(f"{k} {v:g}" for k, v in overrides.items())
+                        or "engine defaults",
+                        "gap_train": g_train,
+                        "gap_eval": g_eval,
+                        "time_train": _time(by_key, scenario, train_m),
+                        "time_eval": _time(by_key, scenario, eval_m),
+                        "batchnorm": batchnorm.get(arch),
+                        "deciding": arch in deciding,
+                    }
+                )
     used = [c for c in cells if c["deciding"]]
     if not used:
         return {"cells": cells, "choice": None}
@@ -219,14 +230,17 @@ def decide_backbone(summaries: dict[str, dict], batchnorm: dict[str, bool] | Non
             "train_no_mia": _mean_or_none([c["nomia_train"] for c in group]),
             "eval_no_mia": _mean_or_none([c["nomia_eval"] for c in group]),
         }
-    best = {mode: min(per_variant, key=lambda v, m=mode: per_variant[v][m])
-            for mode in ("train", "eval")}
+    best = {
+        mode: min(per_variant, key=lambda v, m=mode: per_variant[v][m])
+        for mode in ("train", "eval")
+    }
     score = {mode: per_variant[best[mode]][mode] for mode in ("train", "eval")}
     # The same comparison without MIA, to show whether the choice rests on the noisy attack.
     no_mia: dict[str, float] = {}
     for mode in ("train", "eval"):
-        values = [g[f"{mode}_no_mia"] for g in per_variant.values()
-                  if g[f"{mode}_no_mia"] is not None]
+        values = [
+            g[f"{mode}_no_mia"] for g in per_variant.values() if g[f"{mode}_no_mia"] is not None
+        ]
         if values:
             no_mia[mode] = min(values)
     if score["train"] < score["eval"] - BACKBONE_TIE_POINTS:
@@ -236,11 +250,16 @@ def decide_backbone(summaries: dict[str, dict], batchnorm: dict[str, bool] | Non
     else:
         choice, why = "eval", f"tie within {BACKBONE_TIE_POINTS} points: the cheaper mode wins"
     return {
-        "cells": cells, "per_variant": per_variant, "best_variant": best, "score": score,
+        "cells": cells,
+        "per_variant": per_variant,
+        "best_variant": best,
+        "score": score,
         "best_no_mia": no_mia,
         "mean_gap_train": sum(c["gap_train"] for c in used) / len(used),
         "mean_gap_eval": sum(c["gap_eval"] for c in used) / len(used),
-        "n_deciding": len(used), "choice": choice, "why": why,
+        "n_deciding": len(used),
+        "choice": choice,
+        "why": why,
     }
 
 
@@ -250,31 +269,53 @@ def backbone_section(decision: dict) -> list[str]:
         return out + ["No paired IMU runs in the results; no decision.", ""]
     rows = []
     for c in decision["cells"]:
-        ratio = (c["time_train"] / c["time_eval"]
-                 if c["time_train"] and c["time_eval"] else math.nan)
+        ratio = c["time_train"] / c["time_eval"] if c["time_train"] and c["time_eval"] else math.nan
         bn = {True: "yes", False: "no"}.get(c["batchnorm"], "?")
-        rows.append([
-            f"`{c['arch']}`", bn + ("" if c["deciding"] else " (not deciding)"),
-            SCENARIO_LABELS.get(c["scenario"], c["scenario"]), c["variant"],
-            f"{c['gap_train']:.2f}", f"{c['gap_eval']:.2f}",
-            f"{c['time_train']:.2f}" if c["time_train"] else "–",
-            f"{c['time_eval']:.2f}" if c["time_eval"] else "–",
-            f"{ratio:.1f}×" if not math.isnan(ratio) else "–",
-        ])
+        rows.append(
+            [
+                f"`{c['arch']}`",
+                bn + ("" if c["deciding"] else " (not deciding)"),
+                SCENARIO_LABELS.get(c["scenario"], c["scenario"]),
+                c["variant"],
+                f"{c['gap_train']:.2f}",
+                f"{c['gap_eval']:.2f}",
+                f"{c['time_train']:.2f}" if c["time_train"] else "–",
+                f"{c['time_eval']:.2f}" if c["time_eval"] else "–",
+                f"{ratio:.1f}×" if not math.isnan(ratio) else "–",
+            ]
+        )
     out += _table(
-        ["Model", "BatchNorm", "Scenario", "IMU settings", "Avg. Gap `train`",
-         "Avg. Gap `eval`", "Time `train` (s)", "Time `eval` (s)", "`train`/`eval` time"],
+        [
+            "Model",
+            "BatchNorm",
+            "Scenario",
+            "IMU settings",
+            "Avg. Gap `train`",
+            "Avg. Gap `eval`",
+            "Time `train` (s)",
+            "Time `eval` (s)",
+            "`train`/`eval` time",
+        ],
         rows,
     )
     out += ["", "Mean Avg. Gap over the deciding models and scenarios, per IMU setting:", ""]
+
     def fmt(v: float | None) -> str:
         return "–" if v is None else f"{v:.2f}"
 
     out += _table(
-        ["IMU settings", "pairs", "`train`", "`eval`", "`train` without MIA",
-         "`eval` without MIA"],
-        [[v, str(g["n"]), fmt(g["train"]), fmt(g["eval"]), fmt(g["train_no_mia"]),
-          fmt(g["eval_no_mia"])] for v, g in decision["per_variant"].items()],
+        ["IMU settings", "pairs", "`train`", "`eval`", "`train` without MIA", "`eval` without MIA"],
+        [
+            [
+                v,
+                str(g["n"]),
+                fmt(g["train"]),
+                fmt(g["eval"]),
+                fmt(g["train_no_mia"]),
+                fmt(g["eval_no_mia"]),
+            ]
+            for v, g in decision["per_variant"].items()
+        ],
     )
     best, score = decision["best_variant"], decision["score"]
     used = [c for c in decision["cells"] if c["deciding"]]
@@ -284,7 +325,7 @@ def backbone_section(decision: dict) -> list[str]:
         f"Best setting per mode: `train` with {best['train']} ({score['train']:.2f}), `eval` "
         f"with {best['eval']} ({score['eval']:.2f}). Over all {len(used)} deciding pairs "
         f"`eval` is at least as close to retraining in {wins_eval}. "
-        f"**Decision: `backbone_mode=\"{decision['choice']}\"`** ({decision['why']}), with "
+        f'**Decision: `backbone_mode="{decision["choice"]}"`** ({decision["why"]}), with '
         f"{best[decision['choice']]}.",
         "",
         *_no_mia_note(decision),
@@ -316,7 +357,8 @@ def _no_mia_note(decision: dict) -> list[str]:
     else:
         verdict = "`train`" if nm["train"] < nm["eval"] else "`eval`"
     agree = verdict.strip("`") == decision["choice"] or (
-        verdict == "a tie" and decision["choice"] == "eval")
+        verdict == "a tie" and decision["choice"] == "eval"
+    )
     return [
         f"Without the MIA term (UA, RA, TA only), the best settings score `train` "
         f"{nm['train']:.2f} and `eval` {nm['eval']:.2f}: {verdict}, which "
@@ -347,8 +389,10 @@ def headline_section(summaries: dict[str, dict], chosen: str | None) -> list[str
                 gaps.setdefault((m, scenario), []).append(g)
         rows.append([label(m), *cells])
     out = ["## IMU vs gradient ascent (Avg. Gap to retraining, lower is better)", ""]
-    out += _table(["Method", *(f"`{arch}`, {SCENARIO_LABELS.get(sc, sc).lower()}"
-                               for arch, sc in settings_)], rows)
+    out += _table(
+        ["Method", *(f"`{arch}`, {SCENARIO_LABELS.get(sc, sc).lower()}" for arch, sc in settings_)],
+        rows,
+    )
     scenarios = list(dict.fromkeys(sc for _, sc in gaps))
 
     def mean_gap(m: str, scs: list[str]) -> float | None:
@@ -365,8 +409,9 @@ def headline_section(summaries: dict[str, dict], chosen: str | None) -> list[str
         name, overrides = parse_method(m)
         note = ""
         if m in ("imu_train", "imu_eval"):
-            note = " — authors' settings" + (", chosen mode" if chosen and
-                                           name.endswith(chosen) else "")
+            note = " — authors' settings" + (
+                ", chosen mode" if chosen and name.endswith(chosen) else ""
+            )
         ratio_rows.append([label(m) + note, *cells])
     out += [
         "",
@@ -393,32 +438,51 @@ def speed_rows(speed: dict) -> list[dict]:
         seconds = r.get("seconds", r.get("time_s", r.get("median_s")))
         if seconds is None:
             continue
-        out.append({"model": str(r.get("model", r.get("arch", "?"))),
-                    "method": str(r.get("method", "?")), "n": int(r["n"]),
-                    "seconds": float(seconds)})
+        out.append(
+            {
+                "model": str(r.get("model", r.get("arch", "?"))),
+                "method": str(r.get("method", "?")),
+                "n": int(r["n"]),
+                "seconds": float(seconds),
+            }
+        )
     return out
 
 
 def speed_section(speed: dict | None) -> list[str]:
     out = ["## Influence computation speed", ""]
     if speed is None:
-        return out + ["`bench/results/influence_speed.json` is missing; run "
-                      "`python -m bench.influence_speed`.", ""]
+        return out + [
+            "`bench/results/influence_speed.json` is missing; run "
+            "`python -m bench.influence_speed`.",
+            "",
+        ]
     rows = speed_rows(speed)
-    env = ", ".join(f"{k} {speed[k]}" for k in ("device", "device_name", "torch", "threads")
-                    if k in speed)
-    out += [f"From `bench/results/influence_speed.json` ({env}), written by "
-            "`bench/influence_speed.py`.", ""]
+    env = ", ".join(
+        f"{k} {speed[k]}" for k in ("device", "device_name", "torch", "threads") if k in speed
+    )
+    out += [
+        f"From `bench/results/influence_speed.json` ({env}), written by "
+        "`bench/influence_speed.py`.",
+        "",
+    ]
     methods = list(dict.fromkeys(r["method"] for r in rows))
     for model in dict.fromkeys(r["model"] for r in rows):
         ns = sorted({r["n"] for r in rows if r["model"] == model})
         t = {(r["method"], r["n"]): r["seconds"] for r in rows if r["model"] == model}
-        table = [[f"`{m}`", *(f"{t[(m, n)]:.4f}" if (m, n) in t else "–" for n in ns)]
-                 for m in methods]
+        table = [
+            [f"`{m}`", *(f"{t[(m, n)]:.4f}" if (m, n) in t else "–" for n in ns)] for m in methods
+        ]
         cfg = (speed.get("config") or {}).get("archs", {}).get(model, {})
         shape = "×".join(str(v) for v in cfg.get("input", []))
-        extra = ", ".join(x for x in (f"width {cfg['width']}" if "width" in cfg else "",
-                                      f"inputs {shape}" if shape else "") if x)
+        extra = ", ".join(
+            x
+            for x in (
+                f"width {cfg['width']}" if "width" in cfg else "",
+                f"inputs {shape}" if shape else "",
+            )
+            if x
+        )
         out += [f"**{model}**{f' ({extra})' if extra else ''} — seconds", ""]
         out += _table(["Method", *(f"n = {n}" for n in ns)], table)
         ratio_lines = _speed_ratios(t, ns)
@@ -442,11 +506,15 @@ def _speed_ratios(t: dict, ns: list[int]) -> list[str]:
     if closed and ns:
         n = max(n for n in ns if (closed, n) in t)
         if loop and (loop, n) in t:
-            lines.append(f"- n = {n}: closed form is {t[(loop, n)] / t[(closed, n)]:.1f}× "
-                         f"faster than the per-sample loop (`{loop}`).")
+            lines.append(
+                f"- n = {n}: closed form is {t[(loop, n)] / t[(closed, n)]:.1f}× "
+                f"faster than the per-sample loop (`{loop}`)."
+            )
         if floor and (floor, n) in t:
-            lines.append(f"- n = {n}: closed form costs {t[(closed, n)] / t[(floor, n)]:.2f}× "
-                         f"one batched forward pass (`{floor}`).")
+            lines.append(
+                f"- n = {n}: closed form costs {t[(closed, n)] / t[(floor, n)]:.2f}× "
+                f"one batched forward pass (`{floor}`)."
+            )
     return lines
 
 
@@ -463,43 +531,80 @@ def plot_forget_vs_test(papers: list[dict], path: Path) -> Path | None:
     for paper in papers:
         rows = summarise(paper["runs"], SUMMARY_KEYS)
         for scenario in dict.fromkeys(r["scenario"] for r in rows):
-            panels.append((paper["arch"], scenario,
-                           [r for r in rows if r["scenario"] == scenario]))
+            panels.append((paper["arch"], scenario, [r for r in rows if r["scenario"] == scenario]))
     if not panels:
         return None
     cols = min(2, len(panels))
     nrows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(6 * cols, 4.5 * nrows), squeeze=False)
-    markers = {"original": "s", "retrain": "*", "ga": "X", "imu_train": "o", "imu_eval": "D",
-               "imu_cal": "P", "ga_cal": "v"}
+    markers = {
+        "original": "s",
+        "retrain": "*",
+        "ga": "X",
+        "imu_train": "o",
+        "imu_eval": "D",
+        "imu_cal": "P",
+        "ga_cal": "v",
+    }
     # One colour per method across all panels (tab20 has enough for every variant).
     methods = list(dict.fromkeys(r["method"] for _, _, rows in panels for r in rows))
-    main_colours = {"original": "0.55", "retrain": "gold", "ga": "tab:orange",
-                    "imu_train": "tab:red", "imu_eval": "tab:blue",
-                    "imu_cal": "tab:green", "ga_cal": "tab:purple"}
+    main_colours = {
+        "original": "0.55",
+        "retrain": "gold",
+        "ga": "tab:orange",
+        "imu_train": "tab:red",
+        "imu_eval": "tab:blue",
+        "imu_cal": "tab:green",
+        "ga_cal": "tab:purple",
+    }
     variants = [m for m in methods if m not in main_colours]
-    palette = ["tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan",
-               "darkgreen", "indigo", "teal", "maroon", "black", "lightgreen"]
+    palette = [
+        "tab:green",
+        "tab:purple",
+        "tab:brown",
+        "tab:pink",
+        "tab:olive",
+        "tab:cyan",
+        "darkgreen",
+        "indigo",
+        "teal",
+        "maroon",
+        "black",
+        "lightgreen",
+    ]
     colours = {m: palette[i % len(palette)] for i, m in enumerate(variants)} | main_colours
     handles: dict[str, object] = {}
     for ax, (arch, scenario, rows) in zip(axes.flat, panels, strict=False):
         for r in rows:
             ua, ta = r["metrics.ua"], r["metrics.ta"]
             name, overrides = parse_method(r["method"])
-            h = ax.errorbar(100.0 - ua[0], ta[0], xerr=ua[1] or None, yerr=ta[1] or None,
-                            marker=markers.get(name, "o"),
-                            markersize=7 if overrides else 16 if name == "retrain" else 12,
-                            linestyle="none", color=colours[r["method"]],
-                            markeredgecolor="black", markeredgewidth=0.4)
+            h = ax.errorbar(
+                100.0 - ua[0],
+                ta[0],
+                xerr=ua[1] or None,
+                yerr=ta[1] or None,
+                marker=markers.get(name, "o"),
+                markersize=7 if overrides else 16 if name == "retrain" else 12,
+                linestyle="none",
+                color=colours[r["method"]],
+                markeredgecolor="black",
+                markeredgewidth=0.4,
+            )
             handles.setdefault(r["method"], h)
         ax.set_title(f"{arch} — {SCENARIO_LABELS.get(scenario, scenario)}")
         ax.set_xlabel("forget-set accuracy (%)  ← more forgetting")
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
-    fig.legend([handles[m] for m in methods], [label(m).replace("`", "") for m in methods],
-               loc="lower center", ncol=3, fontsize=9, frameon=False)
+    fig.legend(
+        [handles[m] for m in methods],
+        [label(m).replace("`", "") for m in methods],
+        loc="lower center",
+        ncol=3,
+        fontsize=9,
+        frameon=False,
+    )
     fig.suptitle("Forgetting vs utility: the closer to the retrain star, the better")
     legend_rows = math.ceil(len(methods) / 3)
     fig.tight_layout(rect=(0, 0.035 * legend_rows / nrows + 0.02, 1, 1))
@@ -523,10 +628,17 @@ def plot_speed(speed: dict | None, path: Path) -> Path | None:
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
     for ax, model in zip(axes.flat, models, strict=True):
         for method in dict.fromkeys(r["method"] for r in rows if r["model"] == model):
-            pts = sorted((r["n"], r["seconds"]) for r in rows
-                         if r["model"] == model and r["method"] == method)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                    label=SPEED_LABELS.get(method, method))
+            pts = sorted(
+                (r["n"], r["seconds"])
+                for r in rows
+                if r["model"] == model and r["method"] == method
+            )
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                marker="o",
+                label=SPEED_LABELS.get(method, method),
+            )
         ax.set_xscale("log", base=2)
         ns = sorted({r["n"] for r in rows if r["model"] == model})
         ax.set_xticks(ns, [str(n) for n in ns])
@@ -581,8 +693,9 @@ def build_report(results_dir: Path, out_md: Path, plots_dir: Path | None = None)
     decision = decide_backbone(summaries, batchnorm)
     summary = summary_section(papers, summaries, decision, speed)
     if summary:
-        at = lines.index("## Unlearning quality") if "## Unlearning quality" in lines else len(
-            lines)
+        at = (
+            lines.index("## Unlearning quality") if "## Unlearning quality" in lines else len(lines)
+        )
         lines[at:at] = summary
     lines += headline_section(summaries, decision.get("choice"))
     lines += backbone_section(decision)
@@ -601,43 +714,63 @@ def build_report(results_dir: Path, out_md: Path, plots_dir: Path | None = None)
 
 
 def _mean_gap(summaries: dict[str, dict], method: str) -> float | None:
-    values = [g for by_key in summaries.values() for sc in _scenarios(by_key)
-              if (g := _gap(by_key, sc, method)) is not None]
+    values = [
+        g
+        for by_key in summaries.values()
+        for sc in _scenarios(by_key)
+        if (g := _gap(by_key, sc, method)) is not None
+    ]
     return sum(values) / len(values) if values else None
 
 
 def _mean_time(summaries: dict[str, dict], method: str) -> float | None:
-    values = [c for by_key in summaries.values() for sc in _scenarios(by_key)
-              if (c := _cell(by_key, sc, method, "times.unlearn_s")) is not None]
+    values = [
+        c
+        for by_key in summaries.values()
+        for sc in _scenarios(by_key)
+        if (c := _cell(by_key, sc, method, "times.unlearn_s")) is not None
+    ]
     return sum(values) / len(values) if values else None
 
 
-def _calibration_lines(summaries: dict[str, dict], ga: float, best_fixed: float | None
-                       ) -> list[str]:
+def _calibration_lines(
+    summaries: dict[str, dict], ga: float, best_fixed: float | None
+) -> list[str]:
     """Issue goals: calibrated IMU ≤ 0.5× GA (authors' settings) and ≤ the best fixed-lr IMU
     row; cost ≤ 3× a plain IMU run. Each line says whether the goal was met."""
     out = []
     cal = _mean_gap(summaries, "imu_cal")
     if cal is not None:
         ok = "met" if cal <= 0.5 * ga else "missed"
-        out.append(f"- Calibrated IMU (the service default): mean Avg. Gap {cal:.2f}, "
-                   f"{cal / ga:.2f}× GA's (goal ≤ 0.5×: {ok})"
-                   + (f"; best fixed-lr IMU row {best_fixed:.2f} (goal ≤: "
-                      f"{'met' if cal <= best_fixed else 'missed'})." if best_fixed else "."))
+        out.append(
+            f"- Calibrated IMU (the service default): mean Avg. Gap {cal:.2f}, "
+            f"{cal / ga:.2f}× GA's (goal ≤ 0.5×: {ok})"
+            + (
+                f"; best fixed-lr IMU row {best_fixed:.2f} (goal ≤: "
+                f"{'met' if cal <= best_fixed else 'missed'})."
+                if best_fixed
+                else "."
+            )
+        )
         t_cal, t_plain = _mean_time(summaries, "imu_cal"), _mean_time(summaries, "imu_train")
         if t_cal and t_plain:
-            out.append(f"- Calibrated IMU costs {t_cal / t_plain:.1f}× a plain IMU run (mean "
-                       f"unlearn seconds {t_cal:.2f} vs {t_plain:.2f}; goal ≤ 3× for cached "
-                       "heads; these models have BatchNorm backbones in train mode).")
+            out.append(
+                f"- Calibrated IMU costs {t_cal / t_plain:.1f}× a plain IMU run (mean "
+                f"unlearn seconds {t_cal:.2f} vs {t_plain:.2f}; goal ≤ 3× for cached "
+                "heads; these models have BatchNorm backbones in train mode)."
+            )
     ga_cal = _mean_gap(summaries, "ga_cal")
     if ga_cal is not None:
-        out.append(f"- Calibrated GA: mean Avg. Gap {ga_cal:.2f} ({ga_cal / ga:.2f}× GA at the "
-                   "authors' settings).")
+        out.append(
+            f"- Calibrated GA: mean Avg. Gap {ga_cal:.2f} ({ga_cal / ga:.2f}× GA at the "
+            "authors' settings)."
+        )
     return out
 
 
-def summary_section(papers: list[dict], summaries: dict[str, dict], decision: dict,
-                    speed: dict | None) -> list[str]:
+def summary_section(
+    papers: list[dict], summaries: dict[str, dict], decision: dict, speed: dict | None
+) -> list[str]:
     """The headline numbers, every one computed from the results."""
     out = ["## Summary", ""]
     ga = _mean_gap(summaries, "ga")
@@ -646,37 +779,46 @@ def summary_section(papers: list[dict], summaries: dict[str, dict], decision: di
         for m in ("imu_train", "imu_eval"):
             g = _mean_gap(summaries, m)
             if g is not None:
-                out.append(f"- {label(m)} at the authors' fixed settings (`calibration: "
-                           f"off`): mean Avg. Gap {g:.2f} vs GA's {ga:.2f} over "
-                           f"{n_settings} settings (ratio {g / ga:.2f}).")
+                out.append(
+                    f"- {label(m)} at the authors' fixed settings (`calibration: "
+                    f"off`): mean Avg. Gap {g:.2f} vs GA's {ga:.2f} over "
+                    f"{n_settings} settings (ratio {g / ga:.2f})."
+                )
         variants = [m for m in _methods(summaries, "imu_") if "@" in m]
         scored = [(g, m) for m in variants if (g := _mean_gap(summaries, m)) is not None]
         best_fixed = None
         if scored:
             g, m = min(scored)
             best_fixed = g
-            out.append(f"- Best IMU setting run: {label(m)}: mean Avg. Gap {g:.2f} "
-                       f"(ratio to GA {g / ga:.2f}).")
+            out.append(
+                f"- Best IMU setting run: {label(m)}: mean Avg. Gap {g:.2f} "
+                f"(ratio to GA {g / ga:.2f})."
+            )
         out += _calibration_lines(summaries, ga, best_fixed)
     if decision.get("choice"):
         best = decision["best_variant"][decision["choice"]]
-        out.append(f"- Backbone mode from the numbers: `{decision['choice']}` "
-                   f"(at {best}); see below.")
+        out.append(
+            f"- Backbone mode from the numbers: `{decision['choice']}` (at {best}); see below."
+        )
     if speed is not None:
         rows = speed_rows(speed)
         for model in dict.fromkeys(r["model"] for r in rows):
             t = {(r["method"], r["n"]): r["seconds"] for r in rows if r["model"] == model}
             n = max(r["n"] for r in rows if r["model"] == model)
             if ("loop", n) in t and ("closed_form", n) in t:
-                out.append(f"- Influence scores, `{model}`, n = {n} ({speed.get('device')}, "
-                           f"{speed.get('threads', '?')} thread(s)): closed form "
-                           f"{t[('loop', n)] / t[('closed_form', n)]:.1f}× faster than the "
-                           "authors' per-sample loop.")
+                out.append(
+                    f"- Influence scores, `{model}`, n = {n} ({speed.get('device')}, "
+                    f"{speed.get('threads', '?')} thread(s)): closed form "
+                    f"{t[('loop', n)] / t[('closed_form', n)]:.1f}× faster than the "
+                    "authors' per-sample loop."
+                )
     seeds = {len(p["meta"].get("seeds") or []) for p in papers}
     if seeds == {1}:
-        out.append("- One seed per setting (the CPU budget of `make bench`): differences of a "
-                   "few points are within run-to-run noise; `--seeds 0 1 2` or `--full` on a "
-                   "GPU averages several.")
+        out.append(
+            "- One seed per setting (the CPU budget of `make bench`): differences of a "
+            "few points are within run-to-run noise; `--seeds 0 1 2` or `--full` on a "
+            "GPU averages several."
+        )
     out.append("")
     return out if len(out) > 3 else []
 
@@ -688,11 +830,33 @@ def _settings_section(papers: list[dict]) -> list[str]:
     for paper in papers:
         s = paper["meta"].get("settings", {})
         ga = s.get("ga", {})
-        imu = next((r["stats"]["config"] for r in paper["runs"]
-                    if r["method"] == "imu_eval" and "config" in r.get("stats", {})), None)
-        imu_text = ", ".join(f"{k} {imu[k]}" for k in (
-            "lr", "epochs", "batch_size", "momentum", "weight_decay", "alpha", "top_data",
-            "clip_quantile", "damping") if k in imu) if imu else "?"
+        imu = next(
+            (
+                r["stats"]["config"]
+                for r in paper["runs"]
+                if r["method"] == "imu_eval" and "config" in r.get("stats", {})
+            ),
+            None,
+        )
+        imu_text = (
+            ", ".join(
+                f"{k} {imu[k]}"
+                for k in (
+                    "lr",
+                    "epochs",
+                    "batch_size",
+                    "momentum",
+                    "weight_decay",
+                    "alpha",
+                    "top_data",
+                    "clip_quantile",
+                    "damping",
+                )
+                if k in imu
+            )
+            if imu
+            else "?"
+        )
         out += [
             f"- `{paper['arch']}`: base model and retraining with Adam, "
             f"{s.get('train', {}).get('epochs')} epochs, lr {s.get('train', {}).get('lr')}, "

@@ -29,8 +29,16 @@ QUICK_DIR = BENCH_DIR / ".cache" / "quick"
 
 def run_speed(device: str, results: Path, extra: list[str]) -> int:
     """bench/influence_speed.py belongs to the engine; run it unchanged in its own process."""
-    cmd = [sys.executable, "-m", "bench.influence_speed", "--device", device,
-           "--out", str(results / "influence_speed.json"), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.influence_speed",
+        "--device",
+        device,
+        "--out",
+        str(results / "influence_speed.json"),
+        *extra,
+    ]
     print("$", " ".join(cmd), flush=True)
     return subprocess.run(cmd, cwd=BENCH_DIR.parent).returncode
 
@@ -39,26 +47,38 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Regenerate all Lethe benchmark results.")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--full", action="store_true",
-                      help="whole dataset, wider ResNet, more epochs, 3 seeds (GPU)")
+    size.add_argument(
+        "--full",
+        action="store_true",
+        help="whole dataset, wider ResNet, more epochs, 3 seeds (GPU)",
+    )
     size.add_argument("--quick", action="store_true", help="tiny smoke-test settings")
-    parser.add_argument("--arch", action="append", choices=ARCHS,
-                        help="only these architectures (repeatable)")
+    parser.add_argument(
+        "--arch", action="append", choices=ARCHS, help="only these architectures (repeatable)"
+    )
     parser.add_argument("--seeds", type=int, nargs="*", default=None)
     parser.add_argument("--skip-paper", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-api", action="store_true", help="skip bench/api_throughput.py")
     parser.add_argument("--report-only", action="store_true")
-    parser.add_argument("--speed-args", default="",
-                        help="extra arguments passed to bench.influence_speed (quoted)")
-    parser.add_argument("--results", type=Path, default=None,
-                        help="results folder (default bench/results; --quick: bench/.cache/quick)")
+    parser.add_argument(
+        "--speed-args", default="", help="extra arguments passed to bench.influence_speed (quoted)"
+    )
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        help="results folder (default bench/results; --quick: bench/.cache/quick)",
+    )
     args = parser.parse_args(argv)
     if args.results is None:
         # Quick runs must never overwrite the committed results.
         args.results = QUICK_DIR / "results" if args.quick else paper.RESULTS_DIR
-    out_md = BENCH_DIR / "RESULTS.md" if args.results == paper.RESULTS_DIR else (
-        args.results.parent / "RESULTS.md")
+    out_md = (
+        BENCH_DIR / "RESULTS.md"
+        if args.results == paper.RESULTS_DIR
+        else (args.results.parent / "RESULTS.md")
+    )
 
     name = "full" if args.full else "quick" if args.quick else "default"
     started = time.perf_counter()
@@ -84,8 +104,13 @@ def main(argv: list[str] | None = None) -> int:
             failures.append(f"bench.influence_speed exited with {rc}")
         print(f"influence speed done ({time.perf_counter() - t0:.0f}s)", flush=True)
     if not (args.report_only or args.skip_api):
-        cmd = [sys.executable, "-m", "bench.api_throughput",
-               "--out", str(args.results / "api_throughput.json")]
+        cmd = [
+            sys.executable,
+            "-m",
+            "bench.api_throughput",
+            "--out",
+            str(args.results / "api_throughput.json"),
+        ]
         if args.quick:
             cmd += ["--duration", "2", "--backends", "sqlite"]
         print("$", " ".join(cmd), flush=True)

@@ -145,8 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "benchmark": "worker_latency",
         "created_at": datetime.now(UTC).isoformat(),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "python": platform.python_version()},  # fmt: skip
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+        },  # fmt: skip
         "device": "cpu",
         "settings": PRODUCTION_TIMING,
         "model": "mlp (64-32-10) on sklearn digits",

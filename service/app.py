@@ -51,9 +51,9 @@ class BodyLimitMiddleware:
 
     def _problem(self) -> Problem:
         return Problem(
-            413, "payload-too-large",
-            f"the request body exceeds {self.limit} bytes (LETHE_MAX_UPLOAD_MB plus form "
-            "overhead)",
+            413,
+            "payload-too-large",
+            f"the request body exceeds {self.limit} bytes (LETHE_MAX_UPLOAD_MB plus form overhead)",
             title="Payload too large",
         )
 
@@ -123,7 +123,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.storage.sweep_temp(settings.temp_max_age_s)
         _warm_up(state)
         log.info(
-            "lethe %s serving (%s, %s)", __version__,
+            "lethe %s serving (%s, %s)",
+            __version__,
             "postgresql" if is_postgres(engine) else "sqlite",
             "embedded executor" if settings.embedded else "broker",
         )
@@ -141,8 +142,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.lethe = state
     install_handlers(app)
     for router in (
-        datasets.router, models.router, requests.router, jobs.router, audit.router,
-        health.router, audit.jwks_router,
+        datasets.router,
+        models.router,
+        requests.router,
+        jobs.router,
+        audit.router,
+        health.router,
+        audit.jwks_router,
     ):
         app.include_router(router)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes + _FORM_OVERHEAD_BYTES)

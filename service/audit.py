@@ -57,7 +57,9 @@ def event_hash(
 def _locked_head(session: Session) -> AuditHead:
     # FOR UPDATE is a no-op on SQLite, where BEGIN IMMEDIATE already serialises writers.
     head = session.execute(
-        select(AuditHead).where(AuditHead.id == HEAD_ID).with_for_update()
+        select(AuditHead)
+        .where(AuditHead.id == HEAD_ID)
+        .with_for_update()
         # Re-read the row even if this session saw it before: another writer moved it since.
         .execution_options(populate_existing=True)
     ).scalar_one_or_none()
@@ -147,15 +149,12 @@ def verify_chain(
     checked = 0
     last_seq = start[0]
     while True:
-        rows = (
-            session.execute(
-                select(*_EVENT_COLUMNS)
-                .where(AuditEvent.seq >= expected_seq)
-                .order_by(AuditEvent.seq)
-                .limit(batch)
-            )
-            .all()
-        )
+        rows = session.execute(
+            select(*_EVENT_COLUMNS)
+            .where(AuditEvent.seq >= expected_seq)
+            .order_by(AuditEvent.seq)
+            .limit(batch)
+        ).all()
         if not rows:
             break
         for event in rows:
@@ -182,8 +181,10 @@ def verify_chain(
                     bad_seq = event.seq
                 elif checkpoints.get(event.seq, event.hash) != event.hash:
                     # Internally consistent but not the chain that was signed: recomputed.
-                    reason = ("hash differs from the signed checkpoint at this seq: the chain "
-                              "up to here was rewritten")
+                    reason = (
+                        "hash differs from the signed checkpoint at this seq: the chain "
+                        "up to here was rewritten"
+                    )
                     bad_seq = event.seq
             if reason is not None:
                 return _result(False, checked, prev_hash, bad_seq, reason)
@@ -194,7 +195,10 @@ def verify_chain(
     signed_max = max(checkpoints, default=0)
     if signed_max > last_seq:
         return _result(
-            False, checked, prev_hash, last_seq + 1,
+            False,
+            checked,
+            prev_hash,
+            last_seq + 1,
             f"the chain ends at seq {last_seq} but a signed checkpoint records seq "
             f"{signed_max}: events were deleted",
         )
@@ -204,7 +208,10 @@ def verify_chain(
     if head_seq != last_seq or head_hash != prev_hash:
         # Events past the last one were deleted, or the head row was rewritten.
         return _result(
-            False, checked, head_hash, last_seq + 1,
+            False,
+            checked,
+            head_hash,
+            last_seq + 1,
             f"head (seq {head_seq}) does not match the last event (seq {last_seq})",
         )
     return _result(True, checked, head_hash, None, None)

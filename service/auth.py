@@ -74,7 +74,11 @@ def create_key(
     session.add(key)
     session.flush()
     append_event(
-        session, actor=actor, action="key.created", subject_type="api_key", subject_id=key.id,
+        session,
+        actor=actor,
+        action="key.created",
+        subject_type="api_key",
+        subject_id=key.id,
         payload={"name": name, "scope": scope},
     )
     return key, secret
@@ -93,16 +97,21 @@ def revoke_key(session: Session, name_or_id: str, *, actor: str = "cli") -> ApiK
     if key.revoked_at is None:
         key.revoked_at = utcnow()
         append_event(
-            session, actor=actor, action="key.revoked", subject_type="api_key",
-            subject_id=key.id, payload={"name": key.name},
+            session,
+            actor=actor,
+            action="key.revoked",
+            subject_type="api_key",
+            subject_id=key.id,
+            payload={"name": key.name},
         )
     return key
 
 
 def _principal_for_hash(session: Session, digest: str) -> Principal | None:
     row = session.execute(
-        select(ApiKey.id, ApiKey.name, ApiKey.scope, ApiKey.revoked_at)
-        .where(ApiKey.key_hash == digest)
+        select(ApiKey.id, ApiKey.name, ApiKey.scope, ApiKey.revoked_at).where(
+            ApiKey.key_hash == digest
+        )
     ).first()
     if row is None or row.revoked_at is not None:
         return None

@@ -37,9 +37,9 @@ def _key(seq: int) -> str:
     return f"{PREFIX}{seq:012d}.jws"
 
 
-def load_checkpoints(storage: Storage, jwks: dict[str, Any]) -> tuple[
-    list[dict[str, Any]], list[str]
-]:
+def load_checkpoints(
+    storage: Storage, jwks: dict[str, Any]
+) -> tuple[list[dict[str, Any]], list[str]]:
     """Every stored checkpoint that verifies (oldest first), and a problem per one that not."""
     good: list[dict[str, Any]] = []
     problems: list[str] = []
@@ -62,8 +62,7 @@ def load_checkpoints(storage: Storage, jwks: dict[str, Any]) -> tuple[
 
 def latest_checkpoint(storage: Storage, jwks: dict[str, Any]) -> dict[str, Any] | None:
     """The newest checkpoint whose signature verifies (names sort by seq)."""
-    for key in sorted((k for k in storage.iter_keys(PREFIX) if k.endswith(".jws")),
-                      reverse=True):
+    for key in sorted((k for k in storage.iter_keys(PREFIX) if k.endswith(".jws")), reverse=True):
         with storage.open_read(key) as fh:
             token = fh.read().decode("ascii", "replace").strip()
         try:
@@ -86,8 +85,9 @@ def write_checkpoint(
         if head is None or head.seq == 0:
             return None
         start = (last["seq"], last["hash"]) if last else (0, GENESIS_HASH)
-        if last and (last["seq"] > head.seq or (
-                last["seq"] == head.seq and last["hash"] != head.hash)):
+        if last and (
+            last["seq"] > head.seq or (last["seq"] == head.seq and last["hash"] != head.hash)
+        ):
             raise CheckpointError(
                 f"the audit head (seq {head.seq}) is behind or differs from the signed "
                 f"checkpoint at seq {last['seq']}"
@@ -102,8 +102,13 @@ def write_checkpoint(
         seq, digest = head.seq, head.hash
         if result["head_hash"] != digest:  # the head moved while verifying: sign what we saw
             return last
-    payload = {"type": TYPE, "seq": seq, "hash": digest, "time": format_time(utcnow()),
-               "kid": signer.kid}
+    payload = {
+        "type": TYPE,
+        "seq": seq,
+        "hash": digest,
+        "time": format_time(utcnow()),
+        "kid": signer.kid,
+    }
     token = signer.sign(payload, TYP)
     key = _key(seq)
     if not storage.exists(key):  # write-once: never replace what was signed before

@@ -73,8 +73,7 @@ def _problem_from(response: httpx.Response) -> JSONDict:
     if isinstance(body, dict) and ("title" in body or "type" in body):
         body.setdefault("status", response.status_code)
         return body
-    problem: JSONDict = {"title": response.reason_phrase or "Error",
-                         "status": response.status_code}
+    problem: JSONDict = {"title": response.reason_phrase or "Error", "status": response.status_code}
     if isinstance(body, dict) and "detail" in body:  # e.g. a framework's {"detail": ...}
         detail = body["detail"]
         problem["detail"] = detail if isinstance(detail, str) else json.dumps(detail)
@@ -89,7 +88,6 @@ def sha256_file(path: Path, *, chunk_size: int = _CHUNK) -> str:
         while chunk := fh.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
-
 
 
 class LetheClient:
@@ -393,8 +391,13 @@ class LetheClient:
         limit: int | None = None,
     ) -> JSONDict:
         """One page of audit events, oldest first, optionally filtered."""
-        params = self._query(subject_type=subject_type, subject_id=subject_id, action=action,
-                             cursor=cursor, limit=limit)
+        params = self._query(
+            subject_type=subject_type,
+            subject_id=subject_id,
+            action=action,
+            cursor=cursor,
+            limit=limit,
+        )
         return self._json("GET", "/v1/audit", params=params)
 
     def verify_audit(self) -> JSONDict:

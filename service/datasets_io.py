@@ -132,9 +132,7 @@ def load_tensor_npz(src: Source, limits: NpzLimits | None = None) -> TensorData:
     try:
         start = fh.tell()
         if fh.read(6) == b"\x93NUMPY":
-            raise DatasetError(
-                "expected an .npz archive (several named arrays), got a single .npy"
-            )
+            raise DatasetError("expected an .npz archive (several named arrays), got a single .npy")
         fh.seek(start)
         arrays, members = read_npz(fh, ("ids", "inputs", "labels"), limits or NpzLimits())
     except NpzError as exc:
@@ -179,10 +177,12 @@ def load_tensor_npz(src: Source, limits: NpzLimits | None = None) -> TensorData:
     if inputs.dtype.kind == "f":
         flat = inputs.reshape(n, -1)
         step = max(1, (16 << 20) // max(1, flat.shape[1] * flat.itemsize))  # bounded temporaries
-        bad_rows = np.concatenate([
-            np.flatnonzero(~np.isfinite(flat[i : i + step]).all(axis=1)) + i
-            for i in range(0, n, step)
-        ])
+        bad_rows = np.concatenate(
+            [
+                np.flatnonzero(~np.isfinite(flat[i : i + step]).all(axis=1)) + i
+                for i in range(0, n, step)
+            ]
+        )
         if bad_rows.size:
             bad_ids = [ids[i] for i in bad_rows[:_SHOWN]]
             raise DatasetError(
@@ -244,9 +244,7 @@ def load_text_jsonl(src: Source) -> TextData:
     return TextData(ids=ids, texts=texts, labels=labels)
 
 
-def load_dataset(
-    kind: str, src: Source, limits: NpzLimits | None = None
-) -> TensorData | TextData:
+def load_dataset(kind: str, src: Source, limits: NpzLimits | None = None) -> TensorData | TextData:
     if kind == "tensor":
         return load_tensor_npz(src, limits)
     if kind == "text":

@@ -60,8 +60,12 @@ class DemoConfig:
     @property
     def arch_kwargs(self) -> dict[str, Any]:
         # BatchNorm, as most deployed CNNs have (and the backbone mode was chosen for).
-        return {"in_channels": 1, "num_classes": NUM_CLASSES, "width": self.width,
-                "batch_norm": True}
+        return {
+            "in_channels": 1,
+            "num_classes": NUM_CLASSES,
+            "width": self.width,
+            "batch_norm": True,
+        }
 
 
 @dataclass
@@ -161,8 +165,13 @@ def trained_checkpoint(train: Split, cfg: DemoConfig, log: Callable[[str], None]
     torch.manual_seed(cfg.seed)
     model = build(ARCHITECTURE, **cfg.arch_kwargs)
     started = time.monotonic()
-    fit(model, torch.from_numpy(train.inputs), torch.from_numpy(train.labels),
-        epochs=cfg.train_epochs, seed=cfg.seed)
+    fit(
+        model,
+        torch.from_numpy(train.inputs),
+        torch.from_numpy(train.labels),
+        epochs=cfg.train_epochs,
+        seed=cfg.seed,
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     save_safetensors(model, path)
     log(f"trained the CNN in {time.monotonic() - started:.1f}s, cached at {path}")
@@ -299,8 +308,10 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
         "eval": eval_split.save(data_dir / "eval.npz"),
         "member_probe": probe.save(data_dir / "member_probe.npz"),
     }
-    console.print(f"  train {len(train.ids)}, eval {len(eval_split.ids)}, "
-                  f"member probe {len(probe.ids)} records")
+    console.print(
+        f"  train {len(train.ids)}, eval {len(eval_split.ids)}, "
+        f"member probe {len(probe.ids)} records"
+    )
 
     step("training a small CNN (cached after the first run)")
     weights = trained_checkpoint(train, cfg, lambda msg: console.print(f"  {msg}"))
@@ -312,14 +323,17 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
         key = service.create_key("admin", f"demo-{uuid.uuid4().hex[:8]}")
         console.print(f"  up; admin key created offline; log at {service.log_path}")
         with LetheClient(service.url, key, timeout=120) as api:
-            result = _drive(api, cfg, files, weights, eval_split, forget_all, forget_some,
-                            console, step)
+            result = _drive(
+                api, cfg, files, weights, eval_split, forget_all, forget_some, console, step
+            )
     finally:
         step("stopping the service")
         service.stop()
     result.seconds = time.monotonic() - started
-    console.print(f"[bold green]Demo finished in {result.seconds:.1f}s.[/] "
-                  f"Plot: {result.plot_path}  Checkpoint: {result.checkpoint_path}")
+    console.print(
+        f"[bold green]Demo finished in {result.seconds:.1f}s.[/] "
+        f"Plot: {result.plot_path}  Checkpoint: {result.checkpoint_path}"
+    )
     return result
 
 
@@ -358,10 +372,16 @@ def _drive(
     console.print(f"  version 1 id={model['active_version']['id']}")
 
     requests = [
-        (f"all {cfg.forget_class}s", forget_all,
-         f"every training record of digit {cfg.forget_class}"),
-        (f"{cfg.partial_fraction:.0%} of {cfg.partial_class}s", forget_some,
-         f"{len(forget_some)} random training records of digit {cfg.partial_class}"),
+        (
+            f"all {cfg.forget_class}s",
+            forget_all,
+            f"every training record of digit {cfg.forget_class}",
+        ),
+        (
+            f"{cfg.partial_fraction:.0%} of {cfg.partial_class}s",
+            forget_some,
+            f"{len(forget_some)} random training records of digit {cfg.partial_class}",
+        ),
     ]
     reports: list[JobReport] = []
     for label, keys, what in requests:
@@ -370,24 +390,37 @@ def _drive(
         step(f"POST /v1/deletion-requests: {what} ({len(keys)} keys)")
         idem = f"demo-{run_tag}-{len(reports)}"
         accepted = api.submit_deletion(
-            model_name, datasets["train"]["id"], keys, params=IMU_PARAMS, reason="demo",
-            subject_ref=label, idempotency_key=idem,
+            model_name,
+            datasets["train"]["id"],
+            keys,
+            params=IMU_PARAMS,
+            reason="demo",
+            subject_ref=label,
+            idempotency_key=idem,
         )
         retried = api.submit_deletion(  # a retried POST: same answer, no second job
-            model_name, datasets["train"]["id"], keys, params=IMU_PARAMS, reason="demo",
-            subject_ref=label, idempotency_key=idem,
+            model_name,
+            datasets["train"]["id"],
+            keys,
+            params=IMU_PARAMS,
+            reason="demo",
+            subject_ref=label,
+            idempotency_key=idem,
         )
         if retried["id"] != accepted["id"]:
             raise RuntimeError("a retried POST with the same Idempotency-Key made a new request")
-        console.print(f"  202 Accepted: request {accepted['id']}; a retry with the same "
-                      "Idempotency-Key returned it again (no second job)")
+        console.print(
+            f"  202 Accepted: request {accepted['id']}; a retry with the same "
+            "Idempotency-Key returned it again (no second job)"
+        )
         job_id = accepted["job"]["id"]
         with JobProgress(console, title=f"forget {label}") as bars:
             job = api.wait_for_job(job_id, poll_interval=0.25, on_update=bars.update)
         if job["status"] != "succeeded":
             error = job.get("error") or {}
-            raise RuntimeError(f"job {job_id} {job['status']}: {error.get('title')}: "
-                               f"{error.get('detail')}")
+            raise RuntimeError(
+                f"job {job_id} {job['status']}: {error.get('title')}: {error.get('detail')}"
+            )
         version = api.get_version(job["result_version_id"])
         request = api.get_deletion_request(accepted["id"])
         promoted = False
@@ -420,10 +453,12 @@ def _drive(
 
     before = per_class_accuracy(weights, eval_split, cfg)
     after = per_class_accuracy(download.path, eval_split, cfg)  # loads into the architecture
-    console.print(f"  loaded into '{ARCHITECTURE}': eval accuracy on digit {cfg.forget_class} "
-                  f"{before[cfg.forget_class]:.3f} -> {after[cfg.forget_class]:.3f}; on the other "
-                  f"digits {retained_accuracy(before, eval_split, cfg):.3f} -> "
-                  f"{retained_accuracy(after, eval_split, cfg):.3f}")
+    console.print(
+        f"  loaded into '{ARCHITECTURE}': eval accuracy on digit {cfg.forget_class} "
+        f"{before[cfg.forget_class]:.3f} -> {after[cfg.forget_class]:.3f}; on the other "
+        f"digits {retained_accuracy(before, eval_split, cfg):.3f} -> "
+        f"{retained_accuracy(after, eval_split, cfg):.3f}"
+    )
 
     step("verifying the audit hash chain (GET /v1/audit/verify)")
     audit = api.verify_audit()
@@ -439,17 +474,27 @@ def _drive(
         "arch_kwargs": registered["arch_kwargs"],
         "forget_class": cfg.forget_class,
         "final_version": final,
-        "jobs": [{"label": r.label, "request_id": r.request_id, "job": r.job,
-                  "promoted": r.promoted} for r in reports],
+        "jobs": [
+            {"label": r.label, "request_id": r.request_id, "job": r.job, "promoted": r.promoted}
+            for r in reports
+        ],
         "per_class_before": before,
         "per_class_after": after,
         "audit": audit,
     }
     (cfg.demo_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return DemoResult(
-        url=api.url, model_name=model_name, jobs=reports, final_version=final,
-        checkpoint_path=download.path, checkpoint_sha256=download.sha256, audit=audit,
-        plot_path=plot, per_class_before=before, per_class_after=after, seconds=0.0,
+        url=api.url,
+        model_name=model_name,
+        jobs=reports,
+        final_version=final,
+        checkpoint_path=download.path,
+        checkpoint_sha256=download.sha256,
+        audit=audit,
+        plot_path=plot,
+        per_class_before=before,
+        per_class_after=after,
+        seconds=0.0,
     )
 
 

@@ -21,8 +21,12 @@ from typing import IO
 import httpx
 
 # Settings that would point the child away from the embedded defaults under its home.
-_NON_EMBEDDED = ("LETHE_DATABASE_URL", "LETHE_BROKER_URL", "LETHE_RESULT_BACKEND_URL",
-                 "LETHE_STORAGE_URL")
+_NON_EMBEDDED = (
+    "LETHE_DATABASE_URL",
+    "LETHE_BROKER_URL",
+    "LETHE_RESULT_BACKEND_URL",
+    "LETHE_STORAGE_URL",
+)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -98,8 +102,11 @@ class LocalService:
     def create_key(self, scope: str = "admin", name: str | None = None) -> str:
         """Create an API key offline against the service's database; returns the secret."""
         name = name or f"{scope}-{uuid.uuid4().hex[:8]}"
-        lines = [ln.strip() for ln in self.run_cli("keys", "create", "--scope", scope,
-                                                   "--name", name).splitlines() if ln.strip()]
+        lines = [
+            ln.strip()
+            for ln in self.run_cli("keys", "create", "--scope", scope, "--name", name).splitlines()
+            if ln.strip()
+        ]
         if not lines:
             raise ServiceError("`lethe keys create` printed no key")
         return lines[-1]

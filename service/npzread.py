@@ -46,9 +46,9 @@ def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 
 
-def _check_entries(zf: zipfile.ZipFile, names: tuple[str, ...], limits: NpzLimits) -> dict[
-    str, zipfile.ZipInfo
-]:
+def _check_entries(
+    zf: zipfile.ZipFile, names: tuple[str, ...], limits: NpzLimits
+) -> dict[str, zipfile.ZipInfo]:
     entries = {}
     total = 0
     for name in names:
@@ -61,14 +61,15 @@ def _check_entries(zf: zipfile.ZipFile, names: tuple[str, ...], limits: NpzLimit
         total += info.file_size
         if total > limits.max_bytes:
             raise NpzError(
-                name, f"the arrays inflate to more than {_mib(limits.max_bytes)} "
-                "(LETHE_MAX_DATASET_MB)",
+                name,
+                f"the arrays inflate to more than {_mib(limits.max_bytes)} (LETHE_MAX_DATASET_MB)",
             )
         if info.file_size > _RATIO_FLOOR_BYTES:
             ratio = info.file_size / max(info.compress_size, 1)
             if ratio > limits.max_ratio:
                 raise NpzError(
-                    name, f"array '{name}' claims a compression ratio of {ratio:.0f}:1 "
+                    name,
+                    f"array '{name}' claims a compression ratio of {ratio:.0f}:1 "
                     f"(limit {limits.max_ratio:.0f}:1, LETHE_MAX_COMPRESSION_RATIO)",
                 )
         entries[name] = info
@@ -92,7 +93,8 @@ def _read_member(zf: zipfile.ZipFile, name: str, info: zipfile.ZipInfo) -> np.nd
         header = fh.tell()
         if header + nbytes != info.file_size:
             raise NpzError(
-                name, f"array '{name}' declares shape {shape} ({_mib(nbytes)}) but the archive "
+                name,
+                f"array '{name}' declares shape {shape} ({_mib(nbytes)}) but the archive "
                 f"entry holds {_mib(info.file_size - header)}",
             )
         flat = np.empty(count, dtype=dtype)
@@ -111,9 +113,9 @@ def _read_member(zf: zipfile.ZipFile, name: str, info: zipfile.ZipInfo) -> np.nd
     return flat.reshape(shape)
 
 
-def read_npz(fileobj: Any, names: tuple[str, ...], limits: NpzLimits) -> tuple[
-    dict[str, np.ndarray], list[str]
-]:
+def read_npz(
+    fileobj: Any, names: tuple[str, ...], limits: NpzLimits
+) -> tuple[dict[str, np.ndarray], list[str]]:
     """The named arrays (absent ones left out) and the archive's member names."""
     with zipfile.ZipFile(fileobj) as zf:
         members = [n[:-4] if n.endswith(".npy") else n for n in zf.namelist()]

@@ -52,12 +52,16 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
-            "lethe_http_requests", "HTTP requests by method, route and status.",
-            ["method", "route", "status"], registry=self.registry,
+            "lethe_http_requests",
+            "HTTP requests by method, route and status.",
+            ["method", "route", "status"],
+            registry=self.registry,
         )
         self.latency = Histogram(
-            "lethe_http_request_duration_seconds", "HTTP request latency by method and route.",
-            ["method", "route"], registry=self.registry,
+            "lethe_http_request_duration_seconds",
+            "HTTP request latency by method and route.",
+            ["method", "route"],
+            registry=self.registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
         )
 
@@ -92,9 +96,7 @@ class MetricsMiddleware:
             # The template (/v1/jobs/{job_id}), never the raw path: bounded label values.
             path = getattr(route, "path", None) or "unmatched"
             self.metrics.requests.labels(scope["method"], path, str(status)).inc()
-            self.metrics.latency.labels(scope["method"], path).observe(
-                time.perf_counter() - start
-            )
+            self.metrics.latency.labels(scope["method"], path).observe(time.perf_counter() - start)
 
 
 def render(state: Any) -> tuple[bytes, str]:

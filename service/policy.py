@@ -43,8 +43,10 @@ def validate_policy(policy: Any) -> dict[str, Any]:
         if name not in FIELDS:
             errors.append({"field": field, "message": f"unknown; accepted: {list(FIELDS)}"})
         elif name in THRESHOLDS:
-            if isinstance(value, bool) or not isinstance(value, int | float) or not (
-                0.0 <= float(value) <= 1.0
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not (0.0 <= float(value) <= 1.0)
             ):
                 errors.append({"field": field, "message": "must be a number in [0, 1]"})
         elif name == "mode" and value not in MODES:
@@ -52,9 +54,7 @@ def validate_policy(policy: Any) -> dict[str, Any]:
         elif name == "require_review" and not isinstance(value, bool):
             errors.append({"field": field, "message": "must be true or false"})
     if errors:
-        raise validation(
-            "invalid release policy: " + ", ".join(e["field"] for e in errors), errors
-        )
+        raise validation("invalid release policy: " + ", ".join(e["field"] for e in errors), errors)
     return {k: (float(v) if k in THRESHOLDS else v) for k, v in policy.items()}
 
 

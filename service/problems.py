@@ -173,9 +173,12 @@ def _allowed_methods(request: Request) -> str:
     whose path matched, but GET and POST of one path are often separate routes."""
     # Ask the router per method: included routers nest routes, so probing beats walking them.
     methods = {
-        method for method in _METHODS
-        if any(route.matches({**request.scope, "method": method})[0] == Match.FULL
-               for route in request.app.router.routes)
+        method
+        for method in _METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] == Match.FULL
+            for route in request.app.router.routes
+        )
     }
     return ", ".join(sorted(methods))
 
@@ -183,7 +186,9 @@ def _allowed_methods(request: Request) -> str:
 async def _handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     body = problem_dict(
-        "internal-error", "Internal server error", 500,
+        "internal-error",
+        "Internal server error",
+        500,
         "the server failed to handle this request; the error has been logged",
     )
     return problem_response(body)
@@ -195,20 +200,28 @@ DB_RETRY_AFTER_S = 5
 
 def database_unavailable() -> dict[str, Any]:
     return problem_dict(
-        "database-unavailable", "Database unavailable", 503,
+        "database-unavailable",
+        "Database unavailable",
+        503,
         "the service cannot reach its database; retry later",
     )
 
 
 async def _handle_database(request: Request, exc: Exception) -> JSONResponse:
     # Only connection-level failures are a 503; any other driver error is a bug (500).
-    if isinstance(exc, sa_exc.DBAPIError) and not isinstance(
-        exc, sa_exc.OperationalError | sa_exc.InterfaceError
-    ) and not exc.connection_invalidated:
+    if (
+        isinstance(exc, sa_exc.DBAPIError)
+        and not isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError)
+        and not exc.connection_invalidated
+    ):
         return await _handle_unexpected(request, exc)
     # The driver's message names host and port: log it, never send it.
-    log.error("database unavailable on %s %s: %s", request.method, request.url.path,
-              str(exc).splitlines()[0][:300])
+    log.error(
+        "database unavailable on %s %s: %s",
+        request.method,
+        request.url.path,
+        str(exc).splitlines()[0][:300],
+    )
     return problem_response(database_unavailable(), {"Retry-After": str(DB_RETRY_AFTER_S)})
 
 

@@ -100,7 +100,9 @@ def rewrite_without(kind: str, raw: bytes, drop: set[str]) -> tuple[bytes, int, 
 
 def _lock_dataset(session: Session, dataset_id: str) -> Dataset | None:
     return session.execute(
-        select(Dataset).where(Dataset.id == dataset_id).with_for_update()
+        select(Dataset)
+        .where(Dataset.id == dataset_id)
+        .with_for_update()
         .execution_options(populate_existing=True)
     ).scalar_one_or_none()
 
@@ -150,8 +152,9 @@ def purge_dataset(
                 del raw
                 old_key, old_sha = ds.storage_key, ds.content_sha256
                 if removed:
-                    written = f"{dataset_file_prefix(ds.id)}-{uuid.uuid4().hex[:12]}." + (
-                        EXTENSIONS[ds.kind]
+                    written = (
+                        f"{dataset_file_prefix(ds.id)}-{uuid.uuid4().hex[:12]}."
+                        + (EXTENSIONS[ds.kind])
                     )
                     new_sha, new_size = storage.write_bytes(written, content)
                     ds.storage_key, ds.content_sha256 = written, new_sha

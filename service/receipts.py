@@ -129,7 +129,8 @@ def issue_receipt(
                 "request-not-completed",
                 f"deletion request {request_id} is {request.status}; a receipt is issued once a "
                 "version without its records is active (status completed)",
-                title="Request not completed", request_status=request.status,
+                title="Request not completed",
+                request_status=request.status,
             )
     document = _document(factory, request_id)
     signer = load_signer(settings)

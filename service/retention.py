@@ -37,8 +37,10 @@ def retire_version(
 ) -> str | None:
     """Delete the checkpoint of `version` inside the caller's transaction; the deleted key."""
     if version.status not in RETIRABLE:
-        raise ValueError(f"version {version.id} is {version.status}; only "
-                         f"{' or '.join(RETIRABLE)} versions are retired")
+        raise ValueError(
+            f"version {version.id} is {version.status}; only "
+            f"{' or '.join(RETIRABLE)} versions are retired"
+        )
     key = version.storage_key
     if key is None:
         return None
@@ -86,11 +88,11 @@ def retire_due(
         try:
             with transaction(factory) as session:
                 # Same lock order as the worker's save step and promotion: model, then version.
-                session.execute(
-                    select(Model.id).where(Model.id == row.model_id).with_for_update()
-                )
+                session.execute(select(Model.id).where(Model.id == row.model_id).with_for_update())
                 version = session.execute(
-                    select(ModelVersion).where(ModelVersion.id == row.id).with_for_update()
+                    select(ModelVersion)
+                    .where(ModelVersion.id == row.id)
+                    .with_for_update()
                     .execution_options(populate_existing=True)
                 ).scalar_one_or_none()
                 if version is None or not due(version, settings.superseded_retention_s, now):
@@ -103,4 +105,3 @@ def retire_due(
         except Exception as exc:  # storage or database hiccup: the next sweep tries again
             log.warning("could not retire version %s: %s", row.id, exc)
     return retired
-

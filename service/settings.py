@@ -60,14 +60,17 @@ class Settings(BaseSettings):
     policy_max_forget_acc: float = Field(0.2, ge=0, le=1)
     policy_max_forget_auc_excess: float = Field(0.0, ge=0, le=1)
     signing_key: str = Field(
-        "", description="Ed25519 private key (PEM file) signing receipts and audit checkpoints; "
+        "",
+        description="Ed25519 private key (PEM file) signing receipts and audit checkpoints; "
         "empty = LETHE_HOME/signing-key.pem, created once with mode 0600.",
     )
     retired_signing_keys: str = Field(
         "", description="Comma-separated PEM files of earlier keys, kept for verification."
     )
     temp_max_age_s: float = Field(
-        3600.0, gt=0, description="Age after which an untouched temporary upload/checkpoint "
+        3600.0,
+        gt=0,
+        description="Age after which an untouched temporary upload/checkpoint "
         "file (.tmp/*.part in storage) counts as abandoned and is removed.",
     )
     checkpoint_interval_s: float = Field(
@@ -110,9 +113,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _limits(self) -> Settings:
         if self.job_hard_time_limit_s <= self.job_soft_time_limit_s:
-            raise ValueError(
-                "LETHE_JOB_HARD_TIME_LIMIT_S must exceed LETHE_JOB_SOFT_TIME_LIMIT_S"
-            )
+            raise ValueError("LETHE_JOB_HARD_TIME_LIMIT_S must exceed LETHE_JOB_SOFT_TIME_LIMIT_S")
         return self
 
     # Derived values: defaults that depend on LETHE_HOME.

@@ -64,7 +64,8 @@ def _create(path: Path) -> None:
         tmp.unlink(missing_ok=True)
     log.warning(
         "LETHE_SIGNING_KEY is not set: created a per-installation Ed25519 key at %s (mode "
-        "0600); set LETHE_SIGNING_KEY when several hosts sign, and back the key up", path,
+        "0600); set LETHE_SIGNING_KEY when several hosts sign, and back the key up",
+        path,
     )
 
 
@@ -118,9 +119,9 @@ def load_signer(settings: Any) -> Signer:
     return Signer(_import_pem(path), retired)
 
 
-def verify_compact(token: str, jwks: dict[str, Any], typ: str | None = None) -> tuple[
-    dict[str, Any], dict[str, Any]
-]:
+def verify_compact(
+    token: str, jwks: dict[str, Any], typ: str | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """(protected header, payload) of a compact JWS signed by a key in `jwks`."""
     if not isinstance(token, str) or token.count(".") != 2:
         raise SignatureError("not a compact JWS (three base64url parts separated by '.')")

@@ -293,4 +293,3 @@ class _FsspecBackend(_Backend):
                 continue
             if key.startswith(prefix):
                 yield key
-

@@ -53,9 +53,11 @@ def find_bad(value: Any, field: str, where: str, out: list[dict[str, Any]]) -> N
 def problem(errors: list[dict[str, Any]]) -> Problem:
     fields = ", ".join(dict.fromkeys(e["field"] for e in errors))
     return Problem(
-        422, "validation-error",
+        422,
+        "validation-error",
         f"unstorable characters (NUL or lone surrogates) in: {fields}",
-        title="Invalid input", errors=errors,
+        title="Invalid input",
+        errors=errors,
     )
 
 

@@ -101,9 +101,10 @@ def lock_model(session: Session, model_id: str) -> Model | None:
 
 def lock_job(session: Session, job_id: str) -> Job | None:
     return session.execute(
-        select(Job).where(Job.id == job_id).with_for_update().execution_options(
-            populate_existing=True
-        )
+        select(Job)
+        .where(Job.id == job_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
     ).scalar_one_or_none()
 
 

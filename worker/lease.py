@@ -180,4 +180,3 @@ class JobMonitor(threading.Thread):
                         self._dirty = False
         if cancel:
             self.cancel_requested.set()
-

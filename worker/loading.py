@@ -154,9 +154,7 @@ class Loader:
             split = split_eval_keys(eval_keys)
             eval_pair = self._load_rows(inputs.eval, split.policy)
             guard_pair = self._load_rows(inputs.eval, split.guard)
-        probe_pair = (
-            self._load_rows(inputs.probe, inputs.probe_keys) if inputs.probe else None
-        )
+        probe_pair = self._load_rows(inputs.probe, inputs.probe_keys) if inputs.probe else None
         self.progress("loading", 0.8)
         return Loaded(
             model=model, forget=forget, eval=eval_pair, member_probe=probe_pair,

@@ -72,9 +72,7 @@ def commit_version(
             )
         number = (
             session.execute(
-                select(func.max(ModelVersion.number)).where(
-                    ModelVersion.model_id == fence.model_id
-                )
+                select(func.max(ModelVersion.number)).where(ModelVersion.model_id == fence.model_id)
             ).scalar_one()
             or 0
         ) + 1

@@ -46,9 +46,15 @@ def upload_dataset(
     state: AppState = Depends(get_state),
 ) -> dict[str, Any]:
     return domain.register_dataset(
-        state.sessions, state.storage, name=name, kind=kind, role=role,
-        chunks=iter_file(file.file), max_bytes=state.settings.max_upload_bytes,
-        actor=principal.actor, limits=NpzLimits.from_settings(state.settings),
+        state.sessions,
+        state.storage,
+        name=name,
+        kind=kind,
+        role=role,
+        chunks=iter_file(file.file),
+        max_bytes=state.settings.max_upload_bytes,
+        actor=principal.actor,
+        limits=NpzLimits.from_settings(state.settings),
     )
 
 
@@ -86,9 +92,7 @@ def show_dataset(
 )
 def list_records(
     dataset_id: str,
-    state_filter: Annotated[
-        Literal["present", "forgotten"] | None, Query(alias="state")
-    ] = None,
+    state_filter: Annotated[Literal["present", "forgotten"] | None, Query(alias="state")] = None,
     cursor: Cursor = None,
     limit: Limit = DEFAULT_LIMIT,
     _: Principal = Depends(require("read")),

@@ -54,7 +54,10 @@ _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: 
 
 def _unauthorized(detail: str) -> Problem:
     return Problem(
-        401, "unauthorized", detail, title="Unauthorized",
+        401,
+        "unauthorized",
+        detail,
+        title="Unauthorized",
         headers={"WWW-Authenticate": 'Bearer realm="lethe"'},
     )
 
@@ -78,9 +81,11 @@ def require(scope: str) -> Callable[..., Awaitable[Principal]]:
             raise _unauthorized("invalid or revoked API key")
         if not principal.allows(scope):
             raise Problem(
-                403, "insufficient-scope",
+                403,
+                "insufficient-scope",
                 f"this operation needs scope {scope!r}; the key has {principal.scope!r}",
-                title="Forbidden", required_scope=scope,
+                title="Forbidden",
+                required_scope=scope,
             )
         return principal
 
@@ -96,10 +101,13 @@ def only_form_fields(*allowed: str) -> Callable[..., Any]:
         unknown = sorted(set(form.keys()) - set(allowed))
         if unknown:
             raise Problem(
-                422, "validation-error", f"unknown fields: {', '.join(unknown)}",
+                422,
+                "validation-error",
+                f"unknown fields: {', '.join(unknown)}",
                 title="Invalid input",
-                errors=[{"field": name, "in": "body", "message": "unknown field"}
-                        for name in unknown],
+                errors=[
+                    {"field": name, "in": "body", "message": "unknown field"} for name in unknown
+                ],
             )
 
     return dependency

@@ -74,14 +74,21 @@ def readyz(state: AppState = Depends(get_state)) -> JSONResponse:
     if checks["database"] != "ok":
         detail = (
             "the database schema is behind the migration head: run `lethe migrate`"
-            if checks["database"] == "migration-pending" else "database unavailable"
+            if checks["database"] == "migration-pending"
+            else "database unavailable"
         )
         body = problem_dict(
-            "not-ready", "Not ready", 503, detail, checks=checks,
+            "not-ready",
+            "Not ready",
+            503,
+            detail,
+            checks=checks,
             reasons=[f"{name} {v}" for name, v in checks.items() if v not in ("ok", "embedded")],
         )
         return JSONResponse(
-            body, status_code=503, media_type=PROBLEM_MEDIA_TYPE,
+            body,
+            status_code=503,
+            media_type=PROBLEM_MEDIA_TYPE,
             headers={"Retry-After": str(DB_RETRY_AFTER_S)},
         )
     status = "ready" if checks["broker"] != "unavailable" else "degraded"

@@ -34,9 +34,12 @@ async def list_jobs(
     state: AppState = Depends(get_state),
 ) -> JSONResponse:
     # A Response skips response_model validation: the view already has the documented shape.
-    page = await run_read(state, partial(
-        domain.list_jobs, state.sessions, status=status, model=model, cursor=cursor, limit=limit
-    ))
+    page = await run_read(
+        state,
+        partial(
+            domain.list_jobs, state.sessions, status=status, model=model, cursor=cursor, limit=limit
+        ),
+    )
     return JSONResponse(page)
 
 

@@ -49,8 +49,12 @@ def register_model(
     state: AppState = Depends(get_state),
 ) -> dict[str, Any]:
     return domain.register_model(
-        state.sessions, state.storage, spec_json=spec, weights=iter_file(weights.file),
-        max_bytes=state.settings.max_upload_bytes, actor=principal.actor,
+        state.sessions,
+        state.storage,
+        spec_json=spec,
+        weights=iter_file(weights.file),
+        max_bytes=state.settings.max_upload_bytes,
+        actor=principal.actor,
     )
 
 
@@ -208,8 +212,11 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
 
 def _unsatisfiable(size: int) -> Problem:
     return Problem(
-        416, "range-not-satisfiable", f"the checkpoint has {size} bytes",
-        title="Range not satisfiable", headers={"Content-Range": f"bytes */{size}"},
+        416,
+        "range-not-satisfiable",
+        f"the checkpoint has {size} bytes",
+        title="Range not satisfiable",
+        headers={"Content-Range": f"bytes */{size}"},
     )
 
 
@@ -237,12 +244,16 @@ def download_checkpoint(
         status, retired_at = version.status, iso(version.retired_at)
     if key is None or not state.storage.exists(key):
         raise Problem(
-            410, "checkpoint-retired",
+            410,
+            "checkpoint-retired",
             f"the checkpoint of version {number} ({status}) was deleted"
             + (f" at {retired_at}" if retired_at else "")
             + "; its metadata and sha256 remain (GET /v1/model-versions/{id})",
-            title="Checkpoint no longer available", version_id=version_id,
-            version_status=status, sha256=sha, retired_at=retired_at,
+            title="Checkpoint no longer available",
+            version_id=version_id,
+            version_status=status,
+            sha256=sha,
+            retired_at=retired_at,
         )
     size = state.storage.size(key)
     etag = f'"{sha}"'

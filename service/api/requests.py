@@ -43,7 +43,10 @@ def submit(
     state: AppState = Depends(get_state),
 ) -> JSONResponse:
     result = domain.submit_deletion_request(
-        state.sessions, state.settings, body, actor=principal.actor,
+        state.sessions,
+        state.settings,
+        body,
+        actor=principal.actor,
         idempotency_key=idempotency_key,
     )
     headers = {"Location": f"/v1/jobs/{result.job_id}"}
@@ -62,7 +65,7 @@ def submit(
         "result version sha256, metrics before and after, the audit sequence range of the "
         "request's events and the signed audit checkpoint written at issue time. `payload` is "
         "an unsigned copy for convenience. "
-        "409 unless the request is `completed`. Format: README, \"Erasure receipts\"."
+        '409 unless the request is `completed`. Format: README, "Erasure receipts".'
     ),
     responses={409: {"description": "The request is not completed (or purge in progress)"}},
 )

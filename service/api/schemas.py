@@ -143,6 +143,8 @@ PROBLEM_CONTENT = {"application/problem+json": {"schema": ProblemOut.model_json_
 COMMON_ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"description": "Missing or invalid API key", "content": PROBLEM_CONTENT},
     403: {"description": "The key's scope is insufficient", "content": PROBLEM_CONTENT},
-    422: {"description": "Invalid input (the `errors` list names fields or keys)",
-          "content": PROBLEM_CONTENT},
+    422: {
+        "description": "Invalid input (the `errors` list names fields or keys)",
+        "content": PROBLEM_CONTENT,
+    },
 }

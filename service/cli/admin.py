@@ -22,7 +22,6 @@ def _actor() -> str:
         return "cli"
 
 
-
 def register(app: typer.Typer) -> None:
     """Attach this module's commands to the root app."""
     keys = command_group(app, "keys", "Manage API keys (offline, against the configured database).")
@@ -49,8 +48,9 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(2) from None
         finally:
             engine.dispose()
-        typer.echo(f"created key {key_name!r} with scope {key_scope} (shown once, store it now):",
-                   err=True)
+        typer.echo(
+            f"created key {key_name!r} with scope {key_scope} (shown once, store it now):", err=True
+        )
         typer.echo(secret)
 
     @keys.command("list")
@@ -66,8 +66,13 @@ def register(app: typer.Typer) -> None:
         try:
             with sessions() as session:
                 rows = [
-                    {"id": k.id, "name": k.name, "scope": k.scope,
-                     "created_at": iso(k.created_at), "revoked_at": iso(k.revoked_at)}
+                    {
+                        "id": k.id,
+                        "name": k.name,
+                        "scope": k.scope,
+                        "created_at": iso(k.created_at),
+                        "revoked_at": iso(k.revoked_at),
+                    }
                     for k in list_keys(session)
                 ]
         finally:
@@ -105,8 +110,8 @@ def register(app: typer.Typer) -> None:
     @audit.command("verify")
     def audit_verify(
         jwks: Annotated[
-            str | None, typer.Option(help="JWKS URL or file to trust (default: this "
-                                     "installation's keys).")
+            str | None,
+            typer.Option(help="JWKS URL or file to trust (default: this installation's keys)."),
         ] = None,
     ) -> None:
         """Recompute the audit hash chain and check it against every signed checkpoint in
@@ -133,10 +138,13 @@ def register(app: typer.Typer) -> None:
 
     @receipt.command("verify")
     def receipt_verify(
-        file: Annotated[typer.FileText, typer.Argument(help="Receipt: the API's JSON answer "
-                                                       "or the bare JWS ('-' = stdin).")],
-        jwks: Annotated[str, typer.Option(help="JWKS URL (e.g. https://host/.well-known/"
-                                          "jwks.json) or file.")],
+        file: Annotated[
+            typer.FileText,
+            typer.Argument(help="Receipt: the API's JSON answer or the bare JWS ('-' = stdin)."),
+        ],
+        jwks: Annotated[
+            str, typer.Option(help="JWKS URL (e.g. https://host/.well-known/jwks.json) or file.")
+        ],
     ) -> None:
         """Check an erasure receipt with nothing but the issuer's public keys; exit 1 when it
         does not verify, 2 when the keys cannot be read."""

@@ -105,9 +105,11 @@ def read_keys_file(path: Path) -> list[str]:
         if not all(isinstance(k, str) for k in keys):
             raise typer.BadParameter("the JSON array must hold strings", param_hint="--keys-file")
         return keys
-    return [line.strip() for line in text.splitlines() if line.strip() and not
-            line.lstrip().startswith("#")]
-
+    return [
+        line.strip()
+        for line in text.splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
 
 
 def _has_command(group: typer.Typer, name: str) -> bool:
@@ -153,13 +155,13 @@ def _register_datasets(app: typer.Typer) -> None:
         if as_json:
             _print_json(ds)
         else:
-            out.print(f"uploaded dataset [bold]{ds.get('name')}[/] id={ds.get('id')} "
-                      f"records={ds.get('record_count')} sha256={ds.get('sha256')}")
+            out.print(
+                f"uploaded dataset [bold]{ds.get('name')}[/] id={ds.get('id')} "
+                f"records={ds.get('record_count')} sha256={ds.get('sha256')}"
+            )
 
     @datasets.command("list")
-    def list_(
-        url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = "", as_json: JsonOpt = False
-    ) -> None:
+    def list_(url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = "", as_json: JsonOpt = False) -> None:
         """List datasets."""
         with _api(url, api_key) as api:
             items = list(api.iter_datasets())
@@ -217,11 +219,16 @@ def _register_models(app: typer.Typer) -> None:
         else:
             if not name or not architecture:
                 raise typer.BadParameter("give --spec, or --name and --architecture")
-            body = {"name": name, "architecture": architecture,
-                    "arch_kwargs": json.loads(arch_kwargs)}
-        for key, value in (("eval_dataset", eval_dataset),
-                           ("member_probe_dataset", member_probe_dataset),
-                           ("description", description)):
+            body = {
+                "name": name,
+                "architecture": architecture,
+                "arch_kwargs": json.loads(arch_kwargs),
+            }
+        for key, value in (
+            ("eval_dataset", eval_dataset),
+            ("member_probe_dataset", member_probe_dataset),
+            ("description", description),
+        ):
             if value is not None:
                 body[key] = value
         with _api(url, api_key) as api:
@@ -230,14 +237,14 @@ def _register_models(app: typer.Typer) -> None:
             _print_json(model)
         else:
             version = model.get("active_version") or {}
-            out.print(f"registered model [bold]{model.get('name')}[/] "
-                      f"({model.get('architecture')}) version {version.get('number')} "
-                      f"id={version.get('id')} sha256={version.get('sha256')}")
+            out.print(
+                f"registered model [bold]{model.get('name')}[/] "
+                f"({model.get('architecture')}) version {version.get('number')} "
+                f"id={version.get('id')} sha256={version.get('sha256')}"
+            )
 
     @models.command("list")
-    def list_(
-        url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = "", as_json: JsonOpt = False
-    ) -> None:
+    def list_(url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = "", as_json: JsonOpt = False) -> None:
         """List models."""
         with _api(url, api_key) as api:
             items = list(api.iter_models())
@@ -274,14 +281,14 @@ def _register_forget(app: typer.Typer) -> None:
         keys_file: Annotated[Path, typer.Option(help="Record keys: one a line, or JSON array.")],
         method: Annotated[str, typer.Option(help="imu | ga")] = "imu",
         params: Annotated[str, typer.Option(help="Method parameters as JSON.")] = "{}",
-        subject_ref: Annotated[str | None, typer.Option(help="Your reference for the person.")]
-        = None,
+        subject_ref: Annotated[
+            str | None, typer.Option(help="Your reference for the person.")
+        ] = None,
         reason: Annotated[str | None, typer.Option()] = None,
         idempotency_key: Annotated[
             str | None, typer.Option(help="Makes a retried submission return the first answer.")
         ] = None,
-        wait: Annotated[bool, typer.Option("--wait", help="Follow the job until it ends.")]
-        = False,
+        wait: Annotated[bool, typer.Option("--wait", help="Follow the job until it ends.")] = False,
         url: UrlOpt = DEFAULT_URL,
         api_key: KeyOpt = "",
         as_json: JsonOpt = False,
@@ -292,16 +299,24 @@ def _register_forget(app: typer.Typer) -> None:
             raise typer.BadParameter("no record keys in the file", param_hint="--keys-file")
         with _api(url, api_key) as api:
             req = api.submit_deletion(
-                model, dataset, keys, method=method, params=json.loads(params),
-                subject_ref=subject_ref, reason=reason, idempotency_key=idempotency_key,
+                model,
+                dataset,
+                keys,
+                method=method,
+                params=json.loads(params),
+                subject_ref=subject_ref,
+                reason=reason,
+                idempotency_key=idempotency_key,
             )
             job_id = str((req.get("job") or {}).get("id"))
             if not wait:
                 if as_json:
                     _print_json(req)
                 else:
-                    out.print(f"deletion request {req.get('id')} accepted; job {job_id} "
-                              f"{(req.get('job') or {}).get('status')}")
+                    out.print(
+                        f"deletion request {req.get('id')} accepted; job {job_id} "
+                        f"{(req.get('job') or {}).get('status')}"
+                    )
                 return
             job = _follow(api, job_id, quiet=as_json)
         if as_json:
@@ -311,8 +326,9 @@ def _register_forget(app: typer.Typer) -> None:
         _exit_for(job)
 
 
-def _follow(api: LetheClient, job_id: str, *, quiet: bool = False,
-            poll_interval: float = 0.5) -> dict[str, Any]:
+def _follow(
+    api: LetheClient, job_id: str, *, quiet: bool = False, poll_interval: float = 0.5
+) -> dict[str, Any]:
     if quiet:
         return api.wait_for_job(job_id, poll_interval=poll_interval)
     from service.cli.progress import JobProgress
@@ -324,9 +340,10 @@ def _follow(api: LetheClient, job_id: str, *, quiet: bool = False,
 def _print_job_summary(job: dict[str, Any]) -> None:
     status = job.get("status")
     colour = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(str(status), "")
-    out.print(f"job {job.get('id')}: [bold {colour}]{status}[/]"
-              + (f" -> version {job.get('result_version_id')}"
-                 if job.get("result_version_id") else ""))
+    out.print(
+        f"job {job.get('id')}: [bold {colour}]{status}[/]"
+        + (f" -> version {job.get('result_version_id')}" if job.get("result_version_id") else "")
+    )
     error = job.get("error")
     if error:
         err.print(f"[red]{error.get('title', 'error')}[/]: {error.get('detail', '')}")
@@ -419,24 +436,35 @@ def _register_versions(app: typer.Typer) -> None:
     def download(
         version_id: str,
         output: Annotated[Path, typer.Option("-o", "--output", help="Destination file.")],
-        no_resume: Annotated[bool, typer.Option("--no-resume", help="Ignore a partial file.")]
-        = False,
+        no_resume: Annotated[
+            bool, typer.Option("--no-resume", help="Ignore a partial file.")
+        ] = False,
         url: UrlOpt = DEFAULT_URL,
         api_key: KeyOpt = "",
         as_json: JsonOpt = False,
     ) -> None:
         """Download a version's checkpoint (resumes a partial `.part` file, checks sha256)."""
         with _api(url, api_key) as api:
-            result = api.download_checkpoint(version_id, output, resume=not no_resume,
-                                             progress=None if as_json else _byte_progress())
-        info = {"path": str(result.path), "sha256": result.sha256,
-                "size_bytes": result.size_bytes, "resumed_from": result.resumed_from}
+            result = api.download_checkpoint(
+                version_id,
+                output,
+                resume=not no_resume,
+                progress=None if as_json else _byte_progress(),
+            )
+        info = {
+            "path": str(result.path),
+            "sha256": result.sha256,
+            "size_bytes": result.size_bytes,
+            "resumed_from": result.resumed_from,
+        }
         if as_json:
             _print_json(info)
         else:
             resumed = f", resumed at byte {result.resumed_from}" if result.resumed_from else ""
-            out.print(f"saved {result.path} ({result.size_bytes} bytes{resumed}); "
-                      f"sha256 {result.sha256} verified")
+            out.print(
+                f"saved {result.path} ({result.size_bytes} bytes{resumed}); "
+                f"sha256 {result.sha256} verified"
+            )
 
 
 def _byte_progress() -> Callable[[int, int | None], None]:
@@ -469,8 +497,10 @@ def _register_audit(app: typer.Typer) -> None:
         if as_json:
             _print_json(result)
         elif result.get("ok"):
-            out.print(f"[green]audit chain intact[/]: {result.get('checked')} events, "
-                      f"head {result.get('head_hash')}")
+            out.print(
+                f"[green]audit chain intact[/]: {result.get('checked')} events, "
+                f"head {result.get('head_hash')}"
+            )
         else:
             err.print(f"[red]audit chain broken[/] at seq {result.get('first_bad_seq')}")
         if not result.get("ok"):
@@ -493,9 +523,13 @@ def _register_audit(app: typer.Typer) -> None:
             items: list[dict[str, Any]] = []
             cursor = None
             while len(items) < limit:
-                page = api.list_audit(subject_type=subject_type, subject_id=subject_id,
-                                      action=action, cursor=cursor,
-                                      limit=min(100, limit - len(items)))
+                page = api.list_audit(
+                    subject_type=subject_type,
+                    subject_id=subject_id,
+                    action=action,
+                    cursor=cursor,
+                    limit=min(100, limit - len(items)),
+                )
                 items.extend(page.get("items", []))
                 cursor = page.get("next_cursor")
                 if not cursor:
@@ -503,5 +537,8 @@ def _register_audit(app: typer.Typer) -> None:
         if as_json:
             _print_json(items)
         else:
-            _table(items, ["seq", "time", "actor", "action", "subject_type", "subject_id"],
-                   "audit events")
+            _table(
+                items,
+                ["seq", "time", "actor", "action", "subject_type", "subject_id"],
+                "audit events",
+            )

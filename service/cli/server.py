@@ -126,8 +126,10 @@ def register(app: typer.Typer) -> None:
         ] = True,
         workers: Annotated[
             int | None,
-            typer.Option(help="Uvicorn worker processes (default: chosen for the database: "
-                         "1 on SQLite, min(CPUs, 4) on PostgreSQL)."),
+            typer.Option(
+                help="Uvicorn worker processes (default: chosen for the database: "
+                "1 on SQLite, min(CPUs, 4) on PostgreSQL)."
+            ),
         ] = None,
     ) -> None:
         """Run the HTTP API (and, without a broker, the embedded job executor)."""
@@ -151,14 +153,20 @@ def register(app: typer.Typer) -> None:
         try:
             if workers > 1:
                 uvicorn.run(
-                    "service.app:create_app", factory=True, host=host, port=port,
-                    workers=workers, log_level=settings.log_level.lower(),
+                    "service.app:create_app",
+                    factory=True,
+                    host=host,
+                    port=port,
+                    workers=workers,
+                    log_level=settings.log_level.lower(),
                 )
             else:
                 from service.app import create_app
 
                 uvicorn.run(
-                    create_app(settings), host=host, port=port,
+                    create_app(settings),
+                    host=host,
+                    port=port,
                     log_level=settings.log_level.lower(),
                 )
         finally:

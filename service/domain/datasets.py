@@ -44,7 +44,8 @@ def check_name(name: str, what: str = "name") -> str:
 
 def too_large(limit: int) -> Problem:
     return Problem(
-        413, "payload-too-large",
+        413,
+        "payload-too-large",
         f"the upload exceeds the limit of {limit // (1024 * 1024)} MiB (LETHE_MAX_UPLOAD_MB)",
         title="Payload too large",
     )
@@ -85,24 +86,45 @@ def register_dataset(
         hashes = record_hashes(data)
         with transaction(factory) as session:
             ds = Dataset(
-                id=dataset_id, name=name, kind=kind, role=role, record_count=len(data.ids),
-                sha256=sha, size_bytes=size, storage_key=key, content_sha256=sha,
+                id=dataset_id,
+                name=name,
+                kind=kind,
+                role=role,
+                record_count=len(data.ids),
+                sha256=sha,
+                size_bytes=size,
+                storage_key=key,
+                content_sha256=sha,
                 meta=dataset_meta(data),
             )
             session.add(ds)
             session.flush()
             rows = [
-                {"dataset_id": dataset_id, "key": k, "row": i, "content_sha256": h,
-                 "state": "present"}
+                {
+                    "dataset_id": dataset_id,
+                    "key": k,
+                    "row": i,
+                    "content_sha256": h,
+                    "state": "present",
+                }
                 for i, (k, h) in enumerate(zip(data.ids, hashes, strict=True))
             ]
             for start in range(0, len(rows), _INSERT_BATCH):
                 session.execute(insert(Record), rows[start : start + _INSERT_BATCH])
             append_event(
-                session, actor=actor, action="dataset.registered", subject_type="dataset",
+                session,
+                actor=actor,
+                action="dataset.registered",
+                subject_type="dataset",
                 subject_id=dataset_id,
-                payload={"name": name, "kind": kind, "role": role, "sha256": sha,
-                         "size_bytes": size, "record_count": len(data.ids)},
+                payload={
+                    "name": name,
+                    "kind": kind,
+                    "role": role,
+                    "sha256": sha,
+                    "size_bytes": size,
+                    "record_count": len(data.ids),
+                },
             )
             view = dataset_view(ds)
     except DatasetError as exc:
@@ -146,8 +168,10 @@ def show_dataset(factory: sessionmaker[Session], dataset_id: str) -> dict[str, A
             ).all()
         )
         view = dataset_view(ds)
-        view["state_counts"] = {"present": counts.get("present", 0),
-                                "forgotten": counts.get("forgotten", 0)}
+        view["state_counts"] = {
+            "present": counts.get("present", 0),
+            "forgotten": counts.get("forgotten", 0),
+        }
         return view
 
 
@@ -195,8 +219,14 @@ def list_records(
         items, next_cursor = page(rows, limit, lambda r: [r.row])
         return {
             "items": [
-                {"key": r.key, "row": r.row, "state": r.state, "sha256": r.content_sha256,
-                 "forgotten_at": iso(r.forgotten_at), "purged_at": iso(r.purged_at)}
+                {
+                    "key": r.key,
+                    "row": r.row,
+                    "state": r.state,
+                    "sha256": r.content_sha256,
+                    "forgotten_at": iso(r.forgotten_at),
+                    "purged_at": iso(r.purged_at),
+                }
                 for r in items
             ],
             "next_cursor": next_cursor,

@@ -30,7 +30,8 @@ _JOB_ROW = (*Job.__table__.c, Model.name.label("model_name"))
 
 # Built once: constructing and cache-keying the statement per poll was a tenth of its cost.
 _SHOW_JOB = (
-    select(*_JOB_ROW).outerjoin(Model, Model.id == Job.model_id)
+    select(*_JOB_ROW)
+    .outerjoin(Model, Model.id == Job.model_id)
     .where(Job.id == bindparam("job_id"))
 )
 

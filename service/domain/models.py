@@ -55,13 +55,13 @@ def parse_spec(raw: str) -> ModelSpec:
         spec = ModelSpec.model_validate(data)
     except ValidationError as exc:
         errors = [
-            {"field": "spec." + ".".join(str(p) for p in e["loc"]) if e["loc"] else "spec",
-             "message": e["msg"]}
+            {
+                "field": "spec." + ".".join(str(p) for p in e["loc"]) if e["loc"] else "spec",
+                "message": e["msg"],
+            }
             for e in exc.errors()
         ]
-        raise validation(
-            "invalid spec: " + ", ".join(e["field"] for e in errors), errors
-        ) from None
+        raise validation("invalid spec: " + ", ".join(e["field"] for e in errors), errors) from None
     if ".." in spec.name:
         raise validation(
             f"invalid model name {spec.name!r}", [{"field": "spec.name", "message": "'..'"}]
@@ -78,9 +78,11 @@ def _check_weights(storage: Storage, key: str, spec: ModelSpec) -> dict[str, Any
             header = read_header(fh)
     except ValueError as exc:
         raise Problem(
-            422, "invalid-checkpoint",
+            422,
+            "invalid-checkpoint",
             f"weights must be a .safetensors file ({exc}); pickled checkpoints are refused",
-            title="Invalid checkpoint", errors=[{"field": "weights", "message": str(exc)}],
+            title="Invalid checkpoint",
+            errors=[{"field": "weights", "message": str(exc)}],
         ) from None
     try:
         result = check_state_dict(spec.architecture, spec.arch_kwargs, header)
@@ -91,14 +93,19 @@ def _check_weights(storage: Storage, key: str, spec: ModelSpec) -> dict[str, Any
         errors = (
             [{"field": "weights", "key": k, "message": "missing"} for k in result.missing]
             + [{"field": "weights", "key": k, "message": "unexpected"} for k in result.unexpected]
-            + [{"field": "weights", "message": "mismatched", **m.to_dict()}
-               for m in result.mismatched]
+            + [
+                {"field": "weights", "message": "mismatched", **m.to_dict()}
+                for m in result.mismatched
+            ]
         )
         raise Problem(
-            422, "architecture-mismatch",
+            422,
+            "architecture-mismatch",
             f"the weights do not match architecture {spec.architecture!r}: {result.describe()}",
-            title="Checkpoint does not match the architecture", errors=errors,
-            missing=result.missing, unexpected=result.unexpected,
+            title="Checkpoint does not match the architecture",
+            errors=errors,
+            missing=result.missing,
+            unexpected=result.unexpected,
             mismatched=[m.to_dict() for m in result.mismatched],
         )
     return {"tensors": len(header)}
@@ -124,8 +131,10 @@ def register_model(
             probe_ds = resolve_dataset(
                 session, spec.member_probe_dataset, "spec.member_probe_dataset"
             )
-    for ds, role, field in ((eval_ds, "eval", "spec.eval_dataset"),
-                            (probe_ds, "member_probe", "spec.member_probe_dataset")):
+    for ds, role, field in (
+        (eval_ds, "eval", "spec.eval_dataset"),
+        (probe_ds, "member_probe", "spec.member_probe_dataset"),
+    ):
         if ds is not None and ds.role != role:
             raise validation(
                 f"{field} {ds.id!r} has role {ds.role!r}, expected {role!r}",
@@ -142,32 +151,58 @@ def register_model(
         info = _check_weights(storage, key, spec)
         with transaction(factory) as session:
             model = Model(
-                id=model_id, name=spec.name, architecture=spec.architecture,
-                arch_kwargs=spec.arch_kwargs, description=spec.description,
+                id=model_id,
+                name=spec.name,
+                architecture=spec.architecture,
+                arch_kwargs=spec.arch_kwargs,
+                description=spec.description,
                 eval_dataset_id=eval_ds.id if eval_ds else None,
                 member_probe_dataset_id=probe_ds.id if probe_ds else None,
             )
             session.add(model)
             session.flush()
             version = ModelVersion(
-                id=version_id, model_id=model_id, number=1, parent_id=None, job_id=None,
-                storage_key=key, sha256=sha, size_bytes=size, status="active", metrics={},
+                id=version_id,
+                model_id=model_id,
+                number=1,
+                parent_id=None,
+                job_id=None,
+                storage_key=key,
+                sha256=sha,
+                size_bytes=size,
+                status="active",
+                metrics={},
             )
             session.add(version)
             session.flush()
             append_event(
-                session, actor=actor, action="model.registered", subject_type="model",
+                session,
+                actor=actor,
+                action="model.registered",
+                subject_type="model",
                 subject_id=model_id,
-                payload={"name": spec.name, "architecture": spec.architecture,
-                         "arch_kwargs": spec.arch_kwargs,
-                         "eval_dataset_id": model.eval_dataset_id,
-                         "member_probe_dataset_id": model.member_probe_dataset_id},
+                payload={
+                    "name": spec.name,
+                    "architecture": spec.architecture,
+                    "arch_kwargs": spec.arch_kwargs,
+                    "eval_dataset_id": model.eval_dataset_id,
+                    "member_probe_dataset_id": model.member_probe_dataset_id,
+                },
             )
             append_event(
-                session, actor=actor, action="version.created", subject_type="model_version",
+                session,
+                actor=actor,
+                action="version.created",
+                subject_type="model_version",
                 subject_id=version_id,
-                payload={"model": spec.name, "number": 1, "sha256": sha, "size_bytes": size,
-                         "status": "active", "tensors": info["tensors"]},
+                payload={
+                    "model": spec.name,
+                    "number": 1,
+                    "sha256": sha,
+                    "size_bytes": size,
+                    "status": "active",
+                    "tensors": info["tensors"],
+                },
             )
             view = model_view(model, version)
     except IntegrityError:

@@ -27,8 +27,11 @@ def decode_cursor(cursor: str | None, arity: int) -> list[Any] | None:
         values = None
     if not isinstance(values, list) or len(values) != arity:
         raise Problem(
-            422, "invalid-cursor", "the cursor is not one this list produced",
-            title="Invalid cursor", errors=[{"field": "cursor", "message": "malformed"}],
+            422,
+            "invalid-cursor",
+            "the cursor is not one this list produced",
+            title="Invalid cursor",
+            errors=[{"field": "cursor", "message": "malformed"}],
         )
     return values
 

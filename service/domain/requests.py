@@ -115,7 +115,9 @@ def body_fingerprint(body: DeletionRequestIn) -> str:
 def _next_seq(session: Session) -> int:
     """Increment the job counter; the row lock it takes serialises submissions until commit."""
     value = session.execute(
-        update(Counter).where(Counter.name == JOB_SEQ).values(value=Counter.value + 1)
+        update(Counter)
+        .where(Counter.name == JOB_SEQ)
+        .values(value=Counter.value + 1)
         .returning(Counter.value)
     ).scalar_one_or_none()
     if value is None:  # databases built without the migration's seed row
@@ -145,12 +147,19 @@ def _replay(session: Session, key: str, fingerprint: str) -> Submission | None:
 
 
 def _keys_named(
-    session: Session, model_id: str, dataset_id: str, keys: list[str], *conditions: Any,
+    session: Session,
+    model_id: str,
+    dataset_id: str,
+    keys: list[str],
+    *conditions: Any,
     join_jobs: bool = False,
 ) -> set[str]:
     """Which of `keys` appear in the record_keys of the requests matching `conditions`."""
-    fn = (func.json_array_elements_text if session.get_bind().dialect.name == "postgresql"
-          else func.json_each)
+    fn = (
+        func.json_array_elements_text
+        if session.get_bind().dialect.name == "postgresql"
+        else func.json_each
+    )
     element = fn(DeletionRequest.record_keys).table_valued("value").alias("named_key")
     found: set[str] = set()
     for start in range(0, len(keys), 1000):
@@ -158,8 +167,10 @@ def _keys_named(
         if join_jobs:
             q = q.join(Job, Job.request_id == DeletionRequest.id)
         q = q.join(element, true()).where(
-            DeletionRequest.model_id == model_id, DeletionRequest.dataset_id == dataset_id,
-            element.c.value.in_(keys[start : start + 1000]), *conditions,
+            DeletionRequest.model_id == model_id,
+            DeletionRequest.dataset_id == dataset_id,
+            element.c.value.in_(keys[start : start + 1000]),
+            *conditions,
         )
         found.update(session.execute(q.distinct()).scalars())
     return found
@@ -187,10 +198,12 @@ def _check_keys(session: Session, model_id: str, dataset_id: str, keys: list[str
     # Match the submitted keys inside the database (the JSON arrays are expanded there): this
     # runs under the submission lock, and decoding every queued request's key list made each
     # POST slower as the backlog grew.
-    pending_keys = _keys_named(session, model_id, dataset_id, keys,
-                               Job.status.in_(ACTIVE_JOB_STATES), join_jobs=True)
-    review_keys = _keys_named(session, model_id, dataset_id, keys,
-                              DeletionRequest.status == "needs_review")
+    pending_keys = _keys_named(
+        session, model_id, dataset_id, keys, Job.status.in_(ACTIVE_JOB_STATES), join_jobs=True
+    )
+    review_keys = _keys_named(
+        session, model_id, dataset_id, keys, DeletionRequest.status == "needs_review"
+    )
     pending = [k for k in keys if k in pending_keys and k in states]
     # A candidate awaiting review still holds its records (they are forgotten on promotion):
     # naming them again meanwhile would make two versions race to forget the same records.
@@ -198,10 +211,14 @@ def _check_keys(session: Session, model_id: str, dataset_id: str, keys: list[str
     errors = (
         [{"field": "record_keys", "key": k, "message": "not in the dataset"} for k in missing]
         + [{"field": "record_keys", "key": k, "message": "already forgotten"} for k in forgotten]
-        + [{"field": "record_keys", "key": k, "message": "named by a queued or running request"}
-           for k in pending]
-        + [{"field": "record_keys", "key": k, "message": "named by a request awaiting review"}
-           for k in in_review]
+        + [
+            {"field": "record_keys", "key": k, "message": "named by a queued or running request"}
+            for k in pending
+        ]
+        + [
+            {"field": "record_keys", "key": k, "message": "named by a request awaiting review"}
+            for k in in_review
+        ]
     )
     if errors:
         parts = []
@@ -215,13 +232,17 @@ def _check_keys(session: Session, model_id: str, dataset_id: str, keys: list[str
             )
         if in_review:
             parts.append(
-                f"{len(in_review)} named by a request awaiting review "
-                f"({', '.join(in_review[:10])})"
+                f"{len(in_review)} named by a request awaiting review ({', '.join(in_review[:10])})"
             )
         raise Problem(
-            422, "invalid-record-keys", "record keys refused: " + "; ".join(parts),
-            title="Invalid record keys", errors=errors[:1000],
-            missing=missing[:1000], forgotten=forgotten[:1000], pending=pending[:1000],
+            422,
+            "invalid-record-keys",
+            "record keys refused: " + "; ".join(parts),
+            title="Invalid record keys",
+            errors=errors[:1000],
+            missing=missing[:1000],
+            forgotten=forgotten[:1000],
+            pending=pending[:1000],
             in_review=in_review[:1000],
         )
 
@@ -236,8 +257,10 @@ def submit_deletion_request(
 ) -> Submission:
     """Validate and record a deletion request + its queued job, then enqueue the job."""
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
-        raise validation("Idempotency-Key must be 1 to 255 characters",
-                         [{"field": "Idempotency-Key", "message": "length"}])
+        raise validation(
+            "Idempotency-Key must be 1 to 255 characters",
+            [{"field": "Idempotency-Key", "message": "length"}],
+        )
     fingerprint = body_fingerprint(body)
     if idempotency_key:
         with factory() as session:
@@ -256,7 +279,8 @@ def submit_deletion_request(
             version = active_version(session, model.id)
             if version is None:
                 raise conflict(
-                    "no-active-version", f"model {model.name!r} has no active version",
+                    "no-active-version",
+                    f"model {model.name!r} has no active version",
                     title="Model has no active version",
                 )
             dataset = resolve_dataset(session, body.dataset)
@@ -268,29 +292,56 @@ def submit_deletion_request(
                 )
             _check_keys(session, model.id, dataset.id, body.record_keys)
             req = DeletionRequest(
-                id=new_id(), model_id=model.id, dataset_id=dataset.id,
-                record_keys=list(body.record_keys), method=body.method, params=params,
-                subject_ref=body.subject_ref, reason=body.reason, status="queued",
-                idempotency_key=idempotency_key, body_sha256=fingerprint, actor=actor,
+                id=new_id(),
+                model_id=model.id,
+                dataset_id=dataset.id,
+                record_keys=list(body.record_keys),
+                method=body.method,
+                params=params,
+                subject_ref=body.subject_ref,
+                reason=body.reason,
+                status="queued",
+                idempotency_key=idempotency_key,
+                body_sha256=fingerprint,
+                actor=actor,
             )
             session.add(req)
             session.flush()
             job = Job(
-                id=new_id(), request_id=req.id, model_id=model.id, kind=body.method,
-                params=params, submitted_seq=seq, status="queued", progress=0.0, attempts=0,
-                cancel_requested=False, metrics={}, timings={},
+                id=new_id(),
+                request_id=req.id,
+                model_id=model.id,
+                kind=body.method,
+                params=params,
+                submitted_seq=seq,
+                status="queued",
+                progress=0.0,
+                attempts=0,
+                cancel_requested=False,
+                metrics={},
+                timings={},
             )
             session.add(job)
             session.flush()
             append_event(
-                session, actor=actor, action="request.accepted",
-                subject_type="deletion_request", subject_id=req.id,
-                payload={"job_id": job.id, "model": model.name, "dataset_id": dataset.id,
-                         "record_count": len(body.record_keys),
-                         "record_keys_sha256": hashlib.sha256(
-                             canonical_json(sorted(body.record_keys)).encode()).hexdigest(),
-                         "method": body.method, "params": params,
-                         "subject_ref": body.subject_ref, "submitted_seq": seq},
+                session,
+                actor=actor,
+                action="request.accepted",
+                subject_type="deletion_request",
+                subject_id=req.id,
+                payload={
+                    "job_id": job.id,
+                    "model": model.name,
+                    "dataset_id": dataset.id,
+                    "record_count": len(body.record_keys),
+                    "record_keys_sha256": hashlib.sha256(
+                        canonical_json(sorted(body.record_keys)).encode()
+                    ).hexdigest(),
+                    "method": body.method,
+                    "params": params,
+                    "subject_ref": body.subject_ref,
+                    "submitted_seq": seq,
+                },
             )
             result = Submission(
                 request_view(req, job, model.name, full=False), job.id, req.id, False
@@ -357,8 +408,12 @@ def cancel_job(factory: sessionmaker[Session], job_id: str, *, actor: str) -> Ca
                 .values(status=RequestStatus.CANCELLED)
             )
             append_event(
-                session, actor=actor, action="job.cancelled", subject_type="job",
-                subject_id=job_id, payload={"request_id": job.request_id, "was": "queued"},
+                session,
+                actor=actor,
+                action="job.cancelled",
+                subject_type="job",
+                subject_id=job_id,
+                payload={"request_id": job.request_id, "was": "queued"},
             )
         else:
             requested = affected_rows(
@@ -369,14 +424,20 @@ def cancel_job(factory: sessionmaker[Session], job_id: str, *, actor: str) -> Ca
             )
             if requested:
                 append_event(
-                    session, actor=actor, action="job.cancel_requested", subject_type="job",
-                    subject_id=job_id, payload={"request_id": job.request_id, "was": "running"},
+                    session,
+                    actor=actor,
+                    action="job.cancel_requested",
+                    subject_type="job",
+                    subject_id=job_id,
+                    payload={"request_id": job.request_id, "was": "running"},
                 )
             else:
                 session.refresh(job)
                 raise conflict(
-                    "job-finished", f"job {job_id} has already finished ({job.status})",
-                    title="Job already finished", job_status=job.status,
+                    "job-finished",
+                    f"job {job_id} has already finished ({job.status})",
+                    title="Job already finished",
+                    job_status=job.status,
                 )
         session.refresh(job)
         model = session.get(Model, job.model_id)

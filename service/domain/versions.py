@@ -45,10 +45,9 @@ def lineage_entry(session: Session, version: ModelVersion, model_name: str) -> d
     entry["record_key_sha256"] = []
     # A version's records are forgotten once it (or a descendant) became active.
     entry["records_forgotten"] = version.status in (
-        VersionStatus.ACTIVE, VersionStatus.SUPERSEDED
-    ) and (
-        request is not None
-    )
+        VersionStatus.ACTIVE,
+        VersionStatus.SUPERSEDED,
+    ) and (request is not None)
     if request is not None:
         entry["deletion_request"] = {
             "id": request.id,
@@ -79,7 +78,9 @@ def _locked(session: Session, version_id: str) -> tuple[ModelVersion, Model]:
     # Lock order shared with the worker's save step: model row, then the versions.
     session.execute(select(Model.id).where(Model.id == model.id).with_for_update())
     locked = session.execute(
-        select(ModelVersion).where(ModelVersion.id == version_id).with_for_update()
+        select(ModelVersion)
+        .where(ModelVersion.id == version_id)
+        .with_for_update()
         .execution_options(populate_existing=True)
     ).scalar_one()
     return locked, model
@@ -89,7 +90,8 @@ def _not_candidate(version: ModelVersion, action: str) -> Problem:
     return conflict(
         "version-not-candidate",
         f"version {version.number} is {version.status}; only a candidate can be {action}",
-        title="Not a candidate", version_status=version.status,
+        title="Not a candidate",
+        version_status=version.status,
     )
 
 

@@ -24,9 +24,7 @@ def _url() -> str:
     return get_settings().db_url
 
 
-def _render_item(
-    kind: str, obj: Any, autogen_context: AutogenContext
-) -> str | Literal[False]:
+def _render_item(kind: str, obj: Any, autogen_context: AutogenContext) -> str | Literal[False]:
     # UTCDateTime only normalises zones in Python: migrations spell the column type itself.
     if kind == "type" and isinstance(obj, UTCDateTime):
         autogen_context.imports.add("import sqlalchemy as sa")
@@ -47,7 +45,10 @@ def _configure(connection: Connection) -> None:
 
 def run_migrations_offline() -> None:
     context.configure(
-        url=_url(), target_metadata=target_metadata, literal_binds=True, compare_type=True,
+        url=_url(),
+        target_metadata=target_metadata,
+        literal_binds=True,
+        compare_type=True,
         render_item=_render_item,
     )
     with context.begin_transaction():

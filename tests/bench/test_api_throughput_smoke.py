@@ -17,8 +17,20 @@ pytestmark = pytest.mark.slow
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk missing: apt-get install wrk")
 def test_api_throughput_writes_json_and_plot(tmp_path: Path) -> None:
     out = tmp_path / "api.json"
-    rc = api_throughput.main(["--duration", "1", "--connections", "8", "--backends", "sqlite",
-                              "--records", "5000", "--out", str(out)])
+    rc = api_throughput.main(
+        [
+            "--duration",
+            "1",
+            "--connections",
+            "8",
+            "--backends",
+            "sqlite",
+            "--records",
+            "5000",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     result = json.loads(out.read_text())
     (sqlite,) = result["backends"]

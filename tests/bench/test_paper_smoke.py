@@ -13,8 +13,7 @@ from bench import paper
 
 @pytest.mark.slow
 def test_quick_paper_run_produces_every_method_and_reuses_the_cache(tmp_path: Path) -> None:
-    settings = replace(paper.preset("quick", "cnn"), n_train=300, n_test=100,
-                       member_probe_size=100)
+    settings = replace(paper.preset("quick", "cnn"), n_train=300, n_test=100, member_probe_size=100)
     cache = tmp_path / "cache"
     result = paper.run_paper(settings, log=lambda _m: None, cache_dir=cache)
 
@@ -36,8 +35,9 @@ def test_quick_paper_run_produces_every_method_and_reuses_the_cache(tmp_path: Pa
     variant = next(r for r in result["runs"] if r["method"] == settings.variants[0])
     assert variant["stats"]["config"]["lr"] == 0.001
     # A model retrained without the forgotten class never predicts it.
-    retrain = next(r for r in result["runs"]
-                   if r["scenario"] == "classwise" and r["method"] == "retrain")
+    retrain = next(
+        r for r in result["runs"] if r["scenario"] == "classwise" and r["method"] == "retrain"
+    )
     assert retrain["metrics"]["ua"] == 100.0
     n_forget = {r["scenario"]: r["n_forget"] for r in result["runs"]}
     assert n_forget["random"] == round(0.1 * 300)

@@ -36,25 +36,45 @@ def _paper(arch: str) -> dict:
     for scenario, methods in SYNTHETIC.items():
         for method, per_seed in methods.items():
             for seed, (f, r, t, m) in enumerate(per_seed):
-                run = {"scenario": scenario, "seed": seed, "method": method,
-                       "metrics": headline(f, r, t, m), "n_forget": 100, "times": {}}
+                run = {
+                    "scenario": scenario,
+                    "seed": seed,
+                    "method": method,
+                    "metrics": headline(f, r, t, m),
+                    "n_forget": 100,
+                    "times": {},
+                }
                 run["times"]["train_s" if method == "retrain" else "unlearn_s"] = 1.5 + seed
                 runs.append(run)
     add_gaps(runs)
     return {
-        "kind": "paper", "arch": arch,
-        "meta": {"torch": "x", "device": "cpu", "seeds": [0, 1], "created": "now",
-                 "data": {"name": "synthetic", "source": "test", "n_train": 1000, "n_test": 200,
-                          "classes": [str(i) for i in range(10)]},
-                 "settings": {"forget_class": 0, "train": {"epochs": 1, "lr": 0.1,
-                                                            "batch_size": 8},
-                              "ga": {"epochs": 5, "lr": 0.001, "batch_size": 256}}},
+        "kind": "paper",
+        "arch": arch,
+        "meta": {
+            "torch": "x",
+            "device": "cpu",
+            "seeds": [0, 1],
+            "created": "now",
+            "data": {
+                "name": "synthetic",
+                "source": "test",
+                "n_train": 1000,
+                "n_test": 200,
+                "classes": [str(i) for i in range(10)],
+            },
+            "settings": {
+                "forget_class": 0,
+                "train": {"epochs": 1, "lr": 0.1, "batch_size": 8},
+                "ga": {"epochs": 5, "lr": 0.001, "batch_size": 256},
+            },
+        },
         "runs": runs,
     }
 
 
 SPEED = {
-    "device": "cpu", "torch": "x",
+    "device": "cpu",
+    "torch": "x",
     "results": [
         {"model": "cnn", "method": m, "n": n, "seconds": s * n / 256}
         for m, s in (("loop", 2.0), ("closed_form", 0.02), ("forward", 0.016))
@@ -68,9 +88,11 @@ def test_avg_gap_is_mean_absolute_difference() -> None:
     method = headline(0.10, 0.70, 0.65, 0.90)
     # |90-100| + |70-97| + |65-91| + |90-100| = 10 + 27 + 26 + 10 = 73 -> 18.25
     assert avg_gap(method, gold) == pytest.approx(18.25)
-    runs = [{"scenario": "c", "seed": 0, "method": "retrain", "metrics": gold},
-            {"scenario": "c", "seed": 0, "method": "ga", "metrics": dict(method)},
-            {"scenario": "c", "seed": 1, "method": "ga", "metrics": dict(method)}]
+    runs = [
+        {"scenario": "c", "seed": 0, "method": "retrain", "metrics": gold},
+        {"scenario": "c", "seed": 0, "method": "ga", "metrics": dict(method)},
+        {"scenario": "c", "seed": 1, "method": "ga", "metrics": dict(method)},
+    ]
     add_gaps(runs)
     assert runs[1]["metrics"]["avg_gap"] == pytest.approx(18.25)
     assert runs[1]["metrics"]["gap_no_mia"] == pytest.approx(63 / 3)  # 10 + 27 + 26
@@ -117,10 +139,12 @@ def test_report_builds_tables_decision_and_plots(tmp_path: Path) -> None:
 
 def test_backbone_decision_compares_each_mode_at_its_best_step_size() -> None:
     def summary(gap_train: float, gap_eval: float, eval_small_lr: float = 99.0) -> dict:
-        return {("s", "imu_train"): {"metrics.avg_gap": (gap_train, 0.0)},
-                ("s", "imu_eval"): {"metrics.avg_gap": (gap_eval, 0.0)},
-                ("s", "imu_train@lr=0.001"): {"metrics.avg_gap": (50.0, 0.0)},
-                ("s", "imu_eval@lr=0.001"): {"metrics.avg_gap": (eval_small_lr, 0.0)}}
+        return {
+            ("s", "imu_train"): {"metrics.avg_gap": (gap_train, 0.0)},
+            ("s", "imu_eval"): {"metrics.avg_gap": (gap_eval, 0.0)},
+            ("s", "imu_train@lr=0.001"): {"metrics.avg_gap": (50.0, 0.0)},
+            ("s", "imu_eval@lr=0.001"): {"metrics.avg_gap": (eval_small_lr, 0.0)},
+        }
 
     assert decide_backbone({"a": summary(1.0, 5.0)})["choice"] == "train"
     assert decide_backbone({"a": summary(4.6, 5.0)})["choice"] == "eval"  # tie -> cheaper

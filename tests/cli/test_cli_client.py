@@ -43,12 +43,32 @@ def invoke_json(runner: CliRunner, server: Server, *args: str) -> Any:
 def registered(server: Server, digits_npz: Path, mlp_weights: Path) -> dict[str, Any]:
     """One dataset and one model registered through the CLI (shared by the tests below)."""
     runner = CliRunner()
-    ds = invoke_json(runner, server, "datasets", "upload", str(digits_npz), "--name",
-                     "digits-cli", "--role", "train")
+    ds = invoke_json(
+        runner,
+        server,
+        "datasets",
+        "upload",
+        str(digits_npz),
+        "--name",
+        "digits-cli",
+        "--role",
+        "train",
+    )
     name = f"mlp-{uuid.uuid4().hex[:6]}"
-    model = invoke_json(runner, server, "models", "register", "--weights", str(mlp_weights),
-                        "--name", name, "--architecture", "mlp", "--arch-kwargs",
-                        json.dumps({"in_features": 64, "hidden": [32], "num_classes": 10}))
+    model = invoke_json(
+        runner,
+        server,
+        "models",
+        "register",
+        "--weights",
+        str(mlp_weights),
+        "--name",
+        name,
+        "--architecture",
+        "mlp",
+        "--arch-kwargs",
+        json.dumps({"in_features": 64, "hidden": [32], "num_classes": 10}),
+    )
     return {"dataset": ds, "model": model, "name": name}
 
 
@@ -84,9 +104,20 @@ def test_model_register_list_show(
 def test_register_mismatched_weights_prints_problem(
     runner: CliRunner, server: Server, mlp_weights: Path
 ) -> None:
-    result = invoke(runner, server, "models", "register", "--weights", str(mlp_weights),
-                    "--name", "wrong-shape", "--architecture", "mlp", "--arch-kwargs",
-                    json.dumps({"in_features": 64, "hidden": [16], "num_classes": 10}))
+    result = invoke(
+        runner,
+        server,
+        "models",
+        "register",
+        "--weights",
+        str(mlp_weights),
+        "--name",
+        "wrong-shape",
+        "--architecture",
+        "mlp",
+        "--arch-kwargs",
+        json.dumps({"in_features": 64, "hidden": [16], "num_classes": 10}),
+    )
     assert result.exit_code == 1
     assert "422" in result.stderr
     assert "fc" in result.stderr or "weight" in result.stderr  # names the mis-shaped keys
@@ -98,9 +129,20 @@ def test_forget_wait_then_jobs_and_records(
     keys = ["d0000", "d0010", "d0020", "d0030"]
     keys_file = tmp_path / "keys.txt"
     keys_file.write_text("# people who asked\n" + "\n".join(keys) + "\n\n")
-    out = invoke_json(runner, server, "forget", "--model", registered["name"], "--dataset",
-                      registered["dataset"]["id"], "--keys-file", str(keys_file), "--wait",
-                      "--params", json.dumps({"epochs": 2, "calibration": "off"}))
+    out = invoke_json(
+        runner,
+        server,
+        "forget",
+        "--model",
+        registered["name"],
+        "--dataset",
+        registered["dataset"]["id"],
+        "--keys-file",
+        str(keys_file),
+        "--wait",
+        "--params",
+        json.dumps({"epochs": 2, "calibration": "off"}),
+    )
     job = out["job"]
     assert job["status"] == "succeeded", job
     assert job["result_version_id"]
@@ -115,16 +157,35 @@ def test_forget_wait_then_jobs_and_records(
     held = invoke_json(runner, server, "versions", "show", job["result_version_id"])
     assert held["status"] == "candidate"
     assert "eval_acc_drop" in held["metrics"]["policy"]["failed"]
-    pending = invoke_json(runner, server, "datasets", "show", registered["dataset"]["id"],
-                          "--records", "--state", "forgotten")
+    pending = invoke_json(
+        runner,
+        server,
+        "datasets",
+        "show",
+        registered["dataset"]["id"],
+        "--records",
+        "--state",
+        "forgotten",
+    )
     assert pending["records"] == []
     import httpx
 
-    promoted = httpx.post(f"{server.url}/v1/model-versions/{held['id']}/promote",
-                          headers={"Authorization": f"Bearer {server.admin_key}"}, timeout=30)
+    promoted = httpx.post(
+        f"{server.url}/v1/model-versions/{held['id']}/promote",
+        headers={"Authorization": f"Bearer {server.admin_key}"},
+        timeout=30,
+    )
     assert promoted.status_code == 200, promoted.text
-    forgotten = invoke_json(runner, server, "datasets", "show", registered["dataset"]["id"],
-                            "--records", "--state", "forgotten")
+    forgotten = invoke_json(
+        runner,
+        server,
+        "datasets",
+        "show",
+        registered["dataset"]["id"],
+        "--records",
+        "--state",
+        "forgotten",
+    )
     assert sorted(r["key"] for r in forgotten["records"]) == sorted(keys)
 
     watch = invoke(runner, server, "jobs", "watch", job["id"])
@@ -134,8 +195,17 @@ def test_forget_wait_then_jobs_and_records(
     assert version["number"] == 2
 
     # Forgetting the same records again is refused with the offending keys listed.
-    again = invoke(runner, server, "forget", "--model", registered["name"], "--dataset",
-                   registered["dataset"]["id"], "--keys-file", str(keys_file))
+    again = invoke(
+        runner,
+        server,
+        "forget",
+        "--model",
+        registered["name"],
+        "--dataset",
+        registered["dataset"]["id"],
+        "--keys-file",
+        str(keys_file),
+    )
     assert again.exit_code == 1
     assert "422" in again.stderr and "d0010" in again.stderr
 
@@ -185,9 +255,19 @@ def test_forget_without_wait_then_watch(
 ) -> None:
     keys_file = tmp_path / "keys.json"
     keys_file.write_text(json.dumps(["d0101", "d0102", "d0103"]))
-    accepted = invoke_json(runner, server, "forget", "--model", registered["name"], "--dataset",
-                           registered["dataset"]["id"], "--keys-file", str(keys_file),
-                           "--params", json.dumps({"epochs": 2, "calibration": "off"}))
+    accepted = invoke_json(
+        runner,
+        server,
+        "forget",
+        "--model",
+        registered["name"],
+        "--dataset",
+        registered["dataset"]["id"],
+        "--keys-file",
+        str(keys_file),
+        "--params",
+        json.dumps({"epochs": 2, "calibration": "off"}),
+    )
     assert accepted["job"]["status"] in {"queued", "running"}
     watch = invoke(runner, server, "jobs", "watch", accepted["job"]["id"], "--interval", "0.2")
     assert watch.exit_code == 0, watch.output
@@ -200,18 +280,34 @@ def test_idempotent_submission_through_the_client(
 ) -> None:
     key = f"idem-{uuid.uuid4().hex}"
     with LetheClient(server.url, server.admin_key) as api:
-        first = api.submit_deletion(registered["name"], registered["dataset"]["id"], ["d0200"],
-                                    params=ONE_EPOCH, idempotency_key=key)
-        second = api.submit_deletion(registered["name"], registered["dataset"]["id"], ["d0200"],
-                                     params=ONE_EPOCH, idempotency_key=key)
+        first = api.submit_deletion(
+            registered["name"],
+            registered["dataset"]["id"],
+            ["d0200"],
+            params=ONE_EPOCH,
+            idempotency_key=key,
+        )
+        second = api.submit_deletion(
+            registered["name"],
+            registered["dataset"]["id"],
+            ["d0200"],
+            params=ONE_EPOCH,
+            idempotency_key=key,
+        )
         assert second["id"] == first["id"] and second["job"]["id"] == first["job"]["id"]
         with pytest.raises(LetheAPIError) as conflict:
-            api.submit_deletion(registered["name"], registered["dataset"]["id"], ["d0201"],
-                                params=ONE_EPOCH, idempotency_key=key)
+            api.submit_deletion(
+                registered["name"],
+                registered["dataset"]["id"],
+                ["d0201"],
+                params=ONE_EPOCH,
+                idempotency_key=key,
+            )
         assert conflict.value.status == 409 and conflict.value.title
         seen: list[str] = []
-        final = api.wait_for_job(first["job"]["id"], poll_interval=0.2,
-                                 on_update=lambda job: seen.append(job["status"]))
+        final = api.wait_for_job(
+            first["job"]["id"], poll_interval=0.2, on_update=lambda job: seen.append(job["status"])
+        )
         assert final["status"] == "succeeded" and seen[-1] == "succeeded"
         request = api.get_deletion_request(first["id"])
         assert request["id"] == first["id"]
@@ -220,9 +316,12 @@ def test_idempotent_submission_through_the_client(
 def test_cancel_a_fresh_job(server: Server, registered: dict[str, Any]) -> None:
     """Cancelling right after submission either cancels it (202) or finds it finished (409)."""
     with LetheClient(server.url, server.admin_key) as api:
-        accepted = api.submit_deletion(registered["name"], registered["dataset"]["id"],
-                                       ["d0300", "d0301"],
-                                       params={"epochs": 50, "calibration": "off"})
+        accepted = api.submit_deletion(
+            registered["name"],
+            registered["dataset"]["id"],
+            ["d0300", "d0301"],
+            params={"epochs": 50, "calibration": "off"},
+        )
         job_id = accepted["job"]["id"]
         try:
             api.cancel_job(job_id)
@@ -260,8 +359,9 @@ def test_errors_print_problem_and_exit_non_zero(runner: CliRunner, server: Serve
     unauthorised = invoke(runner, server, "datasets", "list", env={"LETHE_API_KEY": "wrong"})
     assert unauthorised.exit_code == 1 and "401" in unauthorised.stderr
 
-    unreachable = invoke(runner, server, "jobs", "list",
-                         env={"LETHE_URL": f"http://127.0.0.1:{free_port()}"})
+    unreachable = invoke(
+        runner, server, "jobs", "list", env={"LETHE_URL": f"http://127.0.0.1:{free_port()}"}
+    )
     assert unreachable.exit_code == 3 and "cannot reach" in unreachable.stderr
 
 
@@ -273,16 +373,29 @@ def test_read_scope_cannot_submit(
     keys_file.write_text("d0390\n")
     listed = invoke(runner, server, "models", "list", "--json", env={"LETHE_API_KEY": read_key})
     assert listed.exit_code == 0
-    denied = invoke(runner, server, "forget", "--model", registered["name"], "--dataset",
-                    registered["dataset"]["id"], "--keys-file", str(keys_file),
-                    env={"LETHE_API_KEY": read_key})
+    denied = invoke(
+        runner,
+        server,
+        "forget",
+        "--model",
+        registered["name"],
+        "--dataset",
+        registered["dataset"]["id"],
+        "--keys-file",
+        str(keys_file),
+        env={"LETHE_API_KEY": read_key},
+    )
     assert denied.exit_code == 1 and "403" in denied.stderr
 
 
 def test_installed_entry_point_talks_to_the_server(server: Server) -> None:
     """The real `lethe` executable, not the in-process runner."""
-    proc = subprocess.run(lethe_command("models", "list", "--json"),
-                          env={**server.service.env, **server.env},
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        lethe_command("models", "list", "--json"),
+        env={**server.service.env, **server.env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert isinstance(json.loads(proc.stdout), list)

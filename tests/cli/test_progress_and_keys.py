@@ -25,8 +25,14 @@ def test_bars_follow_phases_and_complete_skipped_ones() -> None:
         bars.update({"status": "running", "phase": "loading", "progress": 0.5})
         assert _completed(bars)["loading"] == 50
         # A poll can miss whole phases: everything before the current one is done.
-        bars.update({"status": "running", "phase": "evaluating", "progress": 0.3,
-                     "timings": {"loading": 1.25, "unlearning": 0.5}})
+        bars.update(
+            {
+                "status": "running",
+                "phase": "evaluating",
+                "progress": 0.3,
+                "timings": {"loading": 1.25, "unlearning": 0.5},
+            }
+        )
         done = _completed(bars)
         assert [done[p] for p in PHASES] == [100, 100, 100, 30, 0]
         assert bars.progress.tasks[bars._tasks["loading"]].fields["note"] == "1.25s"

@@ -21,8 +21,13 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess
     home = tmp_path_factory.mktemp("demo-home")
     env = {k: v for k, v in os.environ.items() if not k.startswith("LETHE_")}
     env.update({"OMP_NUM_THREADS": "1", "COLUMNS": "120"})
-    proc = subprocess.run(lethe_command("demo", "--fast", "--home", str(home)), env=env,
-                          capture_output=True, text=True, timeout=540)
+    proc = subprocess.run(
+        lethe_command("demo", "--fast", "--home", str(home)),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
     return home, proc
 
 

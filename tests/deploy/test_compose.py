@@ -138,8 +138,9 @@ def test_dockerfile_is_multistage_non_root_with_healthcheck() -> None:
     users = re.findall(r"^USER\s+(\S+)", text, re.MULTILINE)
     assert users, "the image must switch to an unprivileged user"
     args = dict(re.findall(r"^ARG\s+(\w+)=(\S+)", text, re.MULTILINE))
-    user = re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), m.group(0)),
-                  users[-1].split(":")[0])
+    user = re.sub(
+        r"\$\{(\w+)\}", lambda m: args.get(m.group(1), m.group(0)), users[-1].split(":")[0]
+    )
     assert user not in {"root", "0"} and "$" not in user, f"runtime user resolves to {user!r}"
     health = re.search(r"^HEALTHCHECK\b((?:.*\\\n)*.*)", text, re.MULTILINE)
     assert health and "/healthz" in health.group(1)

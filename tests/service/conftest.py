@@ -99,18 +99,29 @@ class Api:
     def h(self, scope: str = "admin", **extra: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.keys[scope]}", **extra}
 
-    def upload_dataset(self, content: bytes, *, name="digits", kind="tensor", role="train",
-                       filename="data.npz", scope="admin"):
+    def upload_dataset(
+        self,
+        content: bytes,
+        *,
+        name="digits",
+        kind="tensor",
+        role="train",
+        filename="data.npz",
+        scope="admin",
+    ):
         return self.client.post(
-            "/v1/datasets", headers=self.h(scope),
+            "/v1/datasets",
+            headers=self.h(scope),
             data={"name": name, "kind": kind, "role": role},
             files={"file": (filename, content, "application/octet-stream")},
         )
 
-    def register_model(self, spec: dict, weights: bytes, *, filename="w.safetensors",
-                       scope="admin"):
+    def register_model(
+        self, spec: dict, weights: bytes, *, filename="w.safetensors", scope="admin"
+    ):
         return self.client.post(
-            "/v1/models", headers=self.h(scope),
+            "/v1/models",
+            headers=self.h(scope),
             data={"spec": __import__("json").dumps(spec)},
             files={"weights": (filename, weights, "application/octet-stream")},
         )
@@ -141,8 +152,12 @@ def registered(api: Api, digits) -> dict:
         digits_npz(digits, 100, prefix="eval-"), name="digits-eval", role="eval"
     )
     assert ev.status_code == 201, ev.text
-    spec = {"name": "digits-mlp", "architecture": "mlp", "arch_kwargs": MLP_KWARGS,
-            "eval_dataset": ev.json()["id"]}
+    spec = {
+        "name": "digits-mlp",
+        "architecture": "mlp",
+        "arch_kwargs": MLP_KWARGS,
+        "eval_dataset": ev.json()["id"],
+    }
     weights = mlp_weights()
     model = api.register_model(spec, weights)
     assert model.status_code == 201, model.text

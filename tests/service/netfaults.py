@@ -91,23 +91,37 @@ class TcpProxy:
 
 def server_env(tmp_path: Path, **lethe: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LETHE_")}
-    env |= {"LETHE_HOME": str(tmp_path / "home"), "LETHE_STORAGE_URL": str(tmp_path / "storage"),
-            "LETHE_LOG_LEVEL": "WARNING", "OMP_NUM_THREADS": "1"}
+    env |= {
+        "LETHE_HOME": str(tmp_path / "home"),
+        "LETHE_STORAGE_URL": str(tmp_path / "storage"),
+        "LETHE_LOG_LEVEL": "WARNING",
+        "OMP_NUM_THREADS": "1",
+    }
     env |= {f"LETHE_{k.upper()}": v for k, v in lethe.items()}
     return env
 
 
 @contextmanager
-def lethe_server(env: dict[str, str], log_path: Path, *args: str) -> Iterator[
-    tuple[str, subprocess.Popen]
-]:
+def lethe_server(
+    env: dict[str, str], log_path: Path, *args: str
+) -> Iterator[tuple[str, subprocess.Popen]]:
     """A real `lethe serve --no-executor` (uvicorn) process; yields (base URL, process)."""
     port = free_port()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--no-executor", "--port", str(port),
-             *args],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "service.cli",
+                "serve",
+                "--no-executor",
+                "--port",
+                str(port),
+                *args,
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         base = f"http://127.0.0.1:{port}"
         try:

@@ -22,9 +22,7 @@ def _db(settings):
 def _submit(api: Api, registered, keys, scope="submit", **extra):
     body = {"model": "digits-mlp", "dataset": registered["train"]["id"], "record_keys": keys}
     body.update(extra.pop("body", {}))
-    return api.client.post(
-        "/v1/deletion-requests", json=body, headers=api.h(scope, **extra)
-    )
+    return api.client.post("/v1/deletion-requests", json=body, headers=api.h(scope, **extra))
 
 
 def test_dataset_upload_list_show_records(api: Api, digits) -> None:
@@ -76,8 +74,18 @@ def test_model_registration_and_versions(api: Api, registered) -> None:
     assert v1["size_bytes"] == len(registered["weights"])
 
     shown = api.client.get(f"/v1/model-versions/{v1['id']}", headers=api.h("read")).json()
-    expected = {"id", "model", "number", "parent_id", "job_id", "status", "sha256",
-                "size_bytes", "metrics", "created_at"}
+    expected = {
+        "id",
+        "model",
+        "number",
+        "parent_id",
+        "job_id",
+        "status",
+        "sha256",
+        "size_bytes",
+        "metrics",
+        "created_at",
+    }
     assert expected <= set(shown) and shown["model"] == "digits-mlp" and shown["lineage"] == []
     versions = api.client.get("/v1/models/digits-mlp/versions", headers=api.h("read")).json()
     assert [v["number"] for v in versions["items"]] == [1]
@@ -95,9 +103,7 @@ def test_model_registration_and_versions(api: Api, registered) -> None:
 
 def test_registration_refuses_mismatched_weights(api: Api, storage_dir) -> None:
     weights = mlp_weights(hidden=[16])  # spec says 32 hidden units
-    r = api.register_model(
-        {"name": "m", "architecture": "mlp", "arch_kwargs": MLP_KWARGS}, weights
-    )
+    r = api.register_model({"name": "m", "architecture": "mlp", "arch_kwargs": MLP_KWARGS}, weights)
     assert r.status_code == 422 and r.headers["content-type"] == PROBLEM
     body = r.json()
     assert body["type"].endswith("/architecture-mismatch")
@@ -140,8 +146,20 @@ def test_submit_poll_and_request(api: Api, registered) -> None:
     assert r.headers["location"] == f"/v1/jobs/{body['job']['id']}"
 
     job = api.client.get(r.headers["location"], headers=api.h("read")).json()
-    for field in ("id", "status", "phase", "progress", "attempts", "error", "source_version_id",
-                  "result_version_id", "metrics", "created_at", "started_at", "finished_at"):
+    for field in (
+        "id",
+        "status",
+        "phase",
+        "progress",
+        "attempts",
+        "error",
+        "source_version_id",
+        "result_version_id",
+        "metrics",
+        "created_at",
+        "started_at",
+        "finished_at",
+    ):
         assert field in job
     assert job["status"] == "queued" and job["progress"] == 0 and job["error"] is None
 
@@ -191,19 +209,37 @@ def test_submit_validation(api: Api, registered, settings) -> None:
     assert r.status_code == 422 and r.json()["errors"][0]["field"] == "params.lr"
     assert "calibration" in r.json()["detail"]
     # Every GA knob the engine has is accepted, weight decay included.
-    ga = {"epochs": 2, "calibration": "off", "weight_decay": 0.0, "momentum": 0.5,
-          "train_mode": False, "params": ["fc"]}
+    ga = {
+        "epochs": 2,
+        "calibration": "off",
+        "weight_decay": 0.0,
+        "momentum": 0.5,
+        "train_mode": False,
+        "params": ["fc"],
+    }
     r = _submit(api, registered, ["digit-11"], body={"method": "ga", "params": ga})
     assert r.status_code == 202, r.text
     r = _submit(
-        api, registered, ["digit-12"],
-        body={"params": {"epochs": 3, "calibration": "off", "top_data": 0.5,
-                        "policy": {"max_forget_acc": 0.3}}},
+        api,
+        registered,
+        ["digit-12"],
+        body={
+            "params": {
+                "epochs": 3,
+                "calibration": "off",
+                "top_data": 0.5,
+                "policy": {"max_forget_acc": 0.3},
+            }
+        },
     )
     assert r.status_code == 202
     job = api.client.get(r.headers["location"], headers=api.h("read")).json()
-    assert job["params"] == {"epochs": 3, "calibration": "off", "top_data": 0.5,
-                             "policy": {"max_forget_acc": 0.3}}
+    assert job["params"] == {
+        "epochs": 3,
+        "calibration": "off",
+        "top_data": 0.5,
+        "policy": {"max_forget_acc": 0.3},
+    }
 
     r = _submit(api, registered, ["digit-13"], body={"method": "sgd"})
     assert r.status_code == 422 and r.json()["errors"][0]["field"] == "method"
@@ -233,9 +269,7 @@ def test_idempotency(api: Api, registered, settings) -> None:
 
 
 def test_jobs_list_and_cancel(api: Api, registered, settings) -> None:
-    ids = [
-        _submit(api, registered, [f"digit-{i}"]).json()["job"]["id"] for i in range(20, 25)
-    ]
+    ids = [_submit(api, registered, [f"digit-{i}"]).json()["job"]["id"] for i in range(20, 25)]
     listed = api.client.get("/v1/jobs", params={"limit": 2}, headers=api.h("read")).json()
     assert [j["id"] for j in listed["items"]] == ids[::-1][:2] and listed["next_cursor"]
     rest = api.client.get(
@@ -337,8 +371,10 @@ def test_health_metrics_and_errors(api: Api, registered) -> None:
     _submit(api, registered, ["digit-1"])
     text = api.client.get("/metrics").text
     assert 'lethe_jobs{status="queued"} 1.0' in text
-    assert 'lethe_http_requests_total{method="POST",route="/v1/deletion-requests",status="202"}' \
+    assert (
+        'lethe_http_requests_total{method="POST",route="/v1/deletion-requests",status="202"}'
         in text
+    )
 
     r = api.client.get("/no/such/route")
     assert r.status_code == 404 and r.headers["content-type"] == PROBLEM
@@ -379,8 +415,7 @@ def test_dataset_list_pagination_and_role_filter(api: Api, digits) -> None:
 
 
 def test_only_train_records_can_be_forgotten(api: Api, registered) -> None:
-    body = {"model": "digits-mlp", "dataset": registered["eval"]["id"],
-            "record_keys": ["eval-1"]}
+    body = {"model": "digits-mlp", "dataset": registered["eval"]["id"], "record_keys": ["eval-1"]}
     r = api.client.post("/v1/deletion-requests", json=body, headers=api.h("submit"))
     assert r.status_code == 422 and r.json()["errors"][0]["field"] == "dataset"
     by_name = body | {"dataset": "digits"}  # a unique dataset name works as well as the id

@@ -16,8 +16,12 @@ def _append(sessions, n: int) -> None:
     for i in range(n):
         with transaction(sessions) as s:
             append_event(
-                s, actor="tester", action="thing.done", subject_type="thing",
-                subject_id=f"t{i}", payload={"i": i, "name": "ünïcode", "nested": {"b": 1, "a": 2}},
+                s,
+                actor="tester",
+                action="thing.done",
+                subject_type="thing",
+                subject_id=f"t{i}",
+                payload={"i": i, "name": "ünïcode", "nested": {"b": 1, "a": 2}},
             )
 
 
@@ -30,8 +34,12 @@ def test_chain_links_and_hash_formula(sessions) -> None:
         assert events[1].prev_hash == events[0].hash and events[2].prev_hash == events[1].hash
         first = events[0]
         doc = {
-            "seq": 1, "time": first.time.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "actor": "tester",
-            "action": "thing.done", "subject_type": "thing", "subject_id": "t0",
+            "seq": 1,
+            "time": first.time.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "actor": "tester",
+            "action": "thing.done",
+            "subject_type": "thing",
+            "subject_id": "t0",
             "payload": {"i": 0, "name": "ünïcode", "nested": {"b": 1, "a": 2}},
             "prev_hash": GENESIS_HASH,
         }
@@ -76,6 +84,9 @@ def test_verify_detects_head_rewrite(sessions) -> None:
 def test_empty_chain_is_valid(sessions) -> None:
     with sessions() as s:
         assert verify_chain(s) == {
-            "ok": True, "checked": 0, "head_hash": GENESIS_HASH, "first_bad_seq": None,
+            "ok": True,
+            "checked": 0,
+            "head_hash": GENESIS_HASH,
+            "first_bad_seq": None,
             "reason": None,
         }

@@ -51,7 +51,8 @@ def test_pickled_checkpoint_is_refused_never_unpickled(
     for payload in (buf.getvalue(), b"PK\x03\x04not a zip", b"garbage", b""):
         r = api.register_model(
             {"name": "evil", "architecture": "mlp", "arch_kwargs": MLP_KWARGS},
-            payload, filename="model.pt",
+            payload,
+            filename="model.pt",
         )
         body = _problem(r, 422)
         assert body["type"].endswith("/invalid-checkpoint") and "safetensors" in body["detail"]
@@ -101,13 +102,19 @@ def test_oversize_upload(settings, api_keys, storage_dir: Path, digits) -> None:
     )
     with TestClient(create_app(small), raise_server_exceptions=False) as client:
         api = Api(client, api_keys)
-        big = npz_bytes(ids=np.arange(3000).astype(str), inputs=np.zeros((3000, 200)),
-                        labels=np.zeros(3000, dtype=int))
+        big = npz_bytes(
+            ids=np.arange(3000).astype(str),
+            inputs=np.zeros((3000, 200)),
+            labels=np.zeros(3000, dtype=int),
+        )
         assert len(big) > 2 * 1024 * 1024  # past limit + form overhead: refused by length
         body = _problem(api.upload_dataset(big), 413)
         assert body["type"].endswith("/payload-too-large")
-        medium = npz_bytes(ids=np.arange(1000).astype(str), inputs=np.zeros((1000, 160)),
-                           labels=np.zeros(1000, dtype=int))
+        medium = npz_bytes(
+            ids=np.arange(1000).astype(str),
+            inputs=np.zeros((1000, 160)),
+            labels=np.zeros(1000, dtype=int),
+        )
         assert 1024 * 1024 < len(medium) < 2 * 1024 * 1024  # refused while streamed to storage
         _problem(api.upload_dataset(medium), 413)
 
@@ -120,7 +127,8 @@ def test_oversize_upload(settings, api_keys, storage_dir: Path, digits) -> None:
             yield b"\r\n" + boundary + b"--\r\n"
 
         r = client.post(
-            "/v1/datasets", content=chunks(),
+            "/v1/datasets",
+            content=chunks(),
             headers=api.h("admin", **{"Content-Type": "multipart/form-data; boundary=xyz"}),
         )
         _problem(r, 413)
@@ -147,7 +155,8 @@ def test_path_like_names(api: Api, storage_dir: Path, tmp_path: Path, digits) ->
 
 def test_unknown_fields(api: Api, storage_dir: Path, digits) -> None:
     r = api.client.post(
-        "/v1/datasets", headers=api.h(),
+        "/v1/datasets",
+        headers=api.h(),
         data={"name": "d", "kind": "tensor", "role": "train", "owner": "me"},
         files={"file": ("d.npz", digits_npz(digits, 10), "application/octet-stream")},
     )
@@ -159,7 +168,9 @@ def test_unknown_fields(api: Api, storage_dir: Path, digits) -> None:
     )
     assert _problem(r, 422)["errors"][0]["field"] == "spec.surprise"
     r = api.client.post(
-        "/v1/models", headers=api.h(), data={"spec": "{not json"},
+        "/v1/models",
+        headers=api.h(),
+        data={"spec": "{not json"},
         files={"weights": ("w", mlp_weights(), "application/octet-stream")},
     )
     assert "spec is not valid JSON" in _problem(r, 422)["detail"]
@@ -167,12 +178,14 @@ def test_unknown_fields(api: Api, storage_dir: Path, digits) -> None:
     assert _problem(r, 422)["errors"][0]["field"] == "kind"
     _nothing_stored(api, storage_dir)
     r = api.client.post(
-        "/v1/deletion-requests", headers=api.h("submit"),
+        "/v1/deletion-requests",
+        headers=api.h("submit"),
         json={"model": "m", "dataset": "d", "record_keys": ["a"], "surprise": True},
     )
     assert [e["field"] for e in _problem(r, 422)["errors"]] == ["surprise"]
     r = api.client.post(
-        "/v1/deletion-requests", headers=api.h("submit", **{"Content-Type": "application/json"}),
+        "/v1/deletion-requests",
+        headers=api.h("submit", **{"Content-Type": "application/json"}),
         content=b"{broken",
     )
     _problem(r, 422)
@@ -206,8 +219,13 @@ def test_spec_field_errors_are_named(api: Api) -> None:
     r = api.register_model({"architecture": "mlp"}, mlp_weights())
     assert _problem(r, 422)["errors"][0]["field"] == "spec.name"
     r = api.register_model(
-        {"name": "m", "architecture": "mlp", "arch_kwargs": MLP_KWARGS,
-         "eval_dataset": "missing-ds"}, mlp_weights(),
+        {
+            "name": "m",
+            "architecture": "mlp",
+            "arch_kwargs": MLP_KWARGS,
+            "eval_dataset": "missing-ds",
+        },
+        mlp_weights(),
     )
     assert _problem(r, 422)["errors"][0]["field"] == "spec.eval_dataset"
     assert json.loads(json.dumps(r.json()))  # plain JSON, no internals

@@ -20,7 +20,9 @@ pytestmark = pytest.mark.redis
 @pytest.fixture
 def broker_settings(settings, redis_url: str, storage_dir):
     return load_settings(
-        database_url=settings.database_url, storage_url=str(storage_dir), broker_url=redis_url,
+        database_url=settings.database_url,
+        storage_url=str(storage_dir),
+        broker_url=redis_url,
         queue_name=f"lethe-test-{uuid.uuid4().hex[:8]}",
     )
 
@@ -37,22 +39,31 @@ def test_only_broker_down_is_degraded_not_unready_and_submissions_queue(
     """Readiness is 503 only when this instance cannot serve: with the broker down a
     submission is still accepted and kept queued, so /readyz says degraded with 200."""
     down = load_settings(
-        database_url=broker_settings.database_url, storage_url=broker_settings.storage_url,
+        database_url=broker_settings.database_url,
+        storage_url=broker_settings.storage_url,
         broker_url="redis://127.0.0.1:1/0",
     )
     with TestClient(create_app(down), raise_server_exceptions=False) as client:
         r = client.get("/readyz")
         assert r.status_code == 200, r.text
-        assert r.json() == {"status": "degraded",
-                            "checks": {"database": "ok", "broker": "unavailable"}}
+        assert r.json() == {
+            "status": "degraded",
+            "checks": {"database": "ok", "broker": "unavailable"},
+        }
         assert "127.0.0.1" not in r.text and ":1" not in r.text  # generic words only
         api = Api(client, api_keys)
         ds = api.upload_dataset(digits_npz(digits, 50)).json()
-        assert api.register_model(
-            {"name": "m", "architecture": "mlp", "arch_kwargs": MLP_KWARGS}, mlp_weights()
-        ).status_code == 201
-        r = client.post("/v1/deletion-requests", headers=api.h("submit"),
-                        json={"model": "m", "dataset": ds["id"], "record_keys": ["digit-3"]})
+        assert (
+            api.register_model(
+                {"name": "m", "architecture": "mlp", "arch_kwargs": MLP_KWARGS}, mlp_weights()
+            ).status_code
+            == 201
+        )
+        r = client.post(
+            "/v1/deletion-requests",
+            headers=api.h("submit"),
+            json={"model": "m", "dataset": ds["id"], "record_keys": ["digit-3"]},
+        )
         assert r.status_code == 202, r.text
         job = client.get(r.headers["Location"], headers=api.h("read")).json()
         assert job["status"] == "queued"
@@ -64,11 +75,17 @@ def test_submission_enqueues_job_id_after_commit(
     with TestClient(create_app(broker_settings)) as client:
         api = Api(client, api_keys)
         ds = api.upload_dataset(digits_npz(digits, 50)).json()
-        assert api.register_model(
-            {"name": "m", "architecture": "mlp", "arch_kwargs": MLP_KWARGS}, mlp_weights()
-        ).status_code == 201
-        r = client.post("/v1/deletion-requests", headers=api.h("submit"),
-                        json={"model": "m", "dataset": ds["id"], "record_keys": ["digit-3"]})
+        assert (
+            api.register_model(
+                {"name": "m", "architecture": "mlp", "arch_kwargs": MLP_KWARGS}, mlp_weights()
+            ).status_code
+            == 201
+        )
+        r = client.post(
+            "/v1/deletion-requests",
+            headers=api.h("submit"),
+            json={"model": "m", "dataset": ds["id"], "record_keys": ["digit-3"]},
+        )
         assert r.status_code == 202
         job_id = r.json()["job"]["id"]
     conn = redis.Redis.from_url(redis_url)

@@ -45,17 +45,30 @@ def _alive(pid: int) -> bool:
 
 def test_embedded_serve_runs_a_job_end_to_end(tmp_path: Path, digits) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LETHE_")}
-    env |= {"LETHE_HOME": str(tmp_path / "home"), "LETHE_LOG_LEVEL": "WARNING",
-            "LETHE_EMBEDDED_POLL_SECONDS": "0.2", "OMP_NUM_THREADS": "1"}
-    key = subprocess.run(
-        [sys.executable, "-m", "service.cli", "keys", "create", "--scope", "admin"],
-        env=env, capture_output=True, text=True, check=True,
-    ).stdout.strip().splitlines()[-1]
+    env |= {
+        "LETHE_HOME": str(tmp_path / "home"),
+        "LETHE_LOG_LEVEL": "WARNING",
+        "LETHE_EMBEDDED_POLL_SECONDS": "0.2",
+        "OMP_NUM_THREADS": "1",
+    }
+    key = (
+        subprocess.run(
+            [sys.executable, "-m", "service.cli", "keys", "create", "--scope", "admin"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     port = _free_port()
     log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
     headers = {"Authorization": f"Bearer {key}"}
@@ -68,21 +81,36 @@ def test_embedded_serve_runs_a_job_end_to_end(tmp_path: Path, digits) -> None:
             except httpx.HTTPError:
                 pass
             assert proc.poll() is None and time.monotonic() < deadline, (
-                (tmp_path / "serve.log").read_text()[-2000:]
-            )
+                tmp_path / "serve.log"
+            ).read_text()[-2000:]
             time.sleep(0.2)
         executors = [c for c in _children(proc.pid) if "worker.embedded" in _cmdline(c)]
         assert len(executors) == 1
 
         with httpx.Client(base_url=base, headers=headers, timeout=60) as c:
-            ds = c.post("/v1/datasets", data={"name": "d", "kind": "tensor", "role": "train"},
-                        files={"file": ("d.npz", digits_npz(digits, 200))}).json()
-            c.post("/v1/models", data={"spec": __import__("json").dumps(
-                {"name": "m", "architecture": "mlp", "arch_kwargs": MLP_KWARGS})},
-                files={"weights": ("w.safetensors", mlp_weights())}).raise_for_status()
-            r = c.post("/v1/deletion-requests", json={
-                "model": "m", "dataset": ds["id"], "record_keys": ["digit-1", "digit-2"],
-                "params": {"epochs": 2, "calibration": "off"}})
+            ds = c.post(
+                "/v1/datasets",
+                data={"name": "d", "kind": "tensor", "role": "train"},
+                files={"file": ("d.npz", digits_npz(digits, 200))},
+            ).json()
+            c.post(
+                "/v1/models",
+                data={
+                    "spec": __import__("json").dumps(
+                        {"name": "m", "architecture": "mlp", "arch_kwargs": MLP_KWARGS}
+                    )
+                },
+                files={"weights": ("w.safetensors", mlp_weights())},
+            ).raise_for_status()
+            r = c.post(
+                "/v1/deletion-requests",
+                json={
+                    "model": "m",
+                    "dataset": ds["id"],
+                    "record_keys": ["digit-1", "digit-2"],
+                    "params": {"epochs": 2, "calibration": "off"},
+                },
+            )
             assert r.status_code == 202, r.text
             job_url = r.headers["location"]
             deadline = time.monotonic() + 180
@@ -100,8 +128,9 @@ def test_embedded_serve_runs_a_job_end_to_end(tmp_path: Path, digits) -> None:
             assert version["status"] == "candidate"
             promoted = c.post(f"/v1/model-versions/{version['id']}/promote")
             assert promoted.status_code == 200, promoted.text
-            records = c.get(f"/v1/datasets/{ds['id']}/records",
-                            params={"state": "forgotten"}).json()
+            records = c.get(
+                f"/v1/datasets/{ds['id']}/records", params={"state": "forgotten"}
+            ).json()
             assert sorted(r["key"] for r in records["items"]) == ["digit-1", "digit-2"]
             assert c.get("/v1/audit/verify").json()["ok"] is True
     finally:

@@ -32,32 +32,67 @@ def test_no_5xx_anywhere(postgres_url: str, tmp_path: Path, digits) -> None:
     env = server_env(tmp_path, database_url=postgres_url)
     with lethe_server(env, tmp_path / "server.log") as (base, _proc):
         # Something to find: a dataset and a model, so not every id is a 404.
-        ds = httpx.post(base + "/v1/datasets", headers=auth, timeout=60,
-                        data={"name": "fuzz", "kind": "tensor", "role": "train"},
-                        files={"file": ("d.npz", digits_npz(digits, 50), "application/x")})
+        ds = httpx.post(
+            base + "/v1/datasets",
+            headers=auth,
+            timeout=60,
+            data={"name": "fuzz", "kind": "tensor", "role": "train"},
+            files={"file": ("d.npz", digits_npz(digits, 50), "application/x")},
+        )
         assert ds.status_code == 201, ds.text
         spec = {"name": "fuzz-mlp", "architecture": "mlp", "arch_kwargs": MLP_KWARGS}
-        model = httpx.post(base + "/v1/models", headers=auth, timeout=60,
-                           data={"spec": json.dumps(spec)},
-                           files={"weights": ("w.safetensors", mlp_weights(), "application/x")})
+        model = httpx.post(
+            base + "/v1/models",
+            headers=auth,
+            timeout=60,
+            data={"spec": json.dumps(spec)},
+            files={"weights": ("w.safetensors", mlp_weights(), "application/x")},
+        )
         assert model.status_code == 201, model.text
         report = tmp_path / "report.json"
         run = subprocess.run(
-            [sys.executable, "-m", "schemathesis.cli", "run", base + "/openapi.json",
-             "--checks", "not_a_server_error", "-H", f"Authorization: Bearer {secret}",
-             "--max-time", str(MAX_TIME_S), "-n", "40", "-w", "1", "--seed", "15",
-             "--phases", "examples,coverage,fuzzing", "--generation-allow-x00", "true",
-             "--request-timeout", "30", "--no-color",
-             "--report", "ndjson", "--report-ndjson-path", str(report)],
-            capture_output=True, text=True, timeout=MAX_TIME_S + 240,
+            [
+                sys.executable,
+                "-m",
+                "schemathesis.cli",
+                "run",
+                base + "/openapi.json",
+                "--checks",
+                "not_a_server_error",
+                "-H",
+                f"Authorization: Bearer {secret}",
+                "--max-time",
+                str(MAX_TIME_S),
+                "-n",
+                "40",
+                "-w",
+                "1",
+                "--seed",
+                "15",
+                "--phases",
+                "examples,coverage,fuzzing",
+                "--generation-allow-x00",
+                "true",
+                "--request-timeout",
+                "30",
+                "--no-color",
+                "--report",
+                "ndjson",
+                "--report-ndjson-path",
+                str(report),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=MAX_TIME_S + 240,
             cwd=tmp_path,  # its example cache stays out of the work tree
         )
         log = (tmp_path / "server.log").read_text()
         assert run.returncode == 0, run.stdout[-6000:] + log[-3000:]
         assert "Traceback" not in log, log[-3000:]
         # It really exercised the API: every operation of the document, many requests.
-        operations = sum(len(ops) for ops in httpx.get(base + "/openapi.json").json()[
-            "paths"].values())
+        operations = sum(
+            len(ops) for ops in httpx.get(base + "/openapi.json").json()["paths"].values()
+        )
         assert f"Tested: {operations}" in run.stdout, run.stdout[-3000:]
         counts = re.search(r"(\d+) generated, (\d+) passed", run.stdout)
         assert counts and int(counts[1]) == int(counts[2]) > 500, run.stdout[-3000:]

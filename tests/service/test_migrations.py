@@ -11,8 +11,18 @@ from service import migrate
 from service.db import make_engine, make_session_factory
 from service.models import AuditHead, Base, Counter
 
-TABLES = {"api_keys", "datasets", "records", "models", "model_versions", "deletion_requests",
-          "jobs", "audit_head", "audit_events", "counters"}
+TABLES = {
+    "api_keys",
+    "datasets",
+    "records",
+    "models",
+    "model_versions",
+    "deletion_requests",
+    "jobs",
+    "audit_head",
+    "audit_events",
+    "counters",
+}
 
 
 def _diff(url: str) -> list:

@@ -34,8 +34,10 @@ def write_bomb(target, n_records: int, features: int, *, lie_rows: int | None = 
     """An .npz whose `inputs` are zeros streamed through deflate (never held in memory).
     `lie_rows` writes a header declaring that many rows but only `n_records` rows of data."""
     with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        small = {"ids": np.array([f"r{i}" for i in range(n_records)]),
-                 "labels": np.zeros(n_records, dtype=np.int64)}
+        small = {
+            "ids": np.array([f"r{i}" for i in range(n_records)]),
+            "labels": np.zeros(n_records, dtype=np.int64),
+        }
         for name, arr in small.items():
             buf = io.BytesIO()
             np.lib.format.write_array(buf, arr)
@@ -64,10 +66,16 @@ def test_size_ratio_and_lying_header_refused_before_inflating() -> None:
     bomb = io.BytesIO()
     write_bomb(bomb, 2000, 4096)  # 31 MiB of zeros, about 31 KiB compressed
     assert len(bomb.getvalue()) < MIB
-    _refused(lambda: load_tensor_npz(bomb.getvalue(), NpzLimits(max_bytes=16 * MIB)),
-             "inputs", "LETHE_MAX_DATASET_MB")
-    _refused(lambda: load_tensor_npz(bomb.getvalue(), NpzLimits(max_ratio=100)),
-             "inputs", "compression ratio")
+    _refused(
+        lambda: load_tensor_npz(bomb.getvalue(), NpzLimits(max_bytes=16 * MIB)),
+        "inputs",
+        "LETHE_MAX_DATASET_MB",
+    )
+    _refused(
+        lambda: load_tensor_npz(bomb.getvalue(), NpzLimits(max_ratio=100)),
+        "inputs",
+        "compression ratio",
+    )
     # Within generous limits the same archive loads (the checks are not simply "refuse").
     data = load_tensor_npz(bomb.getvalue(), NpzLimits(max_ratio=1e9))
     assert data.inputs.shape == (2000, 4096) and not data.inputs.any()
@@ -121,7 +129,9 @@ def test_server_memory_stays_bounded_on_an_800_mb_bomb(
 
     def upload(content: bytes, name: str) -> httpx.Response:
         return httpx.post(
-            base + "/v1/datasets", headers=auth, timeout=120,
+            base + "/v1/datasets",
+            headers=auth,
+            timeout=120,
             data={"name": name, "kind": "tensor", "role": "train"},
             files={"file": ("d.npz", content, "application/octet-stream")},
         )
@@ -136,8 +146,12 @@ def test_server_memory_stays_bounded_on_an_800_mb_bomb(
         assert r.headers["content-type"] == "application/problem+json"
         assert r.json()["errors"][0]["field"] == "inputs"
         results: list[int] = []
-        threads = [threading.Thread(target=lambda i=i: results.append(
-            upload(content, f"bomb-{i}").status_code)) for i in range(4)]
+        threads = [
+            threading.Thread(
+                target=lambda i=i: results.append(upload(content, f"bomb-{i}").status_code)
+            )
+            for i in range(4)
+        ]
         for t in threads:
             t.start()
         for t in threads:

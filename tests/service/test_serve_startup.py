@@ -37,7 +37,9 @@ with TestClient(app) as client:
 def test_torch_is_imported_at_start_up_not_on_the_first_request(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "-c", STARTUP, str(tmp_path / "db.sqlite"), str(tmp_path / "storage")],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "torch imported at start-up: True" in out.stdout

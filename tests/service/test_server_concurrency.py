@@ -52,7 +52,9 @@ def server(postgres_url: str, tmp_path: Path) -> Iterator[dict]:
     log = open(log_path, "wb")  # noqa: SIM115 - closed in finally
     proc = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "serve", "--no-executor", "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -81,25 +83,40 @@ def server(postgres_url: str, tmp_path: Path) -> Iterator[dict]:
 def _setup(server: dict, digits) -> dict:
     headers = {"Authorization": f"Bearer {server['key']}"}
     with httpx.Client(base_url=server["base"], headers=headers, timeout=30) as c:
-        ds = c.post("/v1/datasets", data={"name": "digits", "kind": "tensor", "role": "train"},
-                    files={"file": ("d.npz", digits_npz(digits, 200))})
+        ds = c.post(
+            "/v1/datasets",
+            data={"name": "digits", "kind": "tensor", "role": "train"},
+            files={"file": ("d.npz", digits_npz(digits, 200))},
+        )
         assert ds.status_code == 201, ds.text
         weights = mlp_weights()
-        model = c.post("/v1/models", data={"spec": json.dumps(
-            {"name": "digits-mlp", "architecture": "mlp", "arch_kwargs": MLP_KWARGS})},
-            files={"weights": ("w.safetensors", weights)})
+        model = c.post(
+            "/v1/models",
+            data={
+                "spec": json.dumps(
+                    {"name": "digits-mlp", "architecture": "mlp", "arch_kwargs": MLP_KWARGS}
+                )
+            },
+            files={"weights": ("w.safetensors", weights)},
+        )
         assert model.status_code == 201, model.text
-    return {"dataset": ds.json()["id"], "model": model.json(), "weights": weights,
-            "headers": headers}
+    return {
+        "dataset": ds.json()["id"],
+        "model": model.json(),
+        "weights": weights,
+        "headers": headers,
+    }
 
 
 async def _post_many(base: str, headers: dict, bodies: list[tuple[dict, dict]]) -> list:
     limits = httpx.Limits(max_connections=len(bodies), max_keepalive_connections=len(bodies))
     async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as client:
-        return await asyncio.gather(*[
-            client.post("/v1/deletion-requests", json=body, headers=headers | extra)
-            for body, extra in bodies
-        ])
+        return await asyncio.gather(
+            *[
+                client.post("/v1/deletion-requests", json=body, headers=headers | extra)
+                for body, extra in bodies
+            ]
+        )
 
 
 def test_concurrent_submissions_and_downloads(server: dict, digits) -> None:
@@ -107,9 +124,9 @@ def test_concurrent_submissions_and_downloads(server: dict, digits) -> None:
     factory = make_session_factory(server["engine"])
     body = {"model": "digits-mlp", "dataset": ctx["dataset"], "record_keys": ["digit-0"]}
 
-    same = asyncio.run(_post_many(
-        server["base"], ctx["headers"], [(body, {"Idempotency-Key": "one-key"})] * 100
-    ))
+    same = asyncio.run(
+        _post_many(server["base"], ctx["headers"], [(body, {"Idempotency-Key": "one-key"})] * 100)
+    )
     assert [r.status_code for r in same] == [202] * 100
     assert len({r.json()["id"] for r in same}) == 1
     assert len({r.json()["job"]["id"] for r in same}) == 1
@@ -119,8 +136,10 @@ def test_concurrent_submissions_and_downloads(server: dict, digits) -> None:
         assert s.execute(select(func.count()).select_from(Job)).scalar() == 1
 
     different = [
-        ({"model": "digits-mlp", "dataset": ctx["dataset"], "record_keys": [f"digit-{i}"]},
-         {"Idempotency-Key": f"key-{i}"})
+        (
+            {"model": "digits-mlp", "dataset": ctx["dataset"], "record_keys": [f"digit-{i}"]},
+            {"Idempotency-Key": f"key-{i}"},
+        )
         for i in range(1, 51)
     ]
     answers = asyncio.run(_post_many(server["base"], ctx["headers"], different))
@@ -143,12 +162,15 @@ def test_concurrent_submissions_and_downloads(server: dict, digits) -> None:
         assert size == len(ctx["weights"])
         step = max(1, size // 7)
         ranges = [(a, min(a + step, size) - 1) for a in range(0, size, step)]
+
     async def fetch_ranges() -> list[bytes]:
         async with httpx.AsyncClient(base_url=server["base"], timeout=30) as client:
-            responses = await asyncio.gather(*[
-                client.get(url, headers=ctx["headers"] | {"Range": f"bytes={a}-{b}"})
-                for a, b in ranges
-            ])
+            responses = await asyncio.gather(
+                *[
+                    client.get(url, headers=ctx["headers"] | {"Range": f"bytes={a}-{b}"})
+                    for a, b in ranges
+                ]
+            )
         assert all(r.status_code == 206 for r in responses)
         return [r.content for r in responses]
 

@@ -33,8 +33,9 @@ WRITER = textwrap.dedent("""
 
 
 def _killed_writer(root: Path) -> Path:
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(root)], stdout=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(root)], stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout is not None and proc.stdout.readline().strip() == "writing"
     os.kill(proc.pid, signal.SIGKILL)  # no `finally`, no cleanup: what a crash leaves
     assert proc.wait(10) == -signal.SIGKILL
@@ -45,8 +46,9 @@ def _killed_writer(root: Path) -> Path:
 
 def _live_writer(root: Path) -> tuple[subprocess.Popen, Path]:
     before = set((root / ".tmp").glob("*.part"))
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(root)], stdout=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(root)], stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout is not None and proc.stdout.readline().strip() == "writing"
     (part,) = set((root / ".tmp").glob("*.part")) - before
     return proc, part
@@ -84,12 +86,17 @@ def test_api_start_up_and_reaper_tick_remove_them(tmp_path: Path, sqlite_url: st
         assert not first.exists()
     second = _killed_writer(root)
     time.sleep(1.2)
-    settings = load_settings(home=str(tmp_path / "home"), database_url=sqlite_url,
-                             storage_url=str(root), temp_max_age_s=1.0)
+    settings = load_settings(
+        home=str(tmp_path / "home"),
+        database_url=sqlite_url,
+        storage_url=str(root),
+        temp_max_age_s=1.0,
+    )
     engine = make_engine(sqlite_url)
     try:
-        report = Reaper(settings, make_session_factory(engine), Storage(str(root)),
-                        actor="reaper").tick()
+        report = Reaper(
+            settings, make_session_factory(engine), Storage(str(root)), actor="reaper"
+        ).tick()
     finally:
         engine.dispose()
     assert report.swept == [second.name] and not second.exists()

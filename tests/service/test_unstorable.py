@@ -58,12 +58,19 @@ def test_query_parameter_lone_surrogate_via_json_and_key(api: Api) -> None:
     _refused(r, "a\x00")
 
 
-@pytest.mark.parametrize("field", ["model", "dataset", "record_keys.1", "reason", "subject_ref",
-                                   "params.note"])
+@pytest.mark.parametrize(
+    "field", ["model", "dataset", "record_keys.1", "reason", "subject_ref", "params.note"]
+)
 @pytest.mark.parametrize("bad", ["\\u0000", "\\ud800"])
 def test_deletion_request_body(api: Api, field: str, bad: str) -> None:
-    body = {"model": "m", "dataset": "d", "record_keys": ["k1", "k2"], "reason": "r",
-            "subject_ref": "s", "params": {"note": "n"}}
+    body = {
+        "model": "m",
+        "dataset": "d",
+        "record_keys": ["k1", "k2"],
+        "reason": "r",
+        "subject_ref": "s",
+        "params": {"note": "n"},
+    }
     head, _, index = field.partition(".")
     if head == "record_keys":
         body["record_keys"][int(index)] = "MARK"
@@ -73,7 +80,8 @@ def test_deletion_request_body(api: Api, field: str, bad: str) -> None:
         body[head] = "MARK"
     raw = json.dumps(body).replace("MARK", f"x{bad}y")
     r = api.client.post(
-        "/v1/deletion-requests", content=raw,
+        "/v1/deletion-requests",
+        content=raw,
         headers=api.h("submit", **{"Content-Type": "application/json"}),
     )
     body = _refused(r, field)
@@ -81,8 +89,12 @@ def test_deletion_request_body(api: Api, field: str, bad: str) -> None:
 
 
 def test_model_spec_description_and_dataset_forms(api: Api, digits) -> None:
-    spec = {"name": "m", "architecture": "mlp", "arch_kwargs": MLP_KWARGS,
-            "description": "before\u0000after"}
+    spec = {
+        "name": "m",
+        "architecture": "mlp",
+        "arch_kwargs": MLP_KWARGS,
+        "description": "before\u0000after",
+    }
     _refused(api.register_model(spec, mlp_weights()), "spec.description")
     # A raw NUL in a form field (the dataset name) and in the uploaded file's ids.
     _refused(api.upload_dataset(b"irrelevant", name="a\x00b"), "name")

@@ -20,8 +20,9 @@ SQL = Path(__file__).resolve().parents[2] / "migrations" / "app_role.sql"
 
 
 def _statements(role: str) -> list[str]:
-    body = "\n".join(line for line in SQL.read_text().splitlines()
-                     if not line.lstrip().startswith("--"))
+    body = "\n".join(
+        line for line in SQL.read_text().splitlines() if not line.lstrip().startswith("--")
+    )
     body = body.replace(":app_role", role).replace(":app_password", "'pw'")
     return [s.strip() for s in body.split(";") if s.strip()]
 
@@ -40,12 +41,17 @@ def test_app_role_appends_but_cannot_rewrite_the_audit_log(postgres_url: str) ->
         migrate.check_at_head(engine)  # readiness works under the role
         with transaction(factory) as session:
             for i in range(3):
-                append_event(session, actor="app", action="test.event", subject_type="job",
-                             subject_id=str(i))
+                append_event(
+                    session, actor="app", action="test.event", subject_type="job", subject_id=str(i)
+                )
         with factory() as session:
             assert verify_chain(session)["ok"] and verify_chain(session)["checked"] == 3
-        for attack in ("UPDATE audit_events SET actor = 'x'", "DELETE FROM audit_events",
-                       "TRUNCATE audit_events", "DELETE FROM audit_head"):
+        for attack in (
+            "UPDATE audit_events SET actor = 'x'",
+            "DELETE FROM audit_events",
+            "TRUNCATE audit_events",
+            "DELETE FROM audit_head",
+        ):
             with pytest.raises(ProgrammingError, match="permission denied"), engine.begin() as c:
                 c.execute(text(attack))
         with factory() as session:

@@ -189,8 +189,12 @@ def test_records_that_already_look_unseen_leave_the_weights_unchanged(
     new, old = load_state_dict(download.content), load_state_dict(trained.weights["mlp"])
     assert new.keys() == old.keys() and all(torch.equal(new[k], old[k]) for k in old)
     with stack.sessions() as session:
-        rows = session.execute(
-            select(Record).where(Record.dataset_id == unseen_id, Record.key.in_(keys))
-        ).scalars().all()
+        rows = (
+            session.execute(
+                select(Record).where(Record.dataset_id == unseen_id, Record.key.in_(keys))
+            )
+            .scalars()
+            .all()
+        )
     assert len(rows) == len(keys)
     assert all(r.state == "forgotten" and r.purged_at is not None for r in rows)

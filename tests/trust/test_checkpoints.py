@@ -25,14 +25,23 @@ cli = CliRunner()
 def _events(stack: Stack, n: int) -> None:
     with transaction(stack.sessions) as session:
         for i in range(n):
-            append_event(session, actor="test", action="test.event", subject_type="job",
-                         subject_id=f"j{i}", payload={"i": i})
+            append_event(
+                session,
+                actor="test",
+                action="test.event",
+                subject_type="job",
+                subject_id=f"j{i}",
+                payload={"i": i},
+            )
 
 
 def _cli_verify(stack: Stack):
     s = stack.settings
-    env = {"LETHE_HOME": str(s.home), "LETHE_DATABASE_URL": s.database_url,
-           "LETHE_STORAGE_URL": s.storage_url}
+    env = {
+        "LETHE_HOME": str(s.home),
+        "LETHE_DATABASE_URL": s.database_url,
+        "LETHE_STORAGE_URL": s.storage_url,
+    }
     return cli.invoke(app, ["audit", "verify"], env=env)
 
 
@@ -52,9 +61,11 @@ def _recompute_from(stack: Stack, seq: int) -> None:
     """The attacker with database access: edit event `seq`, rehash it and every later one,
     move the head. The chain is internally consistent again."""
     with transaction(stack.sessions) as session:
-        rows = list(session.execute(
-            select(AuditEvent).where(AuditEvent.seq >= seq).order_by(AuditEvent.seq)
-        ).scalars())
+        rows = list(
+            session.execute(
+                select(AuditEvent).where(AuditEvent.seq >= seq).order_by(AuditEvent.seq)
+            ).scalars()
+        )
         prev = session.execute(
             select(AuditEvent.hash).where(AuditEvent.seq == seq - 1)
         ).scalar_one()
@@ -63,9 +74,14 @@ def _recompute_from(stack: Stack, seq: int) -> None:
                 event.payload = {"i": -1, "edited": True}
             event.prev_hash = prev
             event.hash = event_hash(
-                seq=event.seq, time=event.time, actor=event.actor, action=event.action,
-                subject_type=event.subject_type, subject_id=event.subject_id,
-                payload=event.payload, prev_hash=prev,
+                seq=event.seq,
+                time=event.time,
+                actor=event.actor,
+                action=event.action,
+                subject_type=event.subject_type,
+                subject_id=event.subject_id,
+                payload=event.payload,
+                prev_hash=prev,
             )
             prev = event.hash
         session.flush()
@@ -89,9 +105,11 @@ def test_truncation_with_rewound_head_is_detected(stack: Stack) -> None:
     with transaction(stack.sessions) as session:
         session.execute(delete(AuditEvent).where(AuditEvent.seq > keep))
         kept_hash = session.execute(
-            select(AuditEvent.hash).where(AuditEvent.seq == keep)).scalar_one()
-        session.execute(update(AuditHead).where(AuditHead.id == HEAD_ID)
-                        .values(seq=keep, hash=kept_hash))
+            select(AuditEvent.hash).where(AuditEvent.seq == keep)
+        ).scalar_one()
+        session.execute(
+            update(AuditHead).where(AuditHead.id == HEAD_ID).values(seq=keep, hash=kept_hash)
+        )
     result = _ok(stack)
     assert result["ok"] is False and result["first_bad_seq"] == keep + 1
     assert "events were deleted" in result["reason"] and result["checkpoints"] >= 1
@@ -126,11 +144,17 @@ def test_recomputing_after_the_last_checkpoint_only_and_forged_checkpoints(
     impostor = Signer(OKPKey.generate_key("Ed25519"))
     with stack.sessions() as session:
         head = session.get(AuditHead, HEAD_ID)
-        payload = {"type": "https://lethe.dev/audit-checkpoint/v1", "seq": head.seq,
-                   "hash": head.hash, "time": "2026-01-01T00:00:00.000000Z",
-                   "kid": impostor.kid}
-    storage.write_bytes(f"{PREFIX}{head.seq:012d}.jws",
-                        impostor.sign(payload, "lethe-audit-checkpoint+jws").encode())
+        payload = {
+            "type": "https://lethe.dev/audit-checkpoint/v1",
+            "seq": head.seq,
+            "hash": head.hash,
+            "time": "2026-01-01T00:00:00.000000Z",
+            "kid": impostor.kid,
+        }
+    storage.write_bytes(
+        f"{PREFIX}{head.seq:012d}.jws",
+        impostor.sign(payload, "lethe-audit-checkpoint+jws").encode(),
+    )
     result = get(stack, "/v1/audit/verify").json()
     assert result["ok"] is False and "does not hold" in result["reason"]
     assert result["latest_checkpoint"]["seq"] == signed

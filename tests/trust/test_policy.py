@@ -75,8 +75,11 @@ def test_candidate_then_promote(stack: Stack, trained: Trained) -> None:
     assert set(stack.record_states(stack.models[model], keys).values()) == {"present"}
     assert v1["checkpoint_available"] and v2["checkpoint_available"]
     # The keys cannot be named again while the candidate awaits review.
-    again = post(stack, "/v1/deletion-requests", json={
-        "model": model, "dataset": stack.models[model], "record_keys": keys[:2]})
+    again = post(
+        stack,
+        "/v1/deletion-requests",
+        json={"model": model, "dataset": stack.models[model], "record_keys": keys[:2]},
+    )
     assert again.status_code == 422, again.text
     assert {e["message"] for e in again.json()["errors"]} == {"named by a request awaiting review"}
     # A receipt exists only for completed requests.
@@ -151,8 +154,12 @@ def test_stale_candidate_cannot_be_promoted(stack: Stack, trained: Trained) -> N
 def test_thresholds_decide_and_are_recorded(stack: Stack, trained: Trained) -> None:
     model = stack.register(trained, "mlp")
     # A strict per-request policy: any drop in eval accuracy holds the result.
-    job = _submit(stack, model, trained.train_ids[:8],
-                  {"max_eval_acc_drop": 0.0, "max_forget_auc_excess": 1.0, "mode": "random"})
+    job = _submit(
+        stack,
+        model,
+        trained.train_ids[:8],
+        {"max_eval_acc_drop": 0.0, "max_forget_auc_excess": 1.0, "mode": "random"},
+    )
     assert run(stack, job) == Outcome.SUCCEEDED
     version = stack.versions(model)[-1]
     policy = version["metrics"]["policy"]
@@ -169,9 +176,7 @@ def test_thresholds_decide_and_are_recorded(stack: Stack, trained: Trained) -> N
     assert policy["thresholds"]["max_eval_acc_drop"] == 0.0
 
 
-def test_class_wise_forget_set_is_judged_by_forget_accuracy(
-    stack: Stack, trained: Trained
-) -> None:
+def test_class_wise_forget_set_is_judged_by_forget_accuracy(stack: Stack, trained: Trained) -> None:
     import io
 
     import numpy as np
@@ -199,8 +204,13 @@ def test_class_wise_forget_set_is_judged_by_forget_accuracy(
 def test_class_wise_eval_drop_ignores_the_forgotten_class() -> None:
     from service.policy import decide
 
-    policy = {"max_eval_acc_drop": 0.05, "max_forget_acc": 0.2, "max_forget_auc_excess": 0.0,
-              "mode": "auto", "require_review": False}
+    policy = {
+        "max_eval_acc_drop": 0.05,
+        "max_forget_acc": 0.2,
+        "max_forget_auc_excess": 0.0,
+        "mode": "auto",
+        "require_review": False,
+    }
     # Losing the forgotten class costs 9 points overall but only 1 on the other classes.
     before = {"eval_acc": 0.98, "eval_acc_retained_classes": 0.98, "forget_acc": 1.0}
     after = {"eval_acc": 0.89, "eval_acc_retained_classes": 0.97, "forget_acc": 0.05}
@@ -229,9 +239,16 @@ def test_policy_overrides_are_validated_at_submission(
 ) -> None:
     stack = sqlite_stack
     model = stack.register(trained, "mlp")
-    resp = post(stack, "/v1/deletion-requests", json={
-        "model": model, "dataset": stack.models[model], "record_keys": trained.train_ids[:3],
-        "params": {"policy": policy}})
+    resp = post(
+        stack,
+        "/v1/deletion-requests",
+        json={
+            "model": model,
+            "dataset": stack.models[model],
+            "record_keys": trained.train_ids[:3],
+            "params": {"policy": policy},
+        },
+    )
     assert resp.status_code == 422, resp.text
     assert resp.headers["content-type"].startswith("application/problem+json")
     assert [e["field"] for e in resp.json()["errors"]] == [field]
@@ -250,8 +267,13 @@ def _key(stack: Stack, scope: str) -> str:
 def test_no_utility_evidence_is_never_activated() -> None:
     from service.policy import decide
 
-    policy = {"max_eval_acc_drop": 1.0, "max_forget_acc": 1.0, "max_forget_auc_excess": 1.0,
-              "mode": "auto", "require_review": False}
+    policy = {
+        "max_eval_acc_drop": 1.0,
+        "max_forget_acc": 1.0,
+        "max_forget_auc_excess": 1.0,
+        "mode": "auto",
+        "require_review": False,
+    }
     # No eval dataset: neither the drop nor the indistinguishability test can run.
     result = decide(policy, {"forget_acc": 1.0}, {"forget_acc": 0.0}, class_wise=False)
     assert result["decision"] == "candidate"

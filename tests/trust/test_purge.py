@@ -86,9 +86,13 @@ def test_forgotten_inputs_leave_every_file(stack: Stack, trained: Trained, tmp_p
         files = [k for k in Storage(str(storage_dir)).iter_keys(f"datasets/{train_id}")]
         assert files == [ds.storage_key]
         assert all(kept_hits[f"keep:{ids[i]}"] == [f"storage/{ds.storage_key}"] for i in keep)
-        rows = session.execute(
-            select(Record).where(Record.dataset_id == train_id, Record.state == "forgotten")
-        ).scalars().all()
+        rows = (
+            session.execute(
+                select(Record).where(Record.dataset_id == train_id, Record.state == "forgotten")
+            )
+            .scalars()
+            .all()
+        )
         assert sorted(r.key for r in rows) == sorted(ids[i] for i in forget_a + forget_b)
         assert all(r.forgotten_at and r.purged_at and len(r.content_sha256) == 64 for r in rows)
         assert verify_chain(session)["ok"]
@@ -119,9 +123,13 @@ def test_interrupted_purge_is_finished_by_the_reaper(
     monkeypatch.undo()
     # The records are forgotten (the version is active) but their content is still stored.
     with stack.sessions() as session:
-        pending = session.execute(
-            select(Record.purged_at).where(Record.dataset_id == train_id, Record.key.in_(keys))
-        ).scalars().all()
+        pending = (
+            session.execute(
+                select(Record.purged_at).where(Record.dataset_id == train_id, Record.key.in_(keys))
+            )
+            .scalars()
+            .all()
+        )
         assert pending == [None] * 5
         key = session.get(Dataset, train_id).storage_key
     assert key == f"datasets/{train_id}.npz"

@@ -168,8 +168,13 @@ def test_installation_key_created_once_0600_and_rotation_keeps_old_receipts_vali
 
     new_key = tmp_path / "new-key.pem"
     new_key.write_bytes(OKPKey.generate_key("Ed25519").as_pem(private=True))
-    rotated = load_settings(**{**stack.settings.model_dump(), "signing_key": str(new_key),
-                               "retired_signing_keys": str(key_path)})
+    rotated = load_settings(
+        **{
+            **stack.settings.model_dump(),
+            "signing_key": str(new_key),
+            "retired_signing_keys": str(key_path),
+        }
+    )
     from service.signing import load_signer
 
     signer = load_signer(rotated)
@@ -178,6 +183,5 @@ def test_installation_key_created_once_0600_and_rotation_keeps_old_receipts_vali
     assert verify(first, signer.jwks())["key_id"] == first["kid"]
     # Without the retired key, the old receipt no longer verifies.
     with pytest.raises(ReceiptError, match="does not hold"):
-        verify(first, load_signer(rotated.model_copy(update={"retired_signing_keys": ""}))
-               .jwks())
+        verify(first, load_signer(rotated.model_copy(update={"retired_signing_keys": ""})).jwks())
     assert old_jwks["keys"][0]["kid"] == first["kid"] and old_path.exists()

@@ -52,9 +52,7 @@ def test_superseded_checkpoints_are_deleted_at_once(stack: Stack, trained: Train
 
 
 @pytest.mark.parametrize("sqlite_stack", [{"superseded_retention_s": 3600.0}], indirect=True)
-def test_positive_retention_is_applied_by_the_reaper(
-    sqlite_stack: Stack, trained: Trained
-) -> None:
+def test_positive_retention_is_applied_by_the_reaper(sqlite_stack: Stack, trained: Trained) -> None:
     stack = sqlite_stack
     model = stack.register(trained, "mlp")
     job = stack.submit(model, trained.train_ids[:5])

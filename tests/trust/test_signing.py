@@ -13,13 +13,19 @@ import pytest
 from service.settings import load_settings
 from service.signing import KEY_FILE, SignatureError, load_signer
 
-RACE = "from service.settings import load_settings; from service.signing import load_signer; " \
-       "import sys; print(load_signer(load_settings(home=sys.argv[1])).kid)"
+RACE = (
+    "from service.settings import load_settings; from service.signing import load_signer; "
+    "import sys; print(load_signer(load_settings(home=sys.argv[1])).kid)"
+)
 
 
 def test_racing_processes_share_one_key(tmp_path: Path) -> None:
-    procs = [subprocess.Popen([sys.executable, "-c", RACE, str(tmp_path)],
-                              stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACE, str(tmp_path)], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(4)
+    ]
     kids = {p.communicate(timeout=60)[0].strip() for p in procs}
     assert len(kids) == 1 and all(p.returncode == 0 for p in procs)
     key = tmp_path / KEY_FILE
@@ -33,7 +39,8 @@ def test_configured_key_must_be_ed25519(tmp_path: Path) -> None:
     from cryptography.hazmat.primitives.asymmetric import ec
 
     pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
     path = tmp_path / "ec.pem"

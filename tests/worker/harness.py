@@ -74,8 +74,15 @@ def train_models(n_train: int = 1200, epochs: int = 25, batch_norm: bool = False
     probe_rows = list(range(n_train - 300, n_train))  # retained members, never forgotten
     specs: dict[str, tuple[str, dict[str, Any]]] = {
         "mlp": ("mlp", {"in_features": 64, "hidden": [32], "num_classes": 10}),
-        "cnn": ("cnn", {"in_channels": 1, "num_classes": 10, "width": 8,
-                        **({"batch_norm": True} if batch_norm else {})}),
+        "cnn": (
+            "cnn",
+            {
+                "in_channels": 1,
+                "num_classes": 10,
+                "width": 8,
+                **({"batch_norm": True} if batch_norm else {}),
+            },
+        ),
     }
     weights = {}
     for label, (arch, kwargs) in specs.items():
@@ -142,8 +149,11 @@ def stack_settings(
 
 def settings_env(settings: Settings) -> dict[str, str]:
     """The environment a subprocess needs to see exactly these settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LETHE_") or k.startswith(
-        "LETHE_TEST_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("LETHE_") or k.startswith("LETHE_TEST_")
+    }
     for name in (
         "home", "database_url", "broker_url", "storage_url", "device", "max_attempts",
         "lease_seconds", "heartbeat_seconds", "reaper_interval_seconds", "embedded_poll_seconds",
@@ -202,7 +212,9 @@ class Stack:
             "/v1/models",
             headers=self.headers,
             data={"spec": json.dumps(spec)},
-            files={"weights": ("w.safetensors", trained.weights[label], "application/octet-stream")},  # noqa: E501
+            files={
+                "weights": ("w.safetensors", trained.weights[label], "application/octet-stream")
+            },  # noqa: E501
         )
         assert resp.status_code == 201, resp.text
         self.models[name] = ids["train"]

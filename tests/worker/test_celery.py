@@ -212,9 +212,7 @@ def _wait_running_mid_job(
 
 def _rerunning(stack: Stack, job_id: str, attempts_before: int) -> bool:
     row = stack.job_rows([job_id])[job_id]
-    return row.status == "succeeded" or (
-        row.status == "running" and row.attempts > attempts_before
-    )
+    return row.status == "succeeded" or (row.status == "running" and row.attempts > attempts_before)
 
 
 def test_cancel_queued_and_running_jobs(

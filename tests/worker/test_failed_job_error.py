@@ -20,8 +20,7 @@ from worker.runner import Outcome, RunnerContext, claim_job, run_job
 
 @pytest.fixture
 def stack(lethe_env: Path, database_url: str, storage_dir: Path) -> Iterator[Stack]:
-    settings = stack_settings(database_url=database_url, storage_dir=storage_dir,
-                              max_attempts=2)
+    settings = stack_settings(database_url=database_url, storage_dir=storage_dir, max_attempts=2)
     with api_stack(settings) as s:
         yield s
 
@@ -29,8 +28,11 @@ def stack(lethe_env: Path, database_url: str, storage_dir: Path) -> Iterator[Sta
 def _expire(stack: Stack, job_id: str) -> None:
     # The holder stops renewing: its lease runs out (time, the one fault not worth waiting for).
     with transaction(stack.sessions) as session:
-        session.execute(update(Job).where(Job.id == job_id)
-                        .values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        )
 
 
 def test_exhausted_job_names_the_last_attempts_worker(stack: Stack, trained: Trained) -> None:
@@ -38,12 +40,15 @@ def test_exhausted_job_names_the_last_attempts_worker(stack: Stack, trained: Tra
 
     model = stack.register(trained, "mlp")
     job_id = stack.submit(model, trained.train_ids[:4])
-    ctx = {name: RunnerContext.from_settings(stack.settings, worker_id=f"{name}:1:x")
-           for name in ("host-a", "host-b", "host-c")}
+    ctx = {
+        name: RunnerContext.from_settings(stack.settings, worker_id=f"{name}:1:x")
+        for name in ("host-a", "host-b", "host-c")
+    }
     assert claim_job(ctx["host-a"], job_id).attempt == 1
     _expire(stack, job_id)
-    reaper = Reaper(stack.settings, stack.sessions, Storage.from_settings(stack.settings),
-                    actor="reaper")
+    reaper = Reaper(
+        stack.settings, stack.sessions, Storage.from_settings(stack.settings), actor="reaper"
+    )
     reaper.tick()  # requeued, error: host-a's worker was lost
     assert "host-a" in stack.job(job_id)["error"]["detail"]
     assert claim_job(ctx["host-b"], job_id).attempt == 2

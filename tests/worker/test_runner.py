@@ -138,9 +138,7 @@ def test_missing_record_fails_at_once_with_the_key(stack: Stack, trained: Traine
     keys = trained.train_ids[:4]
     job_id = stack.submit(model, keys)
     with transaction(stack.sessions) as session:  # forgotten behind the API's back
-        session.execute(
-            update(Record).where(Record.key == keys[2]).values(state="forgotten")
-        )
+        session.execute(update(Record).where(Record.key == keys[2]).values(state="forgotten"))
     result = run_job(_ctx(stack), job_id)
     assert result.outcome == Outcome.FAILED
     job = stack.job(job_id)

@@ -219,6 +219,4 @@ def check_tokenizer(config: bytes | str | Mapping[str, Any], tokenizer: Tokenize
     vocab = cfg.get("vocab_size")
     size = tokenizer.get_vocab_size(with_added_tokens=True)
     if isinstance(vocab, int) and size > vocab:
-        raise ValueError(
-            f"tokenizer.json has {size} tokens but config.json vocab_size is {vocab}"
-        )
+        raise ValueError(f"tokenizer.json has {size} tokens but config.json vocab_size is {vocab}")
