@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -389,24 +390,12 @@ def _drive(
         # first one released (the service would also order them; waiting keeps output tidy).
         step(f"POST /v1/deletion-requests: {what} ({len(keys)} keys)")
         idem = f"demo-{run_tag}-{len(reports)}"
-        accepted = api.submit_deletion(
-            model_name,
-            datasets["train"]["id"],
-            keys,
-            params=IMU_PARAMS,
-            reason="demo",
-            subject_ref=label,
-            idempotency_key=idem,
-        )
-        retried = api.submit_deletion(  # a retried POST: same answer, no second job
-            model_name,
-            datasets["train"]["id"],
-            keys,
-            params=IMU_PARAMS,
-            reason="demo",
-            subject_ref=label,
-            idempotency_key=idem,
-        )
+        submit = partial(
+            api.submit_deletion, model_name, datasets["train"]["id"], keys,
+            params=IMU_PARAMS, reason="demo", subject_ref=label, idempotency_key=idem,
+        )  # fmt: skip
+        accepted = submit()
+        retried = submit()  # a retried POST: same answer, no second job
         if retried["id"] != accepted["id"]:
             raise RuntimeError("a retried POST with the same Idempotency-Key made a new request")
         console.print(
