@@ -6,11 +6,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,14 +18,9 @@ from service.auth import create_key
 from service.db import make_engine, make_session_factory, transaction
 from service.models import DeletionRequest, Job
 from tests.service.conftest import MLP_KWARGS, digits_npz, mlp_weights
+from tests.service.netfaults import lethe_server, server_env
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -39,44 +29,11 @@ def server(postgres_url: str, tmp_path: Path) -> Iterator[dict]:
     engine = make_engine(postgres_url)
     with transaction(make_session_factory(engine)) as s:
         _, secret = create_key(s, scope="admin", name="load")
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LETHE_")}
-    env |= {
-        "LETHE_HOME": str(tmp_path / "home"),
-        "LETHE_DATABASE_URL": postgres_url,
-        "LETHE_STORAGE_URL": str(tmp_path / "storage"),
-        "LETHE_LOG_LEVEL": "WARNING",
-        "OMP_NUM_THREADS": "1",
-    }
-    log_path = tmp_path / "server.log"
-    log = open(log_path, "wb")  # noqa: SIM115 - closed in finally
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--no-executor", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
+    env = server_env(tmp_path, database_url=postgres_url)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(base + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"server not ready: {log_path.read_text()[-2000:]}")
-            time.sleep(0.2)
-        yield {"base": base, "key": secret, "engine": engine}
+        with lethe_server(env, tmp_path / "server.log") as (base, _proc):
+            yield {"base": base, "key": secret, "engine": engine}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
         engine.dispose()
 
 
