@@ -12,7 +12,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Row, select
 from sqlalchemy.orm import Session
 
 from service.models import AuditEvent, AuditHead, utcnow
@@ -52,6 +52,20 @@ def event_hash(
         "prev_hash": prev_hash,
     }
     return hashlib.sha256(canonical_json(document).encode("utf-8")).hexdigest()
+
+
+def stored_event_hash(event: AuditEvent | Row[Any], prev_hash: str) -> str:
+    """The chain hash of a stored event (ORM row or selected columns), chained to ``prev_hash``."""
+    return event_hash(
+        seq=event.seq,
+        time=event.time,
+        actor=event.actor,
+        action=event.action,
+        subject_type=event.subject_type,
+        subject_id=event.subject_id,
+        payload=event.payload,
+        prev_hash=prev_hash,
+    )
 
 
 def _locked_head(session: Session) -> AuditHead:
@@ -166,16 +180,7 @@ def verify_chain(
                 reason = "prev_hash does not match the previous event's hash"
                 bad_seq = event.seq
             else:
-                recomputed = event_hash(
-                    seq=event.seq,
-                    time=event.time,
-                    actor=event.actor,
-                    action=event.action,
-                    subject_type=event.subject_type,
-                    subject_id=event.subject_id,
-                    payload=event.payload,
-                    prev_hash=event.prev_hash,
-                )
+                recomputed = stored_event_hash(event, event.prev_hash)
                 if recomputed != event.hash:
                     reason = "content does not match its hash"
                     bad_seq = event.seq

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import delete, select, update
 from typer.testing import CliRunner
 
-from service.audit import HEAD_ID, append_event, event_hash, verify_chain
+from service.audit import HEAD_ID, append_event, stored_event_hash, verify_chain
 from service.checkpoints import PREFIX, CheckpointError, write_checkpoint
 from service.cli import app
 from service.db import transaction
@@ -73,16 +73,7 @@ def _recompute_from(stack: Stack, seq: int) -> None:
             if event.seq == seq:
                 event.payload = {"i": -1, "edited": True}
             event.prev_hash = prev
-            event.hash = event_hash(
-                seq=event.seq,
-                time=event.time,
-                actor=event.actor,
-                action=event.action,
-                subject_type=event.subject_type,
-                subject_id=event.subject_id,
-                payload=event.payload,
-                prev_hash=prev,
-            )
+            event.hash = stored_event_hash(event, prev)
             prev = event.hash
         session.flush()
         session.execute(update(AuditHead).where(AuditHead.id == HEAD_ID).values(hash=prev))
