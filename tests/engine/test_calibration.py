@@ -29,6 +29,13 @@ def _halves(digits) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tens
     return (digits.x_test[g], digits.y_test[g]), (digits.x_test[p], digits.y_test[p])
 
 
+def _forget_class(digits, flat: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every training record of FORGET_CLASS (flattened for the MLP)."""
+    mask = digits.y_train == FORGET_CLASS
+    x = digits.x_train[mask]
+    return (digits.flat(x) if flat else x), digits.y_train[mask]
+
+
 def _others(model: nn.Module, pair) -> float:
     x, y = pair
     keep = y != FORGET_CLASS
@@ -61,8 +68,7 @@ def test_fixed_schedule_trains_each_kept_sample_once_per_epoch_on_batchnorm(
 ) -> None:
     """With a trailing batch of one (10 kept samples, batch 3), a BatchNorm CNN in train
     mode still sees each kept sample exactly once per epoch."""
-    mask = digits.y_train == FORGET_CLASS
-    xf, yf = digits.x_train[mask], digits.y_train[mask]
+    xf, yf = _forget_class(digits)
     model = copy.deepcopy(trained_cnn)
     seen: list[torch.Tensor] = []
 
@@ -92,8 +98,7 @@ def test_class_wise_default_request_forgets_and_keeps_utility_on_batchnorm_cnn(
     trained_cnn, digits
 ) -> None:
     guard, policy = _halves(digits)
-    mask = digits.y_train == FORGET_CLASS
-    xf, yf = digits.x_train[mask], digits.y_train[mask]
+    xf, yf = _forget_class(digits)
     model = copy.deepcopy(trained_cnn)
     before = _others(model, policy)
     result = unlearn(model, xf, yf, IMUConfig(device="cpu"), heldout=guard, class_wise=True)
@@ -115,8 +120,7 @@ def test_calibration_with_theta_prefixes_and_both_backbone_modes(
     trained_cnn, digits, params, mode
 ) -> None:
     guard, policy = _halves(digits)
-    mask = digits.y_train == FORGET_CLASS
-    xf, yf = digits.x_train[mask], digits.y_train[mask]
+    xf, yf = _forget_class(digits)
     model = copy.deepcopy(trained_cnn)
     before = _others(model, policy)
     cfg = IMUConfig(params=params, backbone_mode=mode, device="cpu")
@@ -133,8 +137,7 @@ def test_calibration_with_theta_prefixes_and_both_backbone_modes(
 def test_guard_backtracks_when_steps_are_too_long(trained_mlp, digits) -> None:
     guard, policy = _halves(digits)
     flat_guard = (digits.flat(guard[0]), guard[1])
-    mask = digits.y_train == FORGET_CLASS
-    xf, yf = digits.flat(digits.x_train[mask]), digits.y_train[mask]
+    xf, yf = _forget_class(digits, flat=True)
     model = copy.deepcopy(trained_mlp)
     before = _others(model, (digits.flat(policy[0]), policy[1]))
     cfg = IMUConfig(device="cpu", step_scale=0.05)  # 50x the default step length
@@ -195,8 +198,7 @@ def test_the_working_step_follows_the_model_scale(trained_mlp, digits) -> None:
     the calibrated run forgets the same way at every k (a fixed lr would not)."""
     guard, policy = _halves(digits)
     heldout = (digits.flat(guard[0]), guard[1])
-    mask = digits.y_train == FORGET_CLASS
-    xf, yf = digits.flat(digits.x_train[mask]), digits.y_train[mask]
+    xf, yf = _forget_class(digits, flat=True)
     policy_flat = (digits.flat(policy[0]), policy[1])
     before = _others(trained_mlp, policy_flat)
     outcomes, fixed_runs = {}, {}
@@ -225,8 +227,7 @@ def test_the_working_step_follows_the_model_scale(trained_mlp, digits) -> None:
 
 def test_calibration_is_deterministic_for_a_seed(trained_cnn, digits) -> None:
     guard, _ = _halves(digits)
-    mask = digits.y_train == FORGET_CLASS
-    xf, yf = digits.x_train[mask], digits.y_train[mask]
+    xf, yf = _forget_class(digits)
     runs = []
     for seed in (4, 4):
         model = copy.deepcopy(trained_cnn)
@@ -238,8 +239,7 @@ def test_calibration_is_deterministic_for_a_seed(trained_cnn, digits) -> None:
 def test_calibrated_ga_uses_the_same_controller(trained_mlp, digits) -> None:
     guard, policy = _halves(digits)
     heldout = (digits.flat(guard[0]), guard[1])
-    mask = digits.y_train == FORGET_CLASS
-    xf, yf = digits.flat(digits.x_train[mask]), digits.y_train[mask]
+    xf, yf = _forget_class(digits, flat=True)
     model = copy.deepcopy(trained_mlp)
     before = _others(model, (digits.flat(policy[0]), policy[1]))
     result = gradient_ascent(
