@@ -37,8 +37,9 @@ def in_guard_half(key: str) -> bool:
 
 
 def split_eval_keys(keys: Sequence[str]) -> EvalSplit:
-    guard = [k for k in keys if in_guard_half(k)]
-    policy = [k for k in keys if not in_guard_half(k)]
+    halves = [in_guard_half(k) for k in keys]  # one hash per key
+    guard = [k for k, g in zip(keys, halves, strict=True) if g]
+    policy = [k for k, g in zip(keys, halves, strict=True) if not g]
     if min(len(guard), len(policy)) < MIN_PER_HALF:
         return EvalSplit(list(keys), list(keys))
     return EvalSplit(guard, policy)

@@ -46,11 +46,10 @@ def run_engine(
     config = engine_config(method, params, device)
     x, y = forget
     result: UnlearnResult
+    # The engine reports its own phases ("influence", then "unlearning") from its first step.
     if isinstance(config, IMUConfig):
-        progress("influence", 0.0)
         result = unlearn(model, x, y, config, progress, heldout=guard, class_wise=class_wise)
     else:
-        progress("unlearning", 0.0)
         result = gradient_ascent(
             model, x, y, config, progress, heldout=guard, class_wise=class_wise
         )
