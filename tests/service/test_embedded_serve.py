@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.service.conftest import MLP_KWARGS, digits_npz, mlp_weights
-from tests.service.test_server_concurrency import _free_port
+from tests.service.netfaults import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +62,7 @@ def test_embedded_serve_runs_a_job_end_to_end(tmp_path: Path, digits) -> None:
         .stdout.strip()
         .splitlines()[-1]
     )
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
