@@ -43,7 +43,7 @@ RUN groupadd --system --gid ${LETHE_UID} lethe \
     && mkdir -p /var/lib/lethe/storage \
     && chown -R lethe:lethe /var/lib/lethe
 COPY --from=build /opt/venv /opt/venv
-# Migrations ship inside the package (service/migrations): `lethe migrate` needs no files.
+# Migrations ship inside the package (service/storage/migrations): `lethe migrate` needs no files.
 WORKDIR /var/lib/lethe
 # A named volume mounted here starts with this ownership, so the unprivileged user can write.
 VOLUME ["/var/lib/lethe"]

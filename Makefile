@@ -13,7 +13,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install -e '.[dev,lm]'
+	$(PY) -m pip install -e '.[dev,lm,demo,bench]'
 	touch $(STAMP)
 
 demo: install

@@ -39,7 +39,7 @@ from typing import Any
 
 import httpx
 
-from service.localserver import LocalService
+from service.devtools.localserver import LocalService
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS = BENCH_DIR / "results"
@@ -170,7 +170,7 @@ def _seed(
     service: LocalService, key: str, data: Path, weights: Path, records: int
 ) -> dict[str, str]:
     """Register the dataset and model and submit a few jobs; returns ids for the routes."""
-    from service.client import LetheClient
+    from service.cli.api_client import LetheClient
 
     with LetheClient(service.url, key, timeout=120) as api:
         dataset = api.upload_dataset(data, name="bench", kind="tensor", role="train")
@@ -228,7 +228,7 @@ def bench_backend(
     extra = ["--no-executor"] + (["--workers", str(workers)] if workers else [])
     service = LocalService(home, env=env, embedded=backend == "sqlite")
     try:
-        service.migrate()
+        service.storage.migrate()
         key = service.create_key("admin", name="bench")
         data, weights = _fixture_files(home, records)
         t0 = time.perf_counter()

@@ -344,8 +344,8 @@ def policy_metrics(model: nn.Module, data: BenchData, split: Split, scenario: st
 
 def release_verdict(before: dict, after: dict, scenario: str) -> str:
     """The service's default release decision on this result: active | candidate."""
-    from service.policy import decide, effective_policy
     from service.settings import Settings
+    from service.trust.policy import decide, effective_policy
 
     policy = effective_policy(Settings(), None)
     return decide(policy, before, after, class_wise=scenario == "classwise")["decision"]

@@ -1,7 +1,7 @@
 """The Celery application: `celery -A worker.celery_app worker` (or `lethe worker`).
 
 Delivery is at-least-once and the database decides what runs (see worker.job_queue).
-The configuration is service.queue.celery_config, shared with the API's sender:
+The configuration is service.domain.queue.celery_config, shared with the API's sender:
 - JSON only; the task id is the job id; one queue, `LETHE_QUEUE_NAME`.
 - `acks_late` + `reject_on_worker_lost`: a message is acknowledged only once its job has been
   handled, and goes back to the queue if the pool process dies under it.
@@ -24,7 +24,7 @@ from typing import Any
 
 from celery import Celery, signals
 
-from service.queue import celery_config, send_run_job
+from service.domain.queue import celery_config, send_run_job
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("lethe.worker")
@@ -44,7 +44,7 @@ app = create_celery()
 
 
 def enqueue(job_id: str, countdown: float | None = None) -> None:
-    """Send the run message for a job (the one shape: service.queue.send_run_job)."""
+    """Send the run message for a job (the one shape: service.domain.queue.send_run_job)."""
     send_run_job(app, app.conf.lethe_settings, job_id, countdown)
 
 
@@ -65,8 +65,8 @@ def _preload_engine(**_: Any) -> None:
 def _start_reaper(**_: Any) -> None:
     if os.environ.get("LETHE_WORKER_REAPER", "1") == "0":
         return
-    from service.db import make_engine, make_session_factory
-    from service.storage import Storage
+    from service.storage.db import make_engine, make_session_factory
+    from service.storage.objects import Storage
     from worker.lease import worker_identity
     from worker.reaper import Reaper, ReaperThread
 

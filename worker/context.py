@@ -10,9 +10,9 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db import make_engine, make_session_factory
 from service.settings import Settings
-from service.storage import Storage
+from service.storage.db import make_engine, make_session_factory
+from service.storage.objects import Storage
 
 
 @dataclass

@@ -24,9 +24,9 @@ import threading
 import time
 from types import FrameType
 
-from service.backoff import backoff_delay
-from service.db import transaction
+from service.domain.backoff import backoff_delay
 from service.settings import Settings, get_settings
+from service.storage.db import transaction
 from worker.job_queue import runnable_jobs
 from worker.reaper import Reaper
 from worker.runner import Outcome, RunnerContext, RunResult, run_job

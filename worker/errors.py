@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.problems import problem_dict
+from service.api.problems import problem_dict
 
 
 class JobError(Exception):

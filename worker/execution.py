@@ -26,11 +26,11 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from service.db import transaction
-from service.models import Job
-from service.policy import decide, effective_policy
-from service.purge import key_sha256
-from service.states import PHASES, JobStatus, Phase
+from service.domain.states import PHASES, JobStatus, Phase, VersionStatus
+from service.storage.db import transaction
+from service.storage.models import Job
+from service.trust.policy import decide, effective_policy
+from service.trust.purge import key_sha256
 from worker.context import Outcome, RunnerContext, RunResult
 from worker.errors import (
     Cancelled,
@@ -207,7 +207,7 @@ class Execution:
             self._delete_written()
             raise
         cleanup_job_checkpoints(self.ctx.storage, self.model_id, self.job_id, keep=stored.key)
-        if policy["decision"] == "active":
+        if policy["decision"] == VersionStatus.ACTIVE:
             finish_activation(self.ctx, self.model_id, loaded.dataset_id)
         return version_id
 

@@ -25,14 +25,10 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from service.audit import append_event
-from service.backoff import backoff_delay
-from service.db import transaction
+from service.api.problems import problem_dict
+from service.domain.backoff import backoff_delay
 from service.domain.models import active_version
-from service.models import DeletionRequest, Job, Model, ModelVersion
-from service.problems import problem_dict
-from service.sql import affected_rows
-from service.states import (
+from service.domain.states import (
     ACTIVE_JOB_STATES,
     REQUEST_STATUS_OF_JOB,
     TERMINAL_JOB_STATES,
@@ -41,7 +37,11 @@ from service.states import (
     RequestStatus,
     VersionStatus,
 )
-from service.storage import Storage
+from service.storage.db import transaction
+from service.storage.models import DeletionRequest, Job, Model, ModelVersion
+from service.storage.objects import Storage
+from service.storage.sql import affected_rows
+from service.trust.audit import append_event
 from worker.context import Outcome, RunnerContext
 from worker.errors import worker_lost_problem
 from worker.lease import holder_is_dead, lease_until, utcnow

@@ -25,9 +25,10 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db import transaction
-from service.models import Job
-from service.sql import affected_rows
+from service.domain.states import JobStatus
+from service.storage.db import transaction
+from service.storage.models import Job
+from service.storage.sql import affected_rows
 
 log = logging.getLogger("lethe.worker")
 
@@ -89,7 +90,7 @@ def fenced(job_id: str, worker_id: str, attempt: int) -> ColumnElement[bool]:
     """WHERE clause: the job is still running under this worker's claim."""
     return (
         (Job.id == job_id)
-        & (Job.status == "running")
+        & (Job.status == JobStatus.RUNNING)
         & (Job.worker_id == worker_id)
         & (Job.attempts == attempt)
     )

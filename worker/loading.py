@@ -18,11 +18,11 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.datasets_io import TensorData
-from service.db import transaction
-from service.models import Dataset, DeletionRequest, Job, Model, ModelVersion, Record
-from service.sql import chunked
-from service.states import VersionStatus
+from service.domain.states import Phase, VersionStatus
+from service.ingest.datasets_io import TensorData
+from service.storage.db import transaction
+from service.storage.models import Dataset, DeletionRequest, Job, Model, ModelVersion, Record
+from service.storage.sql import chunked
 from worker.context import RunnerContext
 from worker.errors import JobError, SourceChanged
 from worker.heldout import split_eval_keys
@@ -140,12 +140,12 @@ class Loader:
 
     def load(self) -> Loaded:
         inputs = self._read_inputs()
-        self.progress("loading", 0.1)
+        self.progress(Phase.LOADING, 0.1)
         model = self._load_model(inputs)
-        self.progress("loading", 0.4)
+        self.progress(Phase.LOADING, 0.4)
         forget = self._load_rows(inputs.dataset, inputs.keys)
         class_wise = self._class_wise(inputs.dataset, inputs.keys)
-        self.progress("loading", 0.6)
+        self.progress(Phase.LOADING, 0.6)
         eval_pair = guard_pair = split = None
         if inputs.eval:
             eval_keys = inputs.eval_keys
@@ -155,7 +155,7 @@ class Loader:
             eval_pair = self._load_rows(inputs.eval, split.policy)
             guard_pair = self._load_rows(inputs.eval, split.guard)
         probe_pair = self._load_rows(inputs.probe, inputs.probe_keys) if inputs.probe else None
-        self.progress("loading", 0.8)
+        self.progress(Phase.LOADING, 0.8)
         return Loaded(
             model=model, forget=forget, eval=eval_pair, member_probe=probe_pair,
             guard=guard_pair, eval_split=split.describe() if split else None,
@@ -267,7 +267,7 @@ class Loader:
     def dataset(self, source: DataSource) -> TensorData:
         """The parsed current file of a dataset (cached). A purge may have replaced the file
         since its key was read: follow the dataset to its new file."""
-        from service.datasets_io import load_tensor_npz
+        from service.ingest.datasets_io import load_tensor_npz
 
         for _ in range(5):
             cache_key = (source.storage_key, source.content_sha256)
@@ -302,7 +302,7 @@ class Loader:
     def _load_rows(self, source: DataSource, keys: list[str] | None) -> Pair:
         import torch
 
-        from service.datasets_io import DatasetError, select_rows
+        from service.ingest.datasets_io import DatasetError, select_rows
 
         if source.kind != "tensor":
             raise JobError(

@@ -15,7 +15,7 @@ Each tick:
    by design; duplicates are harmless because claiming is idempotent. The first re-send comes
    `3 × reaper_interval_seconds` after the reaper first sees the job waiting, so a worker that
    starts after downtime picks up everything that was queued meanwhile.
-4. Trust upkeep (service.purge, service.retention, service.checkpoints): signed audit
+4. Trust upkeep (service.trust: purge, retention, checkpoints): signed audit
    checkpoints every LETHE_CHECKPOINT_INTERVAL_S, abandoned temporary `.part` files older than
    LETHE_TEMP_MAX_AGE_S removed, finish content purges that an earlier
    save or promotion could not complete, and retire superseded checkpoints whose
@@ -34,12 +34,12 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.backoff import backoff_delay
-from service.db import transaction
-from service.models import Job
+from service.domain.backoff import backoff_delay
+from service.domain.states import JobStatus
 from service.settings import Settings
-from service.states import JobStatus
-from service.storage import Storage
+from service.storage.db import transaction
+from service.storage.models import Job
+from service.storage.objects import Storage
 from worker.errors import worker_lost_problem
 from worker.job_queue import (
     cleanup_job_checkpoints,
@@ -72,7 +72,7 @@ class ReapReport:
 @dataclass
 class _Waiting:
     due: float
-    sent: int = 0  # re-sends so far: the next interval doubles (service.backoff)
+    sent: int = 0  # re-sends so far: the next interval doubles (service.domain.backoff)
 
 
 class Reaper:
@@ -105,8 +105,8 @@ class Reaper:
 
     # 4 ----------------------------------------------------------------------------------
     def _upkeep(self, report: ReapReport) -> None:
-        from service.purge import purge_pending
-        from service.retention import retire_due
+        from service.trust.purge import purge_pending
+        from service.trust.retention import retire_due
 
         for result in purge_pending(self.factory, self.storage, actor=self.actor):
             if result.purged:
@@ -120,8 +120,8 @@ class Reaper:
     def _checkpoint(self, report: ReapReport) -> None:
         """A signed audit checkpoint every `checkpoint_interval_s` (the first on the first
         tick), so truncating the log is detectable even when no receipt was issued."""
-        from service.checkpoints import write_checkpoint
-        from service.signing import load_signer
+        from service.trust.checkpoints import write_checkpoint
+        from service.trust.signing import load_signer
 
         now = time.monotonic()
         if now < self._next_checkpoint:

@@ -3,7 +3,7 @@
 Exactly-once result. The checkpoint goes to a key derived from the job id and attempt
 (`checkpoints/<model>/job-<job>-a<attempt>.safetensors`, written to a temp name and renamed);
 then ONE transaction, fenced on the claim, creates version n+1 and, by the release policy
-(service.policy), either activates it (service.domain.activation: supersedes n, marks the
+(service.trust.policy), either activates it (service.domain.activation: supersedes n, marks the
 records forgotten, request completed) or keeps it a candidate (request needs_review),
 finishes the job and appends the audit events. The unique constraint on ModelVersion.job_id
 backs this up. If the transaction fails the caller deletes the file; files of attempts that
@@ -18,13 +18,13 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from service.audit import append_event
-from service.db import transaction
 from service.domain.activation import RecordsUnavailable, activate, after_activation
 from service.domain.models import active_version
-from service.models import ModelVersion
-from service.states import JobStatus, Phase, RequestStatus, VersionStatus
-from service.storage import Storage
+from service.domain.states import JobStatus, Phase, RequestStatus, VersionStatus
+from service.storage.db import transaction
+from service.storage.models import ModelVersion
+from service.storage.objects import Storage
+from service.trust.audit import append_event
 from worker.context import RunnerContext
 from worker.errors import Cancelled, JobError, LeaseLost, SourceChanged
 from worker.job_queue import Fence, finish_job, lock_claimed

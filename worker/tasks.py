@@ -13,8 +13,8 @@ import logging
 import os
 from typing import Any
 
-from service.backoff import backoff_delay
-from service.queue import RUN_JOB_TASK
+from service.domain.backoff import backoff_delay
+from service.domain.queue import RUN_JOB_TASK
 from worker.celery_app import app, enqueue
 from worker.runner import Outcome, RunnerContext, run_job
 

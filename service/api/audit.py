@@ -8,14 +8,14 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
+from service.api.auth import Principal
 from service.api.deps import AppState, get_state, require
 from service.api.schemas import COMMON_ERRORS, AuditEventOut, Page, VerifyOut
-from service.audit import event_dict
-from service.auth import Principal
-from service.checkpoints import verify_with_checkpoints
 from service.domain.pagination import DEFAULT_LIMIT, MAX_LIMIT, decode_cursor, page
-from service.models import AuditEvent
-from service.signing import load_signer
+from service.storage.models import AuditEvent
+from service.trust.audit import event_dict
+from service.trust.checkpoints import verify_with_checkpoints
+from service.trust.signing import load_signer
 
 SUBJECT_TYPES = ("api_key", "dataset", "model", "model_version", "deletion_request", "job")
 

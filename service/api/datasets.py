@@ -6,12 +6,13 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 
+from service.api.auth import Principal
 from service.api.deps import AppState, get_state, iter_file, only_form_fields, require
 from service.api.schemas import COMMON_ERRORS, DatasetOut, Page, RecordOut
-from service.auth import Principal
 from service.domain import datasets as domain
 from service.domain.pagination import DEFAULT_LIMIT, MAX_LIMIT
-from service.npzread import NpzLimits
+from service.domain.states import RecordState
+from service.ingest.npzread import NpzLimits
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=COMMON_ERRORS)
 
@@ -92,7 +93,7 @@ def show_dataset(
 )
 def list_records(
     dataset_id: str,
-    state_filter: Annotated[Literal["present", "forgotten"] | None, Query(alias="state")] = None,
+    state_filter: Annotated[RecordState | None, Query(alias="state")] = None,
     cursor: Cursor = None,
     limit: Limit = DEFAULT_LIMIT,
     _: Principal = Depends(require("read")),

@@ -12,10 +12,10 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from service.auth import KeyCache, Principal
-from service.problems import Problem
+from service.api.auth import KeyCache, Principal
+from service.api.problems import Problem
 from service.settings import Settings
-from service.storage import CHUNK, Storage
+from service.storage.objects import CHUNK, Storage
 
 
 @dataclass

@@ -10,8 +10,8 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 
 from service.api.deps import AppState, get_state
-from service.migrate import SchemaBehind, check_at_head
-from service.problems import DB_RETRY_AFTER_S, PROBLEM_MEDIA_TYPE, problem_dict
+from service.api.problems import DB_RETRY_AFTER_S, PROBLEM_MEDIA_TYPE, problem_dict
+from service.storage.migrate import SchemaBehind, check_at_head
 
 log = logging.getLogger("lethe.api")
 router = APIRouter(tags=["health"])
@@ -97,7 +97,7 @@ def readyz(state: AppState = Depends(get_state)) -> JSONResponse:
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 def metrics(state: AppState = Depends(get_state)) -> Response:
-    from service.observability import render
+    from service.api.observability import render
 
     body, content_type = render(state)
     return Response(body, media_type=content_type)

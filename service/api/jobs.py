@@ -8,14 +8,14 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
 
+from service.api.auth import Principal
 from service.api.deps import AppState, get_state, require, run_read
 from service.api.schemas import COMMON_ERRORS, JobOut, Page
-from service.auth import Principal
 from service.domain import jobs as domain
 from service.domain.pagination import DEFAULT_LIMIT, MAX_LIMIT
 from service.domain.requests import cancel_job
+from service.domain.states import JobStatus
 from service.domain.views import job_view
-from service.states import JobStatus
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=COMMON_ERRORS)
 

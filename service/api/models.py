@@ -11,15 +11,15 @@ from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 
+from service.api.auth import Principal
 from service.api.deps import AppState, get_state, iter_file, only_form_fields, require
+from service.api.problems import Problem
 from service.api.schemas import COMMON_ERRORS, ModelOut, Page, VersionOut
-from service.auth import Principal
 from service.domain import models as domain
 from service.domain import versions as versions_domain
 from service.domain.pagination import DEFAULT_LIMIT, MAX_LIMIT
 from service.domain.views import iso
-from service.problems import Problem
-from service.storage import CHUNK
+from service.storage.objects import CHUNK
 
 router = APIRouter(tags=["models"], responses=COMMON_ERRORS)
 

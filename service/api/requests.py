@@ -7,9 +7,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header
 from fastapi.responses import JSONResponse
 
+from service.api.auth import Principal
 from service.api.deps import AppState, get_state, require
 from service.api.schemas import COMMON_ERRORS, DeletionRequestOut, SubmissionOut
-from service.auth import Principal
 from service.domain import requests as domain
 from service.domain.requests import DeletionRequestIn
 
@@ -74,7 +74,7 @@ def receipt(
     _: Principal = Depends(require("read")),
     state: AppState = Depends(get_state),
 ) -> dict[str, Any]:
-    from service.receipts import issue_receipt
+    from service.trust.receipts import issue_receipt
 
     return issue_receipt(state.sessions, state.storage, state.settings, request_id)
 

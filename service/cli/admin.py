@@ -34,8 +34,8 @@ def register(app: typer.Typer) -> None:
         name: Annotated[str | None, typer.Option(help="Unique name (default: generated).")] = None,
     ) -> None:
         """Create an API key; the secret is printed once, as the last line of stdout."""
-        from service.auth import ApiKeyError, create_key
-        from service.db import transaction
+        from service.api.auth import ApiKeyError, create_key
+        from service.storage.db import transaction
 
         settings = cli_settings()
         engine, sessions = open_database(settings)
@@ -58,7 +58,7 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     ) -> None:
         """List keys (never their secrets)."""
-        from service.auth import list_keys
+        from service.api.auth import list_keys
         from service.domain.views import iso
 
         settings = cli_settings()
@@ -91,8 +91,8 @@ def register(app: typer.Typer) -> None:
         name: Annotated[str, typer.Argument(help="Key name or id.")],
     ) -> None:
         """Revoke a key (idempotent); requests with it then get 401."""
-        from service.auth import ApiKeyError, revoke_key
-        from service.db import transaction
+        from service.api.auth import ApiKeyError, revoke_key
+        from service.storage.db import transaction
 
         settings = cli_settings()
         engine, sessions = open_database(settings)
@@ -116,9 +116,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Recompute the audit hash chain and check it against every signed checkpoint in
         object storage; exit 1 if it is broken, truncated or rewritten."""
-        from service.checkpoints import verify_with_checkpoints
-        from service.signing import SignatureError, load_signer
-        from service.storage import Storage
+        from service.storage.objects import Storage
+        from service.trust.checkpoints import verify_with_checkpoints
+        from service.trust.signing import SignatureError, load_signer
 
         settings = cli_settings()
         try:
@@ -148,7 +148,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Check an erasure receipt with nothing but the issuer's public keys; exit 1 when it
         does not verify, 2 when the keys cannot be read."""
-        from service.receipts import ReceiptError, verify
+        from service.trust.receipts import ReceiptError, verify
 
         try:
             keys = _load_jwks(jwks)

@@ -18,14 +18,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from service.cli.common import command_group
-from service.client import (
+from service.cli.api_client import (
     DEFAULT_URL,
     ChecksumMismatch,
     LetheAPIError,
     LetheClient,
     LetheConnectionError,
 )
+from service.cli.common import command_group
 
 UrlOpt = Annotated[
     str, typer.Option("--url", envvar="LETHE_URL", help="Service base URL.", show_default=True)

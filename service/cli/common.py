@@ -24,8 +24,8 @@ def auto_migrates(settings: Settings) -> bool:
 
 
 def ensure_schema(settings: Settings) -> None:
-    from service import migrate
-    from service.db import make_engine
+    from service.storage import migrate
+    from service.storage.db import make_engine
 
     if auto_migrates(settings):
         migrate.upgrade(settings.db_url)
@@ -44,7 +44,7 @@ def ensure_schema(settings: Settings) -> None:
 
 
 def open_database(settings: Settings) -> tuple[Engine, sessionmaker[Session]]:
-    from service.db import make_engine, make_session_factory
+    from service.storage.db import make_engine, make_session_factory
 
     ensure_schema(settings)
     engine = make_engine(settings.db_url)

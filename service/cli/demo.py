@@ -24,7 +24,7 @@ def register(app: typer.Typer) -> None:
         """Train a digits CNN, start the embedded service, forget data over HTTP, show results."""
         from rich.console import Console
 
-        from service.demo import DemoConfig, run_demo
+        from service.devtools.demo import DemoConfig, run_demo
 
         home = home or Path(os.environ.get("LETHE_HOME") or "./.lethe")
         console = Console()

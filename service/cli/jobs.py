@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from service.cli.api_client import DEFAULT_URL, LetheClient
 from service.cli.client import (
     JsonOpt,
     KeyOpt,
@@ -21,7 +22,7 @@ from service.cli.client import (
     read_keys_file,
 )
 from service.cli.common import command_group
-from service.client import DEFAULT_URL, LetheClient
+from service.domain.states import JobStatus
 
 
 # -- forget ---------------------------------------------------------------------------------
@@ -91,7 +92,12 @@ def _follow(
 
 def _print_job_summary(job: dict[str, Any]) -> None:
     status = job.get("status")
-    colour = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(str(status), "")
+    colours: dict[str, str] = {
+        JobStatus.SUCCEEDED: "green",
+        JobStatus.FAILED: "red",
+        JobStatus.CANCELLED: "yellow",
+    }
+    colour = colours.get(str(status), "")
     out.print(
         f"job {job.get('id')}: [bold {colour}]{status}[/]"
         + (f" -> version {job.get('result_version_id')}" if job.get("result_version_id") else "")
@@ -102,7 +108,7 @@ def _print_job_summary(job: dict[str, Any]) -> None:
 
 
 def _exit_for(job: dict[str, Any]) -> None:
-    if job.get("status") != "succeeded":
+    if job.get("status") != JobStatus.SUCCEEDED:
         raise typer.Exit(1)
 
 

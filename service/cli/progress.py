@@ -14,7 +14,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from service.states import PHASES, TERMINAL_JOB_STATES
+from service.domain.states import PHASES, TERMINAL_JOB_STATES, JobStatus
 
 
 class JobProgress:
@@ -42,7 +42,7 @@ class JobProgress:
     def __enter__(self) -> JobProgress:
         self.progress.__enter__()
         self._status_task = self.progress.add_task(
-            f"[bold]{self._title}", total=None, note="queued", start=False
+            f"[bold]{self._title}", total=None, note=JobStatus.QUEUED, start=False
         )
         for phase in PHASES:
             self._tasks[phase] = self.progress.add_task(
@@ -60,7 +60,7 @@ class JobProgress:
         timings = job.get("timings") or {}
         if self._status_task is not None:
             self.progress.update(self._status_task, note=status)
-            if status == "running":
+            if status == JobStatus.RUNNING:
                 self._start(self._status_task)  # the clock counts from the claim, not the POST
             elif status in TERMINAL_JOB_STATES:
                 self._start(self._status_task)
@@ -70,14 +70,14 @@ class JobProgress:
             task = self._tasks[name]
             seconds = _phase_seconds(timings, name)
             note = f"{seconds:.2f}s" if seconds is not None else ""
-            if i < current or status == "succeeded":
+            if i < current or status == JobStatus.SUCCEEDED:
                 self._start(task)
                 self.progress.update(task, completed=100, note=note)
                 self.progress.stop_task(task)
-            elif i == current and status == "running":
+            elif i == current and status == JobStatus.RUNNING:
                 self._start(task)
                 self.progress.update(task, completed=min(100.0, fraction * 100.0), note=note)
-            elif i == current and status in ("failed", "cancelled"):
+            elif i == current and status in (JobStatus.FAILED, JobStatus.CANCELLED):
                 self.progress.update(task, note=f"[red]{status}")
                 self.progress.stop_task(task)
 

@@ -103,7 +103,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def migrate() -> None:
         """Upgrade the configured database to the latest migration (idempotent)."""
-        from service import migrate as migrations
+        from service.storage import migrate as migrations
 
         settings = cli_settings()
         try:
@@ -153,7 +153,7 @@ def register(app: typer.Typer) -> None:
         try:
             if workers > 1:
                 uvicorn.run(
-                    "service.app:create_app",
+                    "service.api.app:create_app",
                     factory=True,
                     host=host,
                     port=port,
@@ -161,7 +161,7 @@ def register(app: typer.Typer) -> None:
                     log_level=settings.log_level.lower(),
                 )
             else:
-                from service.app import create_app
+                from service.api.app import create_app
 
                 uvicorn.run(
                     create_app(settings),

@@ -1,6 +1,6 @@
 """Domain logic in one place, independent of HTTP: registration, deletion requests, jobs.
 
 Functions take a session factory (and storage/settings where needed) and raise
-`service.problems.Problem` for anything the caller did wrong, so the API routers stay thin and
+`service.api.problems.Problem` for anything the caller did wrong, so the API routers stay thin and
 the same rules apply to the CLI and to tests that call these functions directly.
 """

@@ -17,13 +17,13 @@ from datetime import datetime
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import purge, retention
-from service.forgetting import append_forgotten_event, mark_forgotten
-from service.models import ModelVersion
-from service.purge import PurgeResult
+from service.domain.forgetting import append_forgotten_event, mark_forgotten
+from service.domain.states import VersionStatus
 from service.settings import Settings
-from service.states import VersionStatus
-from service.storage import Storage
+from service.storage.models import ModelVersion
+from service.storage.objects import Storage
+from service.trust import purge, retention
+from service.trust.purge import PurgeResult
 
 log = logging.getLogger("lethe.activation")
 

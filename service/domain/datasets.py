@@ -14,15 +14,16 @@ from typing import Any
 from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.audit import append_event
-from service.datasets_io import DatasetError, dataset_meta, load_dataset, record_hashes
-from service.db import transaction
+from service.api.problems import Problem, not_found, validation
 from service.domain.pagination import MAX_LIMIT, decode_cursor, page
+from service.domain.states import RecordState
 from service.domain.views import dataset_view, iso
-from service.models import Dataset, Record, new_id
-from service.npzread import NpzLimits
-from service.problems import Problem, not_found, validation
-from service.storage import Storage, TooLarge
+from service.ingest.datasets_io import DatasetError, dataset_meta, load_dataset, record_hashes
+from service.ingest.npzread import NpzLimits
+from service.storage.db import transaction
+from service.storage.models import Dataset, Record, new_id
+from service.storage.objects import Storage, TooLarge
+from service.trust.audit import append_event
 
 KINDS = ("tensor", "text")
 ROLES = ("train", "eval", "member_probe")
@@ -170,7 +171,7 @@ def show_dataset(factory: sessionmaker[Session], dataset_id: str) -> dict[str, A
         view = dataset_view(ds)
         view["state_counts"] = {
             "present": counts.get("present", 0),
-            "forgotten": counts.get("forgotten", 0),
+            "forgotten": counts.get(RecordState.FORGOTTEN, 0),
         }
         return view
 
@@ -202,7 +203,7 @@ def list_records(
     cursor: str | None,
     limit: int,
 ) -> dict[str, Any]:
-    if state is not None and state not in ("present", "forgotten"):
+    if state is not None and state not in tuple(RecordState):
         raise validation(
             "state must be present or forgotten", [{"field": "state", "message": "invalid"}]
         )

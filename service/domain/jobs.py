@@ -7,13 +7,13 @@ from typing import Any
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db import read_once
+from service.api.problems import not_found, validation
 from service.domain.models import get_model
 from service.domain.pagination import MAX_LIMIT, decode_cursor, page
+from service.domain.states import JOB_STATES
 from service.domain.views import job_view
-from service.models import Job, Model
-from service.problems import not_found, validation
-from service.states import JOB_STATES
+from service.storage.db import read_once
+from service.storage.models import Job, Model
 
 
 def get_job(session: Session, job_id: str) -> Job:

@@ -17,15 +17,16 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.audit import append_event
-from service.db import transaction
+from service.api.problems import Problem, conflict, not_found, validation
 from service.domain.datasets import resolve_dataset, too_large
 from service.domain.pagination import MAX_LIMIT, decode_cursor, page
+from service.domain.states import VersionStatus
 from service.domain.views import model_view, version_view
-from service.models import Model, ModelVersion, new_id
-from service.problems import Problem, conflict, not_found, validation
-from service.storage import Storage, TooLarge
-from service.textcheck import check_json
+from service.ingest.textcheck import check_json
+from service.storage.db import transaction
+from service.storage.models import Model, ModelVersion, new_id
+from service.storage.objects import Storage, TooLarge
+from service.trust.audit import append_event
 
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,199}$")
 
@@ -170,7 +171,7 @@ def register_model(
                 storage_key=key,
                 sha256=sha,
                 size_bytes=size,
-                status="active",
+                status=VersionStatus.ACTIVE,
                 metrics={},
             )
             session.add(version)
@@ -200,7 +201,7 @@ def register_model(
                     "number": 1,
                     "sha256": sha,
                     "size_bytes": size,
-                    "status": "active",
+                    "status": VersionStatus.ACTIVE,
                     "tensors": info["tensors"],
                 },
             )
@@ -224,7 +225,7 @@ def get_model(session: Session, name: str) -> Model:
 def active_version(session: Session, model_id: str) -> ModelVersion | None:
     return session.execute(
         select(ModelVersion)
-        .where(ModelVersion.model_id == model_id, ModelVersion.status == "active")
+        .where(ModelVersion.model_id == model_id, ModelVersion.status == VersionStatus.ACTIVE)
         .order_by(ModelVersion.number.desc())
         .limit(1)
     ).scalar_one_or_none()

@@ -6,7 +6,7 @@ import base64
 import json
 from typing import Any
 
-from service.problems import Problem
+from service.api.problems import Problem
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 1000

@@ -22,16 +22,16 @@ from sqlalchemy import func, insert, select, true, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.audit import append_event, canonical_json
-from service.db import transaction
+from service.api.problems import Problem, conflict, not_found, validation
 from service.domain.datasets import resolve_dataset
 from service.domain.models import active_version, get_model
+from service.domain.states import ACTIVE_JOB_STATES, JobStatus, RecordState, RequestStatus
 from service.domain.views import request_view
-from service.models import Counter, DeletionRequest, Job, Model, Record, new_id, utcnow
-from service.problems import Problem, conflict, not_found, validation
 from service.settings import Settings
-from service.sql import affected_rows, chunked
-from service.states import ACTIVE_JOB_STATES, JobStatus, RequestStatus
+from service.storage.db import transaction
+from service.storage.models import Counter, DeletionRequest, Job, Model, Record, new_id, utcnow
+from service.storage.sql import affected_rows, chunked
+from service.trust.audit import append_event, canonical_json
 
 log = logging.getLogger("lethe.requests")
 
@@ -74,7 +74,7 @@ def validate_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
     params = dict(params)
     policy = params.pop("policy", None)
     if policy is not None:
-        from service.policy import validate_policy
+        from service.trust.policy import validate_policy
 
         policy = validate_policy(policy)
     for key in SERVER_ONLY_PARAMS:
@@ -194,7 +194,7 @@ def _check_keys(session: Session, model_id: str, dataset_id: str, keys: list[str
             ).all()
         )
     missing = [k for k in keys if k not in states]
-    forgotten = [k for k in keys if states.get(k) == "forgotten"]
+    forgotten = [k for k in keys if states.get(k) == RecordState.FORGOTTEN]
     # Match the submitted keys inside the database (the JSON arrays are expanded there): this
     # runs under the submission lock, and decoding every queued request's key list made each
     # POST slower as the backlog grew.
@@ -202,7 +202,7 @@ def _check_keys(session: Session, model_id: str, dataset_id: str, keys: list[str
         session, model_id, dataset_id, keys, Job.status.in_(ACTIVE_JOB_STATES), join_jobs=True
     )
     review_keys = _keys_named(
-        session, model_id, dataset_id, keys, DeletionRequest.status == "needs_review"
+        session, model_id, dataset_id, keys, DeletionRequest.status == RequestStatus.NEEDS_REVIEW
     )
     pending = [k for k in keys if k in pending_keys and k in states]
     # A candidate awaiting review still holds its records (they are forgotten on promotion):
@@ -300,7 +300,7 @@ def submit_deletion_request(
                 params=params,
                 subject_ref=body.subject_ref,
                 reason=body.reason,
-                status="queued",
+                status=JobStatus.QUEUED,
                 idempotency_key=idempotency_key,
                 body_sha256=fingerprint,
                 actor=actor,
@@ -314,7 +314,7 @@ def submit_deletion_request(
                 kind=body.method,
                 params=params,
                 submitted_seq=seq,
-                status="queued",
+                status=JobStatus.QUEUED,
                 progress=0.0,
                 attempts=0,
                 cancel_requested=False,
@@ -362,7 +362,7 @@ def submit_deletion_request(
 
 
 def _enqueue(settings: Settings, job_id: str) -> None:
-    from service.queue import get_queue
+    from service.domain.queue import get_queue
 
     try:
         get_queue(settings).enqueue(job_id)
@@ -413,7 +413,7 @@ def cancel_job(factory: sessionmaker[Session], job_id: str, *, actor: str) -> Ca
                 action="job.cancelled",
                 subject_type="job",
                 subject_id=job_id,
-                payload={"request_id": job.request_id, "was": "queued"},
+                payload={"request_id": job.request_id, "was": JobStatus.QUEUED},
             )
         else:
             requested = affected_rows(
@@ -429,7 +429,7 @@ def cancel_job(factory: sessionmaker[Session], job_id: str, *, actor: str) -> Ca
                     action="job.cancel_requested",
                     subject_type="job",
                     subject_id=job_id,
-                    payload={"request_id": job.request_id, "was": "running"},
+                    payload={"request_id": job.request_id, "was": JobStatus.RUNNING},
                 )
             else:
                 session.refresh(job)

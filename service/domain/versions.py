@@ -15,18 +15,18 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.audit import append_event
-from service.db import transaction
+from service.api.problems import Problem, conflict
 from service.domain.activation import RecordsUnavailable, activate, after_activation
 from service.domain.models import active_version, get_version
+from service.domain.states import RequestStatus, VersionStatus
 from service.domain.views import iso, version_view
-from service.models import DeletionRequest, Job, Model, ModelVersion, utcnow
-from service.problems import Problem, conflict
-from service.purge import key_sha256
-from service.retention import retire_version
 from service.settings import Settings
-from service.states import RequestStatus, VersionStatus
-from service.storage import Storage
+from service.storage.db import transaction
+from service.storage.models import DeletionRequest, Job, Model, ModelVersion, utcnow
+from service.storage.objects import Storage
+from service.trust.audit import append_event
+from service.trust.purge import key_sha256
+from service.trust.retention import retire_version
 
 MAX_LINEAGE = 10_000
 
@@ -160,7 +160,7 @@ def reject(
     with transaction(factory) as session:
         version, model = _locked(session, version_id)
         if version.status != VersionStatus.CANDIDATE:
-            raise _not_candidate(version, "rejected")
+            raise _not_candidate(version, VersionStatus.REJECTED)
         request = _request_of(session, version)
         version.status = VersionStatus.REJECTED
         if request is not None:
@@ -172,5 +172,5 @@ def reject(
                      "request_id": request.id if request else None,
                      "job_id": version.job_id, "sha256": version.sha256},
         )  # fmt: skip
-        retire_version(session, storage, version, actor=actor, reason="rejected")
+        retire_version(session, storage, version, actor=actor, reason=VersionStatus.REJECTED)
         return version_view(version, model.name)

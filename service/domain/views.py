@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy import Row
 
-from service.models import Dataset, DeletionRequest, Job, Model, ModelVersion
+from service.storage.models import Dataset, DeletionRequest, Job, Model, ModelVersion
 
 
 def iso(value: datetime | None) -> str | None:

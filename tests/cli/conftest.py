@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.localserver import LocalService
+from service.devtools.localserver import LocalService
 
 
 @dataclass

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from service.client import LetheAPIError, LetheClient
-from service.localserver import free_port, lethe_command
+from service.cli.api_client import LetheAPIError, LetheClient
+from service.devtools.localserver import free_port, lethe_command
 
 from .conftest import Server
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from service.localserver import lethe_command
+from service.devtools.localserver import lethe_command
 
 pytestmark = pytest.mark.slow
 

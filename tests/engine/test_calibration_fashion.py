@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from bench.data import find_fashion_mnist, load_fashion_mnist
-from service.policy import decide, effective_policy
 from service.settings import Settings
+from service.trust.policy import decide, effective_policy
 from worker.imu import IMUConfig, unlearn
 from worker.imu.architectures import build
 from worker.imu.train import fit

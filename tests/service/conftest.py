@@ -10,8 +10,8 @@ import pytest
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import migrate
-from service.db import make_engine, make_session_factory
+from service.storage import migrate
+from service.storage.db import make_engine, make_session_factory
 
 
 @pytest.fixture
@@ -75,8 +75,8 @@ def settings(lethe_env, migrated_url: str, storage_dir):
 @pytest.fixture
 def api_keys(settings) -> dict[str, str]:
     """One key per scope, created the way `lethe keys create` does."""
-    from service.auth import create_key
-    from service.db import transaction
+    from service.api.auth import create_key
+    from service.storage.db import transaction
 
     engine = make_engine(settings.db_url)
     factory = make_session_factory(engine)
@@ -137,7 +137,7 @@ def digits_npz(digits, n: int | None = None, prefix: str = "digit-") -> bytes:
 def api(settings, api_keys) -> Iterator[Api]:
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
+    from service.api.app import create_app
 
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         yield Api(client, api_keys)

@@ -7,8 +7,8 @@ import hashlib
 
 from sqlalchemy import select, update
 
-from service.db import make_engine, make_session_factory, transaction
-from service.models import AuditEvent, DeletionRequest, Job, ModelVersion, Record
+from service.storage.db import make_engine, make_session_factory, transaction
+from service.storage.models import AuditEvent, DeletionRequest, Job, ModelVersion, Record
 from tests.service.conftest import MLP_KWARGS, Api, digits_npz, mlp_weights
 
 PROBLEM = "application/problem+json"
@@ -349,7 +349,7 @@ def test_auth_and_scopes(api: Api, registered, settings) -> None:
     assert r.status_code == 403
     assert _submit(api, registered, ["digit-1"], scope="admin").status_code == 202
 
-    from service.auth import revoke_key
+    from service.api.auth import revoke_key
 
     engine, factory = _db(settings)
     with transaction(factory) as s:

@@ -7,9 +7,9 @@ import json
 
 from sqlalchemy import delete, select, update
 
-from service.audit import GENESIS_HASH, append_event, verify_chain
-from service.db import transaction
-from service.models import AuditEvent, AuditHead
+from service.storage.db import transaction
+from service.storage.models import AuditEvent, AuditHead
+from service.trust.audit import GENESIS_HASH, append_event, verify_chain
 
 
 def _append(sessions, n: int) -> None:

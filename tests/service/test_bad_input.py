@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.storage import Storage
+from service.storage.objects import Storage
 from tests.service.conftest import MLP_KWARGS, Api, digits_npz, mlp_weights, npz_bytes
 
 PROBLEM = "application/problem+json"
@@ -94,7 +94,7 @@ def test_not_an_npz(api: Api, storage_dir: Path, tmp_path: Path) -> None:
 def test_oversize_upload(settings, api_keys, storage_dir: Path, digits) -> None:
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
+    from service.api.app import create_app
     from service.settings import load_settings
 
     small = load_settings(

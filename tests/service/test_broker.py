@@ -10,7 +10,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from service.app import create_app
+from service.api.app import create_app
 from service.settings import load_settings
 from tests.service.conftest import MLP_KWARGS, Api, digits_npz, mlp_weights
 

@@ -11,7 +11,7 @@ from sqlalchemy import update
 from typer.testing import CliRunner
 
 from service.cli import app
-from service.db import make_engine, make_session_factory, transaction
+from service.storage.db import make_engine, make_session_factory, transaction
 
 runner = CliRunner()
 
@@ -38,7 +38,7 @@ def test_migrate_then_keys_lifecycle(db_env: str) -> None:
     secret = created.stdout.strip().splitlines()[-1]
     assert secret.startswith("lethe_") and len(secret) > 30
 
-    from service.auth import authenticate
+    from service.api.auth import authenticate
 
     engine = make_engine(db_env)
     factory = make_session_factory(engine)
@@ -60,7 +60,7 @@ def test_migrate_then_keys_lifecycle(db_env: str) -> None:
     verified = json.loads(_run("audit", "verify").stdout)
     assert verified["ok"] is True and verified["checked"] == 2  # key.created, key.revoked
 
-    from service.models import AuditEvent
+    from service.storage.models import AuditEvent
 
     with transaction(factory) as s:
         s.execute(update(AuditEvent).where(AuditEvent.seq == 1).values(actor="mallory"))

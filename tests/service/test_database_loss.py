@@ -12,9 +12,9 @@ import httpx
 import pytest
 from sqlalchemy.engine import make_url
 
-from service import migrate
-from service.auth import create_key
-from service.db import make_engine, make_session_factory, transaction
+from service.api.auth import create_key
+from service.storage import migrate
+from service.storage.db import make_engine, make_session_factory, transaction
 from tests.service.netfaults import TcpProxy, lethe_server, server_env
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]

@@ -9,7 +9,7 @@ import pickle
 import numpy as np
 import pytest
 
-from service.datasets_io import (
+from service.ingest.datasets_io import (
     DatasetError,
     TensorData,
     load_tensor_npz,

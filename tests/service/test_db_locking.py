@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sqlalchemy import text
 
-from service.db import make_engine, make_session_factory, read_once, transaction
+from service.storage.db import make_engine, make_session_factory, read_once, transaction
 
 
 def _engine(tmp_path: Path):  # type: ignore[no-untyped-def]

@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service import migrate
-from service.auth import create_key
-from service.db import make_engine, make_session_factory, transaction
+from service.api.auth import create_key
+from service.storage import migrate
+from service.storage.db import make_engine, make_session_factory, transaction
 from tests.service.conftest import MLP_KWARGS, digits_npz, mlp_weights
 from tests.service.netfaults import lethe_server, server_env
 

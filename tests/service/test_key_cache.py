@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.auth import KeyCache, create_key, revoke_key
-from service.db import transaction
+from service.api.auth import KeyCache, create_key, revoke_key
+from service.storage.db import transaction
 
 
 class Clock:

@@ -7,9 +7,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, select
 
-from service import migrate
-from service.db import make_engine, make_session_factory
-from service.models import AuditHead, Base, Counter
+from service.storage import migrate
+from service.storage.db import make_engine, make_session_factory
+from service.storage.models import AuditHead, Base, Counter
 
 TABLES = {
     "api_keys",
@@ -72,7 +72,7 @@ def test_round_trip_and_no_diff_sqlite(sqlite_url: str) -> None:
 def test_app_refuses_database_behind_head(database_url: str, lethe_env, storage_dir) -> None:
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
+    from service.api.app import create_app
     from service.settings import load_settings
 
     settings = load_settings(database_url=database_url, storage_url=str(storage_dir))

@@ -15,8 +15,8 @@ import httpx
 import numpy as np
 import pytest
 
-from service.datasets_io import DatasetError, load_tensor_npz
-from service.npzread import NpzLimits
+from service.ingest.datasets_io import DatasetError, load_tensor_npz
+from service.ingest.npzread import NpzLimits
 from tests.service.conftest import npz_bytes
 
 MIB = 1 << 20
@@ -111,9 +111,9 @@ def _peak_rss(pid: int) -> int:
 def test_server_memory_stays_bounded_on_an_800_mb_bomb(
     tmp_path: Path, sqlite_url: str, digits
 ) -> None:
-    from service import migrate
-    from service.auth import create_key
-    from service.db import make_engine, make_session_factory, transaction
+    from service.api.auth import create_key
+    from service.storage import migrate
+    from service.storage.db import make_engine, make_session_factory, transaction
     from tests.service.conftest import digits_npz
     from tests.service.netfaults import lethe_server, server_env
 

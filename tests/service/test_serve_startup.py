@@ -19,8 +19,8 @@ def test_default_workers_per_database() -> None:
 STARTUP = """
 import sys
 from fastapi.testclient import TestClient
-from service import migrate
-from service.app import create_app
+from service.storage import migrate
+from service.api.app import create_app
 from service.settings import load_settings
 
 url = "sqlite:///" + sys.argv[1]

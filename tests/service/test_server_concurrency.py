@@ -13,10 +13,10 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from service import migrate
-from service.auth import create_key
-from service.db import make_engine, make_session_factory, transaction
-from service.models import DeletionRequest, Job
+from service.api.auth import create_key
+from service.storage import migrate
+from service.storage.db import make_engine, make_session_factory, transaction
+from service.storage.models import DeletionRequest, Job
 from tests.service.conftest import MLP_KWARGS, digits_npz, mlp_weights
 from tests.service.netfaults import lethe_server, server_env
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from service.storage import Storage, StorageError, TooLarge
+from service.storage.objects import Storage, StorageError, TooLarge
 
 
 @pytest.fixture(params=["local", "memory"])

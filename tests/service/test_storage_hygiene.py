@@ -13,13 +13,13 @@ from pathlib import Path
 
 import httpx
 
-from service import migrate
-from service.storage import Storage
+from service.storage import migrate
+from service.storage.objects import Storage
 from tests.service.netfaults import lethe_server, server_env
 
 WRITER = textwrap.dedent("""
     import sys, time
-    from service.storage import Storage
+    from service.storage.objects import Storage
 
     def chunks():
         yield b"x" * 65536
@@ -72,8 +72,8 @@ def test_reaper_sweep_removes_only_abandoned_files(tmp_path: Path) -> None:
 
 
 def test_api_start_up_and_reaper_tick_remove_them(tmp_path: Path, sqlite_url: str) -> None:
-    from service.db import make_engine, make_session_factory
     from service.settings import load_settings
+    from service.storage.db import make_engine, make_session_factory
     from worker.reaper import Reaper
 
     root = tmp_path / "storage"

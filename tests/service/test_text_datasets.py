@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from service.datasets_io import DatasetError
-from service.text_datasets import TextRecord, parse_text_jsonl
+from service.ingest.datasets_io import DatasetError
+from service.ingest.text_datasets import TextRecord, parse_text_jsonl
 
 
 def _jsonl(*objs: object) -> bytes:

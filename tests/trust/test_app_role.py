@@ -11,9 +11,9 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ProgrammingError
 
-from service import migrate
-from service.audit import append_event, verify_chain
-from service.db import make_engine, make_session_factory, transaction
+from service.storage import migrate
+from service.storage.db import make_engine, make_session_factory, transaction
+from service.trust.audit import append_event, verify_chain
 
 pytestmark = pytest.mark.postgres
 SQL = Path(__file__).resolve().parents[2] / "migrations" / "app_role.sql"

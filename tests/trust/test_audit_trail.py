@@ -10,11 +10,11 @@ import pytest
 from sqlalchemy import delete, select, update
 from typer.testing import CliRunner
 
-from service.audit import append_event, verify_chain
-from service.auth import create_key, revoke_key
+from service.api.auth import create_key, revoke_key
 from service.cli import app
-from service.db import make_engine, make_session_factory, transaction
-from service.models import AuditEvent
+from service.storage.db import make_engine, make_session_factory, transaction
+from service.storage.models import AuditEvent
+from service.trust.audit import append_event, verify_chain
 from tests.trust.conftest import get, post, run
 from tests.worker.harness import Stack, Trained
 from worker.runner import Outcome
@@ -143,7 +143,7 @@ def test_tampering_with_a_real_trail_is_named_by_seq(
 
 @pytest.mark.postgres
 def test_concurrent_writers_keep_seq_gapless_on_postgres(postgres_url: str) -> None:
-    from service import migrate
+    from service.storage import migrate
 
     migrate.upgrade(postgres_url)
     engine = make_engine(postgres_url, pool_size=8, max_overflow=4)

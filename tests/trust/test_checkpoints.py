@@ -9,12 +9,12 @@ import pytest
 from sqlalchemy import delete, select, update
 from typer.testing import CliRunner
 
-from service.audit import HEAD_ID, append_event, stored_event_hash, verify_chain
-from service.checkpoints import PREFIX, CheckpointError, write_checkpoint
 from service.cli import app
-from service.db import transaction
-from service.models import AuditEvent, AuditHead
-from service.signing import OKPKey, Signer, load_signer
+from service.storage.db import transaction
+from service.storage.models import AuditEvent, AuditHead
+from service.trust.audit import HEAD_ID, append_event, stored_event_hash, verify_chain
+from service.trust.checkpoints import PREFIX, CheckpointError, write_checkpoint
+from service.trust.signing import OKPKey, Signer, load_signer
 from tests.trust.conftest import get
 from tests.worker.harness import Stack
 from worker.reaper import Reaper
@@ -52,7 +52,7 @@ def _checkpoint_by_reaper(stack: Stack) -> int:
 
 
 def stack_storage(stack: Stack):
-    from service.storage import Storage
+    from service.storage.objects import Storage
 
     return Storage.from_settings(stack.settings)
 

@@ -202,7 +202,7 @@ def test_class_wise_forget_set_is_judged_by_forget_accuracy(stack: Stack, traine
 
 
 def test_class_wise_eval_drop_ignores_the_forgotten_class() -> None:
-    from service.policy import decide
+    from service.trust.policy import decide
 
     policy = {
         "max_eval_acc_drop": 0.05,
@@ -256,8 +256,8 @@ def test_policy_overrides_are_validated_at_submission(
 
 
 def _key(stack: Stack, scope: str) -> str:
-    from service.auth import create_key
-    from service.db import transaction
+    from service.api.auth import create_key
+    from service.storage.db import transaction
 
     with transaction(stack.sessions) as session:
         _, secret = create_key(session, scope=scope)
@@ -265,7 +265,7 @@ def _key(stack: Stack, scope: str) -> str:
 
 
 def test_no_utility_evidence_is_never_activated() -> None:
-    from service.policy import decide
+    from service.trust.policy import decide
 
     policy = {
         "max_eval_acc_drop": 1.0,

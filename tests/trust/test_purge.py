@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-from service.audit import verify_chain
-from service.db import transaction
-from service.forgetting import mark_forgotten
-from service.models import Dataset, Record, utcnow
-from service.purge import purge_dataset, purge_pending
-from service.storage import Storage
+from service.domain.forgetting import mark_forgotten
+from service.storage.db import transaction
+from service.storage.models import Dataset, Record, utcnow
+from service.storage.objects import Storage
+from service.trust.audit import verify_chain
+from service.trust.purge import purge_dataset, purge_pending
 from tests.trust.conftest import get, run
 from tests.worker.harness import Stack, Trained
 from worker.reaper import Reaper
@@ -118,7 +118,7 @@ def test_interrupted_purge_is_finished_by_the_reaper(
     def storage_down(*_args, **_kwargs):
         raise OSError("object store unavailable")
 
-    monkeypatch.setattr("service.purge.purge_dataset", storage_down)
+    monkeypatch.setattr("service.trust.purge.purge_dataset", storage_down)
     assert run(stack, job) == Outcome.SUCCEEDED
     monkeypatch.undo()
     # The records are forgotten (the version is active) but their content is still stored.

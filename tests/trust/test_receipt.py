@@ -17,8 +17,8 @@ from jwcrypto import jws as jc_jws
 from typer.testing import CliRunner
 
 from service.cli import app
-from service.receipts import ReceiptError, verify
-from service.signing import KEY_FILE, OKPKey
+from service.trust.receipts import ReceiptError, verify
+from service.trust.signing import KEY_FILE, OKPKey
 from tests.trust.conftest import get, request_id_of, run
 from tests.worker.harness import Stack, Trained
 from worker.runner import Outcome
@@ -175,7 +175,7 @@ def test_installation_key_created_once_0600_and_rotation_keeps_old_receipts_vali
             "retired_signing_keys": str(key_path),
         }
     )
-    from service.signing import load_signer
+    from service.trust.signing import load_signer
 
     signer = load_signer(rotated)
     assert signer.kid != first["kid"]

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import update
 
-from service.db import transaction
-from service.models import ModelVersion
-from service.storage import Storage
+from service.storage.db import transaction
+from service.storage.models import ModelVersion
+from service.storage.objects import Storage
 from tests.trust.conftest import get, run
 from tests.worker.harness import Stack, Trained
 from worker.lease import utcnow

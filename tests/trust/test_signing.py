@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from service.settings import load_settings
-from service.signing import KEY_FILE, SignatureError, load_signer
+from service.trust.signing import KEY_FILE, SignatureError, load_signer
 
 RACE = (
-    "from service.settings import load_settings; from service.signing import load_signer; "
+    "from service.settings import load_settings; from service.trust.signing import load_signer; "
     "import sys; print(load_signer(load_settings(home=sys.argv[1])).kid)"
 )
 

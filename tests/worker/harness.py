@@ -1,6 +1,6 @@
 """A real Lethe stack for worker tests and bench/worker_latency.py.
 
-- the API: `service.app.create_app` behind Starlette's TestClient (real HTTP semantics, real
+- the API: `service.api.app.create_app` behind Starlette's TestClient (real HTTP semantics, real
   database, real queue hand-off to Redis);
 - workers: real subprocesses (`lethe worker` / `celery -A worker.celery_app worker` /
   `python -m worker.embedded`) in their own process groups, so a test can SIGKILL a pool child
@@ -28,9 +28,9 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db import make_engine, make_session_factory, transaction
-from service.models import Job, ModelVersion, Record
 from service.settings import Settings, load_settings
+from service.storage.db import make_engine, make_session_factory, transaction
+from service.storage.models import Job, ModelVersion, Record
 
 REPO = Path(__file__).resolve().parents[2]
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -297,9 +297,9 @@ class Stack:
 def api_stack(settings: Settings) -> Iterator[Stack]:
     from starlette.testclient import TestClient
 
-    from service import migrate
-    from service.app import create_app
-    from service.auth import create_key
+    from service.api.app import create_app
+    from service.api.auth import create_key
+    from service.storage import migrate
 
     migrate.upgrade(settings.db_url)
     engine = make_engine(settings.db_url)
@@ -350,7 +350,7 @@ class WorkerProcess:
     @classmethod
     def celery(cls, settings: Settings, log_path: Path, *, via_cli: bool = True) -> WorkerProcess:
         if via_cli:
-            from service.localserver import lethe_command
+            from service.devtools.localserver import lethe_command
 
             argv = lethe_command("worker", "--loglevel", "INFO")
         else:

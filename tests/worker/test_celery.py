@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from service.audit import verify_chain
+from service.trust.audit import verify_chain
 from tests.worker.harness import (
     Stack,
     Trained,
@@ -272,7 +272,7 @@ def test_corrupt_checkpoint_fails_with_a_clear_error_and_no_retry(
     v1 = stack.versions(model)[0]
     storage = Path(stack.settings.storage)
     with stack.sessions() as session:
-        from service.models import ModelVersion
+        from service.storage.models import ModelVersion
 
         key = session.get(ModelVersion, v1["id"]).storage_key
     path = storage / key

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.localserver import lethe_command
+from service.devtools.localserver import lethe_command
 from service.settings import load_settings
 from worker.celery_app import celery_config, create_celery
 from worker.device import DeviceUnavailable, resolve_device

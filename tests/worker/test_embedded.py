@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from service.audit import verify_chain
-from service.queue import EmbeddedQueue, get_queue
+from service.domain.queue import EmbeddedQueue, get_queue
+from service.trust.audit import verify_chain
 from tests.worker.harness import (
     Trained,
     WorkerProcess,
@@ -102,7 +102,7 @@ def _gone(pid: int) -> bool:
 def test_executor_exits_when_its_parent_dies(
     lethe_env: Path, sqlite_url: str, storage_dir: Path
 ) -> None:
-    from service import migrate
+    from service.storage import migrate
 
     settings = stack_settings(database_url=sqlite_url, storage_dir=storage_dir)
     migrate.upgrade(settings.db_url)
@@ -126,7 +126,7 @@ def test_executor_exits_when_its_parent_dies(
 def test_lethe_worker_without_a_broker_runs_the_embedded_executor(
     lethe_env: Path, sqlite_url: str, storage_dir: Path, trained: Trained, tmp_path: Path
 ) -> None:
-    from service.localserver import lethe_command
+    from service.devtools.localserver import lethe_command
 
     settings = stack_settings(database_url=sqlite_url, storage_dir=storage_dir)
     with api_stack(settings) as stack:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import update
 
-from service.db import transaction
-from service.models import Job
+from service.storage.db import transaction
+from service.storage.models import Job
 from tests.worker.harness import Stack, Trained, api_stack, stack_settings
 from worker.lease import utcnow
 from worker.reaper import Reaper
@@ -36,7 +36,7 @@ def _expire(stack: Stack, job_id: str) -> None:
 
 
 def test_exhausted_job_names_the_last_attempts_worker(stack: Stack, trained: Trained) -> None:
-    from service.storage import Storage
+    from service.storage.objects import Storage
 
     model = stack.register(trained, "mlp")
     job_id = stack.submit(model, trained.train_ids[:4])

@@ -14,9 +14,9 @@ import redis
 from sqlalchemy import create_engine, text, update
 from sqlalchemy.engine import make_url
 
-from service.db import transaction
-from service.localserver import free_port
-from service.models import Job
+from service.devtools.localserver import free_port
+from service.storage.db import transaction
+from service.storage.models import Job
 from tests.conftest import PG_ADMIN_URL
 from tests.worker.harness import (
     Stack,

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import update
 
-from service.db import transaction
-from service.models import Job, Record
+from service.storage.db import transaction
+from service.storage.models import Job, Record
 from tests.worker.harness import (
     Stack,
     Trained,

@@ -26,6 +26,8 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
+from service.domain.states import JobStatus
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -149,7 +151,7 @@ class DeletionRequest(Base):
     subject_ref: Mapped[str | None] = mapped_column(String(500), default=None)
     reason: Mapped[str | None] = mapped_column(Text, default=None)
     # queued | running | needs_review | completed | failed | cancelled | rejected
-    status: Mapped[str] = mapped_column(String(16), default="queued")
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
     idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True, default=None)
     body_sha256: Mapped[str] = mapped_column(String(64))  # to tell a retry from a reuse
     actor: Mapped[str] = mapped_column(String(200))
@@ -172,7 +174,7 @@ class Job(Base):
     result_version_id: Mapped[str | None] = mapped_column(
         ForeignKey("model_versions.id"), default=None
     )
-    status: Mapped[str] = mapped_column(String(16), default="queued")
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
     phase: Mapped[str | None] = mapped_column(String(16), default=None)
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from service.datasets_io import MAX_KEY_LENGTH, DatasetError
+from service.ingest.datasets_io import MAX_KEY_LENGTH, DatasetError
 
 MAX_FILE_BYTES = 256 << 20
 MAX_LINE_BYTES = 1 << 20

@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import Request
 from starlette.datastructures import UploadFile
 
-from service.problems import Problem
+from service.api.problems import Problem
 
 _BAD = re.compile("[\x00\ud800-\udfff]")
 _MAX_REPORTED = 20

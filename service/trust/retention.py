@@ -21,15 +21,16 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.audit import append_event
-from service.db import transaction
-from service.models import Model, ModelVersion, utcnow
+from service.domain.states import VersionStatus
 from service.settings import Settings
-from service.storage import Storage
+from service.storage.db import transaction
+from service.storage.models import Model, ModelVersion, utcnow
+from service.storage.objects import Storage
+from service.trust.audit import append_event
 
 log = logging.getLogger("lethe.retention")
 
-RETIRABLE = ("superseded", "rejected")
+RETIRABLE = (VersionStatus.SUPERSEDED, VersionStatus.REJECTED)
 
 
 def retire_version(
@@ -60,7 +61,7 @@ def retire_version(
 def due(version: ModelVersion, retention_s: float, now: datetime) -> bool:
     if version.storage_key is None or version.status not in RETIRABLE:
         return False
-    if version.status == "rejected":
+    if version.status == VersionStatus.REJECTED:
         return True
     since = version.superseded_at
     return since is None or since + timedelta(seconds=retention_s) <= now
@@ -99,7 +100,11 @@ def retire_due(
                     continue
                 retire_version(
                     session, storage, version, actor=actor,
-                    reason="rejected" if version.status == "rejected" else "superseded",
+                    reason=(
+                        VersionStatus.REJECTED
+                        if version.status == VersionStatus.REJECTED
+                        else VersionStatus.SUPERSEDED
+                    ),
                 )  # fmt: skip
             retired.append(row.id)
         except Exception as exc:  # storage or database hiccup: the next sweep tries again

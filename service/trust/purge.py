@@ -32,12 +32,13 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.audit import append_event
-from service.datasets_io import TensorData, load_tensor_npz, save_tensor_npz
-from service.db import transaction
-from service.models import Dataset, Record, utcnow
-from service.sql import chunked
-from service.storage import Storage
+from service.domain.states import RecordState
+from service.ingest.datasets_io import TensorData, load_tensor_npz, save_tensor_npz
+from service.storage.db import transaction
+from service.storage.models import Dataset, Record, utcnow
+from service.storage.objects import Storage
+from service.storage.sql import chunked
+from service.trust.audit import append_event
 
 log = logging.getLogger("lethe.purge")
 
@@ -113,7 +114,7 @@ def pending_datasets(factory: sessionmaker[Session]) -> list[str]:
         return list(
             session.execute(
                 select(Record.dataset_id)
-                .where(Record.state == "forgotten", Record.purged_at.is_(None))
+                .where(Record.state == RecordState.FORGOTTEN, Record.purged_at.is_(None))
                 .distinct()
             ).scalars()
         )
@@ -132,7 +133,7 @@ def purge_dataset(
             pending = session.execute(
                 select(Record.id, Record.key, Record.forgotten_by_job_id).where(
                     Record.dataset_id == dataset_id,
-                    Record.state == "forgotten",
+                    Record.state == RecordState.FORGOTTEN,
                     Record.purged_at.is_(None),
                 )
             ).all()
@@ -142,7 +143,7 @@ def purge_dataset(
                 drop = set(
                     session.execute(
                         select(Record.key).where(
-                            Record.dataset_id == dataset_id, Record.state == "forgotten"
+                            Record.dataset_id == dataset_id, Record.state == RecordState.FORGOTTEN
                         )
                     ).scalars()
                 )

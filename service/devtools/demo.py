@@ -24,9 +24,9 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from service.client import LetheAPIError, LetheClient
-from service.localserver import LocalService
-from service.states import PHASES
+from service.cli.api_client import LetheAPIError, LetheClient
+from service.devtools.localserver import LocalService
+from service.domain.states import PHASES, JobStatus, VersionStatus
 
 ARCHITECTURE = "cnn"
 NUM_CLASSES = 10
@@ -104,7 +104,7 @@ class DemoResult:
     checkpoint_path: Path
     checkpoint_sha256: str
     audit: dict[str, Any]
-    plot_path: Path
+    plot_path: Path | None  # None without matplotlib (the `demo` extra)
     per_class_before: list[float]
     per_class_after: list[float]
     seconds: float
@@ -263,8 +263,14 @@ def _fmt(value: Any, pattern: str = "{:.3f}") -> str:
 
 
 # -- the plot -------------------------------------------------------------------------------
-def plot_per_class(before: list[float], after: list[float], cfg: DemoConfig, path: Path) -> Path:
-    import matplotlib
+def plot_per_class(
+    before: list[float], after: list[float], cfg: DemoConfig, path: Path
+) -> Path | None:
+    """Bar chart of per-class accuracy; None when matplotlib (extra `demo`) is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -405,7 +411,7 @@ def _drive(
         job_id = accepted["job"]["id"]
         with JobProgress(console, title=f"forget {label}") as bars:
             job = api.wait_for_job(job_id, poll_interval=0.25, on_update=bars.update)
-        if job["status"] != "succeeded":
+        if job["status"] != JobStatus.SUCCEEDED:
             error = job.get("error") or {}
             raise RuntimeError(
                 f"job {job_id} {job['status']}: {error.get('title')}: {error.get('detail')}"
@@ -413,7 +419,7 @@ def _drive(
         version = api.get_version(job["result_version_id"])
         request = api.get_deletion_request(accepted["id"])
         promoted = False
-        if version.get("status") == "candidate":
+        if version.get("status") == VersionStatus.CANDIDATE:
             # Held by the release policy: say why, then act as the admin reviewer so the
             # walkthrough can go on (the summary records that a person had to decide).
             reasons = (version.get("metrics") or {}).get("policy", {}).get("reasons", [])
@@ -456,7 +462,10 @@ def _drive(
     console.print(f"  intact: {audit.get('checked')} events, head {audit.get('head_hash')}")
 
     plot = plot_per_class(before, after, cfg, cfg.demo_dir / "per_class_accuracy.png")
-    step(f"per-class accuracy plot written to {plot}")
+    if plot is None:
+        step("no plot: matplotlib is not installed (pip install 'lethe-unlearning[demo]')")
+    else:
+        step(f"per-class accuracy plot written to {plot}")
     summary = {
         "model": model_name,
         "architecture": registered["architecture"],  # as the service recorded them

@@ -1,6 +1,6 @@
 """A small typed Python client for the Lethe v1 HTTP API (used by the CLI and the demo).
 
-    from service.client import LetheClient
+    from service.cli.api_client import LetheClient
     with LetheClient("http://127.0.0.1:8000", api_key="...") as lethe:
         ds = lethe.upload_dataset("train.npz", name="digits", kind="tensor", role="train")
         req = lethe.submit_deletion("digits-cnn", ds["id"], ["r1", "r2"])
@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 
-from service.states import TERMINAL_JOB_STATES
+from service.domain.states import TERMINAL_JOB_STATES
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 _CHUNK = 1024 * 1024

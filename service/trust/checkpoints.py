@@ -1,6 +1,6 @@
 """Signed checkpoints of the audit chain head, kept outside the database.
 
-A checkpoint is a JWS (see service.signing) over `{type, seq, hash, time, kid}` stored in
+A checkpoint is a JWS (see service.trust.signing) over `{type, seq, hash, time, kid}` stored in
 object storage at `audit/checkpoints/<seq>.jws`, write-once. Someone who can rewrite the
 database but not the object store or the key can no longer delete the last events, rewind
 the head or recompute the chain below a checkpoint without `audit verify` noticing.
@@ -17,10 +17,10 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.audit import GENESIS_HASH, HEAD_ID, format_time, verify_chain
-from service.models import AuditHead, utcnow
-from service.signing import SignatureError, Signer, verify_compact
-from service.storage import Storage
+from service.storage.models import AuditHead, utcnow
+from service.storage.objects import Storage
+from service.trust.audit import GENESIS_HASH, HEAD_ID, format_time, verify_chain
+from service.trust.signing import SignatureError, Signer, verify_compact
 
 log = logging.getLogger("lethe.audit")
 

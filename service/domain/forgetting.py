@@ -2,7 +2,7 @@
 
 A record becomes `forgotten` exactly when a version without it becomes active, in the same
 transaction, with a `records.forgotten` audit event carrying the sha256 of each key (never
-the key or the content). Purging the content follows (service.purge).
+the key or the content). Purging the content follows (service.trust.purge).
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from datetime import datetime
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from service.audit import append_event
-from service.models import Record
-from service.purge import key_sha256
-from service.sql import affected_rows, chunked
+from service.domain.states import RecordState
+from service.storage.models import Record
+from service.storage.sql import affected_rows, chunked
+from service.trust.audit import append_event
+from service.trust.purge import key_sha256
 
 
 def mark_forgotten(
@@ -33,7 +34,7 @@ def mark_forgotten(
                 Record.key.in_(chunk),
                 Record.state == "present",
             )
-            .values(state="forgotten", forgotten_at=now, forgotten_by_job_id=job_id)
+            .values(state=RecordState.FORGOTTEN, forgotten_at=now, forgotten_by_job_id=job_id)
             .execution_options(synchronize_session=False),
         )
     return forgotten

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.audit import append_event
-from service.models import ApiKey, utcnow
+from service.storage.models import ApiKey, utcnow
+from service.trust.audit import append_event
 
 SCOPES = ("read", "submit", "admin")
 SCOPE_RANK = {scope: rank for rank, scope in enumerate(SCOPES)}

@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import Row, select
 from sqlalchemy.orm import Session
 
-from service.models import AuditEvent, AuditHead, utcnow
+from service.storage.models import AuditEvent, AuditHead, utcnow
 
 GENESIS_HASH = "0" * 64
 HEAD_ID = 1
@@ -26,7 +26,7 @@ def canonical_json(value: Any) -> str:
 
 
 def format_time(value: datetime) -> str:
-    """ISO-8601 UTC with microseconds (columns read back aware: service.models.UTCDateTime)."""
+    """ISO-8601 UTC with microseconds (columns read back aware: storage.models.UTCDateTime)."""
     return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 

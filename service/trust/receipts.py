@@ -5,7 +5,7 @@ The payload (format in README.md, "Erasure receipts") names the request, the sha
 record key, the source and result versions' sha256, metrics before and after, the audit
 sequence range of the request's events, the chain head at issue time and the signed audit
 checkpoint written when the receipt was issued. It is signed with the installation's Ed25519
-key (service.signing); anyone holding the public keys of `GET /.well-known/jwks.json` can
+key (service.trust.signing); anyone holding the public keys of `GET /.well-known/jwks.json` can
 check it with any JOSE library, and nobody without the private key can forge one.
 """
 
@@ -18,10 +18,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import __version__
-from service.checkpoints import TYP as CHECKPOINT_TYP
-from service.checkpoints import CheckpointError, write_checkpoint
+from service.api.problems import conflict, not_found
+from service.domain.states import RecordState, RequestStatus
 from service.domain.views import iso
-from service.models import (
+from service.settings import Settings
+from service.storage.models import (
     AuditEvent,
     AuditHead,
     Dataset,
@@ -32,12 +33,12 @@ from service.models import (
     Record,
     utcnow,
 )
-from service.problems import conflict, not_found
-from service.purge import key_sha256
-from service.settings import Settings
-from service.signing import SignatureError, load_signer, verify_compact
-from service.sql import chunked
-from service.storage import Storage
+from service.storage.objects import Storage
+from service.storage.sql import chunked
+from service.trust.checkpoints import TYP as CHECKPOINT_TYP
+from service.trust.checkpoints import CheckpointError, write_checkpoint
+from service.trust.purge import key_sha256
+from service.trust.signing import SignatureError, load_signer, verify_compact
 
 log = logging.getLogger("lethe.receipts")
 
@@ -124,7 +125,7 @@ def issue_receipt(
         request = session.get(DeletionRequest, request_id)
         if request is None:
             raise not_found("deletion request", request_id)
-        if request.status != "completed":
+        if request.status != RequestStatus.COMPLETED:
             raise conflict(
                 "request-not-completed",
                 f"deletion request {request_id} is {request.status}; a receipt is issued once a "
@@ -165,7 +166,9 @@ def _document(factory: sessionmaker[Session], request_id: str) -> dict[str, Any]
                     select(Record).where(Record.dataset_id == dataset.id, Record.key.in_(chunk))
                 ).scalars()
             )
-        not_purged = [r.key for r in records if r.purged_at is None or r.state != "forgotten"]
+        not_purged = [
+            r.key for r in records if r.purged_at is None or r.state != RecordState.FORGOTTEN
+        ]
         if not_purged or len(records) != len(set(keys)):
             raise conflict(
                 "erasure-pending",

@@ -11,15 +11,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
 from service.api import audit, datasets, health, jobs, models, requests
+from service.api.auth import KeyCache, authenticate
 from service.api.deps import AppState
-from service.auth import KeyCache, authenticate
-from service.db import is_postgres, make_engine, make_session_factory
-from service.migrate import check_at_head
-from service.observability import Metrics, MetricsMiddleware
-from service.problems import Problem, install_handlers, problem_response
+from service.api.observability import Metrics, MetricsMiddleware
+from service.api.problems import Problem, install_handlers, problem_response
+from service.ingest.textcheck import check_request_strings
 from service.settings import Settings, get_settings
-from service.storage import Storage
-from service.textcheck import check_request_strings
+from service.storage.db import is_postgres, make_engine, make_session_factory
+from service.storage.migrate import check_at_head
+from service.storage.objects import Storage
 
 log = logging.getLogger("lethe.api")
 

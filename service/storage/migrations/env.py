@@ -1,4 +1,7 @@
-"""Alembic environment: the URL comes from the caller (service.migrate) or the LETHE_ settings."""
+"""Alembic environment.
+
+The URL comes from the caller (service.storage.migrate) or the LETHE_ settings.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +11,8 @@ from alembic import context
 from alembic.autogenerate.api import AutogenContext
 from sqlalchemy import Connection, DateTime
 
-from service.db import make_engine
-from service.models import Base, UTCDateTime
+from service.storage.db import make_engine
+from service.storage.models import Base, UTCDateTime
 
 config = context.config
 target_metadata = Base.metadata

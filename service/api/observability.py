@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.states import JOB_STATES
+from service.domain.states import JOB_STATES
 
 log = logging.getLogger("lethe.metrics")
 
@@ -32,7 +32,7 @@ class _JobCollector(Collector):
         yield GaugeMetricFamily("lethe_jobs", "Jobs by status.", labels=["status"])
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        from service.models import Job
+        from service.storage.models import Job
 
         gauge = GaugeMetricFamily("lethe_jobs", "Jobs by status.", labels=["status"])
         try:

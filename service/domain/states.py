@@ -30,7 +30,7 @@ class RequestStatus(enum.StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     COMPLETED = "completed"
-    NEEDS_REVIEW = "needs_review"  # the version waits as a candidate (service.policy)
+    NEEDS_REVIEW = "needs_review"  # the version waits as a candidate (service.trust.policy)
     REJECTED = "rejected"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -41,6 +41,11 @@ class VersionStatus(enum.StrEnum):
     CANDIDATE = "candidate"
     SUPERSEDED = "superseded"
     REJECTED = "rejected"
+
+
+class RecordState(enum.StrEnum):
+    PRESENT = "present"
+    FORGOTTEN = "forgotten"  # a version without it is active; purge then removes its content
 
 
 JOB_STATES: tuple[JobStatus, ...] = tuple(JobStatus)

@@ -13,7 +13,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 
-from service.db import make_engine
+from service.storage.db import make_engine
 
 SCRIPT_LOCATION = Path(__file__).resolve().parent / "migrations"
 

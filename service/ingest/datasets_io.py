@@ -20,8 +20,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from service.npzread import NpzError, NpzLimits, read_npz
-from service.textcheck import bad_char
+from service.ingest.npzread import NpzError, NpzLimits, read_npz
+from service.ingest.textcheck import bad_char
 
 MAX_KEY_LENGTH = 500  # Record.key column width
 _SHOWN = 10  # how many offending ids an error message lists

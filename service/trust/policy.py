@@ -22,7 +22,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.problems import validation
+from service.api.problems import validation
+from service.domain.states import VersionStatus
 from service.settings import Settings
 
 MODES = ("auto", "class", "random")
@@ -128,7 +129,7 @@ def decide(
         failed.append("require_review")
         reasons.append("require_review: the request asked for a human decision")
     return {
-        "decision": "candidate" if failed else "active",
+        "decision": VersionStatus.CANDIDATE if failed else VersionStatus.ACTIVE,
         "mode": mode,
         "class_wise": class_wise,
         "thresholds": {k: policy[k] for k in THRESHOLDS},

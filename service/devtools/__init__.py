@@ -1,0 +1,1 @@
+"""Development tools: the demo and a local `lethe serve` subprocess."""
