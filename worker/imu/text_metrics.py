@@ -1,4 +1,4 @@
-"""Text metrics of a causal LM on token batches (DESIGN §5, language models).
+"""Text metrics of a causal LM on token batches (ALGORITHM.md §7).
 
 - perplexity: exp of the token-weighted mean NLL over a split's scored tokens;
 - completion NLL: the mean over records of each record's mean token NLL;
