@@ -13,6 +13,7 @@ import math
 import sys
 from pathlib import Path
 
+from bench import calibration_probe
 from bench.metrics import GAP_KEYS, parse_method, summarise
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -700,6 +701,7 @@ def build_report(results_dir: Path, out_md: Path, plots_dir: Path | None = None)
     lines += headline_section(summaries, decision.get("choice"))
     lines += backbone_section(decision)
     lines += speed_section(speed)
+    lines += calibration_probe.section(results_dir)
     lines += ["## Plots", ""]
     p1 = plot_forget_vs_test(papers, plots_dir / "forget_vs_test.png")
     if p1:

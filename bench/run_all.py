@@ -8,7 +8,8 @@
 Steps: the paper comparison for each architecture (bench/paper.py, base models cached in
 bench/.cache), the influence-speed benchmark (bench/influence_speed.py, run as its own
 process), the API throughput benchmark (bench/api_throughput.py: SQLite and PostgreSQL, needs
-wrk), then bench/report.py.
+wrk), the calibration probe (bench/calibration_probe.py: default requests on untuned
+Fashion-MNIST models), then bench/report.py.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-paper", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-api", action="store_true", help="skip bench/api_throughput.py")
+    parser.add_argument("--skip-probe", action="store_true", help="skip bench/calibration_probe.py")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument(
         "--speed-args", default="", help="extra arguments passed to bench.influence_speed (quoted)"
@@ -117,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
         rc = subprocess.run(cmd, cwd=BENCH_DIR.parent).returncode
         if rc != 0:
             failures.append(f"bench.api_throughput exited with {rc}")
+    if not (args.report_only or args.skip_probe or args.quick):
+        cmd = [sys.executable, "-m", "bench.calibration_probe",
+               "--out", str(args.results / "calibration_probe.json")]  # fmt: skip
+        print("$", " ".join(cmd), flush=True)
+        if subprocess.run(cmd, cwd=BENCH_DIR.parent).returncode != 0:
+            failures.append("bench.calibration_probe failed")
     decision = report.build_report(args.results, out_md)
     print(f"wrote {out_md}; backbone_mode decision: {decision.get('choice')}")
     print(f"total {time.perf_counter() - started:.0f}s")
