@@ -228,7 +228,7 @@ def bench_backend(
     extra = ["--no-executor"] + (["--workers", str(workers)] if workers else [])
     service = LocalService(home, env=env, embedded=backend == "sqlite")
     try:
-        service.storage.migrate()
+        service.migrate()
         key = service.create_key("admin", name="bench")
         data, weights = _fixture_files(home, records)
         t0 = time.perf_counter()
