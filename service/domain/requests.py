@@ -6,7 +6,9 @@ an executor never sees a job that might still roll back.
 
 Concurrency: the transaction first increments the `job_seq` counter row, which locks it until
 commit. Submissions therefore serialise at that point, so the "key already named by a queued
-or running request" check and the idempotency check both see every earlier submission.
+or running request" check and the idempotency check both see every earlier submission. Under
+load, submissions waiting in one process share a transaction, each in its own savepoint
+(service.storage.group_commit), so the serialised commit is paid once per batch.
 """
 
 from __future__ import annotations
@@ -18,17 +20,23 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import func, insert, select, true, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.problems import Problem, conflict, not_found, validation
 from service.domain.datasets import resolve_dataset
 from service.domain.models import active_version, get_model
-from service.domain.states import ACTIVE_JOB_STATES, JobStatus, RecordState, RequestStatus
+from service.domain.states import (
+    ACTIVE_REQUEST_STATES,
+    JobStatus,
+    RecordState,
+    RequestStatus,
+)
 from service.domain.views import request_view
 from service.settings import Settings
 from service.storage.db import transaction
+from service.storage.group_commit import group_commit
 from service.storage.models import Counter, DeletionRequest, Job, Model, Record, new_id, utcnow
 from service.storage.sql import affected_rows, chunked
 from service.trust.audit import append_event, canonical_json
@@ -146,37 +154,39 @@ def _replay(session: Session, key: str, fingerprint: str) -> Submission | None:
     return Submission(request_view(req, job, model.name, full=False), job.id, req.id, True)
 
 
-def _keys_named(
-    session: Session,
-    model_id: str,
-    dataset_id: str,
-    keys: list[str],
-    *conditions: Any,
-    join_jobs: bool = False,
-) -> set[str]:
-    """Which of `keys` appear in the record_keys of the requests matching `conditions`."""
-    fn = (
-        func.json_array_elements_text
-        if session.get_bind().dialect.name == "postgresql"
-        else func.json_each
-    )
-    element = fn(DeletionRequest.record_keys).table_valued("value").alias("named_key")
-    found: set[str] = set()
-    for start in range(0, len(keys), 1000):
-        q = select(element.c.value).select_from(DeletionRequest)
-        if join_jobs:
-            q = q.join(Job, Job.request_id == DeletionRequest.id)
-        q = q.join(element, true()).where(
-            DeletionRequest.model_id == model_id,
-            DeletionRequest.dataset_id == dataset_id,
-            element.c.value.in_(keys[start : start + 1000]),
-            *conditions,
+def _held(
+    session: Session, dataset_id: str, keys: list[str], holders: dict[str, str]
+) -> tuple[list[str], list[str]]:
+    """(keys named by a queued or running request, keys named by one awaiting review).
+
+    One primary-key lookup per distinct holder: the cost does not grow with the backlog."""
+    status: dict[str, str] = {}
+    ids = sorted(set(holders.values()))
+    for chunk in chunked(ids):
+        status.update(
+            session.execute(
+                select(DeletionRequest.id, DeletionRequest.status).where(
+                    DeletionRequest.id.in_(chunk)
+                )
+            ).all()
         )
-        found.update(session.execute(q.distinct()).scalars())
-    return found
+    # A candidate awaiting review still holds its records (they are forgotten on promotion):
+    # naming them again meanwhile would make two versions race to forget the same records.
+    pending = [k for k in keys if status.get(holders.get(k, "")) in ACTIVE_REQUEST_STATES]
+    in_review = [k for k in keys if status.get(holders.get(k, "")) == RequestStatus.NEEDS_REVIEW]
+    return pending, in_review
 
 
-def _check_keys(session: Session, model_id: str, dataset_id: str, keys: list[str]) -> None:
+def _hold(session: Session, dataset_id: str, keys: list[str], request_id: str) -> None:
+    for chunk in chunked(keys):
+        session.execute(
+            update(Record)
+            .where(Record.dataset_id == dataset_id, Record.key.in_(chunk))
+            .values(held_by_request_id=request_id)
+        )
+
+
+def _check_keys(session: Session, dataset_id: str, keys: list[str]) -> None:
     seen: set[str] = set()
     dupes = sorted({k for k in keys if k in seen or seen.add(k)})  # type: ignore[func-returns-value]
     if dupes:
@@ -185,29 +195,22 @@ def _check_keys(session: Session, model_id: str, dataset_id: str, keys: list[str
             [{"field": "record_keys", "message": "duplicate", "keys": dupes[:1000]}],
         )
     states: dict[str, str] = {}
+    holders: dict[str, str] = {}
     for chunk in chunked(keys):
-        states.update(
-            session.execute(
-                select(Record.key, Record.state).where(
-                    Record.dataset_id == dataset_id, Record.key.in_(chunk)
-                )
-            ).all()
-        )
+        for key, state, holder in session.execute(
+            select(Record.key, Record.state, Record.held_by_request_id).where(
+                Record.dataset_id == dataset_id, Record.key.in_(chunk)
+            )
+        ):
+            states[key] = state
+            if holder is not None and state != RecordState.FORGOTTEN:
+                holders[key] = holder
     missing = [k for k in keys if k not in states]
     forgotten = [k for k in keys if states.get(k) == RecordState.FORGOTTEN]
     # Match the submitted keys inside the database (the JSON arrays are expanded there): this
     # runs under the submission lock, and decoding every queued request's key list made each
     # POST slower as the backlog grew.
-    pending_keys = _keys_named(
-        session, model_id, dataset_id, keys, Job.status.in_(ACTIVE_JOB_STATES), join_jobs=True
-    )
-    review_keys = _keys_named(
-        session, model_id, dataset_id, keys, DeletionRequest.status == RequestStatus.NEEDS_REVIEW
-    )
-    pending = [k for k in keys if k in pending_keys and k in states]
-    # A candidate awaiting review still holds its records (they are forgotten on promotion):
-    # naming them again meanwhile would make two versions race to forget the same records.
-    in_review = [k for k in keys if k in review_keys and k in states and k not in pending_keys]
+    pending, in_review = _held(session, dataset_id, keys, holders)
     errors = (
         [{"field": "record_keys", "key": k, "message": "not in the dataset"} for k in missing]
         + [{"field": "record_keys", "key": k, "message": "already forgotten"} for k in forgotten]
@@ -247,6 +250,93 @@ def _check_keys(session: Session, model_id: str, dataset_id: str, keys: list[str
         )
 
 
+def _record_submission(
+    session: Session,
+    body: DeletionRequestIn,
+    params: dict[str, Any],
+    *,
+    actor: str,
+    idempotency_key: str | None,
+    fingerprint: str,
+) -> Submission:
+    """The submission's rows and audit event, in the caller's (possibly shared) transaction."""
+    seq = _next_seq(session)
+    if idempotency_key:  # a concurrent twin may have committed while we waited
+        replay = _replay(session, idempotency_key, fingerprint)
+        if replay:
+            raise _Replayed(replay)  # roll back: the counter increment is not used
+    model = get_model(session, body.model)
+    version = active_version(session, model.id)
+    if version is None:
+        raise conflict(
+            "no-active-version",
+            f"model {model.name!r} has no active version",
+            title="Model has no active version",
+        )
+    dataset = resolve_dataset(session, body.dataset)
+    if dataset.role != "train":
+        raise validation(
+            f"dataset {dataset.id!r} has role {dataset.role!r}; only records of a "
+            "train dataset can be forgotten",
+            [{"field": "dataset", "message": "role must be train"}],
+        )
+    _check_keys(session, dataset.id, body.record_keys)
+    req = DeletionRequest(
+        id=new_id(),
+        model_id=model.id,
+        dataset_id=dataset.id,
+        record_keys=list(body.record_keys),
+        method=body.method,
+        params=params,
+        subject_ref=body.subject_ref,
+        reason=body.reason,
+        status=JobStatus.QUEUED,
+        idempotency_key=idempotency_key,
+        body_sha256=fingerprint,
+        actor=actor,
+    )
+    session.add(req)
+    session.flush()
+    _hold(session, dataset.id, body.record_keys, req.id)
+    job = Job(
+        id=new_id(),
+        request_id=req.id,
+        model_id=model.id,
+        kind=body.method,
+        params=params,
+        submitted_seq=seq,
+        status=JobStatus.QUEUED,
+        progress=0.0,
+        attempts=0,
+        cancel_requested=False,
+        metrics={},
+        timings={},
+    )
+    session.add(job)
+    session.flush()
+    append_event(
+        session,
+        actor=actor,
+        action="request.accepted",
+        subject_type="deletion_request",
+        subject_id=req.id,
+        payload={
+            "job_id": job.id,
+            "model": model.name,
+            "dataset_id": dataset.id,
+            "record_count": len(body.record_keys),
+            "record_keys_sha256": hashlib.sha256(
+                canonical_json(sorted(body.record_keys)).encode()
+            ).hexdigest(),
+            "method": body.method,
+            "params": params,
+            "subject_ref": body.subject_ref,
+            "submitted_seq": seq,
+        },
+    )
+    return Submission(request_view(req, job, model.name, full=False), job.id, req.id, False)
+
+
 def submit_deletion_request(
     factory: sessionmaker[Session],
     settings: Settings,
@@ -268,84 +358,15 @@ def submit_deletion_request(
         if replay:
             return replay
     params = validate_params(body.method, body.params)
+
+    def unit(session: Session) -> Submission:
+        return _record_submission(
+            session, body, params, actor=actor, idempotency_key=idempotency_key,
+            fingerprint=fingerprint,
+        )  # fmt: skip
+
     try:
-        with transaction(factory) as session:
-            seq = _next_seq(session)
-            if idempotency_key:  # a concurrent twin may have committed while we waited
-                replay = _replay(session, idempotency_key, fingerprint)
-                if replay:
-                    raise _Replayed(replay)  # roll back: the counter increment is not used
-            model = get_model(session, body.model)
-            version = active_version(session, model.id)
-            if version is None:
-                raise conflict(
-                    "no-active-version",
-                    f"model {model.name!r} has no active version",
-                    title="Model has no active version",
-                )
-            dataset = resolve_dataset(session, body.dataset)
-            if dataset.role != "train":
-                raise validation(
-                    f"dataset {dataset.id!r} has role {dataset.role!r}; only records of a "
-                    "train dataset can be forgotten",
-                    [{"field": "dataset", "message": "role must be train"}],
-                )
-            _check_keys(session, model.id, dataset.id, body.record_keys)
-            req = DeletionRequest(
-                id=new_id(),
-                model_id=model.id,
-                dataset_id=dataset.id,
-                record_keys=list(body.record_keys),
-                method=body.method,
-                params=params,
-                subject_ref=body.subject_ref,
-                reason=body.reason,
-                status=JobStatus.QUEUED,
-                idempotency_key=idempotency_key,
-                body_sha256=fingerprint,
-                actor=actor,
-            )
-            session.add(req)
-            session.flush()
-            job = Job(
-                id=new_id(),
-                request_id=req.id,
-                model_id=model.id,
-                kind=body.method,
-                params=params,
-                submitted_seq=seq,
-                status=JobStatus.QUEUED,
-                progress=0.0,
-                attempts=0,
-                cancel_requested=False,
-                metrics={},
-                timings={},
-            )
-            session.add(job)
-            session.flush()
-            append_event(
-                session,
-                actor=actor,
-                action="request.accepted",
-                subject_type="deletion_request",
-                subject_id=req.id,
-                payload={
-                    "job_id": job.id,
-                    "model": model.name,
-                    "dataset_id": dataset.id,
-                    "record_count": len(body.record_keys),
-                    "record_keys_sha256": hashlib.sha256(
-                        canonical_json(sorted(body.record_keys)).encode()
-                    ).hexdigest(),
-                    "method": body.method,
-                    "params": params,
-                    "subject_ref": body.subject_ref,
-                    "submitted_seq": seq,
-                },
-            )
-            result = Submission(
-                request_view(req, job, model.name, full=False), job.id, req.id, False
-            )
+        result = group_commit(factory).run(unit)
     except _Replayed as replayed:
         return replayed.submission
     except IntegrityError:

@@ -51,6 +51,8 @@ class RecordState(enum.StrEnum):
 JOB_STATES: tuple[JobStatus, ...] = tuple(JobStatus)
 PHASES: tuple[Phase, ...] = tuple(Phase)
 ACTIVE_JOB_STATES = (JobStatus.QUEUED, JobStatus.RUNNING)
+# A request in these states holds the records it names (as does one awaiting review).
+ACTIVE_REQUEST_STATES = (RequestStatus.QUEUED, RequestStatus.RUNNING)
 TERMINAL_JOB_STATES = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 # The request's status when its job ends (a candidate version overrides `completed`).
 REQUEST_STATUS_OF_JOB = {

@@ -26,7 +26,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-from service.domain.states import JobStatus
+from service.domain.states import JobStatus, RecordState
 
 
 def utcnow() -> datetime:
@@ -98,11 +98,14 @@ class Record(Base):
     key: Mapped[str] = mapped_column(String(500))
     row: Mapped[int] = mapped_column(Integer)  # row in the file as uploaded
     content_sha256: Mapped[str] = mapped_column(String(64))
-    state: Mapped[str] = mapped_column(String(16), default="present")  # present | forgotten
+    state: Mapped[str] = mapped_column(String(16), default=RecordState.PRESENT)
     forgotten_at: Mapped[datetime | None] = mapped_column(default=None)
     forgotten_by_job_id: Mapped[str | None] = mapped_column(String(36), default=None)
     # Set once the record's content is gone from the dataset file (key and sha256 remain).
     purged_at: Mapped[datetime | None] = mapped_column(default=None)
+    # The last deletion request that named the record. It holds the record while that request
+    # is queued, running or awaiting review (the request's status says so; nothing clears it).
+    held_by_request_id: Mapped[str | None] = mapped_column(String(36), default=None)
 
 
 class Model(Base):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect, select
+from sqlalchemy import inspect, select, text
 
 from service.storage import migrate
 from service.storage.db import make_engine, make_session_factory
@@ -86,3 +86,58 @@ def test_app_refuses_database_behind_head(database_url: str, lethe_env, storage_
     migrate.upgrade(database_url)
     with TestClient(create_app(settings)) as client:
         assert client.get("/readyz").status_code == 200
+
+
+def _row(table, **values):
+    """Values for every NOT NULL column of a reflected table (dummies of the column's type)."""
+    import datetime as dt
+
+    from sqlalchemy import JSON, Boolean, DateTime, Float, Integer, Numeric
+
+    row = {}
+    for col in table.columns:
+        if col.nullable or col.server_default is not None or col.name in values:
+            continue
+        if col.primary_key and isinstance(col.type, Integer):
+            continue
+        kind = col.type
+        row[col.name] = (
+            dt.datetime(2026, 1, 1, tzinfo=dt.UTC) if isinstance(kind, DateTime)
+            else False if isinstance(kind, Boolean)
+            else 0 if isinstance(kind, Integer | Float | Numeric)
+            else {} if isinstance(kind, JSON)
+            else "x"
+        )  # fmt: skip
+    return {**row, **values}
+
+
+def test_held_by_is_filled_from_the_requests_that_hold_records(database_url: str) -> None:
+    """0002 → 0003: records named by queued/running/needs_review requests are held by them;
+    records of a failed request are not."""
+    from sqlalchemy import MetaData, Table, insert
+
+    migrate.upgrade(database_url, "0002")
+    engine = make_engine(database_url)
+    meta = MetaData()
+    t = {n: Table(n, meta, autoload_with=engine) for n in ("datasets", "records", "models",
+                                                           "deletion_requests")}  # fmt: skip
+    with engine.begin() as conn:
+        conn.execute(insert(t["datasets"]).values(_row(t["datasets"], id="d1")))
+        conn.execute(insert(t["models"]).values(_row(t["models"], id="m1", name="m")))
+        for i, key in enumerate("abcd"):
+            conn.execute(insert(t["records"]).values(
+                _row(t["records"], dataset_id="d1", key=key, row=i, state="present")
+            ))  # fmt: skip
+        for rid, keys, status in (("q", ["a", "b"], "queued"), ("f", ["c"], "failed"),
+                                  ("r", ["d"], "needs_review")):  # fmt: skip
+            conn.execute(insert(t["deletion_requests"]).values(_row(
+                t["deletion_requests"], id=rid, model_id="m1", dataset_id="d1",
+                record_keys=keys, status=status,
+            )))  # fmt: skip
+    engine.dispose()
+    migrate.upgrade(database_url)
+    engine = make_engine(database_url)
+    with engine.connect() as conn:
+        held = dict(conn.execute(text("SELECT key, held_by_request_id FROM records")).all())
+    engine.dispose()
+    assert held == {"a": "q", "b": "q", "c": None, "d": "r"}

@@ -1,0 +1,115 @@
+"""Group commit: units of work from many threads share one transaction and one commit.
+
+Submissions serialise on purpose (the job counter row, the audit chain head), so their
+throughput is one critical section per request, and on SQLite about half of that section is
+the commit's fsync. Here a thread that finds others waiting runs all of them: each unit in
+its own SAVEPOINT (a unit that raises rolls back alone and gets its own exception), then one
+commit for the batch. Nobody waits for a batch to fill: under no load a batch is one unit,
+so latency is unchanged; under load the commit is shared. A caller returns only after the
+commit that holds its work, so an answer is never given for work that could still be lost.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, cast
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.storage.db import transaction
+
+T = TypeVar("T")
+MAX_BATCH = 64  # bounds the time one commit holds the write lock
+
+
+@dataclass(eq=False)
+class _Unit:
+    work: Callable[[Session], Any]
+    woken: threading.Event = field(default_factory=threading.Event)
+    lead: bool = False  # this unit's thread runs the next batches
+    done: bool = False
+    ok: bool = False
+    value: Any = None
+
+
+class GroupCommit:
+    """One leader thread at a time runs batches; the others sleep on their own event until
+    their unit is done or they are handed the lead (one wake-up per batch, not a convoy)."""
+
+    def __init__(self, factory: sessionmaker[Session], max_batch: int = MAX_BATCH) -> None:
+        self._factory = factory
+        self._max_batch = max_batch
+        self._queue: list[_Unit] = []
+        self._lock = threading.Lock()
+        self._leading = False
+
+    def run(self, work: Callable[[Session], T]) -> T:
+        """Run ``work(session)`` in a committed transaction, maybe shared with others."""
+        unit = _Unit(work)
+        with self._lock:
+            self._queue.append(unit)
+            if not self._leading:
+                self._leading = unit.lead = True
+        if not unit.lead:
+            unit.woken.wait()
+        if unit.lead:
+            try:
+                while not unit.done:
+                    self._run_batch()
+            finally:
+                self._hand_over()
+        if not unit.ok:
+            raise unit.value
+        return cast(T, unit.value)
+
+    def _hand_over(self) -> None:
+        with self._lock:
+            if self._queue:
+                self._queue[0].lead = True
+                self._queue[0].woken.set()
+            else:
+                self._leading = False
+
+    def _run_batch(self) -> None:
+        with self._lock:
+            batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
+        outcomes: list[tuple[bool, Any]] = []
+        try:
+            with transaction(self._factory) as session:
+                for unit in batch:
+                    try:
+                        with session.begin_nested():
+                            outcomes.append((True, unit.work(session)))
+                    except Exception as exc:  # this unit's savepoint is rolled back, not the batch
+                        outcomes.append((False, exc))
+        except BaseException as exc:  # the commit (or the lock) failed: nothing is kept
+            outcomes = [(False, exc)] * len(batch)
+            self._finish(batch, outcomes)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        self._finish(batch, outcomes)
+
+    @staticmethod
+    def _finish(batch: list[_Unit], outcomes: list[tuple[bool, Any]]) -> None:
+        for unit, (ok, value) in zip(batch, outcomes, strict=True):
+            unit.ok, unit.value, unit.done = ok, value, True
+            unit.woken.set()
+
+
+_GROUPS: weakref.WeakKeyDictionary[Engine, GroupCommit] = weakref.WeakKeyDictionary()
+_GROUPS_LOCK = threading.Lock()
+
+
+def group_commit(factory: sessionmaker[Session]) -> GroupCommit:
+    """The process's group for this factory's engine (one queue per database)."""
+    engine: Engine = factory.kw["bind"]
+    with _GROUPS_LOCK:
+        group = _GROUPS.get(engine)
+        if group is None:
+            group = _GROUPS[engine] = GroupCommit(factory)
+        return group
