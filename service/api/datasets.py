@@ -36,11 +36,11 @@ Cursor = Annotated[str | None, Query(description="`next_cursor` of the previous 
     ),
     dependencies=[Depends(only_form_fields("file", "name", "kind", "role"))],
     response_model=DatasetOut,
-    responses=problems(413, _413="Upload too large"),
+    responses=problems(400, 413, _413="Upload too large"),
 )
 def upload_dataset(
     file: Annotated[UploadFile, File(description="The .npz or .jsonl file.")],
-    name: Annotated[str, Form(max_length=200)],
+    name: Annotated[str, Form(min_length=1, max_length=200)],
     kind: Annotated[Literal["tensor", "text"], Form()],
     role: Annotated[Literal["train", "eval", "member_probe"], Form()],
     principal: Principal = Depends(require("admin")),

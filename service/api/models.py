@@ -41,10 +41,10 @@ _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
     ),
     dependencies=[Depends(only_form_fields("spec", "weights"))],
     response_model=ModelOut,
-    responses=problems(409, 413, _409="A model of this name exists"),
+    responses=problems(400, 409, 413, _409="A model of this name exists"),
 )
 def register_model(
-    spec: Annotated[str, Form(description="Model spec as a JSON string.")],
+    spec: Annotated[str, Form(min_length=1, description="Model spec as a JSON string.")],
     weights: Annotated[UploadFile, File(description="A .safetensors checkpoint.")],
     principal: Principal = Depends(require("admin")),
     state: AppState = Depends(get_state),

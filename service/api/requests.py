@@ -43,13 +43,26 @@ router = APIRouter(
     responses={
         202: {"headers": {"Location": {"schema": {"type": "string"}}}},
         **problems(
-            404, 409, 413, _404="Unknown model", _409="No active version, or Idempotency-Key reused"
+            400,
+            404,
+            409,
+            413,
+            _404="Unknown model",
+            _409="No active version, or Idempotency-Key reused",
         ),
     },
 )
 def submit(
     body: DeletionRequestIn,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=255,
+            description="A retry with the same key and body returns the first answer.",
+        ),
+    ] = None,
     principal: Principal = Depends(require("submit")),
     state: AppState = Depends(get_state),
 ) -> JSONResponse:

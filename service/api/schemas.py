@@ -307,6 +307,7 @@ class Problem(_Out):
 
 PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
 _PROBLEM_TEXT = {
+    400: "The body could not be parsed (malformed JSON or multipart)",
     401: "Missing or invalid API key",
     403: "The key's scope is insufficient",
     404: "Not found",
