@@ -25,6 +25,7 @@ router = APIRouter(tags=["models"], responses=COMMON_ERRORS)
 
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
 Cursor = Annotated[str | None, Query()]
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
 _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
@@ -239,8 +240,8 @@ def _unsatisfiable(size: int) -> Problem:
     ),
     response_class=Response,
     responses={
-        200: {"description": "The checkpoint", "content": {"application/octet-stream": {}}},
-        206: {"description": "Part of it", "content": {"application/octet-stream": {}}},
+        200: {"description": "The checkpoint", "content": {"application/octet-stream": _BINARY}},
+        206: {"description": "Part of it", "content": {"application/octet-stream": _BINARY}},
         304: {"description": "Not modified (If-None-Match)"},
         **problems(404, 410, 416, _410="The checkpoint was retired"),
     },
