@@ -370,8 +370,8 @@ class LetheClient:
     def wait_for_request(
         self,
         request_id: str,
-        *,
         poll_interval: float = 0.5,
+        *,
         timeout: float | None = None,
         on_update: Callable[[JSONDict], None] | None = None,
     ) -> JSONDict:

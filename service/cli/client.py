@@ -1,8 +1,9 @@
 """`lethe` commands that talk HTTP to a running service (LETHE_URL, LETHE_API_KEY).
 
-Every read command takes `--json` for scripts; any API error prints the problem's title and
+Every command takes `--json` for scripts; any API error prints the problem's title and
 detail on stderr and exits non-zero (1 for an API error, 3 when the server is unreachable,
-4 when a download does not match its sha256).
+4 when a download does not match its sha256; `forget --wait` ends with the request's state:
+0 completed, 5 needs_review, 6 failed, 7 cancelled, 8 rejected).
 """
 
 from __future__ import annotations
