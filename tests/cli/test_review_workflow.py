@@ -216,3 +216,13 @@ def test_every_option_has_help_and_params_lists_its_keys() -> None:
         assert key in help_text, help_text
     assert "<bool>" not in help_text and "FileText" not in help_text
     assert "5 needs_review" in help_text  # the exit statuses are documented
+
+
+def test_serve_start_up_is_quiet(server: Server) -> None:
+    """No alembic plugin or migration-context lines at INFO: the log starts with what
+    matters (workers, executor, the serving line)."""
+    log = server.service.log_path.read_text(errors="replace")
+    start_up = log.split("Application startup complete", 1)[0]
+    assert "lethe.api lethe" in start_up and "serving (sqlite, embedded executor)" in start_up
+    assert "alembic" not in start_up, start_up
+    assert len([ln for ln in start_up.splitlines() if ln.strip()]) <= 8, start_up
