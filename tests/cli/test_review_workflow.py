@@ -118,6 +118,18 @@ def test_held_request_is_reviewed_promoted_and_receipted(
         server, "receipt", "verify", str(receipt), "--jwks", f"{server.url}/.well-known/jwks.json"
     )
     assert verified.exit_code == 0 and f"deletion request {request_id}" in verified.stdout
+    summary = invoke(
+        server, "receipt", "verify", str(receipt), "--jwks", f"{server.url}/.well-known/jwks.json",
+        "--json",
+    )  # fmt: skip
+    assert summary.exit_code == 0 and json.loads(summary.stdout)["request_id"] == request_id
+
+
+def test_keys_create_json(server: Server) -> None:
+    created = json.loads(server.service.run_cli("keys", "create", "--scope", "read", "--json"))
+    assert created["scope"] == "read" and created["secret"]
+    with LetheClient(server.url, created["secret"]) as api:
+        assert api.list_requests(limit=1)["items"] is not None  # the key works for reads
 
 
 def test_rejected_candidate_keeps_its_records(
