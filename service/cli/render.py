@@ -61,19 +61,14 @@ def table(rows: list[dict[str, Any]], columns: list[str], title: str | None = No
 
 
 def kv(data: dict[str, Any], title: str | None = None) -> None:
-    """Scalar fields as a two-column table; nested objects belong in their own tables."""
+    """Fields as a two-column table. Callers leave out large objects (metrics, the policy):
+    those get their own tables (`metrics_table`, `policy_table`)."""
     t = Table(title=title, show_header=False)
     t.add_column("field", style="bold", no_wrap=True)
-    t.add_column("value", overflow="fold")
+    t.add_column("value", overflow="fold", no_wrap=not out.is_terminal)
     for key, value in data.items():
-        if isinstance(value, dict) and value:
-            value = ", ".join(f"{k}={cell(v)}" for k, v in value.items() if _scalar(v))
         t.add_row(key, cell(value))
     out.print(t)
-
-
-def _scalar(value: Any) -> bool:
-    return value is None or isinstance(value, str | int | float | bool)
 
 
 SUMMARY_METRICS = (

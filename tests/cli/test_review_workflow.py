@@ -95,6 +95,8 @@ def test_held_request_is_reviewed_promoted_and_receipted(
     assert "release policy: candidate" in shown.stdout
     assert "forget_acc" in shown.stdout and "before" in shown.stdout  # metrics as a table
     assert '{"before"' not in shown.stdout  # not the metrics JSON in a cell
+    jobs = invoke(server, "jobs", "list")
+    assert as_json[0]["job"]["id"] in jobs.stdout and "…" not in jobs.stdout
     job_show = invoke(server, "jobs", "show", as_json[0]["job"]["id"])
     assert job_show.exit_code == 0 and "release policy: candidate" in job_show.stdout
     assert '"after"' not in job_show.stdout

@@ -6,6 +6,7 @@ rejected and valid input accepted (settings and their reasons: schemathesis.toml
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -52,6 +53,21 @@ def test_every_check_passes_on_every_operation(postgres_url: str, tmp_path: Path
             files={"weights": ("w.safetensors", mlp_weights(), "application/x")},
         )
         assert model.status_code == 201, model.text
+        submitted = httpx.post(
+            base + "/v1/deletion-requests",
+            headers=auth,
+            timeout=60,
+            json={"model": "fuzz-mlp", "dataset": ds.json()["id"], "record_keys": ["digit-1"]},
+        )
+        assert submitted.status_code == 202, submitted.text
+        # Real ids for the path parameters (schemathesis.toml reads them from the environment).
+        ids = {
+            "LETHE_FUZZ_DATASET": ds.json()["id"],
+            "LETHE_FUZZ_MODEL": "fuzz-mlp",
+            "LETHE_FUZZ_VERSION": model.json()["active_version"]["id"],
+            "LETHE_FUZZ_REQUEST": submitted.json()["id"],
+            "LETHE_FUZZ_JOB": submitted.json()["job"]["id"],
+        }
         report = tmp_path / "report.json"
         run = subprocess.run(
             [
@@ -89,6 +105,7 @@ def test_every_check_passes_on_every_operation(postgres_url: str, tmp_path: Path
             capture_output=True,
             text=True,
             timeout=MAX_TIME_S + 240,
+            env={**os.environ, **ids},
             cwd=tmp_path,  # its example cache stays out of the work tree
         )
         log = (tmp_path / "server.log").read_text()
