@@ -55,11 +55,29 @@ class PolicyOverrides(BaseModel):
     )
 
 
+# What the engine's docstrings leave to ALGORITHM.md (their `name: text` entries come first).
+_HELP = {
+    "lr": "Step size of the fixed schedule (calibration off).",
+    "epochs": "Passes over the kept samples (calibration off).",
+    "batch_size": "Mini-batch size of the unlearning steps.",
+    "momentum": "SGD momentum.",
+    "weight_decay": "SGD weight decay.",
+    "params": "null = the final nn.Linear; else a list of parameter-name prefixes to update.",
+    "seed": "Random seed (shuffling, the eval split is keyed separately).",
+    "top_data": "Share of the negatively influential samples kept (0, 1].",
+    "clip_quantile": "Quantile at which the sample weights √|I| are clipped.",
+    "damping": "λ added to the diagonal Fisher.",
+    "alpha": "Weight of the L1 penalty on θ (calibration off).",
+}
+
+
 def _descriptions(doc: str) -> dict[str, str]:
     """`name: text` entries of a config docstring (the engine documents its fields there)."""
     flat = " ".join(doc.split())
     found: dict[str, str] = {}
-    for match in re.finditer(r"(?:^|[.\s])([a-z_]+(?:, [a-z_]+)*): (.+?)(?=\s[a-z_]+: |$)", flat):
+    name = r"[a-z][a-z0-9_]*"
+    pattern = rf"(?:^|[.\s])({name}(?:, {name})*): (.+?)(?=\s{name}: |$)"
+    for match in re.finditer(pattern, flat):
         for name in match.group(1).split(", "):
             found[name] = match.group(2).strip()
     return found
@@ -67,7 +85,8 @@ def _descriptions(doc: str) -> dict[str, str]:
 
 def _field(config: type, f: dataclasses.Field[Any], docs: dict[str, str]) -> tuple[Any, Any]:
     default = f.default if f.default is not dataclasses.MISSING else None
-    description = docs.get(f.name, f"Engine setting `{f.name}`.") + f" Default: {default!r}."
+    text = docs.get(f.name) or _HELP.get(f.name, f"Engine setting `{f.name}`.")
+    description = f"{text} Default: {default!r}."
     floats = getattr(config, "_FLOAT_BOUNDS", {})
     ints = getattr(config, "_INT_BOUNDS", {})
     choices = getattr(config, "_CHOICES", {})
