@@ -240,3 +240,41 @@ def test_serve_start_up_is_quiet(server: Server) -> None:
     assert "lethe.api lethe" in start_up and "serving (sqlite, embedded executor)" in start_up
     assert "alembic" not in start_up, start_up
     assert len([ln for ln in start_up.splitlines() if ln.strip()]) <= 8, start_up
+
+
+def test_failed_and_cancelled_requests_have_their_own_exit_status(
+    server: Server, model: dict[str, str], tmp_path: Path
+) -> None:
+    # A parameter prefix that names no layer: the job fails in the worker (a real fault).
+    keys_file = tmp_path / "fail.txt"
+    keys_file.write_text("d0380\n")
+    failed = invoke(
+        server, "forget", "--model", model["name"], "--dataset", model["dataset"],
+        "--keys-file", str(keys_file), "--params",
+        json.dumps({**FAST, "params": ["no_such_layer"]}), "--wait", "--json",
+    )  # fmt: skip
+    assert failed.exit_code == EXIT_CODES["failed"] == 6, failed.output
+    request = json.loads(failed.stdout)
+    assert request["status"] == "failed" and request["job"]["error"]["detail"]
+    assert request["result_version"] is None and request["policy"] is None
+
+    # Cancelled while queued behind a longer job of the same model; `forget --wait` with the
+    # same Idempotency-Key follows that very request to its end.
+    with LetheClient(server.url, server.admin_key) as api:
+        api.submit_deletion(
+            model["name"], model["dataset"], ["d0381"], params={**FAST, "epochs": 200}
+        )
+        key = f"cancel-{uuid.uuid4().hex}"
+        queued = api.submit_deletion(
+            model["name"], model["dataset"], ["d0382"], params=FAST, idempotency_key=key
+        )
+        api.cancel_job(queued["job"]["id"])
+    keys_file.write_text("d0382\n")
+    cancelled = invoke(
+        server, "forget", "--model", model["name"], "--dataset", model["dataset"],
+        "--keys-file", str(keys_file), "--params", json.dumps(FAST),
+        "--idempotency-key", key, "--wait",
+    )  # fmt: skip
+    assert cancelled.exit_code == EXIT_CODES["cancelled"] == 7, cancelled.output
+    assert f"deletion request {queued['id']}: cancelled" in cancelled.stdout
+    assert len(set(EXIT_CODES.values())) == len(EXIT_CODES)
