@@ -48,7 +48,10 @@ async def list_jobs(
     "/{job_id}",
     summary="Poll a job",
     description="`{id, status, phase, progress, attempts, error, source_version_id, "
-    "result_version_id, metrics, created_at, started_at, finished_at, ...}`.",
+    "result_version_id, result_version_status, policy, metrics, created_at, started_at, "
+    "finished_at, ...}`. `result_version_status` is `candidate` while the release policy holds "
+    "the result for review; `policy` is its decision with every check and `reasons`. The "
+    "deletion request (`GET /v1/deletion-requests/{id}`) carries the final word.",
     response_model=JobOut,
     responses=problems(404),
 )
