@@ -43,24 +43,29 @@ class RecordOut(_Out):
 
 class PolicyCheck(_Out):
     name: str = Field(description="eval_acc_drop | forget_acc | forget_indistinguishable")
-    value: float | None = Field(description="The measured value; null when it was not measured.")
-    limit: float
-    ok: bool | None = Field(description="null: the check could not run (fails safe).")
+    value: float | None = Field(
+        default=None, description="The measured value; null when it was not measured."
+    )
+    limit: float | None = None
+    ok: bool | None = Field(default=None, description="null: the check could not run (fails safe).")
 
 
 class PolicyDecision(_Out):
-    """The release policy's verdict on a job's result (service.trust.policy)."""
+    """The release policy's verdict on a job's result (service.trust.policy). Only `decision`
+    is required: decisions stored by older versions carry fewer fields."""
 
     decision: Literal["active", "candidate"] = Field(
         description="`active`: released at once; `candidate`: held for review."
     )
-    mode: Literal["class", "random"]
-    class_wise: bool
-    thresholds: dict[str, float]
-    require_review: bool
-    checks: list[PolicyCheck]
-    failed: list[str] = Field(description="Names of the checks that failed or could not run.")
-    reasons: list[str] = Field(description="One sentence per failed check.")
+    mode: Literal["class", "random"] | None = None
+    class_wise: bool | None = None
+    thresholds: dict[str, float] = Field(default_factory=dict)
+    require_review: bool = False
+    checks: list[PolicyCheck] = Field(default_factory=list)
+    failed: list[str] = Field(
+        default_factory=list, description="Names of the checks that failed or could not run."
+    )
+    reasons: list[str] = Field(default_factory=list, description="One sentence per failed check.")
 
 
 class VersionOut(_Out):
