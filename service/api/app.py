@@ -14,6 +14,7 @@ from service.api import audit, datasets, health, jobs, models, requests
 from service.api.auth import KeyCache, authenticate
 from service.api.deps import AppState
 from service.api.observability import Metrics, MetricsMiddleware
+from service.api.openapi import install_openapi, operation_id
 from service.api.problems import Problem, install_handlers, problem_response
 from service.ingest.textcheck import check_request_strings
 from service.settings import Settings, get_settings
@@ -83,7 +84,7 @@ class BodyLimitMiddleware:
 def _warm_up(state: AppState) -> None:
     """Pay one-time costs at start-up, not on the first request: submission checks IMU params
     with the engine's config (importing torch, seconds), and the pool opens a connection."""
-    from service.domain.requests import validate_params
+    from service.domain.params import validate_params
 
     validate_params("imu", {})
     with state.sessions() as session:
@@ -138,9 +139,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         # Every route: strings PostgreSQL cannot store are a 422 naming the field, not a 500.
         dependencies=[Depends(check_request_strings)],
+        generate_unique_id_function=operation_id,
     )
     app.state.lethe = state
     install_handlers(app)
+    install_openapi(app)
     for router in (
         datasets.router,
         models.router,

@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from service.api.auth import Principal
 from service.api.deps import AppState, get_state, require
-from service.api.schemas import COMMON_ERRORS, AuditEventOut, Page, VerifyOut
+from service.api.schemas import COMMON_ERRORS, AuditEventOut, JWKSOut, Page, VerifyOut
 from service.domain.pagination import DEFAULT_LIMIT, MAX_LIMIT, decode_cursor, page
 from service.storage.models import AuditEvent
 from service.trust.audit import event_dict
@@ -83,6 +83,7 @@ def verify(
     "/.well-known/jwks.json",
     summary="Public keys (JWKS, RFC 7517) that sign receipts and audit checkpoints",
     description="No authentication: verifying a receipt needs only these keys.",
+    response_model=JWKSOut,
 )
 def jwks(state: AppState = Depends(get_state)) -> JSONResponse:
     return JSONResponse(

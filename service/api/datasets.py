@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 
 from service.api.auth import Principal
 from service.api.deps import AppState, get_state, iter_file, only_form_fields, require
-from service.api.schemas import COMMON_ERRORS, DatasetOut, Page, RecordOut
+from service.api.schemas import COMMON_ERRORS, DatasetOut, Page, RecordOut, problems
 from service.domain import datasets as domain
 from service.domain.pagination import DEFAULT_LIMIT, MAX_LIMIT
 from service.domain.states import RecordState
@@ -36,11 +36,11 @@ Cursor = Annotated[str | None, Query(description="`next_cursor` of the previous 
     ),
     dependencies=[Depends(only_form_fields("file", "name", "kind", "role"))],
     response_model=DatasetOut,
-    responses={413: {"description": "Upload too large"}},
+    responses=problems(400, 413, _413="Upload too large"),
 )
 def upload_dataset(
     file: Annotated[UploadFile, File(description="The .npz or .jsonl file.")],
-    name: Annotated[str, Form(max_length=200)],
+    name: Annotated[str, Form(min_length=1, max_length=200)],
     kind: Annotated[Literal["tensor", "text"], Form()],
     role: Annotated[Literal["train", "eval", "member_probe"], Form()],
     principal: Principal = Depends(require("admin")),
@@ -74,6 +74,7 @@ def list_datasets(
     "/{dataset_id}",
     summary="Show a dataset, with counts of present/forgotten records",
     response_model=DatasetOut,
+    responses=problems(404),
 )
 def show_dataset(
     dataset_id: str,
@@ -90,6 +91,7 @@ def show_dataset(
     "the file as uploaded (`row`); a forgotten record's content is purged from the file, its "
     "key and sha256 remain.",
     response_model=Page[RecordOut],
+    responses=problems(404),
 )
 def list_records(
     dataset_id: str,

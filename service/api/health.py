@@ -11,13 +11,14 @@ from sqlalchemy import text
 
 from service.api.deps import AppState, get_state
 from service.api.problems import DB_RETRY_AFTER_S, PROBLEM_MEDIA_TYPE, problem_dict
+from service.api.schemas import HealthOut, ReadyOut, problems
 from service.storage.migrate import SchemaBehind, check_at_head
 
 log = logging.getLogger("lethe.api")
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", summary="Liveness: the process answers")
+@router.get("/healthz", summary="Liveness: the process answers", response_model=HealthOut)
 def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
@@ -63,7 +64,8 @@ def _check_broker(state: AppState) -> bool:
         "still accepted, stored as queued and dispatched once the broker is back, so keep "
         "routing to the instance and alert on the broker instead."
     ),
-    responses={503: {"content": {PROBLEM_MEDIA_TYPE: {}}}},
+    response_model=ReadyOut,
+    responses=problems(503, _503="Not ready: the database is down or behind the migration head"),
 )
 def readyz(state: AppState = Depends(get_state)) -> JSONResponse:
     checks: dict[str, Any] = {"database": _check_database(state)}
@@ -95,7 +97,12 @@ def readyz(state: AppState = Depends(get_state)) -> JSONResponse:
     return JSONResponse({"status": status, "checks": checks})
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"description": "Prometheus text format", "content": {"text/plain": {}}}},
+)
 def metrics(state: AppState = Depends(get_state)) -> Response:
     from service.api.observability import render
 

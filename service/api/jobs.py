@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 
 from service.api.auth import Principal
 from service.api.deps import AppState, get_state, require, run_read
-from service.api.schemas import COMMON_ERRORS, JobOut, Page
+from service.api.schemas import COMMON_ERRORS, JobOut, Page, problems
 from service.domain import jobs as domain
 from service.domain.pagination import DEFAULT_LIMIT, MAX_LIMIT
 from service.domain.requests import cancel_job
@@ -24,6 +24,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=COMMON_ERRORS)
     "",
     summary="List jobs (newest submission first), filtered by status and model",
     response_model=Page[JobOut],
+    responses=problems(404, _404="Unknown model"),
 )
 async def list_jobs(
     status: Annotated[JobStatus | None, Query()] = None,
@@ -47,8 +48,12 @@ async def list_jobs(
     "/{job_id}",
     summary="Poll a job",
     description="`{id, status, phase, progress, attempts, error, source_version_id, "
-    "result_version_id, metrics, created_at, started_at, finished_at, ...}`.",
+    "result_version_id, result_version_status, policy, metrics, created_at, started_at, "
+    "finished_at, ...}`. `result_version_status` is `candidate` while the release policy holds "
+    "the result for review; `policy` is its decision with every check and `reasons`. The "
+    "deletion request (`GET /v1/deletion-requests/{id}`) carries the final word.",
     response_model=JobOut,
+    responses=problems(404),
 )
 async def show_job(
     job_id: str, _: Principal = Depends(require("read")), state: AppState = Depends(get_state)
@@ -63,7 +68,7 @@ async def show_job(
     description="Queued: cancelled at once. Running: `cancel_requested` is set and the worker "
     "stops at its next progress report. Already finished: 409.",
     response_model=JobOut,
-    responses={409: {"description": "The job has already finished"}},
+    responses=problems(404, 409, _409="The job has already finished"),
 )
 def cancel(
     job_id: str,

@@ -14,7 +14,7 @@ from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 from service.api.auth import Principal
 from service.api.deps import AppState, get_state, iter_file, only_form_fields, require
 from service.api.problems import Problem
-from service.api.schemas import COMMON_ERRORS, ModelOut, Page, VersionOut
+from service.api.schemas import COMMON_ERRORS, LineageOut, ModelOut, Page, VersionOut, problems
 from service.domain import models as domain
 from service.domain import versions as versions_domain
 from service.domain.pagination import DEFAULT_LIMIT, MAX_LIMIT
@@ -25,6 +25,7 @@ router = APIRouter(tags=["models"], responses=COMMON_ERRORS)
 
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
 Cursor = Annotated[str | None, Query()]
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
 _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
@@ -41,9 +42,10 @@ _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
     ),
     dependencies=[Depends(only_form_fields("spec", "weights"))],
     response_model=ModelOut,
+    responses=problems(400, 409, 413, _409="A model of this name exists"),
 )
 def register_model(
-    spec: Annotated[str, Form(description="Model spec as a JSON string.")],
+    spec: Annotated[str, Form(min_length=1, description="Model spec as a JSON string.")],
     weights: Annotated[UploadFile, File(description="A .safetensors checkpoint.")],
     principal: Principal = Depends(require("admin")),
     state: AppState = Depends(get_state),
@@ -69,7 +71,10 @@ def list_models(
 
 
 @router.get(
-    "/v1/models/{name}", summary="Show a model and its active version", response_model=ModelOut
+    "/v1/models/{name}",
+    summary="Show a model and its active version",
+    response_model=ModelOut,
+    responses=problems(404),
 )
 def show_model(
     name: str, _: Principal = Depends(require("read")), state: AppState = Depends(get_state)
@@ -81,6 +86,7 @@ def show_model(
     "/v1/models/{name}/versions",
     summary="List a model's versions (newest first)",
     response_model=Page[VersionOut],
+    responses=problems(404),
 )
 def list_versions(
     name: str,
@@ -98,6 +104,7 @@ def list_versions(
     description="`{id, model, number, parent_id, job_id, status, sha256, size_bytes, metrics, "
     "created_at, lineage, ...}`.",
     response_model=VersionOut,
+    responses=problems(404),
 )
 def show_version(
     version_id: str,
@@ -117,6 +124,8 @@ def show_version(
         "produced it, `record_key_sha256` (sha256 of each record key the request named, never "
         "the key or its content) and `records_forgotten`."
     ),
+    response_model=LineageOut,
+    responses=problems(404),
 )
 def version_lineage(
     version_id: str,
@@ -136,7 +145,7 @@ def version_lineage(
         "stale (its parent is no longer the active version: later jobs moved the model on)."
     ),
     response_model=VersionOut,
-    responses={409: {"description": "Not a candidate, or stale"}},
+    responses=problems(404, 409, _409="Not a candidate, or stale"),
 )
 def promote_version(
     version_id: str,
@@ -157,7 +166,7 @@ def promote_version(
         "version is not a candidate."
     ),
     response_model=VersionOut,
-    responses={409: {"description": "Not a candidate"}},
+    responses=problems(404, 409, _409="Not a candidate"),
 )
 def reject_version(
     version_id: str,
@@ -230,7 +239,12 @@ def _unsatisfiable(size: int) -> Problem:
         "410 when the checkpoint was retired."
     ),
     response_class=Response,
-    responses={200: {"content": {"application/octet-stream": {}}}, 206: {}, 304: {}, 416: {}},
+    responses={
+        200: {"description": "The checkpoint", "content": {"application/octet-stream": _BINARY}},
+        206: {"description": "Part of it", "content": {"application/octet-stream": _BINARY}},
+        304: {"description": "Not modified (If-None-Match)"},
+        **problems(404, 410, 416, _410="The checkpoint was retired"),
+    },
 )
 def download_checkpoint(
     version_id: str,

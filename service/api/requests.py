@@ -1,17 +1,27 @@
-"""/v1/deletion-requests: submit (idempotent) and show."""
+"""/v1/deletion-requests: submit (idempotent), list, show, receipt."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header
+from fastapi import APIRouter, Depends, Header, Query
 from fastapi.responses import JSONResponse
 
 from service.api.auth import Principal
 from service.api.deps import AppState, get_state, require
-from service.api.schemas import COMMON_ERRORS, DeletionRequestOut, SubmissionOut
+from service.api.schemas import (
+    COMMON_ERRORS,
+    DeletionRequestOut,
+    Page,
+    ReceiptOut,
+    SubmissionOut,
+    problems,
+)
+from service.domain import request_queries as queries
 from service.domain import requests as domain
+from service.domain.pagination import DEFAULT_LIMIT, MAX_LIMIT
 from service.domain.requests import DeletionRequestIn
+from service.domain.states import RequestStatus
 
 router = APIRouter(
     prefix="/v1/deletion-requests", tags=["deletion requests"], responses=COMMON_ERRORS
@@ -32,13 +42,27 @@ router = APIRouter(
     response_model=SubmissionOut,
     responses={
         202: {"headers": {"Location": {"schema": {"type": "string"}}}},
-        404: {"description": "Unknown model"},
-        409: {"description": "No active version, or Idempotency-Key reused"},
+        **problems(
+            400,
+            404,
+            409,
+            413,
+            _404="Unknown model",
+            _409="No active version, or Idempotency-Key reused",
+        ),
     },
 )
 def submit(
     body: DeletionRequestIn,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=255,
+            description="A retry with the same key and body returns the first answer.",
+        ),
+    ] = None,
     principal: Principal = Depends(require("submit")),
     state: AppState = Depends(get_state),
 ) -> JSONResponse:
@@ -67,7 +91,8 @@ def submit(
         "an unsigned copy for convenience. "
         '409 unless the request is `completed`. Format: README, "Erasure receipts".'
     ),
-    responses={409: {"description": "The request is not completed (or purge in progress)"}},
+    response_model=ReceiptOut,
+    responses=problems(404, 409, _409="The request is not completed (or purge in progress)"),
 )
 def receipt(
     request_id: str,
@@ -80,13 +105,45 @@ def receipt(
 
 
 @router.get(
+    "",
+    summary="List deletion requests (newest submission first)",
+    description="Filtered by `status`, `model` (name) and `subject_ref` (exact). Each item is "
+    "the request with its job, `result_version` `{id, number, status}` and the release "
+    "policy's decision (`policy`: `decision`, `failed`, `reasons`, `checks`).",
+    response_model=Page[DeletionRequestOut],
+    responses=problems(404, _404="Unknown model"),
+)
+def list_requests(
+    status: Annotated[RequestStatus | None, Query()] = None,
+    model: Annotated[str | None, Query(description="Model name.")] = None,
+    subject_ref: Annotated[str | None, Query(description="Your reference for the person.")] = None,
+    cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page.")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT, description="Page size.")] = DEFAULT_LIMIT,
+    _: Principal = Depends(require("read")),
+    state: AppState = Depends(get_state),
+) -> dict[str, Any]:
+    return queries.list_requests(
+        state.sessions,
+        status=status,
+        model=model,
+        subject_ref=subject_ref,
+        cursor=cursor,
+        limit=limit,
+    )
+
+
+@router.get(
     "/{request_id}",
-    summary="A deletion request and its job's state",
+    summary="A deletion request, its job and its review state",
+    description="`status` is the request's final word: `completed` once a version without the "
+    "records is active, `needs_review` while the result waits as a candidate (`policy.reasons` "
+    "says why), `rejected`, `failed`, `cancelled`.",
     response_model=DeletionRequestOut,
+    responses=problems(404),
 )
 def show(
     request_id: str,
     _: Principal = Depends(require("read")),
     state: AppState = Depends(get_state),
 ) -> dict[str, Any]:
-    return domain.show_request(state.sessions, request_id)
+    return queries.show_request(state.sessions, request_id)

@@ -1,13 +1,17 @@
 """Response shapes, declared for the OpenAPI document (clients rely on these fields).
 
 `extra="allow"` keeps additional informative fields in responses without listing each one.
+Status fields are the lifecycle enums of service.domain.states. Error responses share one
+named `Problem` component (RFC 9457), declared per operation with `problems(...)`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from service.domain.states import JobStatus, Phase, RecordState, RequestStatus, VersionStatus
 
 T = TypeVar("T")
 
@@ -24,8 +28,8 @@ class Page(_Out, Generic[T]):
 class DatasetOut(_Out):
     id: str
     name: str
-    kind: str = Field(description="tensor | text")
-    role: str = Field(description="train | eval | member_probe")
+    kind: Literal["tensor", "text"]
+    role: Literal["train", "eval", "member_probe"]
     record_count: int
     sha256: str = Field(description="sha256 of the file as uploaded")
     created_at: str
@@ -33,8 +37,35 @@ class DatasetOut(_Out):
 
 class RecordOut(_Out):
     key: str
-    state: str = Field(description="present | forgotten")
+    state: RecordState
     forgotten_at: str | None
+
+
+class PolicyCheck(_Out):
+    name: str = Field(description="eval_acc_drop | forget_acc | forget_indistinguishable")
+    value: float | None = Field(
+        default=None, description="The measured value; null when it was not measured."
+    )
+    limit: float | None = None
+    ok: bool | None = Field(default=None, description="null: the check could not run (fails safe).")
+
+
+class PolicyDecision(_Out):
+    """The release policy's verdict on a job's result (service.trust.policy). Only `decision`
+    is required: decisions stored by older versions carry fewer fields."""
+
+    decision: Literal["active", "candidate"] = Field(
+        description="`active`: released at once; `candidate`: held for review."
+    )
+    mode: Literal["class", "random"] | None = None
+    class_wise: bool | None = None
+    thresholds: dict[str, float] = Field(default_factory=dict)
+    require_review: bool = False
+    checks: list[PolicyCheck] = Field(default_factory=list)
+    failed: list[str] = Field(
+        default_factory=list, description="Names of the checks that failed or could not run."
+    )
+    reasons: list[str] = Field(default_factory=list, description="One sentence per failed check.")
 
 
 class VersionOut(_Out):
@@ -43,14 +74,16 @@ class VersionOut(_Out):
     number: int
     parent_id: str | None
     job_id: str | None
-    status: str = Field(description="active | candidate | superseded | rejected")
+    status: VersionStatus
     sha256: str
     size_bytes: int
     metrics: dict[str, Any]
     created_at: str
+    superseded_at: str | None = None
     retired_at: str | None = Field(
         default=None, description="When the checkpoint was deleted (downloads then answer 410)."
     )
+    checkpoint_available: bool = True
 
 
 class ModelOut(_Out):
@@ -63,13 +96,23 @@ class ModelOut(_Out):
 
 class JobOut(_Out):
     id: str
-    status: str = Field(description="queued | running | succeeded | failed | cancelled")
-    phase: str | None = Field(description="loading | influence | unlearning | evaluating | saving")
+    request_id: str
+    model: str | None
+    status: JobStatus
+    phase: Phase | None
     progress: float = Field(description="0..1")
     attempts: int
     error: dict[str, Any] | None = Field(description="A problem object when the job failed.")
     source_version_id: str | None
     result_version_id: str | None
+    result_version_status: VersionStatus | None = Field(
+        default=None,
+        description="Status of the version the job produced: `active` (released), "
+        "`candidate` (held for review), `rejected`, `superseded`.",
+    )
+    policy: PolicyDecision | None = Field(
+        default=None, description="The release policy's decision (also `metrics.policy`)."
+    )
     metrics: dict[str, Any]
     created_at: str
     started_at: str | None
@@ -78,27 +121,139 @@ class JobOut(_Out):
 
 class JobRef(_Out):
     id: str
-    status: str
+    status: JobStatus
 
 
 class SubmissionOut(_Out):
     id: str
-    status: str
+    status: RequestStatus
     job: JobRef
+
+
+class VersionRef(_Out):
+    id: str
+    number: int
+    status: VersionStatus
 
 
 class DeletionRequestOut(_Out):
     id: str
-    status: str = Field(
+    status: RequestStatus = Field(
         description="queued | running | needs_review (result held by the release policy) | "
         "completed (a version without the records is active) | failed | cancelled | rejected"
     )
     model: str
     dataset: str
     record_keys: list[str]
-    method: str
+    method: Literal["imu", "ga"]
     params: dict[str, Any]
+    subject_ref: str | None
+    reason: str | None
+    created_at: str
+    result_version: VersionRef | None = Field(
+        description="The version the job produced (null until it succeeded)."
+    )
+    policy: PolicyDecision | None = Field(description="Why the result was released or held.")
     job: JobOut | None
+
+
+class LineageRequest(_Out):
+    id: str
+    status: RequestStatus
+    method: str
+    subject_ref: str | None
+    reason: str | None
+    created_at: str
+
+
+class LineageEntry(VersionOut):
+    deletion_request: LineageRequest | None
+    record_key_sha256: list[str] = Field(description="sha256 of each record key the request named")
+    records_forgotten: bool
+
+
+class LineageOut(_Out):
+    version_id: str
+    model: str
+    versions: list[LineageEntry] = Field(description="Newest first, back to version 1.")
+
+
+class ReceiptRequest(_Out):
+    id: str
+    model: str
+    model_id: str
+    dataset: str
+    dataset_id: str
+    subject_ref: str | None
+    reason: str | None
+    method: str
+    status: RequestStatus
+    created_at: str
+
+
+class ReceiptRecords(_Out):
+    count: int
+    key_sha256: list[str]
+    forgotten_at: str | None
+    purged_at: str | None
+
+
+class ReceiptJob(_Out):
+    id: str
+    finished_at: str | None
+
+
+class VersionDigest(_Out):
+    id: str
+    number: int
+    sha256: str
+
+
+class ReceiptMetrics(_Out):
+    before: dict[str, Any]
+    after: dict[str, Any]
+    policy: PolicyDecision | None
+
+
+class ReceiptCheckpoint(_Out):
+    seq: int
+    hash: str
+    time: str
+    kid: str
+    jws: str
+
+
+class ReceiptAudit(_Out):
+    first_seq: int | None
+    last_seq: int | None
+    events: int
+    head_seq: int
+    head_hash: str | None
+    checkpoint: ReceiptCheckpoint
+
+
+class Issuer(_Out):
+    service: str
+    version: str
+
+
+class ReceiptPayload(_Out):
+    type: str
+    request: ReceiptRequest
+    records: ReceiptRecords
+    job: ReceiptJob
+    source_version: VersionDigest
+    result_version: VersionDigest
+    metrics: ReceiptMetrics
+    audit: ReceiptAudit
+    issued_at: str
+    issuer: Issuer
+
+
+class ReceiptOut(_Out):
+    jws: str = Field(description="The receipt: a compact JWS (EdDSA); verifiers read this.")
+    kid: str
+    payload: ReceiptPayload = Field(description="Unsigned copy of the JWS payload.")
 
 
 class AuditEventOut(_Out):
@@ -130,21 +285,56 @@ class VerifyOut(_Out):
     latest_checkpoint: CheckpointOut | None = None
 
 
-class ProblemOut(_Out):
-    type: str
+class JWKSOut(_Out):
+    keys: list[dict[str, Any]] = Field(description="Ed25519 public keys (OKP JWKs) by `kid`.")
+
+
+class HealthOut(_Out):
+    status: Literal["ok"]
+
+
+class ReadyOut(_Out):
+    status: Literal["ready", "degraded"]
+    checks: dict[str, str]
+
+
+class Problem(_Out):
+    """An RFC 9457 problem document (`application/problem+json`)."""
+
+    type: str = Field(description="Stable URI under https://lethe.dev/problems/")
     title: str
     status: int
     detail: str
-    errors: list[dict[str, Any]] | None = None
+    errors: list[dict[str, Any]] | None = Field(
+        default=None, description="Validation problems: the offending fields or keys."
+    )
 
 
-# Error responses every /v1 route may give, for the OpenAPI document.
-PROBLEM_CONTENT = {"application/problem+json": {"schema": ProblemOut.model_json_schema()}}
-COMMON_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"description": "Missing or invalid API key", "content": PROBLEM_CONTENT},
-    403: {"description": "The key's scope is insufficient", "content": PROBLEM_CONTENT},
-    422: {
-        "description": "Invalid input (the `errors` list names fields or keys)",
-        "content": PROBLEM_CONTENT,
-    },
+PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
+_PROBLEM_TEXT = {
+    400: "The body could not be parsed (malformed JSON or multipart)",
+    401: "Missing or invalid API key",
+    403: "The key's scope is insufficient",
+    404: "Not found",
+    409: "Conflict with the resource's state",
+    410: "Gone",
+    413: "Request body too large",
+    416: "Range not satisfiable",
+    422: "Invalid input (the `errors` list names fields or keys)",
+    503: "Database unavailable (retry after `Retry-After` seconds)",
 }
+
+
+def problems(*codes: int, **descriptions: str) -> dict[int | str, dict[str, Any]]:
+    """Problem responses for the OpenAPI document; `_409="..."` overrides a description."""
+    return {
+        code: {
+            "description": descriptions.get(f"_{code}", _PROBLEM_TEXT[code]),
+            "content": {"application/problem+json": {"schema": PROBLEM_REF}},
+        }
+        for code in codes
+    }
+
+
+# Error responses every /v1 route may give.
+COMMON_ERRORS = problems(401, 403, 422, 503)

@@ -5,6 +5,8 @@ Each command group lives in its own module and registers itself on the one Typer
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from service.cli import admin, client, server, workers
@@ -17,8 +19,26 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from service import __version__
+
+        typer.echo(f"lethe {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            help="Print the installed Lethe version and exit.",
+            callback=_print_version,
+            is_eager=True,
+        ),
+    ] = False,
+) -> None:
     """Lethe: make trained PyTorch models forget data on request."""
 
 

@@ -32,6 +32,9 @@ def register(app: typer.Typer) -> None:
     def keys_create(
         scope: Annotated[str, typer.Option(help="read, submit or admin.")] = "read",
         name: Annotated[str | None, typer.Option(help="Unique name (default: generated).")] = None,
+        as_json: Annotated[
+            bool, typer.Option("--json", help="Print {id, name, scope, secret} as JSON.")
+        ] = False,
     ) -> None:
         """Create an API key; the secret is printed once, as the last line of stdout."""
         from service.api.auth import ApiKeyError, create_key
@@ -42,12 +45,16 @@ def register(app: typer.Typer) -> None:
         try:
             with transaction(sessions) as session:
                 key, secret = create_key(session, scope=scope, name=name, actor=_actor())
-                key_name, key_scope = key.name, key.scope
+                key_id, key_name, key_scope = key.id, key.name, key.scope
         except ApiKeyError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
         finally:
             engine.dispose()
+        if as_json:
+            info = {"id": key_id, "name": key_name, "scope": key_scope, "secret": secret}
+            typer.echo(json.dumps(info, indent=2))
+            return
         typer.echo(
             f"created key {key_name!r} with scope {key_scope} (shown once, store it now):", err=True
         )
@@ -145,6 +152,9 @@ def register(app: typer.Typer) -> None:
         jwks: Annotated[
             str, typer.Option(help="JWKS URL (e.g. https://host/.well-known/jwks.json) or file.")
         ],
+        as_json: Annotated[
+            bool, typer.Option("--json", help="Print the verification summary as JSON.")
+        ] = False,
     ) -> None:
         """Check an erasure receipt with nothing but the issuer's public keys; exit 1 when it
         does not verify, 2 when the keys cannot be read."""
@@ -166,6 +176,9 @@ def register(app: typer.Typer) -> None:
         except ReceiptError as exc:
             typer.echo(f"INVALID: {exc}", err=True)
             raise typer.Exit(1) from None
+        if as_json:
+            typer.echo(json.dumps({k: v for k, v in summary.items() if k != "payload"}, indent=2))
+            return
         typer.echo(
             f"OK: receipt for deletion request {summary['request_id']} "
             f"({summary['records']} records, issued {summary['issued_at']}) "

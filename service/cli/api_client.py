@@ -23,12 +23,16 @@ from typing import Any
 
 import httpx
 
-from service.domain.states import TERMINAL_JOB_STATES
+from service.domain.states import TERMINAL_JOB_STATES, RequestStatus
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 _CHUNK = 1024 * 1024
 
 JSONDict = dict[str, Any]
+# A request in one of these states waits for nobody but a reviewer (or nothing at all).
+SETTLED_REQUEST_STATES = tuple(
+    s for s in RequestStatus if s not in (RequestStatus.QUEUED, RequestStatus.RUNNING)
+)
 
 
 class LetheError(Exception):
@@ -332,6 +336,61 @@ class LetheClient:
 
     def get_deletion_request(self, request_id: str) -> JSONDict:
         return self._json("GET", f"/v1/deletion-requests/{request_id}")
+
+    def list_requests(
+        self,
+        *,
+        status: str | None = None,
+        model: str | None = None,
+        subject_ref: str | None = None,
+        cursor: str | None = None,
+        limit: int | None = None,
+    ) -> JSONDict:
+        """One page of deletion requests, newest first, optionally filtered."""
+        params = self._query(
+            status=status, model=model, subject_ref=subject_ref, cursor=cursor, limit=limit
+        )
+        return self._json("GET", "/v1/deletion-requests", params=params)
+
+    def iter_requests(
+        self,
+        *,
+        status: str | None = None,
+        model: str | None = None,
+        subject_ref: str | None = None,
+    ) -> Iterator[JSONDict]:
+        return self._iterate(
+            "/v1/deletion-requests", status=status, model=model, subject_ref=subject_ref
+        )
+
+    def get_receipt(self, request_id: str) -> JSONDict:
+        """`{jws, kid, payload}` of a completed request (409 otherwise)."""
+        return self._json("GET", f"/v1/deletion-requests/{request_id}/receipt")
+
+    def wait_for_request(
+        self,
+        request_id: str,
+        poll_interval: float = 0.5,
+        *,
+        timeout: float | None = None,
+        on_update: Callable[[JSONDict], None] | None = None,
+    ) -> JSONDict:
+        """Follow the request's job to its end, then return the request in its final state:
+        `completed`, `needs_review` (held by the release policy), `failed` or `cancelled`.
+
+        `on_update(job)` sees every poll of the job (for progress bars)."""
+        request = self.get_deletion_request(request_id)
+        job_id = (request.get("job") or {}).get("id")
+        if job_id and request.get("status") not in SETTLED_REQUEST_STATES:
+            self.wait_for_job(
+                str(job_id), poll_interval=poll_interval, timeout=timeout, on_update=on_update
+            )
+        deadline = time.monotonic() + 30.0
+        while True:
+            request = self.get_deletion_request(request_id)
+            if request.get("status") in SETTLED_REQUEST_STATES or time.monotonic() > deadline:
+                return request
+            time.sleep(min(poll_interval, 0.5))
 
     # -- jobs -------------------------------------------------------------------------------
     def list_jobs(

@@ -1,8 +1,9 @@
 """`lethe` commands that talk HTTP to a running service (LETHE_URL, LETHE_API_KEY).
 
-Every read command takes `--json` for scripts; any API error prints the problem's title and
+Every command takes `--json` for scripts; any API error prints the problem's title and
 detail on stderr and exits non-zero (1 for an API error, 3 when the server is unreachable,
-4 when a download does not match its sha256).
+4 when a download does not match its sha256; `forget --wait` ends with the request's state:
+0 completed, 5 needs_review, 6 failed, 7 cancelled, 8 rejected).
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from service.cli.api_client import (
     DEFAULT_URL,
@@ -26,6 +25,13 @@ from service.cli.api_client import (
     LetheConnectionError,
 )
 from service.cli.common import command_group
+from service.cli.render import cell as _cell
+from service.cli.render import err, human_size, metrics_table, out, policy_table
+from service.cli.render import kv as _kv
+from service.cli.render import print_json as _print_json
+from service.cli.render import table as _table
+
+__all__ = ["JsonOpt", "KeyOpt", "UrlOpt", "_api", "_cell", "_kv", "_print_json", "_table", "err"]
 
 UrlOpt = Annotated[
     str, typer.Option("--url", envvar="LETHE_URL", help="Service base URL.", show_default=True)
@@ -35,9 +41,6 @@ KeyOpt = Annotated[
     typer.Option("--api-key", envvar="LETHE_API_KEY", help="Bearer API key.", show_default=False),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the raw JSON answer.")]
-
-out = Console()
-err = Console(stderr=True)
 
 
 @contextmanager
@@ -59,38 +62,6 @@ def _api(url: str, api_key: str) -> Iterator[LetheClient]:
     except ChecksumMismatch as exc:
         err.print(f"[bold red]Error: {exc}[/]", markup=False)
         raise typer.Exit(4) from None
-
-
-def _print_json(data: Any) -> None:
-    typer.echo(json.dumps(data, indent=2, default=str))
-
-
-def _table(rows: list[dict[str, Any]], columns: list[str], title: str | None = None) -> None:
-    table = Table(title=title, show_lines=False)
-    for col in columns:
-        table.add_column(col)
-    for row in rows:
-        table.add_row(*[_cell(row.get(col)) for col in columns])
-    out.print(table)
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, dict | list):
-        return json.dumps(value, default=str)
-    return str(value)
-
-
-def _kv(data: dict[str, Any], title: str | None = None) -> None:
-    table = Table(title=title, show_header=False)
-    table.add_column("field", style="bold")
-    table.add_column("value", overflow="fold")
-    for key, value in data.items():
-        table.add_row(key, _cell(value))
-    out.print(table)
 
 
 def read_keys_file(path: Path) -> list[str]:
@@ -129,6 +100,9 @@ def register(app: typer.Typer) -> None:
     jobs.register_forget(app)
     jobs.register_jobs(app)
     _register_versions(app)
+    from service.cli import review
+
+    review.register(app)
     _register_audit(app)
 
     from service.cli import demo
@@ -142,7 +116,12 @@ def _register_datasets(app: typer.Typer) -> None:
 
     @datasets.command("upload")
     def upload(
-        file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
+        file: Annotated[
+            Path,
+            typer.Argument(
+                exists=True, dir_okay=False, readable=True, help="The .npz or .jsonl file."
+            ),
+        ],
         name: Annotated[str, typer.Option(help="Dataset name.")],
         role: Annotated[str, typer.Option(help="train | eval | member_probe")] = "train",
         kind: Annotated[str, typer.Option(help="tensor (.npz) | text (.jsonl)")] = "",
@@ -210,7 +189,9 @@ def _register_models(app: typer.Typer) -> None:
         member_probe_dataset: Annotated[
             str | None, typer.Option(help="Member-probe dataset id.")
         ] = None,
-        description: Annotated[str | None, typer.Option()] = None,
+        description: Annotated[
+            str | None, typer.Option(help="Free text shown with the model.")
+        ] = None,
         url: UrlOpt = DEFAULT_URL,
         api_key: KeyOpt = "",
         as_json: JsonOpt = False,
@@ -280,7 +261,10 @@ def _register_versions(app: typer.Typer) -> None:
 
     @versions.command("show")
     def show(
-        version_id: str, url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = "", as_json: JsonOpt = False
+        version_id: Annotated[str, typer.Argument(help="Model version id.")],
+        url: UrlOpt = DEFAULT_URL,
+        api_key: KeyOpt = "",
+        as_json: JsonOpt = False,
     ) -> None:
         """Show one model version: lineage, sha256, metrics."""
         with _api(url, api_key) as api:
@@ -288,11 +272,14 @@ def _register_versions(app: typer.Typer) -> None:
         if as_json:
             _print_json(version)
         else:
-            _kv(version, f"version {version_id}")
+            metrics = version.get("metrics") or {}
+            _kv({k: v for k, v in version.items() if k != "metrics"}, f"version {version_id}")
+            metrics_table(metrics)
+            policy_table(metrics.get("policy"))
 
     @versions.command("download")
     def download(
-        version_id: str,
+        version_id: Annotated[str, typer.Argument(help="Model version id.")],
         output: Annotated[Path, typer.Option("-o", "--output", help="Destination file.")],
         no_resume: Annotated[
             bool, typer.Option("--no-resume", help="Ignore a partial file.")
@@ -332,7 +319,7 @@ def _byte_progress() -> Callable[[int, int | None], None]:
     def report(done: int, total: int | None) -> None:
         if done - state["last"] >= 16 * 1024 * 1024 or (total is not None and done == total):
             state["last"] = done
-            err.print(f"  {done / 1e6:.1f} MB" + (f" of {total / 1e6:.1f} MB" if total else ""))
+            err.print(f"  {human_size(done)}" + (f" of {human_size(total)}" if total else ""))
 
     return report
 

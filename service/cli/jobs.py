@@ -7,41 +7,87 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand
 
 from service.cli.api_client import DEFAULT_URL, LetheClient
-from service.cli.client import (
-    JsonOpt,
-    KeyOpt,
-    UrlOpt,
-    _api,
-    _kv,
-    _print_json,
-    _table,
-    err,
-    out,
-    read_keys_file,
-)
+from service.cli.client import JsonOpt, KeyOpt, UrlOpt, _api, _print_json, _table, read_keys_file
 from service.cli.common import command_group
-from service.domain.states import JobStatus
-
+from service.cli.render import err, kv, metrics_table, out, policy_table
+from service.domain.states import JobStatus, RequestStatus
 
 # -- forget ---------------------------------------------------------------------------------
+# `lethe forget --wait` ends with the request's final state; each has its own exit status
+# (1 is an API error, 2 a usage error, 3 an unreachable server, 4 a checksum mismatch).
+EXIT_CODES: dict[str, int] = {
+    RequestStatus.COMPLETED: 0,
+    RequestStatus.NEEDS_REVIEW: 5,
+    RequestStatus.FAILED: 6,
+    RequestStatus.CANCELLED: 7,
+    RequestStatus.REJECTED: 8,
+}
+FORGET_EPILOG = (
+    "With --wait the exit status says how the request ended: 0 completed (a version without "
+    "the records is active), 5 needs_review (held by the release policy: promote or reject "
+    "it), 6 failed, 7 cancelled, 8 rejected; 1 API error, 3 server unreachable."
+)
+
+
+def params_help() -> str:
+    """The accepted `--params` keys, from the API's param models (they import the engine)."""
+    from service.domain.params import PolicyOverrides, param_keys
+
+    def keys(method: str) -> str:
+        return ", ".join(k for k in param_keys(method) if k != "policy")
+
+    return (
+        f"Method settings as a JSON object, all optional. imu: {keys('imu')}. "
+        f"ga: {keys('ga')}. policy (release-policy overrides, an object): "
+        + ", ".join(PolicyOverrides.model_fields)
+        + "."
+    )
+
+
+class ForgetCommand(TyperCommand):
+    """Fills in the `--params` help only when help is shown: listing the keys imports the
+    engine (torch, seconds), which no other use of the command needs."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        for param in self.params:
+            if param.name == "params" and hasattr(param, "help"):
+                param.help = params_help()
+        super().format_help(ctx, formatter)
+
+
 def register_forget(app: typer.Typer) -> None:
-    @app.command("forget")
+    @app.command("forget", cls=ForgetCommand, epilog=FORGET_EPILOG)
     def forget(
-        model: Annotated[str, typer.Option(help="Model name.")],
-        dataset: Annotated[str, typer.Option(help="Dataset id holding the records.")],
-        keys_file: Annotated[Path, typer.Option(help="Record keys: one a line, or JSON array.")],
-        method: Annotated[str, typer.Option(help="imu | ga")] = "imu",
-        params: Annotated[str, typer.Option(help="Method parameters as JSON.")] = "{}",
+        model: Annotated[str, typer.Option(help="Name of the model that must forget.")],
+        dataset: Annotated[
+            str, typer.Option(help="Id (or unique name) of the train dataset holding the records.")
+        ],
+        keys_file: Annotated[
+            Path,
+            typer.Option(
+                help="File of record keys: one a line (# comments) or a JSON array; - for stdin."
+            ),
+        ],
+        method: Annotated[
+            str, typer.Option(help="imu (influence-guided, default) or ga (gradient ascent).")
+        ] = "imu",
+        params: Annotated[str, typer.Option(help="Method settings as a JSON object.")] = "{}",
         subject_ref: Annotated[
-            str | None, typer.Option(help="Your reference for the person.")
+            str | None, typer.Option(help="Your reference for the person (ticket id, ...).")
         ] = None,
-        reason: Annotated[str | None, typer.Option()] = None,
+        reason: Annotated[
+            str | None, typer.Option(help="Why the records must go (kept with the request).")
+        ] = None,
         idempotency_key: Annotated[
             str | None, typer.Option(help="Makes a retried submission return the first answer.")
         ] = None,
-        wait: Annotated[bool, typer.Option("--wait", help="Follow the job until it ends.")] = False,
+        wait: Annotated[
+            bool,
+            typer.Option("--wait", help="Follow the job, then end with the request's final state."),
+        ] = False,
         url: UrlOpt = DEFAULT_URL,
         api_key: KeyOpt = "",
         as_json: JsonOpt = False,
@@ -50,33 +96,72 @@ def register_forget(app: typer.Typer) -> None:
         keys = read_keys_file(keys_file)
         if not keys:
             raise typer.BadParameter("no record keys in the file", param_hint="--keys-file")
+        try:
+            settings = json.loads(params)
+        except json.JSONDecodeError as exc:
+            raise typer.BadParameter(f"not JSON: {exc.msg}", param_hint="--params") from None
         with _api(url, api_key) as api:
             req = api.submit_deletion(
                 model,
                 dataset,
                 keys,
                 method=method,
-                params=json.loads(params),
+                params=settings,
                 subject_ref=subject_ref,
                 reason=reason,
                 idempotency_key=idempotency_key,
             )
-            job_id = str((req.get("job") or {}).get("id"))
             if not wait:
                 if as_json:
                     _print_json(req)
                 else:
+                    job = req.get("job") or {}
                     out.print(
-                        f"deletion request {req.get('id')} accepted; job {job_id} "
-                        f"{(req.get('job') or {}).get('status')}"
+                        f"deletion request {req.get('id')} accepted; job {job.get('id')} "
+                        f"{job.get('status')}"
                     )
                 return
-            job = _follow(api, job_id, quiet=as_json)
+            final = _follow_request(api, str(req.get("id")), quiet=as_json)
         if as_json:
-            _print_json({**req, "job": job})
+            _print_json(final)
         else:
-            _print_job_summary(job)
-        _exit_for(job)
+            print_request_outcome(final)
+        raise typer.Exit(EXIT_CODES.get(str(final.get("status")), 1))
+
+
+def _follow_request(api: LetheClient, request_id: str, *, quiet: bool) -> dict[str, Any]:
+    if quiet:
+        return api.wait_for_request(request_id)
+    from service.cli.progress import JobProgress
+
+    with JobProgress(err, title=f"request {request_id}") as bars:
+        return api.wait_for_request(request_id, on_update=bars.update)
+
+
+def print_request_outcome(request: dict[str, Any]) -> None:
+    """The request's final state, its result version and, when held, why and what to do."""
+    status = str(request.get("status"))
+    colours: dict[str, str] = {
+        RequestStatus.COMPLETED: "green",
+        RequestStatus.NEEDS_REVIEW: "yellow",
+        RequestStatus.CANCELLED: "yellow",
+    }
+    colour = colours.get(status, "red")
+    version = request.get("result_version") or {}
+    job = request.get("job") or {}
+    line = f"deletion request {request.get('id')}: [bold {colour}]{status}[/]"
+    if version:
+        line += f"; version {version.get('number')} {version.get('id')} is {version.get('status')}"
+    out.print(line)
+    error = job.get("error")
+    if error:
+        err.print(f"[red]{error.get('title', 'error')}[/]: {error.get('detail', '')}")
+    if status == RequestStatus.NEEDS_REVIEW:
+        policy_table(request.get("policy"))
+        out.print(
+            f"review it: lethe versions promote {version.get('id')}   "
+            f"or: lethe versions reject {version.get('id')}"
+        )
 
 
 def _follow(
@@ -86,7 +171,7 @@ def _follow(
         return api.wait_for_job(job_id, poll_interval=poll_interval)
     from service.cli.progress import JobProgress
 
-    with JobProgress(err, title=f"job {job_id[:8]}") as bars:
+    with JobProgress(err, title=f"job {job_id}") as bars:
         return api.wait_for_job(job_id, poll_interval=poll_interval, on_update=bars.update)
 
 
@@ -98,13 +183,31 @@ def _print_job_summary(job: dict[str, Any]) -> None:
         JobStatus.CANCELLED: "yellow",
     }
     colour = colours.get(str(status), "")
-    out.print(
-        f"job {job.get('id')}: [bold {colour}]{status}[/]"
-        + (f" -> version {job.get('result_version_id')}" if job.get("result_version_id") else "")
-    )
+    version = ""
+    if job.get("result_version_id"):
+        version = f" -> version {job['result_version_id']} ({job.get('result_version_status')})"
+    out.print(f"job {job.get('id')}: [bold {colour}]{status}[/]{version}")
     error = job.get("error")
     if error:
         err.print(f"[red]{error.get('title', 'error')}[/]: {error.get('detail', '')}")
+
+
+def show_job(job: dict[str, Any]) -> None:
+    """Scalars as a table; metrics and the policy decision as their own small tables."""
+    skip = ("metrics", "policy", "params", "timings", "error")
+    kv({k: v for k, v in job.items() if k not in skip}, f"job {job.get('id')}")
+    if job.get("params"):
+        out.print("params: " + json.dumps(job["params"]), markup=False)
+    timings = job.get("timings") or {}
+    if timings:
+        out.print(
+            "seconds per phase: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in timings.items() if isinstance(v, int | float))
+        )
+    metrics_table(job.get("metrics"))
+    policy_table(job.get("policy"))
+    if job.get("error"):
+        err.print(json.dumps(job["error"], indent=2), markup=False)
 
 
 def _exit_for(job: dict[str, Any]) -> None:
@@ -118,8 +221,8 @@ def register_jobs(app: typer.Typer) -> None:
 
     @jobs.command("list")
     def list_(
-        status: Annotated[str | None, typer.Option(help="Filter by status.")] = None,
-        model: Annotated[str | None, typer.Option(help="Filter by model name.")] = None,
+        status: Annotated[JobStatus | None, typer.Option(help="Only jobs in this status.")] = None,
+        model: Annotated[str | None, typer.Option(help="Only jobs of this model (name).")] = None,
         url: UrlOpt = DEFAULT_URL,
         api_key: KeyOpt = "",
         as_json: JsonOpt = False,
@@ -130,11 +233,15 @@ def register_jobs(app: typer.Typer) -> None:
         if as_json:
             _print_json(items)
         else:
-            _table(items, ["id", "status", "phase", "progress", "attempts", "created_at"], "jobs")
+            columns = ["id", "status", "phase", "progress", "result_version_status", "created_at"]
+            _table(items, columns, "jobs")
 
     @jobs.command("show")
     def show(
-        job_id: str, url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = "", as_json: JsonOpt = False
+        job_id: Annotated[str, typer.Argument(help="Job id.")],
+        url: UrlOpt = DEFAULT_URL,
+        api_key: KeyOpt = "",
+        as_json: JsonOpt = False,
     ) -> None:
         """Show one job: status, phase, progress, metrics, result version."""
         with _api(url, api_key) as api:
@@ -142,11 +249,11 @@ def register_jobs(app: typer.Typer) -> None:
         if as_json:
             _print_json(job)
         else:
-            _kv(job, f"job {job_id}")
+            show_job(job)
 
     @jobs.command("watch")
     def watch(
-        job_id: str,
+        job_id: Annotated[str, typer.Argument(help="Job id.")],
         interval: Annotated[float, typer.Option(help="Seconds between polls.")] = 0.5,
         url: UrlOpt = DEFAULT_URL,
         api_key: KeyOpt = "",
@@ -163,7 +270,10 @@ def register_jobs(app: typer.Typer) -> None:
 
     @jobs.command("cancel")
     def cancel(
-        job_id: str, url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = "", as_json: JsonOpt = False
+        job_id: Annotated[str, typer.Argument(help="Job id.")],
+        url: UrlOpt = DEFAULT_URL,
+        api_key: KeyOpt = "",
+        as_json: JsonOpt = False,
     ) -> None:
         """Cancel a queued or running job."""
         with _api(url, api_key) as api:

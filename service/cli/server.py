@@ -90,6 +90,13 @@ def _exit_cleanly(signum: int, _frame: object) -> None:
     raise SystemExit(0)
 
 
+def quiet_alembic(level: str) -> None:
+    """Alembic logs its plugin set-up and migration context at INFO on every start; only
+    LETHE_LOG_LEVEL=DEBUG shows them. Upgrades still say what they did (lethe.serve)."""
+    if logging.getLevelName(level.upper()) != logging.DEBUG:
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
 def register(app: typer.Typer) -> None:
     """Attach this module's commands to the root app."""
 
@@ -139,6 +146,7 @@ def register(app: typer.Typer) -> None:
         logging.basicConfig(
             level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
         )
+        quiet_alembic(settings.log_level)
         ensure_schema(settings)
         if workers is None:
             workers = default_workers(settings.db_url)

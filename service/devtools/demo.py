@@ -26,7 +26,7 @@ from rich.table import Table
 
 from service.cli.api_client import LetheAPIError, LetheClient
 from service.devtools.localserver import LocalService
-from service.domain.states import PHASES, JobStatus, VersionStatus
+from service.domain.states import PHASES, RequestStatus
 
 ARCHITECTURE = "cnn"
 NUM_CLASSES = 10
@@ -409,25 +409,24 @@ def _drive(
             "Idempotency-Key returned it again (no second job)"
         )
         job_id = accepted["job"]["id"]
-        with JobProgress(console, title=f"forget {label}") as bars:
-            job = api.wait_for_job(job_id, poll_interval=0.25, on_update=bars.update)
-        if job["status"] != JobStatus.SUCCEEDED:
+        with JobProgress(console, title=f"forget {label}") as bars:  # to the request's end
+            request = api.wait_for_request(accepted["id"], 0.25, on_update=bars.update)
+        job = request["job"]
+        if request["status"] not in (RequestStatus.COMPLETED, RequestStatus.NEEDS_REVIEW):
             error = job.get("error") or {}
-            raise RuntimeError(
-                f"job {job_id} {job['status']}: {error.get('title')}: {error.get('detail')}"
-            )
-        version = api.get_version(job["result_version_id"])
-        request = api.get_deletion_request(accepted["id"])
+            detail = f"{error.get('title')}: {error.get('detail')}"
+            raise RuntimeError(f"request {accepted['id']} {request['status']}: {detail}")
         promoted = False
-        if version.get("status") == VersionStatus.CANDIDATE:
+        if request["status"] == RequestStatus.NEEDS_REVIEW:
             # Held by the release policy: say why, then act as the admin reviewer so the
             # walkthrough can go on (the summary records that a person had to decide).
-            reasons = (version.get("metrics") or {}).get("policy", {}).get("reasons", [])
-            console.print("  [yellow]held for review[/yellow]: " + "; ".join(reasons))
+            reasons = (request.get("policy") or {}).get("reasons", [])
+            console.print("  [yellow]needs review[/yellow]: " + "; ".join(reasons))
             console.print("  promoting it as the admin reviewer (POST .../promote)")
-            api.promote_version(version["id"])
-            version = api.get_version(version["id"])
+            api.promote_version(request["result_version"]["id"])
+            request = api.get_deletion_request(accepted["id"])
             promoted = True
+        version = api.get_version(request["result_version"]["id"])
         calibration = ((job.get("metrics") or {}).get("influence") or {}).get("calibration", {})
         console.print(
             f"  request {request['status']}: job {job_id} succeeded -> version "

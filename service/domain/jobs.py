@@ -9,11 +9,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.problems import not_found, validation
 from service.domain.models import get_model
-from service.domain.pagination import MAX_LIMIT, decode_cursor, page
+from service.domain.pagination import MAX_LIMIT, int_cursor, page
 from service.domain.states import JOB_STATES
 from service.domain.views import job_view
 from service.storage.db import read_once
-from service.storage.models import Job, Model
+from service.storage.models import Job, Model, ModelVersion
 
 
 def get_job(session: Session, job_id: str) -> Job:
@@ -25,13 +25,19 @@ def get_job(session: Session, job_id: str) -> Job:
 
 # Polls and lists read plain rows (job columns + model name, one query): no ORM identity map,
 # no second lookup for the model. `job_view` reads the same attribute names from a row.
-_JOB_ROW = (*Job.__table__.c, Model.name.label("model_name"))
+_JOB_ROW = (
+    *Job.__table__.c,
+    Model.name.label("model_name"),
+    ModelVersion.status.label("result_version_status"),
+)
+_RESULT = ModelVersion.id == Job.result_version_id
 
 
 # Built once: constructing and cache-keying the statement per poll was a tenth of its cost.
 _SHOW_JOB = (
     select(*_JOB_ROW)
     .outerjoin(Model, Model.id == Job.model_id)
+    .outerjoin(ModelVersion, _RESULT)
     .where(Job.id == bindparam("job_id"))
 )
 
@@ -41,7 +47,7 @@ def show_job(factory: sessionmaker[Session], job_id: str) -> dict[str, Any]:
         row = conn.execute(_SHOW_JOB, {"job_id": job_id}).first()
     if row is None:
         raise not_found("job", job_id)
-    return job_view(row, row.model_name)
+    return job_view(row, row.model_name, row.result_version_status)
 
 
 def list_jobs(
@@ -58,15 +64,18 @@ def list_jobs(
             [{"field": "status", "message": "invalid"}],
         )
     limit = min(limit, MAX_LIMIT)
-    after = decode_cursor(cursor, 1)
+    after = int_cursor(cursor)
     with factory() as session:
-        q = select(*_JOB_ROW).join(Model, Model.id == Job.model_id)
+        q = select(*_JOB_ROW).join(Model, Model.id == Job.model_id).outerjoin(ModelVersion, _RESULT)
         if model is not None:
             q = q.where(Job.model_id == get_model(session, model).id)
         if status is not None:
             q = q.where(Job.status == status)
-        if after:
-            q = q.where(Job.submitted_seq < int(after[0]))
+        if after is not None:
+            q = q.where(Job.submitted_seq < after)
         rows = list(session.execute(q.order_by(Job.submitted_seq.desc()).limit(limit + 1)).all())
     items, next_cursor = page(rows, limit, lambda row: [row.submitted_seq])
-    return {"items": [job_view(r, r.model_name) for r in items], "next_cursor": next_cursor}
+    return {
+        "items": [job_view(r, r.model_name, r.result_version_status) for r in items],
+        "next_cursor": next_cursor,
+    }

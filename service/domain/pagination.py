@@ -26,14 +26,28 @@ def decode_cursor(cursor: str | None, arity: int) -> list[Any] | None:
     except (ValueError, UnicodeDecodeError):
         values = None
     if not isinstance(values, list) or len(values) != arity:
-        raise Problem(
-            422,
-            "invalid-cursor",
-            "the cursor is not one this list produced",
-            title="Invalid cursor",
-            errors=[{"field": "cursor", "message": "malformed"}],
-        )
+        raise _malformed()
     return values
+
+
+def _malformed() -> Problem:
+    return Problem(
+        422,
+        "invalid-cursor",
+        "the cursor is not one this list produced",
+        title="Invalid cursor",
+        errors=[{"field": "cursor", "message": "malformed"}],
+    )
+
+
+def int_cursor(cursor: str | None) -> int | None:
+    """A cursor holding one integer sort key (a submission sequence, an audit seq)."""
+    values = decode_cursor(cursor, 1)
+    if values is None:
+        return None
+    if isinstance(values[0], bool) or not isinstance(values[0], int):
+        raise _malformed()
+    return values[0]
 
 
 def page(items: list[Any], limit: int, key: Any) -> tuple[list[Any], str | None]:

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -27,6 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.api.problems import Problem, conflict, not_found, validation
 from service.domain.datasets import resolve_dataset
 from service.domain.models import active_version, get_model
+from service.domain.params import validate_params
 from service.domain.states import (
     ACTIVE_REQUEST_STATES,
     JobStatus,
@@ -45,8 +45,6 @@ log = logging.getLogger("lethe.requests")
 
 MAX_KEYS = 100_000
 JOB_SEQ = "job_seq"
-# Engine fields the server controls (device placement is an operator decision).
-SERVER_ONLY_PARAMS = ("device",)
 
 
 class DeletionRequestIn(BaseModel):
@@ -58,7 +56,20 @@ class DeletionRequestIn(BaseModel):
     dataset: str = Field(min_length=1, max_length=200, description="Dataset id (or unique name).")
     record_keys: list[str] = Field(min_length=1, max_length=MAX_KEYS)
     method: Literal["imu", "ga"] = "imu"
-    params: dict[str, Any] = Field(default_factory=dict)
+    # Checked per method in service.domain.params (its models are the documented schema).
+    params: Annotated[
+        dict[str, Any],
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"$ref": "#/components/schemas/IMUParams"},
+                    {"$ref": "#/components/schemas/GAParams"},
+                ],
+                "description": "Method settings: IMUParams for `imu`, GAParams for `ga`; "
+                "`policy` overrides the release policy. Omitted keys keep their defaults.",
+            }
+        ),
+    ] = Field(default_factory=dict)
     subject_ref: str | None = Field(default=None, max_length=500)
     reason: str | None = Field(default=None, max_length=10_000)
 
@@ -75,45 +86,6 @@ class _Replayed(Exception):
     def __init__(self, submission: Submission) -> None:
         super().__init__("idempotent replay")
         self.submission = submission
-
-
-def validate_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
-    """Bounds-check method params; returns the overrides to store (policy kept as given)."""
-    params = dict(params)
-    policy = params.pop("policy", None)
-    if policy is not None:
-        from service.trust.policy import validate_policy
-
-        policy = validate_policy(policy)
-    for key in SERVER_ONLY_PARAMS:
-        if key in params:
-            raise validation(
-                f"params.{key} is set by the server (LETHE_DEVICE)",
-                [{"field": f"params.{key}", "message": "not allowed"}],
-            )
-    from worker.imu import GAConfig, IMUConfig
-
-    config_cls = IMUConfig if method == "imu" else GAConfig
-    try:
-        config_cls.from_overrides(params)
-    except (ValueError, TypeError) as exc:
-        field = _named_field(str(exc), config_cls.field_names())
-        raise validation(
-            f"invalid {method} params: {exc}",
-            [{"field": f"params.{field}" if field else "params", "message": str(exc)}],
-        ) from None
-    if policy is not None:
-        params["policy"] = policy
-    return params
-
-
-def _named_field(message: str, fields: list[str]) -> str | None:
-    """The parameter an engine error names: its first word, or the quoted unknown key."""
-    head = message.split(" ", 1)[0]
-    if head in fields:
-        return head
-    unknown = re.match(r"unknown parameter '([^']*)'", message)
-    return unknown.group(1) if unknown else None
 
 
 def body_fingerprint(body: DeletionRequestIn) -> str:
@@ -389,17 +361,6 @@ def _enqueue(settings: Settings, job_id: str) -> None:
         get_queue(settings).enqueue(job_id)
     except Exception:  # the job row is committed and stays queued; the worker re-dispatches it
         log.exception("could not hand job %s to the queue; it stays queued", job_id)
-
-
-def show_request(factory: sessionmaker[Session], request_id: str) -> dict[str, Any]:
-    with factory() as session:
-        req = session.get(DeletionRequest, request_id)
-        if req is None:
-            raise not_found("deletion request", request_id)
-        job = session.execute(select(Job).where(Job.request_id == req.id)).scalar_one_or_none()
-        model = session.get(Model, req.model_id)
-        assert model is not None
-        return request_view(req, job, model.name, full=True)
 
 
 @dataclass

@@ -63,8 +63,18 @@ def model_view(m: Model, active: ModelVersion | None) -> dict[str, Any]:
     }
 
 
-def job_view(job: Job | Row[Any], model_name: str | None = None) -> dict[str, Any]:
-    """From an ORM Job or a row of the jobs table's columns (same attribute names)."""
+def policy_view(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The release policy's decision stored with a job's metrics (worker.saving), if any."""
+    policy = (metrics or {}).get("policy")
+    return policy if isinstance(policy, dict) and "decision" in policy else None
+
+
+def job_view(
+    job: Job | Row[Any], model_name: str | None = None, version_status: str | None = None
+) -> dict[str, Any]:
+    """From an ORM Job or a row of the jobs table's columns (same attribute names).
+
+    `version_status` is the status of the job's result version (review state)."""
     return {
         "id": job.id,
         "request_id": job.request_id,
@@ -79,6 +89,8 @@ def job_view(job: Job | Row[Any], model_name: str | None = None) -> dict[str, An
         "cancel_requested": job.cancel_requested,
         "source_version_id": job.source_version_id,
         "result_version_id": job.result_version_id,
+        "result_version_status": version_status if job.result_version_id else None,
+        "policy": policy_view(job.metrics),
         "metrics": job.metrics,
         "timings": job.timings,
         "device": job.device,
@@ -90,16 +102,34 @@ def job_view(job: Job | Row[Any], model_name: str | None = None) -> dict[str, An
 
 
 def request_view(
-    req: DeletionRequest, job: Job | None, model_name: str, *, full: bool = True
+    req: DeletionRequest,
+    job: Job | None,
+    model_name: str,
+    *,
+    full: bool = True,
+    result: ModelVersion | None = None,
 ) -> dict[str, Any]:
-    """`full=False` is the 202 answer of a submission: `{id, status, job: {id, status}}`."""
+    """`full=False` is the 202 answer of a submission: `{id, status, job: {id, status}}`.
+
+    `result` is the job's result version: its status and the policy decision are the
+    request's review state (`needs_review` and why)."""
     job_part: dict[str, Any] | None = None
     if job is not None:
-        job_part = job_view(job, model_name) if full else {"id": job.id, "status": job.status}
+        job_part = (
+            job_view(job, model_name, result.status if result else None)
+            if full
+            else {"id": job.id, "status": job.status}
+        )
     body: dict[str, Any] = {"id": req.id, "status": req.status, "job": job_part}
     if full:
         body.update(
             {
+                "result_version": (
+                    {"id": result.id, "number": result.number, "status": result.status}
+                    if result is not None
+                    else None
+                ),
+                "policy": policy_view(job.metrics) if job is not None else None,
                 "model": model_name,
                 "dataset": req.dataset_id,
                 "record_keys": req.record_keys,

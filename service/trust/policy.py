@@ -1,7 +1,8 @@
 """Release policy: does a new version become `active` at once, or wait as a `candidate`?
 
 Thresholds come from settings (LETHE_POLICY_*) and may be overridden per request through
-`params.policy`, each within [0, 1]. The checks judge the policy half of the eval set, which
+`params.policy`, each within [0, 1] (checked at submission by
+`service.domain.params.PolicyOverrides`). The checks judge the policy half of the eval set, which
 the calibration never saw (worker/heldout.py):
 
 - `eval_acc_drop` = eval accuracy before − after ≤ `max_eval_acc_drop` (utility kept); for a
@@ -22,41 +23,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.api.problems import validation
 from service.domain.states import VersionStatus
 from service.settings import Settings
 
 MODES = ("auto", "class", "random")
 THRESHOLDS = ("max_eval_acc_drop", "max_forget_acc", "max_forget_auc_excess")
-FIELDS = (*THRESHOLDS, "mode", "require_review")
-
-
-def validate_policy(policy: Any) -> dict[str, Any]:
-    """Check a request's `params.policy`; 422 names the offending field."""
-    if not isinstance(policy, dict):
-        raise validation(
-            "params.policy must be an object",
-            [{"field": "params.policy", "message": "must be an object"}],
-        )
-    errors = []
-    for name, value in policy.items():
-        field = f"params.policy.{name}"
-        if name not in FIELDS:
-            errors.append({"field": field, "message": f"unknown; accepted: {list(FIELDS)}"})
-        elif name in THRESHOLDS:
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int | float)
-                or not (0.0 <= float(value) <= 1.0)
-            ):
-                errors.append({"field": field, "message": "must be a number in [0, 1]"})
-        elif name == "mode" and value not in MODES:
-            errors.append({"field": field, "message": f"must be one of {list(MODES)}"})
-        elif name == "require_review" and not isinstance(value, bool):
-            errors.append({"field": field, "message": "must be true or false"})
-    if errors:
-        raise validation("invalid release policy: " + ", ".join(e["field"] for e in errors), errors)
-    return {k: (float(v) if k in THRESHOLDS else v) for k, v in policy.items()}
 
 
 def effective_policy(settings: Settings, overrides: dict[str, Any] | None) -> dict[str, Any]:

@@ -129,7 +129,7 @@ def test_forget_wait_then_jobs_and_records(
     keys = ["d0000", "d0010", "d0020", "d0030"]
     keys_file = tmp_path / "keys.txt"
     keys_file.write_text("# people who asked\n" + "\n".join(keys) + "\n\n")
-    out = invoke_json(
+    result = invoke(
         runner,
         server,
         "forget",
@@ -142,10 +142,17 @@ def test_forget_wait_then_jobs_and_records(
         "--wait",
         "--params",
         json.dumps({"epochs": 2, "calibration": "off"}),
+        "--json",
     )
+    # `--wait --json` prints the request in its final state: held for review (exit 5).
+    out = json.loads(result.stdout)
+    assert result.exit_code == 5, result.output
+    assert out["status"] == "needs_review"
     job = out["job"]
     assert job["status"] == "succeeded", job
-    assert job["result_version_id"]
+    assert job["result_version_id"] == out["result_version"]["id"]
+    assert job["result_version_status"] == out["result_version"]["status"] == "candidate"
+    assert "eval_acc_drop" in out["policy"]["failed"]
 
     shown = invoke_json(runner, server, "jobs", "show", job["id"])
     assert shown["status"] == "succeeded" and shown["result_version_id"] == job["result_version_id"]

@@ -1,0 +1,203 @@
+"""Typed request params: pydantic models of the IMU and GA engine settings and the policy.
+
+The engine's own configs (`worker.imu.config.IMUConfig`, `GAConfig`: dataclasses with their
+bounds) are the single source: the pydantic models here are derived from their fields, defaults
+and bounds, so the OpenAPI document, the CLI's `--params` help and the submission check all say
+the same thing without a second hand-written list. `PolicyOverrides` is the release policy's
+per-request overrides (`params.policy`).
+
+Submission validates the params with these models (422 naming `params.<field>`), then lets the
+engine config check what one field alone cannot say (fields the calibration chooses).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from functools import cache
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, create_model
+
+from service.api.problems import validation
+
+# Engine fields the server controls (device placement is an operator decision).
+SERVER_ONLY_PARAMS = ("device",)
+
+
+Threshold = Annotated[float, Field(ge=0.0, le=1.0, strict=True, allow_inf_nan=False)]
+
+
+class PolicyOverrides(BaseModel):
+    """Per-request overrides of the release policy (`LETHE_POLICY_*` otherwise)."""
+
+    model_config = ConfigDict(extra="forbid", title="PolicyOverrides")
+
+    max_eval_acc_drop: Threshold | None = Field(
+        default=None,
+        description="Largest eval-accuracy drop that is released automatically.",
+    )
+    max_forget_acc: Threshold | None = Field(
+        default=None,
+        description="Class-wise forget sets: largest forget accuracy after.",
+    )
+    max_forget_auc_excess: Threshold | None = Field(
+        default=None,
+        description="Random forget sets: allowed loss-AUC excess over the 0.5 + 2·SE limit.",
+    )
+    mode: Literal["auto", "class", "random"] | None = Field(
+        default=None,
+        description="Which forgetting check applies; `auto` decides from the data.",
+    )
+    require_review: StrictBool | None = Field(
+        default=None,
+        description="Always hold the result for a human decision.",
+    )
+
+
+# What the engine's docstrings leave to ALGORITHM.md (their `name: text` entries come first).
+_HELP = {
+    "lr": "Step size of the fixed schedule (calibration off).",
+    "epochs": "Passes over the kept samples (calibration off).",
+    "batch_size": "Mini-batch size of the unlearning steps.",
+    "momentum": "SGD momentum.",
+    "weight_decay": "SGD weight decay.",
+    "params": "null = the final nn.Linear; else a list of parameter-name prefixes to update.",
+    "seed": "Random seed (shuffling, the eval split is keyed separately).",
+    "top_data": "Share of the negatively influential samples kept (0, 1].",
+    "clip_quantile": "Quantile at which the sample weights √|I| are clipped.",
+    "damping": "λ added to the diagonal Fisher.",
+    "alpha": "Weight of the L1 penalty on θ (calibration off).",
+}
+
+
+def _descriptions(doc: str) -> dict[str, str]:
+    """`name: text` entries of a config docstring (the engine documents its fields there)."""
+    flat = " ".join(doc.split())
+    found: dict[str, str] = {}
+    name = r"[a-z][a-z0-9_]*"
+    pattern = rf"(?:^|[.\s])({name}(?:, {name})*): (.+?)(?=\s{name}: |$)"
+    for match in re.finditer(pattern, flat):
+        for name in match.group(1).split(", "):
+            found[name] = match.group(2).strip()
+    return found
+
+
+def _field(config: type, f: dataclasses.Field[Any], docs: dict[str, str]) -> tuple[Any, Any]:
+    default = f.default if f.default is not dataclasses.MISSING else None
+    text = docs.get(f.name) or _HELP.get(f.name, f"Engine setting `{f.name}`.")
+    description = f"{text} Default: {default!r}."
+    floats = getattr(config, "_FLOAT_BOUNDS", {})
+    ints = getattr(config, "_INT_BOUNDS", {})
+    choices = getattr(config, "_CHOICES", {})
+    constraints: dict[str, Any] = {}
+    kind: Any
+    if f.name in floats:
+        low, high, low_inc, high_inc = floats[f.name]
+        constraints["ge" if low_inc else "gt"] = low
+        constraints["le" if high_inc else "lt"] = high
+        kind = Annotated[float, Field(strict=True, allow_inf_nan=False, **constraints)]
+    elif f.name in ints:
+        low_i, high_i = ints[f.name]
+        kind = Annotated[int, Field(strict=True, ge=low_i, le=high_i)]
+    elif f.name in choices:
+        kind = Literal[tuple(choices[f.name])]
+    elif f.name == "params":
+        item = Annotated[str, Field(min_length=1, pattern=r"\S")]
+        kind = Annotated[list[item], Field(min_length=1)]
+    elif isinstance(default, bool):
+        kind = StrictBool
+    else:
+        kind = str
+    # null (or leaving the key out) keeps the default.
+    return (kind | None, Field(default=None, description=description))
+
+
+def _derived(name: str, config: type, doc: str) -> type[BaseModel]:
+    docs = {**_descriptions(config.__mro__[1].__doc__ or ""), **_descriptions(config.__doc__ or "")}
+    fields = {
+        f.name: _field(config, f, docs)
+        for f in dataclasses.fields(config)
+        if f.name not in SERVER_ONLY_PARAMS
+    }
+    fields["policy"] = (
+        PolicyOverrides | None,
+        Field(default=None, description="Release-policy overrides for this request."),
+    )
+    model: type[BaseModel] = create_model(  # type: ignore[call-overload]
+        name, __config__=ConfigDict(extra="forbid", title=name), __doc__=doc, **fields
+    )
+    return model
+
+
+@cache
+def param_models() -> dict[str, type[BaseModel]]:
+    """`{"imu": IMUParams, "ga": GAParams}`, built once from the engine configs."""
+    from worker.imu import GAConfig, IMUConfig
+
+    return {
+        "imu": _derived(
+            "IMUParams", IMUConfig, "Overrides of the IMU settings (method `imu`); all optional."
+        ),
+        "ga": _derived(
+            "GAParams", GAConfig, "Overrides of the gradient-ascent settings (method `ga`)."
+        ),
+    }
+
+
+def param_keys(method: str) -> list[str]:
+    """The keys `params` accepts for a method (the CLI's help lists them)."""
+    return list(param_models()[method].model_fields)
+
+
+def _errors(exc: ValidationError) -> list[dict[str, Any]]:
+    out = []
+    for e in exc.errors():
+        loc = ".".join(str(part) for part in e["loc"])
+        out.append({"field": f"params.{loc}" if loc else "params", "message": e["msg"]})
+    return out
+
+
+def validate_params(method: str, params: Any) -> dict[str, Any]:
+    """The overrides to store (only the keys given, not null); 422 naming `params.<field>`."""
+    if not isinstance(params, dict):
+        raise validation("params must be an object", [{"field": "params", "message": "object"}])
+    for key in SERVER_ONLY_PARAMS:
+        if key in params:
+            raise validation(
+                f"params.{key} is set by the server (LETHE_DEVICE)",
+                [{"field": f"params.{key}", "message": "not allowed"}],
+            )
+    model = param_models()[method]
+    try:
+        parsed = model.model_validate(params)
+    except ValidationError as exc:
+        errors = _errors(exc)
+        accepted = ", ".join(model.model_fields)
+        detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+        raise validation(
+            f"invalid {method} params: {detail} (accepted: {accepted})", errors
+        ) from None
+    # null means "the default": only the values given are stored.
+    stored: dict[str, Any] = parsed.model_dump(exclude_unset=True, exclude_none=True)
+    policy = stored.pop("policy", None)
+    _check_engine(method, stored)
+    if policy is not None:
+        stored["policy"] = policy
+    return stored
+
+
+def _check_engine(method: str, overrides: dict[str, Any]) -> None:
+    """What one field alone cannot say (e.g. `lr` is the calibration's unless it is off)."""
+    from worker.imu import GAConfig, IMUConfig
+
+    config_cls = IMUConfig if method == "imu" else GAConfig
+    try:
+        config_cls.from_overrides(overrides)
+    except (ValueError, TypeError) as exc:
+        head = str(exc).split(" ", 1)[0]
+        field = head if head in overrides else None
+        raise validation(
+            f"invalid {method} params: {exc}",
+            [{"field": f"params.{field}" if field else "params", "message": str(exc)}],
+        ) from None
