@@ -140,7 +140,9 @@ def test_guard_backtracks_when_steps_are_too_long(trained_mlp, digits) -> None:
     xf, yf = _forget_class(digits, flat=True)
     model = copy.deepcopy(trained_mlp)
     before = _others(model, (digits.flat(policy[0]), policy[1]))
-    cfg = IMUConfig(device="cpu", step_scale=0.05)  # 50x the default step length
+    # 50x the default step length, on the cross-entropy (the margin term spares the other
+    # classes by design, so it does not exercise the guard here).
+    cfg = IMUConfig(device="cpu", step_scale=0.05, ascent_term="ce")
     result = unlearn(model, xf, yf, cfg, heldout=flat_guard, class_wise=True)
     cal = result.stats["calibration"]
     assert cal["backtracks"] >= 1, cal
@@ -270,3 +272,33 @@ def test_loss_auc_matches_the_definition() -> None:
     assert limit == pytest.approx(0.5 + 2 * ((2 + 3 + 1) / (12 * 2 * 3)) ** 0.5)
     same = torch.linspace(0, 1, 101)
     assert loss_auc(same, same)[0] == pytest.approx(0.5)
+
+
+def test_class_wise_margin_steps_keep_the_ranking_of_the_remaining_classes(
+    trained_mlp, digits
+) -> None:
+    """With θ the linear head (cached features) the margin term raises every other logit by
+    the same amount: no held-out record changes its prediction from one remaining class to
+    another; only predictions of the forgotten class move."""
+    guard, policy = _halves(digits)
+    flat = (digits.flat(policy[0]), policy[1])
+    xf, yf = _forget_class(digits, flat=True)
+    model = copy.deepcopy(trained_mlp)
+    with torch.no_grad():
+        before = model(flat[0]).argmax(1)
+    cfg = IMUConfig(device="cpu", backbone_mode="eval", l1_scale=0.0)
+    result = unlearn(model, xf, yf, cfg, heldout=(digits.flat(guard[0]), guard[1]),
+                     class_wise=True)  # fmt: skip
+    assert result.stats["ascent_term"] == "margin" and result.stats["cached_features"]
+    assert result.stats["calibration"]["reason"] == "target-reached"
+    with torch.no_grad():
+        after = model(flat[0]).argmax(1)
+    forgotten = int(yf[0])
+    kept = (before != forgotten) & (after != forgotten)
+    assert kept.sum() > 0.8 * len(before)
+    assert torch.equal(before[kept], after[kept])
+    assert accuracy(model, xf, yf) <= 0.05
+    # Off, or asked for explicitly, the cross-entropy stays the term (the authors' loss).
+    assert IMUConfig(calibration="off").term_for(class_wise=True) == "ce"
+    assert IMUConfig(ascent_term="ce").term_for(class_wise=True) == "ce"
+    assert IMUConfig().term_for(class_wise=False) == "ce"

@@ -88,6 +88,21 @@ def rng_devices(device: torch.device) -> list[int]:
     return [device.index if device.index is not None else torch.cuda.current_device()]
 
 
+def ascent_term(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-sample quantity the unlearning steps raise (ALGORITHM.md §5).
+
+    ``ce``: the cross-entropy. ``margin``: mean of the other logits minus the true-class
+    logit. Raising the cross-entropy raises each other logit in proportion to its softmax
+    probability, mostly the nearest competitor's, and for a linear head it does so on every
+    input sharing the forget set's features; the margin raises all other logits equally, so
+    the ranking among the remaining classes is left as it was."""
+    if kind == "ce":
+        return torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    true = logits.gather(1, labels[:, None])[:, 0]
+    others = (logits.sum(1) - true) / max(1, logits.shape[1] - 1)
+    return others - true
+
+
 def epoch_batches(order: torch.Tensor, batch_size: int, avoid_single: bool) -> list[torch.Tensor]:
     """Mini-batches of ``order``, each sample exactly once; with ``avoid_single`` a trailing
     batch of one sample joins the previous one (train-mode BatchNorm cannot normalise one)."""

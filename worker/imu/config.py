@@ -14,6 +14,7 @@ import torch
 
 BACKBONE_MODES = ("train", "eval")
 CALIBRATION_MODES = ("auto", "off")
+ASCENT_TERMS = ("auto", "ce", "margin")
 # With calibration on, these are chosen by the controller; setting them is a mistake to name.
 CALIBRATED_FIELDS = ("lr", "alpha", "epochs")
 _DEVICE_RE = re.compile(r"^(cpu|cuda|mps)(:\d{1,3})?$")
@@ -35,6 +36,10 @@ class StepConfig:
     check_every: steps between checks; 0 = every step, or every 4 for BatchNorm backbones
         that cannot use cached features (a check is a forward over the guard half).
     forget_acc_target: class-wise target on forget accuracy.
+    ascent_term: the per-sample quantity the steps raise: ``"ce"`` (cross-entropy, the
+        authors'), ``"margin"`` (mean of the other logits minus the true-class logit) or
+        ``"auto"`` (default) = margin for class-wise requests under calibration, else ce
+        (ALGORITHM.md §5).
     device: None or ``"auto"`` = CUDA when available, else CPU.
     """
 
@@ -53,6 +58,7 @@ class StepConfig:
     max_backtracks: int = 4
     check_every: int = 0
     forget_acc_target: float = 0.05
+    ascent_term: str = "auto"
 
     _FLOAT_BOUNDS: ClassVar[Bounds] = {
         "lr": (0.0, 10.0, False, True),
@@ -70,7 +76,10 @@ class StepConfig:
         "max_backtracks": (0, 20),
         "check_every": (0, 1000),
     }
-    _CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"calibration": CALIBRATION_MODES}
+    _CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "calibration": CALIBRATION_MODES,
+        "ascent_term": ASCENT_TERMS,
+    }
 
     def __post_init__(self) -> None:
         self.validate()
@@ -78,6 +87,12 @@ class StepConfig:
     @property
     def calibrated(self) -> bool:
         return self.calibration == "auto"
+
+    def term_for(self, class_wise: bool) -> str:
+        """The ascent term a request gets (``ascent_term`` resolved)."""
+        if self.ascent_term != "auto":
+            return self.ascent_term
+        return "margin" if class_wise and self.calibrated else "ce"
 
     def validate(self) -> None:
         """Raise ValueError naming the first field that is out of range or of a wrong type."""

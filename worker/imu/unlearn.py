@@ -28,6 +28,7 @@ from worker.imu._util import (
     Progress,
     as_inputs,
     as_labels,
+    ascent_term,
     check_pair,
     find_head,
     model_dtype,
@@ -166,15 +167,16 @@ def unlearn(
         prefix = head.name + "." if head.name else ""
         assert {prefix + "weight", prefix + "bias"} >= set(theta_names)
 
+    term = cfg.term_for(class_wise)
+
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
         on = idx.to(device)
         if features is not None and cached_head is not None:
             logits = F.linear(features[on].to(dtype), cached_head.weight, cached_head.bias)
         else:
             logits = model(as_inputs(x_kept[idx], device, dtype))
-        ce = F.cross_entropy(logits, y_all[on], reduction="none")
         w = w_all[on]
-        return -(w * ce).sum() / w.sum()
+        return -(w * ascent_term(logits, y_all[on], term)).sum() / w.sum()
 
     train = cfg.backbone_mode == "train"
     problem = AscentProblem(
@@ -206,6 +208,7 @@ def unlearn(
 
     stats: dict[str, Any] = {
         "method": "imu",
+        "ascent_term": term,
         "selection": info,
         "kept_indices": kept.tolist(),
         "weights": [float(v) for v in weights.tolist()],
@@ -259,9 +262,11 @@ def gradient_ascent(
     if not chosen:
         raise ValueError("the model has no parameters to update")
 
+    term = cfg.term_for(class_wise)
+
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
         x = as_inputs(inputs[idx], device, dtype)
-        return -F.cross_entropy(model(x), labels[idx].to(device))
+        return -ascent_term(model(x), labels[idx].to(device), term).mean()
 
     problem = AscentProblem(
         model, chosen, int(labels.numel()), batch_loss, cfg.batch_size, train_mode=cfg.train_mode
@@ -290,6 +295,7 @@ def gradient_ascent(
         ascent["forget_loss_per_epoch"] = [-v for v in ascent.pop("loss_per_epoch")]
     stats = {
         "method": "ga",
+        "ascent_term": term,
         "n": int(labels.numel()),
         **ascent,
         "seconds": {"unlearning": t1 - t0, "total": t1 - t0},
