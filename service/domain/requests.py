@@ -69,8 +69,11 @@ class _Replayed(Exception):
         self.submission = submission
 
 
-def validate_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
-    """Bounds-check method params; returns the overrides to store (policy kept as given)."""
+def validate_params(
+    method: str, params: dict[str, Any], architecture: str | None = None
+) -> dict[str, Any]:
+    """Bounds-check method params; returns the overrides to store (policy kept as given).
+    A ``causal_lm`` model's params are those of worker.imu.lm_unlearn.LMUnlearnConfig."""
     params = dict(params)
     policy = params.pop("policy", None)
     if policy is not None:
@@ -85,9 +88,15 @@ def validate_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
             )
     from worker.imu import GAConfig, IMUConfig
 
-    config_cls = IMUConfig if method == "imu" else GAConfig
+    config_cls: Any = IMUConfig if method == "imu" else GAConfig
     try:
-        config_cls.from_overrides(params)
+        if architecture == "causal_lm":
+            from worker.imu.lm_unlearn import LMUnlearnConfig, config_for
+
+            config_cls = LMUnlearnConfig
+            config_for(method, params)
+        else:
+            config_cls.from_overrides(params)
     except (ValueError, TypeError) as exc:
         field = _named_field(str(exc), config_cls.field_names())
         raise validation(
@@ -267,7 +276,11 @@ def submit_deletion_request(
             replay = _replay(session, idempotency_key, fingerprint)
         if replay:
             return replay
-    params = validate_params(body.method, body.params)
+    with factory() as session:
+        architecture = session.execute(
+            select(Model.architecture).where(Model.name == body.model)
+        ).scalar_one_or_none()
+    params = validate_params(body.method, body.params, architecture)
     try:
         with transaction(factory) as session:
             seq = _next_seq(session)

@@ -80,6 +80,17 @@ class LMUnlearnConfig(StepConfig):
     }
 
 
+def config_for(method: str, params: dict[str, Any]) -> LMUnlearnConfig:
+    """The config of a deletion request: its ``method`` (``imu`` | ``ga``) and its params
+    (``policy`` is the release policy's, not the engine's). ValueError names the field."""
+    engine = {k: v for k, v in params.items() if k != "policy"}
+    if "method" in engine:
+        raise ValueError("unknown parameter 'method'; the request's method field sets it")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}")
+    return LMUnlearnConfig.from_overrides({**engine, "method": method})
+
+
 @dataclass
 class LMUnlearnResult:
     model: nn.Module  # the module passed in, updated in place
