@@ -224,7 +224,7 @@ def lm_metrics(loaded: Loaded) -> dict[str, Any]:
 
     start = time.perf_counter()
     out = evaluate_lm(loaded.model, loaded.forget, loaded.eval, loaded.member_probe)
-    out["min_k"] = MIN_K
+    out["min_k_fraction"] = MIN_K
     if loaded.eval is not None and "attacks" in out:
         zeros = (torch.zeros(len(loaded.forget)), torch.zeros(len(loaded.eval)))
         out["attacks"]["auc_limit"] = loss_auc(*zeros)[1]
