@@ -128,5 +128,35 @@ def table(rows: list[dict[str, Any]]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def section(path: Path) -> str:
+    """The RESULTS.md section of a lm_fixture.json ('' when there is none)."""
+    if not path.exists():
+        return ""
+    doc = json.loads(path.read_text())
+    fx, rows = doc["fixture"], doc["rows"]
+    kept = [r for r in rows[2:] if r["retain_recall"] >= 0.9 * rows[0]["retain_recall"]]
+    best = min((r["forget_recall"] for r in kept), default=None)
+    reached = best is not None and best <= 0.05
+    off = [r["heldout_ppl"] / rows[0]["heldout_ppl"] for r in rows if r["run"] == "guards off"]
+    damage = f"×{min(off):.0f}–{max(off):.0f}" if off else "many-fold"
+    return (
+        "## Language models: the memorisation fixture\n\n"
+        f"A {fx['config']['num_hidden_layers']}-layer, width-{fx['config']['hidden_size']} "
+        f"Llama trained until it recites {fx['n_forget']} forget and {fx['n_retain']} retain "
+        f"fictitious profiles; {fx['n_heldout']} held-out profiles; CPU, one thread "
+        "(`python -m bench.lm_fixture_runs`). Recall = greedy exact completion; retain recall "
+        "is the member probe; policy = the LM release policy at its default thresholds.\n\n"
+        + table(rows)
+        + "\nGoal: forget recall ≤ 0.05 with retain recall ≥ 0.9 of its value before. "
+        + ("**Reached**" if reached else "**Not reached**")
+        + f": the lowest forget recall among runs that kept ≥ 90 % of retain recall is {best}. "
+        "Retain-free ascent is not selective on look-alike records: with the guards on it stops "
+        "(guard-exhausted) with most forget records still recited, and the policy holds the "
+        "result as a candidate; with the guards off it reaches zero forget recall only by "
+        f"destroying the model (held-out perplexity {damage}, retain recall 0), which the policy "
+        "also refuses. The retrained reference passes every check.\n"
+    )
+
+
 if __name__ == "__main__":
     raise SystemExit(main())

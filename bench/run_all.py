@@ -8,7 +8,8 @@
 Steps: the paper comparison for each architecture (bench/paper.py, base models cached in
 bench/.cache), the influence-speed benchmark (bench/influence_speed.py, run as its own
 process), the API throughput benchmark (bench/api_throughput.py: SQLite and PostgreSQL, needs
-wrk), then bench/report.py.
+wrk), the language-model fixture runs (bench/lm_fixture_runs.py, ~40 CPU-s), then
+bench/report.py (plus the LM section from lm_fixture.json).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from bench import paper, report
+from bench import lm_fixture_runs, paper, report
 
 BENCH_DIR = Path(__file__).resolve().parent
 ARCHS = ("cnn", "resnet18_cifar", paper.DIGITS)
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-paper", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-api", action="store_true", help="skip bench/api_throughput.py")
+    parser.add_argument("--skip-lm", action="store_true", help="skip bench/lm_fixture_runs.py")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument(
         "--speed-args", default="", help="extra arguments passed to bench.influence_speed (quoted)"
@@ -117,7 +119,17 @@ def main(argv: list[str] | None = None) -> int:
         rc = subprocess.run(cmd, cwd=BENCH_DIR.parent).returncode
         if rc != 0:
             failures.append(f"bench.api_throughput exited with {rc}")
+    if not (args.report_only or args.skip_lm or args.quick):
+        cmd = [sys.executable, "-m", "bench.lm_fixture_runs",
+               "--out", str(args.results / "lm_fixture.json")]  # fmt: skip
+        print("$", " ".join(cmd), flush=True)
+        rc = subprocess.run(cmd, cwd=BENCH_DIR.parent).returncode
+        if rc != 0:
+            failures.append(f"bench.lm_fixture_runs exited with {rc}")
     decision = report.build_report(args.results, out_md)
+    lm_section = lm_fixture_runs.section(args.results / "lm_fixture.json")
+    if lm_section:
+        out_md.write_text(out_md.read_text().rstrip("\n") + "\n\n" + lm_section)
     print(f"wrote {out_md}; backbone_mode decision: {decision.get('choice')}")
     print(f"total {time.perf_counter() - started:.0f}s")
     for failure in failures:
