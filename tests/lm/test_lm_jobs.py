@@ -69,6 +69,10 @@ def test_default_request_runs_and_the_policy_judges_text_metrics(stack: Stack, l
     assert before["n_forget"] == 6 and before["n_eval"] == metrics["eval_split"]["n_policy"]
     assert after["peak_rss_mib"] > 0 and after["eval_seconds"] >= 0
     calibration = metrics["influence"]["calibration"]
+    # The five phases ran (IMU's influence pass included) and were timed.
+    assert {"loading", "influence", "unlearning", "evaluating", "saving"} <= set(view["timings"])
+    assert metrics["influence"]["influence"]["theta_numel"] > 0
+    assert metrics["influence"]["config"]["loss"] == "npo"  # the measured default
     assert calibration["mode"] == "auto" and calibration["trajectory"]
     assert policy["mode"] == "text"
     names = [c["name"] for c in policy["checks"]]
