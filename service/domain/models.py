@@ -159,6 +159,13 @@ def register_model(
                 f"{field} {ds.id!r} has role {ds.role!r}, expected {role!r}",
                 [{"field": field, "message": f"role must be {role}"}],
             )
+        kind = "text" if lm_files is not None else "tensor"
+        if ds is not None and ds.kind != kind:
+            raise validation(
+                f"{field} {ds.id!r} is a {ds.kind} dataset; architecture "
+                f"{spec.architecture!r} is evaluated on {kind} datasets",
+                [{"field": field, "message": f"kind must be {kind}"}],
+            )
 
     model_id, version_id = new_id(), new_id()
     key = f"checkpoints/{model_id}/{version_id}.safetensors"

@@ -136,3 +136,11 @@ def test_records_the_model_never_learned_are_released_and_purged(
     stored = b"".join(p.read_bytes() for p in (storage_dir / "datasets").rglob("*.jsonl"))
     assert unseen[0].completion and unseen[0].completion.encode() not in stored
     assert lm.fixture.examples["forget"][0].key.encode() in stored  # the rest is kept
+    # A signed erasure receipt, as for classifiers, with the text metrics.
+    view = stack.job(job)
+    receipt = get(stack, f"/v1/deletion-requests/{view['request_id']}/receipt")
+    assert receipt.status_code == 200, receipt.text
+    payload = receipt.json()["payload"]
+    assert payload["records"]["count"] == len(keys)
+    assert payload["result_version"]["sha256"] == v2["sha256"]
+    assert payload["metrics"]["after"]["forget"]["exact_recall"] == 0.0

@@ -175,3 +175,20 @@ def test_jsonl_datasets(stack: Stack, lm: LMFiles) -> None:
         (error,) = resp.json()["errors"]
         assert (error["line"], error["field"]) == (line, field), error
         assert resp.json()["detail"].startswith(f"line {line}")
+
+
+def test_eval_datasets_must_be_text(stack: Stack, lm: LMFiles) -> None:
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez(buf, ids=np.array(["a", "b"]), inputs=np.zeros((2, 3), np.float32),
+             labels=np.zeros(2, np.int64))  # fmt: skip
+    tensor = stack.client.post(
+        "/v1/datasets", headers=stack.headers, data={"name": "t", "kind": "tensor", "role": "eval"},
+        files={"file": ("t.npz", buf.getvalue(), "application/octet-stream")},
+    ).json()["id"]  # fmt: skip
+    resp = _register(stack, lm, "wrong-kind", eval_dataset=tensor)
+    assert resp.status_code == 422
+    assert resp.json()["errors"] == [{"field": "spec.eval_dataset", "message": "kind must be text"}]
