@@ -1,5 +1,6 @@
 """Deletion requests on a causal LM, run by the worker's runner in-process (TestClient): the
-phases, the text metrics, the LM release policy and the saved version's format."""
+phases, the text metrics, the LM release policy and the saved version's format, on SQLite
+and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ PRODUCTION = {
 
 
 @pytest.fixture
-def stack(lethe_env: Path, sqlite_url: str, storage_dir: Path) -> Iterator[Stack]:
-    settings = stack_settings(database_url=sqlite_url, storage_dir=storage_dir, **PRODUCTION)
+def stack(lethe_env: Path, database_url: str, storage_dir: Path) -> Iterator[Stack]:
+    """SQLite and PostgreSQL (the JSON metrics and JSONL purge on both)."""
+    settings = stack_settings(database_url=database_url, storage_dir=storage_dir, **PRODUCTION)
     with api_stack(settings) as s:
         yield s
 
