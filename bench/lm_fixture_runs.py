@@ -155,6 +155,30 @@ def section(path: Path) -> str:
         "result as a candidate; with the guards off it reaches zero forget recall only by "
         f"destroying the model (held-out perplexity {damage}, retain recall 0), which the policy "
         "also refuses. The retrained reference passes every check.\n"
+        + smollm2_section(path.with_name("lm_smollm2.json"))
+    )
+
+
+def smollm2_section(path: Path) -> str:
+    """The paragraph on the real pretrained model (bench/lm_smollm2.py), if it was run."""
+    if not path.exists():
+        return ""
+    r = json.loads(path.read_text())
+    b, a, t = r["before"], r["after"], r["timings"]
+    return (
+        f"\nA real pretrained model (`python -m bench.lm_smollm2`): {r['model']}, "
+        f"{r['parameters'] / 1e6:.1f} M parameters, a {r['checkpoint_bytes'] / 2**20:.0f} MiB "
+        f"checkpoint registered through the API (in-process) in {r['register_s']} s "
+        "(checked on the meta device). "
+        f"A request for {r['n']['forget']} facts with θ = attention of the last three layers and "
+        f"{r['params']['max_steps']} steps at most: job {r['outcome']} in {r['job_wall_s']} s "
+        f"(loading {t['loading']:.1f}, influence {t['influence']:.1f}, unlearning "
+        f"{t['unlearning']:.1f}, evaluating {t['evaluating']:.1f}, saving {t['saving']:.1f} s), "
+        f"peak RSS {r['peak_rss_mib']} MiB; stop: {r['calibration']['reason']}; forget recall "
+        f"{b['forget']['exact_recall']} → {a['forget']['exact_recall']}, held-out perplexity "
+        f"{b['heldout']['perplexity']} → {a['heldout']['perplexity']}; policy: "
+        f"{r['policy']['decision']} (failed: {', '.join(r['policy']['failed']) or 'none'}). "
+        "The path works on a real model within a CPU budget; it does not forget these facts.\n"
     )
 
 
