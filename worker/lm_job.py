@@ -198,8 +198,11 @@ def run_lm_engine(
         cfg = config_for(loaded.kind, loaded.params)
     except (ValueError, TypeError) as exc:
         raise InvalidParams(f"{loaded.kind}: {exc}") from None
-    result = unlearn_lm(loaded.model, loaded.forget, loaded.guard, loaded.member_probe, cfg,
-                        progress)  # fmt: skip
+    try:
+        result = unlearn_lm(loaded.model, loaded.forget, loaded.guard, loaded.member_probe, cfg,
+                            progress)  # fmt: skip
+    except ValueError as exc:  # θ matches nothing, or a per-record gradient exceeds the bound
+        raise InvalidParams(f"{loaded.kind}: {exc}") from None
     stats = dict(result.stats)
     selection = stats.get("selection")
     if isinstance(selection, dict):

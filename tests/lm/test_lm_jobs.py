@@ -146,3 +146,19 @@ def test_records_the_model_never_learned_are_released_and_purged(
     assert payload["records"]["count"] == len(keys)
     assert payload["result_version"]["sha256"] == v2["sha256"]
     assert payload["metrics"]["after"]["forget"]["exact_recall"] == 0.0
+
+
+def test_a_theta_too_large_for_the_memory_bound_fails_once_with_a_clear_error(
+    stack: Stack, lm: LMFiles
+) -> None:
+    model = register(stack, lm, "bounded")
+    # Every parameter (0.34 M floats = 1.35 MB per record) against a 1 MiB chunk bound.
+    job = stack.submit(model, lm.forget_keys[:3], params={"params": ["model"],
+                                                         "chunk_bytes": 1 << 20})  # fmt: skip
+    assert run(stack, job) == Outcome.FAILED
+    view = stack.job(job)
+    assert view["error"]["type"].endswith("/invalid-params"), view["error"]
+    assert "exceeds the chunk bound" in view["error"]["detail"]
+    assert view["attempts"] == 1  # deterministic: not retried
+    (v1,) = stack.versions(model)
+    assert v1["status"] == "active"
