@@ -99,6 +99,10 @@ def test_default_request_runs_and_the_policy_judges_text_metrics(stack: Stack, l
     assert set(read_header(ckpt.content)) == set(read_header(lm.weights))
     files = get(stack, f"/v1/model-versions/{v2['id']}/files/config.json")
     assert json.loads(files.content) == json.loads(lm.config)
+    if expected == "candidate":  # a reviewer may still release it: records forgotten, purged
+        assert post(stack, f"/v1/model-versions/{v2['id']}/promote").status_code == 200
+        assert set(stack.record_states(stack.models[model], keys).values()) == {"forgotten"}
+        assert stack.versions(model)[1]["status"] == "active"
 
 
 def test_lm_params_are_validated_at_submission(stack: Stack, lm: LMFiles) -> None:
@@ -162,3 +166,19 @@ def test_a_theta_too_large_for_the_memory_bound_fails_once_with_a_clear_error(
     assert view["attempts"] == 1  # deterministic: not retried
     (v1,) = stack.versions(model)
     assert v1["status"] == "active"
+
+
+def test_without_eval_or_probe_texts_nothing_is_released(stack: Stack, lm: LMFiles) -> None:
+    train_id = _upload(stack, "solo-train", "train", lm.train)
+    resp = post(stack, "/v1/models", data={"spec": spec("solo")}, files=lm.form_files())
+    assert resp.status_code == 201, resp.text
+    stack.models["solo"] = train_id
+    job = stack.submit("solo", lm.forget_keys[:2])
+    assert run(stack, job) == Outcome.SUCCEEDED
+    metrics = stack.job(job)["metrics"]
+    assert metrics["influence"]["calibration"]["reason"] == "no-heldout-data"
+    policy = metrics["policy"]
+    assert policy["decision"] == "candidate"
+    assert policy["failed"] == ["forget_recall", "forget_indistinguishable", "heldout_ppl_rise",
+                                "probe_recall_drop"]  # fmt: skip
+    assert sum("not measured" in r for r in policy["reasons"]) == 3
