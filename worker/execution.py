@@ -194,7 +194,7 @@ class Execution:
         if loaded.lm:
             from worker.lm_job import lm_state_dict
 
-            state = lm_state_dict(loaded.model)
+            state = lm_state_dict(loaded.model, loaded.layout)
         stored = write_checkpoint(self.ctx.storage, key, self.job_id, state)
         self.progress(Phase.SAVING, 0.5)
         self.ctx.hook("before_save", self.job_id)

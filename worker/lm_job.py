@@ -144,11 +144,14 @@ def load_lm(loader: Loader, inputs: JobInputs, model_id: str, device: str) -> Lo
     from safetensors.torch import load as st_load
 
     from worker.heldout import split_eval_keys
+    from worker.imu.architectures import SAFETENSORS_DTYPES
+    from worker.imu.checkpoints import read_header
     from worker.imu.language_models import load_causal_lm, load_tokenizer
     from worker.loading import Loaded
 
     files = _model_files(loader, inputs, model_id)
     data = loader.checkpoint_bytes(inputs)
+    layout = {key: SAFETENSORS_DTYPES[dtype] for key, (_, dtype) in read_header(data).items()}
     loader.progress(Phase.LOADING, 0.2)
     try:
         config = json.loads(files["config.json"])
@@ -182,7 +185,7 @@ def load_lm(loader: Loader, inputs: JobInputs, model_id: str, device: str) -> Lo
         model=model, forget=forget, eval=eval_batch, member_probe=probe, guard=guard,
         eval_split=split.describe() if split else None, kind=inputs.kind, params=inputs.params,
         keys=inputs.keys, dataset_id=inputs.dataset.dataset_id,
-        source_version_id=inputs.version_id, class_wise=False, lm=True,
+        source_version_id=inputs.version_id, class_wise=False, lm=True, layout=layout,
     )  # fmt: skip
 
 
@@ -240,12 +243,17 @@ def lm_metrics(loaded: Loaded) -> dict[str, Any]:
 
 
 # Saving -----------------------------------------------------------------------------------
-def lm_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict with each tied parameter under its first name only (save_pretrained's
-    layout, and what version 1 was registered with)."""
+def lm_state_dict(
+    model: torch.nn.Module, layout: dict[str, torch.dtype] | None = None
+) -> dict[str, torch.Tensor]:
+    """The state dict in the layout version 1 was registered with: the same keys (a tied
+    weight under the name it was stored under) and the same dtypes (a bf16 checkpoint stays
+    bf16). Without a layout, each tied parameter under its first name (save_pretrained's)."""
     from worker.imu.language_models import tied_groups
 
     state = model.state_dict()
+    if layout is not None:
+        return {key: state[key].to(dtype) for key, dtype in layout.items()}
     for group in tied_groups(model):
         for name in group[1:]:
             state.pop(name, None)

@@ -85,6 +85,7 @@ class Loaded:
     guard: Any | None = None  # eval records the calibration may look at
     eval_split: dict[str, Any] | None = None
     lm: bool = False  # a causal LM (worker/lm_job.py)
+    layout: dict[str, Any] | None = None  # LM: the registered keys -> torch dtypes, kept on save
 
 
 class DatasetCache:

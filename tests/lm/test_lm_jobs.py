@@ -182,3 +182,25 @@ def test_without_eval_or_probe_texts_nothing_is_released(stack: Stack, lm: LMFil
     assert policy["failed"] == ["forget_recall", "forget_indistinguishable", "heldout_ppl_rise",
                                 "probe_recall_drop"]  # fmt: skip
     assert sum("not measured" in r for r in policy["reasons"]) == 3
+
+
+def test_a_bf16_checkpoint_stays_bf16_with_its_keys(stack: Stack, lm: LMFiles) -> None:
+    """Versions keep the registered layout: dtypes, and a tied weight stored under both names."""
+    import torch
+
+    from worker.imu.checkpoints import read_header, to_bytes
+
+    state = {k: v.to(torch.bfloat16) for k, v in lm.fixture.model.state_dict().items()}
+    assert "lm_head.weight" in state  # both names of the tied embedding, as some exports do
+    weights = to_bytes(state)
+    train_id = _upload(stack, "bf16-train", "train", lm.train)
+    eval_id = _upload(stack, "bf16-eval", "eval", lm.eval)
+    resp = post(stack, "/v1/models", data={"spec": spec("bf16", eval_dataset=eval_id)},
+                files=lm.form_files(weights=weights))  # fmt: skip
+    assert resp.status_code == 201, resp.text
+    stack.models["bf16"] = train_id
+    job = stack.submit("bf16", lm.forget_keys[:2])
+    assert run(stack, job) == Outcome.SUCCEEDED
+    v2 = stack.versions("bf16")[1]
+    saved = read_header(get(stack, f"/v1/model-versions/{v2['id']}/checkpoint").content)
+    assert saved == read_header(weights)  # same keys, shapes and dtypes (BF16)
