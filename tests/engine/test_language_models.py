@@ -12,6 +12,7 @@ import torch
 from tests.engine.lm_fixture import Fixture, train_fixture
 from worker.imu.checkpoints import read_header, to_bytes
 from worker.imu.language_models import (
+    build_causal_lm,
     build_config,
     check_causal_lm,
     check_tokenizer,
@@ -78,11 +79,19 @@ def test_real_checkpoint_is_accepted_and_reloads(fx: Fixture, saved: tuple[bytes
         ({"model_type": "evil_lm"}, "model_type 'evil_lm' is not supported"),
         ({"architectures": ["EvilForCausalLM"]}, "architectures must be"),
         ({"num_hidden_layers": 10**6}, "num_hidden_layers"),
+        ({"num_attention_heads": 0}, "num_attention_heads must be an integer"),
+        ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads 3"),
+        ({"hidden_size": 97}, "not divisible by the 4 attention heads"),
+        ({"max_position_embeddings": -1}, "max_position_embeddings"),
+        ({"hidden_act": "evil"}, "cannot be built"),
+        ({"rope_parameters": 5}, "rejected by transformers"),
+        ({"tie_word_embeddings": "yes"}, "rejected by transformers"),
     ],
 )
 def test_bad_configs_are_refused(fx: Fixture, change: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        build_config({**fx.config, **change})
+    """Always a ValueError (a 422 at the API), whatever transformers would raise."""
+    with pytest.raises(ValueError, match=message), torch.device("meta"):
+        build_causal_lm(build_config({**fx.config, **change}))
 
 
 def test_key_mismatch_names_the_keys(fx: Fixture, saved: tuple[bytes, bytes]) -> None:

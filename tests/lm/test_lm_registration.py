@@ -96,6 +96,8 @@ class _Evil:
         ("tokenizer_remote", "tokenizer_config", "remote code"),
         ("missing_tokenizer", "tokenizer", "missing: tokenizer"),
         ("vocab_too_small", "config", "vocab_size is 16"),
+        ("heads_zero", "config", "num_attention_heads must be an integer"),
+        ("unknown_activation", "config", "cannot be built (KeyError"),
     ],
 )
 def test_bad_files_are_422(
@@ -111,6 +113,8 @@ def test_bad_files_are_422(
         "pickled_tokenizer": {"tokenizer": pickle.dumps(_Evil())},
         "tokenizer_remote": {"tokenizer_config": b'{"auto_map": {"AutoTokenizer": ["x.T"]}}'},
         "vocab_too_small": {"config": _config(lm, vocab_size=16)},
+        "heads_zero": {"config": _config(lm, num_attention_heads=0)},
+        "unknown_activation": {"config": _config(lm, hidden_act="evil")},
     }.get(case, {})
     files = lm.form_files(**replace)
     if case == "missing_tokenizer":
