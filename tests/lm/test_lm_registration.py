@@ -98,6 +98,8 @@ class _Evil:
         ("vocab_too_small", "config", "vocab_size is 16"),
         ("heads_zero", "config", "num_attention_heads must be an integer"),
         ("unknown_activation", "config", "cannot be built (KeyError"),
+        ("empty_config", "config", "the file is empty"),
+        ("huge_tokenizer_config", "tokenizer_config", "larger than 1048576 bytes"),
     ],
 )
 def test_bad_files_are_422(
@@ -115,6 +117,8 @@ def test_bad_files_are_422(
         "vocab_too_small": {"config": _config(lm, vocab_size=16)},
         "heads_zero": {"config": _config(lm, num_attention_heads=0)},
         "unknown_activation": {"config": _config(lm, hidden_act="evil")},
+        "empty_config": {"config": b""},
+        "huge_tokenizer_config": {"tokenizer_config": b" " * (1 << 20) + b"{}"},
     }.get(case, {})
     files = lm.form_files(**replace)
     if case == "missing_tokenizer":
