@@ -112,6 +112,8 @@ def test_lm_params_are_validated_at_submission(stack: Stack, lm: LMFiles) -> Non
         ({"loss": "hinge"}, "params.loss"),
         ({"recall_target": 2}, "params.recall_target"),
         ({"method": "ga"}, "params.method"),
+        ({"lora_targets": []}, "params.lora_targets"),
+        ({"lora_rank": 4, "params": ["model.layers.1"]}, "params.params"),
     ):
         resp = post(stack, "/v1/deletion-requests", json={**body, "params": params})
         assert resp.status_code == 422, resp.text
@@ -204,3 +206,17 @@ def test_a_bf16_checkpoint_stays_bf16_with_its_keys(stack: Stack, lm: LMFiles) -
     v2 = stack.versions("bf16")[1]
     saved = read_header(get(stack, f"/v1/model-versions/{v2['id']}/checkpoint").content)
     assert saved == read_header(weights)  # same keys, shapes and dtypes (BF16)
+
+
+def test_a_lora_request_saves_a_plain_model(stack: Stack, lm: LMFiles) -> None:
+    from worker.imu.checkpoints import read_header
+
+    model = register(stack, lm, "lora")
+    job = stack.submit(model, lm.forget_keys[:3], params={"lora_rank": 4})
+    assert run(stack, job) == Outcome.SUCCEEDED
+    stats = stack.job(job)["metrics"]["influence"]
+    assert stats["lora"]["merged"] and stats["config"]["lora_rank"] == 4
+    assert all(".lora_" in name for name in stats["influence"]["theta"])
+    v2 = stack.versions(model)[1]
+    saved = read_header(get(stack, f"/v1/model-versions/{v2['id']}/checkpoint").content)
+    assert saved == read_header(lm.weights)
