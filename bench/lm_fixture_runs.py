@@ -5,8 +5,9 @@ records only as the reference.
 
 Runs: IMU and plain GA, each with the ascent loss (``ga``) and the bounded loss (``npo``), at
 the defaults; the same with looser guards (10 % probe-recall drop, 25 % perplexity rise, 8
-backtracks); and with the guards off. Each row also says what the LM release policy
-(service/trust/lm_policy.py, default thresholds) decides for it. The held-out set is used
+backtracks); IMU on LoRA adapters (rank 8, attention projections); and with the guards off.
+Each row also says what the LM release policy (service/trust/lm_policy.py, default
+thresholds) decides for it. The held-out set is used
 whole by the controller's guard and by the metrics here (the service splits it in halves).
 
     PYTHONPATH=. .venv/bin/python -m bench.lm_fixture_runs [--out bench/results/lm_fixture.json]
@@ -39,6 +40,8 @@ RUNS: list[tuple[str, dict[str, Any]]] = [
     *[("defaults", {"method": m, "loss": loss}) for m in ("imu", "ga") for loss in ("npo", "ga")],
     *[("loose guards", {"method": m, "loss": loss, **LOOSE})
       for m in ("imu", "ga") for loss in ("npo", "ga")],
+    ("LoRA r 8", {"method": "imu", "loss": "npo", "lora_rank": 8}),
+    ("LoRA r 8, loose guards", {"method": "imu", "loss": "npo", "lora_rank": 8, **LOOSE}),
     *[("guards off", {"method": "imu", "loss": loss, **OFF}) for loss in ("npo", "ga")],
 ]  # fmt: skip
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "lm_fixture.json"
