@@ -9,7 +9,8 @@ Steps: the paper comparison for each architecture (bench/paper.py, base models c
 bench/.cache), the influence-speed benchmark (bench/influence_speed.py, run as its own
 process), the API throughput benchmark (bench/api_throughput.py: SQLite and PostgreSQL, needs
 wrk), the calibration probe (bench/calibration_probe.py: default requests on untuned
-Fashion-MNIST models), then bench/report.py.
+Fashion-MNIST models), the language-model fixture runs (bench/lm_fixture_runs.py, ~40 CPU-s),
+then bench/report.py (plus the LM section from lm_fixture.json).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from bench import paper, report
+from bench import lm_fixture_runs, paper, report
 
 BENCH_DIR = Path(__file__).resolve().parent
 ARCHS = ("cnn", "resnet18_cifar", paper.DIGITS)
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-api", action="store_true", help="skip bench/api_throughput.py")
     parser.add_argument("--skip-probe", action="store_true", help="skip bench/calibration_probe.py")
+    parser.add_argument("--skip-lm", action="store_true", help="skip bench/lm_fixture_runs.py")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument(
         "--speed-args", default="", help="extra arguments passed to bench.influence_speed (quoted)"
@@ -125,7 +127,17 @@ def main(argv: list[str] | None = None) -> int:
         print("$", " ".join(cmd), flush=True)
         if subprocess.run(cmd, cwd=BENCH_DIR.parent).returncode != 0:
             failures.append("bench.calibration_probe failed")
+    if not (args.report_only or args.skip_lm or args.quick):
+        cmd = [sys.executable, "-m", "bench.lm_fixture_runs",
+               "--out", str(args.results / "lm_fixture.json")]  # fmt: skip
+        print("$", " ".join(cmd), flush=True)
+        rc = subprocess.run(cmd, cwd=BENCH_DIR.parent).returncode
+        if rc != 0:
+            failures.append(f"bench.lm_fixture_runs exited with {rc}")
     decision = report.build_report(args.results, out_md)
+    lm_section = lm_fixture_runs.section(args.results / "lm_fixture.json")
+    if lm_section:
+        out_md.write_text(out_md.read_text().rstrip("\n") + "\n\n" + lm_section)
     print(f"wrote {out_md}; backbone_mode decision: {decision.get('choice')}")
     print(f"total {time.perf_counter() - started:.0f}s")
     for failure in failures:

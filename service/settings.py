@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     policy_max_eval_acc_drop: float = Field(0.05, ge=0, le=1)
     policy_max_forget_acc: float = Field(0.2, ge=0, le=1)
     policy_max_forget_auc_excess: float = Field(0.0, ge=0, le=1)
+    # Causal LMs (service/trust/lm_policy.py).
+    policy_max_forget_recall: float = Field(0.05, ge=0, le=1)
+    policy_max_heldout_ppl_rise: float = Field(0.1, ge=0, le=1)
+    policy_max_probe_recall_drop: float = Field(0.1, ge=0, le=1)
     signing_key: str = Field(
         "",
         description="Ed25519 private key (PEM file) signing receipts and audit checkpoints; "

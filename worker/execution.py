@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 from service.domain.states import PHASES, JobStatus, Phase, VersionStatus
 from service.storage.db import transaction
 from service.storage.models import Job
+from service.trust.lm_policy import decide_lm
 from service.trust.policy import decide, effective_policy
 from service.trust.purge import key_sha256
 from worker.context import Outcome, RunnerContext, RunResult
@@ -151,6 +152,10 @@ class Execution:
     def _evaluate(self, loaded: Loaded) -> dict[str, Any]:
         from worker.job_metrics import job_metrics
 
+        if loaded.lm:
+            from worker.lm_job import lm_metrics
+
+            return lm_metrics(loaded)
         return job_metrics(
             loaded.model, forget=loaded.forget, eval_pair=loaded.eval,
             member_probe=loaded.member_probe, class_wise=loaded.class_wise,
@@ -160,6 +165,10 @@ class Execution:
         from worker.unlearning import InvalidParams, run_engine
 
         try:
+            if loaded.lm:
+                from worker.lm_job import run_lm_engine
+
+                return run_lm_engine(loaded, self.progress, lambda i: key_sha256(loaded.keys[i]))
             return run_engine(
                 loaded.kind, loaded.params, loaded.model, loaded.forget, guard=loaded.guard,
                 class_wise=loaded.class_wise, device=self.ctx.device, progress=self.progress,
@@ -181,15 +190,21 @@ class Execution:
     ) -> str:
         key = checkpoint_key(self.model_id, self.job_id, self.attempt)
         self.written_key = key  # set first: a half-written file is deleted too
-        stored = write_checkpoint(self.ctx.storage, key, self.job_id, loaded.model)
+        state = loaded.model
+        if loaded.lm:
+            from worker.lm_job import lm_state_dict
+
+            state = lm_state_dict(loaded.model, loaded.layout)
+        stored = write_checkpoint(self.ctx.storage, key, self.job_id, state)
         self.progress(Phase.SAVING, 0.5)
         self.ctx.hook("before_save", self.job_id)
         self._close_phase()
         self.timings["total"] = time.perf_counter() - started
-        policy = decide(
-            effective_policy(self.ctx.settings, loaded.params.get("policy")),
-            before, after, class_wise=loaded.class_wise,
-        )  # fmt: skip
+        rules = effective_policy(self.ctx.settings, loaded.params.get("policy"))
+        if loaded.lm:
+            policy = decide_lm(rules, before, after)
+        else:
+            policy = decide(rules, before, after, class_wise=loaded.class_wise)
         metrics = {
             "before": before,
             "after": after,

@@ -51,6 +51,7 @@ class DataSource:
 class JobInputs:
     """What the loading transaction reads; the files are fetched after it commits."""
 
+    model_id: str
     architecture: str
     arch_kwargs: dict[str, Any]
     version_id: str
@@ -69,18 +70,22 @@ class JobInputs:
 
 @dataclass
 class Loaded:
+    """The splits are (inputs, labels) tensor pairs, or TokenBatches when ``lm``."""
+
     model: Any  # torch.nn.Module
-    forget: Pair
-    eval: Pair | None
-    member_probe: Pair | None
+    forget: Any
+    eval: Any | None
+    member_probe: Any | None
     kind: str
     params: dict[str, Any]
     keys: list[str]
     dataset_id: str
     source_version_id: str
     class_wise: bool = False
-    guard: Pair | None = None  # eval records the calibration may look at
+    guard: Any | None = None  # eval records the calibration may look at
     eval_split: dict[str, Any] | None = None
+    lm: bool = False  # a causal LM (worker/lm_job.py)
+    layout: dict[str, Any] | None = None  # LM: the registered keys -> torch dtypes, kept on save
 
 
 class DatasetCache:
@@ -141,6 +146,10 @@ class Loader:
     def load(self) -> Loaded:
         inputs = self._read_inputs()
         self.progress(Phase.LOADING, 0.1)
+        from worker.lm_job import is_lm, load_lm
+
+        if is_lm(inputs.architecture):
+            return load_lm(self, inputs, inputs.model_id, self.ctx.device)
         model = self._load_model(inputs)
         self.progress(Phase.LOADING, 0.4)
         forget = self._load_rows(inputs.dataset, inputs.keys)
@@ -183,6 +192,7 @@ class Loader:
             eval_ds = _optional(session, model_row.eval_dataset_id)
             probe_ds = _optional(session, model_row.member_probe_dataset_id)
             return JobInputs(
+                model_id=model_row.id,
                 architecture=model_row.architecture,
                 arch_kwargs=dict(model_row.arch_kwargs or {}),
                 version_id=version.id,
@@ -199,13 +209,13 @@ class Loader:
                 keys=keys,
             )
 
-    def _current_source(self, dataset_id: str) -> DataSource | None:
+    def current_source(self, dataset_id: str) -> DataSource | None:
         with transaction(self.ctx.session_factory) as session:
             dataset = session.get(Dataset, dataset_id)
             return DataSource.of(dataset) if dataset is not None else None
 
     # Storage ---------------------------------------------------------------------------
-    def _read_object(self, key: str | None, what: str) -> bytes:
+    def read_object(self, key: str | None, what: str) -> bytes:
         if not key:
             raise JobError("checkpoint-missing", f"{what} missing", f"{what} has no stored file")
         try:
@@ -223,9 +233,28 @@ class Loader:
         from worker.imu.architectures import build
         from worker.imu.checkpoints import load_safetensors_into
 
+        data = self.checkpoint_bytes(inputs)
+        try:
+            model = build(inputs.architecture, **inputs.arch_kwargs)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise JobError("architecture-invalid", "Architecture invalid", str(exc)) from None
+        try:
+            load_safetensors_into(model, data)
+        except (ValueError, RuntimeError) as exc:
+            raise JobError(
+                "checkpoint-corrupt",
+                "Checkpoint corrupt",
+                f"the checkpoint of version {inputs.version_number} cannot be loaded into "
+                f"{inputs.architecture}: {exc}"[:2000],
+                status=500,
+            ) from None
+        return model
+
+    def checkpoint_bytes(self, inputs: JobInputs) -> bytes:
+        """The source version's safetensors, sha256-checked."""
         what = f"checkpoint of version {inputs.version_number}"
         try:
-            data = self._read_object(inputs.version_key, what)
+            data = self.read_object(inputs.version_key, what)
         except JobError:
             # A promotion may have superseded (and retired) our source since the claim:
             # then retry from the new active version instead of failing the job.
@@ -249,20 +278,7 @@ class Loader:
                 "damaged",
                 status=500,
             )
-        try:
-            model = build(inputs.architecture, **inputs.arch_kwargs)
-        except (ValueError, TypeError, KeyError) as exc:
-            raise JobError("architecture-invalid", "Architecture invalid", str(exc)) from None
-        try:
-            load_safetensors_into(model, data)
-        except (ValueError, RuntimeError) as exc:
-            raise JobError(
-                "checkpoint-corrupt",
-                "Checkpoint corrupt",
-                f"the {what} cannot be loaded into {inputs.architecture}: {exc}"[:2000],
-                status=500,
-            ) from None
-        return model
+        return data
 
     def dataset(self, source: DataSource) -> TensorData:
         """The parsed current file of a dataset (cached). A purge may have replaced the file
@@ -275,9 +291,9 @@ class Loader:
             if data is not None:
                 return data
             try:
-                raw = self._read_object(source.storage_key, f"dataset {source.name!r}")
+                raw = self.read_object(source.storage_key, f"dataset {source.name!r}")
             except JobError:
-                current = self._current_source(source.dataset_id)
+                current = self.current_source(source.dataset_id)
                 if current is None or current.storage_key == source.storage_key:
                     raise
                 source = current

@@ -27,7 +27,9 @@ Cursor = Annotated[str | None, Query(description="`next_cursor` of the previous 
     description=(
         "Multipart upload. `kind=tensor`: an `.npz` (read with allow_pickle=False) holding "
         "`ids` (unique strings), `inputs` (numeric, finite, first axis = records) and `labels` "
-        "(integers). `kind=text`: JSONL lines `{id, text[, label]}`. The file is streamed to "
+        "(integers). `kind=text`: JSONL, one record per line, `{id, text}` or "
+        "`{id, prompt, completion}` (one shape per file, optional integer `label`); a bad "
+        "line is 422 naming the line and the field. The file is streamed to "
         "storage while hashed; past LETHE_MAX_UPLOAD_MB the answer is 413. `.npz` members are "
         "checked from their headers before any data is read: inflated sizes over "
         "LETHE_MAX_DATASET_MB or compression ratios over LETHE_MAX_COMPRESSION_RATIO are 422. "

@@ -15,8 +15,10 @@ from service.api.auth import Principal
 from service.api.deps import AppState, get_state, iter_file, only_form_fields, require
 from service.api.problems import Problem
 from service.api.schemas import COMMON_ERRORS, LineageOut, ModelOut, Page, VersionOut, problems
+from service.domain import lm_registration as lm_domain
 from service.domain import models as domain
 from service.domain import versions as versions_domain
+from service.domain.lm_registration import FORM_FILES as LM_FORM_FILES
 from service.domain.pagination import DEFAULT_LIMIT, MAX_LIMIT
 from service.domain.views import iso
 from service.storage.objects import CHUNK
@@ -38,18 +40,29 @@ _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
         "member_probe_dataset?, description?}`) and `weights` (`.safetensors`). The header is "
         "checked against the architecture built on the meta device; a mismatch is 422 listing "
         "missing, unexpected and mis-shaped keys. Anything not safetensors is 422 and is never "
-        "unpickled. Returns the model with `active_version` (number 1)."
+        "unpickled. Returns the model with `active_version` (number 1). Architecture "
+        "`causal_lm` (a Hugging Face causal LM) also takes `config` (config.json, `model_type` "
+        "on the allowlist, no `auto_map`/remote code), `tokenizer` (tokenizer.json) and "
+        "`tokenizer_config` (tokenizer_config.json), with `arch_kwargs` `{}`; the model is "
+        "built from config.json on the meta device and compared with the weights (tied "
+        "embeddings may be stored once)."
     ),
-    dependencies=[Depends(only_form_fields("spec", "weights"))],
+    dependencies=[Depends(only_form_fields("spec", "weights", *LM_FORM_FILES))],
     response_model=ModelOut,
     responses=problems(400, 409, 413, _409="A model of this name exists"),
 )
 def register_model(
     spec: Annotated[str, Form(min_length=1, description="Model spec as a JSON string.")],
     weights: Annotated[UploadFile, File(description="A .safetensors checkpoint.")],
+    config: Annotated[UploadFile | None, File(description="causal_lm: config.json")] = None,
+    tokenizer: Annotated[UploadFile | None, File(description="causal_lm: tokenizer.json")] = None,
+    tokenizer_config: Annotated[
+        UploadFile | None, File(description="causal_lm: tokenizer_config.json")
+    ] = None,
     principal: Principal = Depends(require("admin")),
     state: AppState = Depends(get_state),
 ) -> dict[str, Any]:
+    uploads = {"config": config, "tokenizer": tokenizer, "tokenizer_config": tokenizer_config}
     return domain.register_model(
         state.sessions,
         state.storage,
@@ -57,6 +70,7 @@ def register_model(
         weights=iter_file(weights.file),
         max_bytes=state.settings.max_upload_bytes,
         actor=principal.actor,
+        lm_uploads={k: iter_file(v.file) if v else None for k, v in uploads.items()},
     )
 
 
@@ -318,3 +332,36 @@ def download_checkpoint(
     return StreamingResponse(
         body(), status_code=code, headers=headers, media_type="application/octet-stream"
     )
+
+
+@router.get(
+    "/v1/model-versions/{version_id}/files/{name}",
+    summary="Download a causal LM version's config.json, tokenizer.json or tokenizer_config.json",
+    description=(
+        "The JSON files registered with a `causal_lm` model (shared by all its versions; "
+        "the weights are at `/checkpoint`). `ETag` is the quoted sha256. 404 for any other "
+        "name or a model of another architecture."
+    ),
+    response_class=Response,
+    responses={200: {"content": {"application/json": {}}}, 304: {}},
+)
+def download_model_file(
+    version_id: str,
+    name: str,
+    request: Request,
+    _: Principal = Depends(require("read")),
+    state: AppState = Depends(get_state),
+) -> Response:
+    found = lm_domain.model_file(state.sessions, state.storage, version_id, name)
+    etag = f'"{found.sha256}"'
+    headers = {
+        "ETag": etag,
+        "Content-Disposition": f'attachment; filename="{name}"',
+        "Cache-Control": "private, max-age=31536000, immutable",
+    }
+    if_none_match = request.headers.get("if-none-match")
+    if if_none_match and etag in [t.strip() for t in if_none_match.split(",")]:
+        return Response(status_code=304, headers=headers)
+    if found.local is not None:
+        return FileResponse(found.local, headers=headers, media_type="application/json")
+    return Response(found.read(), headers=headers, media_type="application/json")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -19,6 +19,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.problems import Problem, conflict, not_found, validation
 from service.domain.datasets import resolve_dataset, too_large
+from service.domain.lm_registration import (
+    LMFiles,
+    check_lm_weights,
+    file_key,
+    lm_arch_kwargs,
+    read_lm_files,
+    store_lm_files,
+)
 from service.domain.pagination import MAX_LIMIT, decode_cursor, page
 from service.domain.states import VersionStatus
 from service.domain.views import model_view, version_view
@@ -70,7 +78,9 @@ def parse_spec(raw: str) -> ModelSpec:
     return spec
 
 
-def _check_weights(storage: Storage, key: str, spec: ModelSpec) -> dict[str, Any]:
+def _check_weights(
+    storage: Storage, key: str, spec: ModelSpec, lm_files: LMFiles | None = None
+) -> dict[str, Any]:
     from worker.imu.architectures import check_state_dict
     from worker.imu.checkpoints import read_header
 
@@ -85,11 +95,14 @@ def _check_weights(storage: Storage, key: str, spec: ModelSpec) -> dict[str, Any
             title="Invalid checkpoint",
             errors=[{"field": "weights", "message": str(exc)}],
         ) from None
-    try:
-        result = check_state_dict(spec.architecture, spec.arch_kwargs, header)
-    except (ValueError, KeyError) as exc:  # unknown architecture or bad kwargs
-        field = "spec.architecture" if isinstance(exc, KeyError) else "spec.arch_kwargs"
-        raise validation(str(exc), [{"field": field, "message": str(exc)}]) from None
+    if lm_files is not None:
+        result = check_lm_weights(lm_files, header)
+    else:
+        try:
+            result = check_state_dict(spec.architecture, spec.arch_kwargs, header)
+        except (ValueError, KeyError) as exc:  # unknown architecture or bad kwargs
+            field = "spec.architecture" if isinstance(exc, KeyError) else "spec.arch_kwargs"
+            raise validation(str(exc), [{"field": field, "message": str(exc)}]) from None
     if not result.ok:
         errors = (
             [{"field": "weights", "key": k, "message": "missing"} for k in result.missing]
@@ -120,8 +133,13 @@ def register_model(
     weights: Iterable[bytes],
     max_bytes: int | None,
     actor: str,
+    lm_uploads: Mapping[str, Iterable[bytes] | None] | None = None,
 ) -> dict[str, Any]:
+    """Version 1 of a new model. ``lm_uploads`` (form field -> chunks or None) carries the
+    JSON files of a ``causal_lm`` (service.domain.lm_registration)."""
     spec = parse_spec(spec_json)
+    lm_files = read_lm_files(spec.architecture, lm_uploads or {})
+    arch_kwargs = lm_arch_kwargs(spec.arch_kwargs, lm_files) if lm_files else spec.arch_kwargs
     with factory() as session:
         if session.execute(select(Model.id).where(Model.name == spec.name)).first():
             raise conflict("model-exists", f"a model named {spec.name!r} already exists")
@@ -141,6 +159,13 @@ def register_model(
                 f"{field} {ds.id!r} has role {ds.role!r}, expected {role!r}",
                 [{"field": field, "message": f"role must be {role}"}],
             )
+        kind = "text" if lm_files is not None else "tensor"
+        if ds is not None and ds.kind != kind:
+            raise validation(
+                f"{field} {ds.id!r} is a {ds.kind} dataset; architecture "
+                f"{spec.architecture!r} is evaluated on {kind} datasets",
+                [{"field": field, "message": f"kind must be {kind}"}],
+            )
 
     model_id, version_id = new_id(), new_id()
     key = f"checkpoints/{model_id}/{version_id}.safetensors"
@@ -148,14 +173,18 @@ def register_model(
         sha, size = storage.write_stream(key, weights, max_bytes=max_bytes)
     except TooLarge as exc:
         raise too_large(exc.limit) from None
+    written = [key]
     try:
-        info = _check_weights(storage, key, spec)
+        info = _check_weights(storage, key, spec, lm_files)
+        if lm_files is not None:
+            written += [file_key(model_id, name) for name in lm_files.contents]
+            store_lm_files(storage, model_id, lm_files)
         with transaction(factory) as session:
             model = Model(
                 id=model_id,
                 name=spec.name,
                 architecture=spec.architecture,
-                arch_kwargs=spec.arch_kwargs,
+                arch_kwargs=arch_kwargs,
                 description=spec.description,
                 eval_dataset_id=eval_ds.id if eval_ds else None,
                 member_probe_dataset_id=probe_ds.id if probe_ds else None,
@@ -185,7 +214,7 @@ def register_model(
                 payload={
                     "name": spec.name,
                     "architecture": spec.architecture,
-                    "arch_kwargs": spec.arch_kwargs,
+                    "arch_kwargs": arch_kwargs,
                     "eval_dataset_id": model.eval_dataset_id,
                     "member_probe_dataset_id": model.member_probe_dataset_id,
                 },
@@ -207,12 +236,17 @@ def register_model(
             )
             view = model_view(model, version)
     except IntegrityError:
-        storage.delete(key)
+        _delete_all(storage, written)
         raise conflict("model-exists", f"a model named {spec.name!r} already exists") from None
     except BaseException:
-        storage.delete(key)
+        _delete_all(storage, written)
         raise
     return view
+
+
+def _delete_all(storage: Storage, keys: list[str]) -> None:
+    for key in keys:
+        storage.delete(key)
 
 
 def get_model(session: Session, name: str) -> Model:

@@ -49,6 +49,18 @@ class PolicyOverrides(BaseModel):
         default=None,
         description="Which forgetting check applies; `auto` decides from the data.",
     )
+    max_forget_recall: Threshold | None = Field(
+        default=None,
+        description="Language models: largest greedy exact recall of the forget set after.",
+    )
+    max_heldout_ppl_rise: Threshold | None = Field(
+        default=None,
+        description="Language models: largest relative rise of held-out perplexity.",
+    )
+    max_probe_recall_drop: Threshold | None = Field(
+        default=None,
+        description="Language models: largest relative loss of member-probe recall.",
+    )
     require_review: StrictBool | None = Field(
         default=None,
         description="Always hold the result for a human decision.",
@@ -102,7 +114,7 @@ def _field(config: type, f: dataclasses.Field[Any], docs: dict[str, str]) -> tup
         kind = Annotated[int, Field(strict=True, ge=low_i, le=high_i)]
     elif f.name in choices:
         kind = Literal[tuple(choices[f.name])]
-    elif f.name == "params":
+    elif f.name == "params" or "list[str]" in str(f.type):
         item = Annotated[str, Field(min_length=1, pattern=r"\S")]
         kind = Annotated[list[item], Field(min_length=1)]
     elif isinstance(default, bool):
@@ -113,12 +125,12 @@ def _field(config: type, f: dataclasses.Field[Any], docs: dict[str, str]) -> tup
     return (kind | None, Field(default=None, description=description))
 
 
-def _derived(name: str, config: type, doc: str) -> type[BaseModel]:
+def _derived(name: str, config: type, doc: str, exclude: tuple[str, ...] = ()) -> type[BaseModel]:
     docs = {**_descriptions(config.__mro__[1].__doc__ or ""), **_descriptions(config.__doc__ or "")}
     fields = {
         f.name: _field(config, f, docs)
         for f in dataclasses.fields(config)
-        if f.name not in SERVER_ONLY_PARAMS
+        if f.name not in SERVER_ONLY_PARAMS and f.name not in exclude
     }
     fields["policy"] = (
         PolicyOverrides | None,
@@ -132,8 +144,10 @@ def _derived(name: str, config: type, doc: str) -> type[BaseModel]:
 
 @cache
 def param_models() -> dict[str, type[BaseModel]]:
-    """`{"imu": IMUParams, "ga": GAParams}`, built once from the engine configs."""
+    """`{"imu": IMUParams, "ga": GAParams, "lm": LMParams}`, built once from the engine
+    configs (LMParams: either method on a `causal_lm` model)."""
     from worker.imu import GAConfig, IMUConfig
+    from worker.imu.lm_unlearn import LMUnlearnConfig
 
     return {
         "imu": _derived(
@@ -142,6 +156,13 @@ def param_models() -> dict[str, type[BaseModel]]:
         "ga": _derived(
             "GAParams", GAConfig, "Overrides of the gradient-ascent settings (method `ga`)."
         ),
+        # `method` is the request's own field, not a param.
+        "lm": _derived(
+            "LMParams",
+            LMUnlearnConfig,
+            "Overrides of the language-model settings (architecture `causal_lm`).",
+            exclude=("method",),
+        ),  # fmt: skip
     }
 
 
@@ -158,8 +179,9 @@ def _errors(exc: ValidationError) -> list[dict[str, Any]]:
     return out
 
 
-def validate_params(method: str, params: Any) -> dict[str, Any]:
-    """The overrides to store (only the keys given, not null); 422 naming `params.<field>`."""
+def validate_params(method: str, params: Any, architecture: str | None = None) -> dict[str, Any]:
+    """The overrides to store (only the keys given, not null); 422 naming `params.<field>`.
+    A `causal_lm` model takes LMParams for either method."""
     if not isinstance(params, dict):
         raise validation("params must be an object", [{"field": "params", "message": "object"}])
     for key in SERVER_ONLY_PARAMS:
@@ -168,7 +190,8 @@ def validate_params(method: str, params: Any) -> dict[str, Any]:
                 f"params.{key} is set by the server (LETHE_DEVICE)",
                 [{"field": f"params.{key}", "message": "not allowed"}],
             )
-    model = param_models()[method]
+    lm = architecture == "causal_lm"
+    model = param_models()["lm" if lm else method]
     try:
         parsed = model.model_validate(params)
     except ValidationError as exc:
@@ -181,19 +204,23 @@ def validate_params(method: str, params: Any) -> dict[str, Any]:
     # null means "the default": only the values given are stored.
     stored: dict[str, Any] = parsed.model_dump(exclude_unset=True, exclude_none=True)
     policy = stored.pop("policy", None)
-    _check_engine(method, stored)
+    _check_engine(method, stored, lm=lm)
     if policy is not None:
         stored["policy"] = policy
     return stored
 
 
-def _check_engine(method: str, overrides: dict[str, Any]) -> None:
+def _check_engine(method: str, overrides: dict[str, Any], *, lm: bool = False) -> None:
     """What one field alone cannot say (e.g. `lr` is the calibration's unless it is off)."""
     from worker.imu import GAConfig, IMUConfig
+    from worker.imu.lm_unlearn import config_for
 
     config_cls = IMUConfig if method == "imu" else GAConfig
     try:
-        config_cls.from_overrides(overrides)
+        if lm:
+            config_for(method, overrides)
+        else:
+            config_cls.from_overrides(overrides)
     except (ValueError, TypeError) as exc:
         head = str(exc).split(" ", 1)[0]
         field = head if head in overrides else None
@@ -201,3 +228,17 @@ def _check_engine(method: str, overrides: dict[str, Any]) -> None:
             f"invalid {method} params: {exc}",
             [{"field": f"params.{field}" if field else "params", "message": str(exc)}],
         ) from None
+
+
+def validate_policy(policy: Any) -> dict[str, Any]:
+    """A request's `params.policy` alone (what submission stores); 422 naming the field."""
+    try:
+        parsed = PolicyOverrides.model_validate(policy)
+    except ValidationError as exc:
+        errors = [
+            {"field": "params.policy." + ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
+            for e in exc.errors()
+        ]
+        raise validation("invalid release policy: " + ", ".join(e["field"] for e in errors),
+                         errors) from None  # fmt: skip
+    return parsed.model_dump(exclude_none=True)

@@ -329,7 +329,11 @@ def submit_deletion_request(
             replay = _replay(session, idempotency_key, fingerprint)
         if replay:
             return replay
-    params = validate_params(body.method, body.params)
+    with factory() as session:
+        architecture = session.execute(
+            select(Model.architecture).where(Model.name == body.model)
+        ).scalar_one_or_none()
+    params = validate_params(body.method, body.params, architecture)
 
     def unit(session: Session) -> Submission:
         return _record_submission(

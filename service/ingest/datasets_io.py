@@ -244,11 +244,16 @@ def load_text_jsonl(src: Source) -> TextData:
     return TextData(ids=ids, texts=texts, labels=labels)
 
 
-def load_dataset(kind: str, src: Source, limits: NpzLimits | None = None) -> TensorData | TextData:
+def load_dataset(kind: str, src: Source, limits: NpzLimits | None = None) -> Any:
+    """TensorData for `tensor`; a TextCorpus (service.ingest.text_datasets) for `text`."""
     if kind == "tensor":
         return load_tensor_npz(src, limits)
     if kind == "text":
-        return load_text_jsonl(src)
+        from service.ingest.text_datasets import load_text_corpus
+
+        if isinstance(src, str | os.PathLike):
+            return load_text_corpus(Path(src).read_bytes())
+        return load_text_corpus(src)
     raise DatasetError(f"unknown dataset kind {kind!r}", [{"field": "kind", "message": "unknown"}])
 
 
@@ -266,13 +271,17 @@ def record_sha256(content: np.ndarray | str, label: int | None = None) -> str:
     return digest.hexdigest()
 
 
-def record_hashes(data: TensorData | TextData) -> list[str]:
+def record_hashes(data: Any) -> list[str]:
+    if hasattr(data, "records"):  # a TextCorpus
+        return [r.sha256() for r in data.records]
     if isinstance(data, TensorData):
         return [record_sha256(data.inputs[i], int(data.labels[i])) for i in range(len(data))]
     return [record_sha256(text, label) for text, label in zip(data.texts, data.labels, strict=True)]
 
 
-def dataset_meta(data: TensorData | TextData) -> dict[str, Any]:
+def dataset_meta(data: Any) -> dict[str, Any]:
+    if hasattr(data, "records"):  # a TextCorpus
+        return dict(data.meta())
     if isinstance(data, TensorData):
         classes = np.unique(data.labels)
         return {

@@ -1,7 +1,8 @@
 """JSONL text datasets for language models: one record per line, either
 ``{"id": ..., "text": ...}`` (loss on the whole text) or
 ``{"id": ..., "prompt": ..., "completion": ...}`` (loss on the completion; the prompt is the
-extraction prefix). One shape per file.
+extraction prefix). One shape per file; either may carry an optional integer ``label`` ≥ 0
+(DESIGN §2: a text classifier's class), which the language-model engine ignores.
 
 Every error is a ``DatasetError`` (a 422 at the API) whose message and ``errors`` entry name
 the line number and the field. Nothing but ``json.loads`` touches the bytes.
@@ -32,6 +33,7 @@ class TextRecord:
     text: str | None = None
     prompt: str | None = None
     completion: str | None = None
+    label: int | None = None
 
     @property
     def shape(self) -> str:
@@ -39,7 +41,9 @@ class TextRecord:
 
     def sha256(self) -> str:
         """Content hash kept after the content is purged; the shape is part of it."""
-        body = {k: getattr(self, k) for k in SHAPES[self.shape] if k != "id"}
+        body: dict[str, Any] = {k: getattr(self, k) for k in SHAPES[self.shape] if k != "id"}
+        if self.label is not None:
+            body["label"] = self.label
         canonical = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
         return hashlib.sha256(f"{self.shape}\x00{canonical}".encode()).hexdigest()
 
@@ -71,6 +75,15 @@ def _string(line: int, obj: dict[str, Any], field: str, limit: int) -> str:
         raise _error(line, field, "contains a NUL character")
     if len(value) > limit:
         raise _error(line, field, f"longer than {limit} characters")
+    return value
+
+
+def _label(line: int, obj: dict[str, Any]) -> int | None:
+    value = obj.get("label")
+    if value is None and "label" not in obj:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _error(line, "label", f"must be a non-negative integer, got {value!r}")
     return value
 
 
@@ -122,7 +135,7 @@ def parse_text_jsonl(
         if not isinstance(obj, dict):
             raise _error(number, "", "expected a JSON object")
         got = "text" if "text" in obj else "prompt_completion"
-        unknown = sorted(set(obj) - set(SHAPES[got]))
+        unknown = sorted(set(obj) - set(SHAPES[got]) - {"label"})
         if unknown:
             raise _error(number, unknown[0], f"unknown field; a record is {_shapes()}")
         if shape is None:
@@ -134,12 +147,15 @@ def parse_text_jsonl(
         if key in first_line:
             raise _error(number, "id", f"duplicate id {key!r} (first on line {first_line[key]})")
         first_line[key] = number
+        label = _label(number, obj)
         if got == "text":
-            records.append(TextRecord(key, text=_string(number, obj, "text", max_field_chars)))
+            records.append(
+                TextRecord(key, text=_string(number, obj, "text", max_field_chars), label=label)
+            )
         else:
             records.append(TextRecord(
                 key, prompt=_string(number, obj, "prompt", max_field_chars),
-                completion=_string(number, obj, "completion", max_field_chars),
+                completion=_string(number, obj, "completion", max_field_chars), label=label,
             ))  # fmt: skip
     return records
 
@@ -147,3 +163,40 @@ def parse_text_jsonl(
 def _shapes() -> str:
     forms = ("{" + ", ".join(f'"{f}"' for f in fields) + "}" for fields in SHAPES.values())
     return " or ".join(forms)
+
+
+@dataclass
+class TextCorpus:
+    """A parsed text dataset: what registration stores per record and the worker reads."""
+
+    records: list[TextRecord]
+
+    @property
+    def ids(self) -> list[str]:
+        return [r.id for r in self.records]
+
+    @property
+    def shape(self) -> str:
+        return self.records[0].shape if self.records else "text"
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def select(self, keys: list[str]) -> list[TextRecord]:
+        """The named records in the order of ``keys``; KeyError names the missing ones."""
+        index = {r.id: r for r in self.records}
+        missing = [k for k in keys if k not in index]
+        if missing:
+            raise KeyError(f"records not in the dataset: {missing[:10]}")
+        return [index[k] for k in keys]
+
+    def meta(self) -> dict[str, Any]:
+        labels = sorted({r.label for r in self.records if r.label is not None})
+        labelled = sum(r.label is not None for r in self.records)
+        return {"shape": self.shape, "labelled": labelled, "labels": labels[:1000]}
+
+
+def load_text_corpus(src: bytes | Any) -> TextCorpus:
+    """A JSONL dataset from bytes or a binary file (read up to the size bound)."""
+    data = src if isinstance(src, bytes) else src.read(MAX_FILE_BYTES + 1)
+    return TextCorpus(parse_text_jsonl(data))

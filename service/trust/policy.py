@@ -27,7 +27,12 @@ from service.domain.states import VersionStatus
 from service.settings import Settings
 
 MODES = ("auto", "class", "random")
-THRESHOLDS = ("max_eval_acc_drop", "max_forget_acc", "max_forget_auc_excess")
+CLASSIFIER_THRESHOLDS = ("max_eval_acc_drop", "max_forget_acc", "max_forget_auc_excess")
+# Causal LMs (service/trust/lm_policy.py); the AUC excess is shared.
+LM_THRESHOLDS = (
+    "max_forget_recall", "max_heldout_ppl_rise", "max_probe_recall_drop", "max_forget_auc_excess",
+)  # fmt: skip
+THRESHOLDS = (*CLASSIFIER_THRESHOLDS, *LM_THRESHOLDS[:3])
 
 
 def effective_policy(settings: Settings, overrides: dict[str, Any] | None) -> dict[str, Any]:
@@ -35,6 +40,9 @@ def effective_policy(settings: Settings, overrides: dict[str, Any] | None) -> di
         "max_eval_acc_drop": settings.policy_max_eval_acc_drop,
         "max_forget_acc": settings.policy_max_forget_acc,
         "max_forget_auc_excess": settings.policy_max_forget_auc_excess,
+        "max_forget_recall": settings.policy_max_forget_recall,
+        "max_heldout_ppl_rise": settings.policy_max_heldout_ppl_rise,
+        "max_probe_recall_drop": settings.policy_max_probe_recall_drop,
         "mode": "auto",
         "require_review": False,
     }
@@ -103,7 +111,7 @@ def decide(
         "decision": VersionStatus.CANDIDATE if failed else VersionStatus.ACTIVE,
         "mode": mode,
         "class_wise": class_wise,
-        "thresholds": {k: policy[k] for k in THRESHOLDS},
+        "thresholds": {k: policy[k] for k in CLASSIFIER_THRESHOLDS},
         "require_review": bool(policy.get("require_review")),
         "checks": checks,
         "failed": failed,

@@ -89,8 +89,6 @@ def train_fixture(
     max_epochs: int = 120, width: int = 96, layers: int = 2,
 ) -> Fixture:  # fmt: skip
     """Train until every training record is recited exactly (checked every 10 epochs)."""
-    from worker.imu.text_metrics import exact_recall
-
     records = profiles(n_forget + n_retain + n_heldout, seed, "p")
     ex = {
         "forget": records[:n_forget],
@@ -100,10 +98,20 @@ def train_fixture(
     tok = train_tokenizer([r.full_text for r in records])
     cfg = llama_config(tok.get_vocab_size(), width, layers)
     batches = {k: tokenize(v, tok, bos_id=1) for k, v in ex.items()}
+    train = tokenize(ex["forget"] + ex["retain"], tok, bos_id=1)
+    model, seconds, epoch = fit(cfg, train, seed, max_epochs)
+    return Fixture(cfg, tok, model, batches["forget"], batches["retain"], batches["heldout"],
+                   ex, seconds, epoch)  # fmt: skip
+
+
+def fit(cfg: dict, train: TokenBatch, seed: int, max_epochs: int) -> tuple[nn.Module, float, int]:
+    """A fresh model trained on ``train`` (loss on the whole record, prompt included) until
+    it recites every record exactly (checked every 10 epochs): (model, CPU-s, epochs)."""
+    from worker.imu.text_metrics import exact_recall
+
     torch.manual_seed(seed)
     model = build_causal_lm(cfg)
-    train = tokenize(ex["forget"] + ex["retain"], tok, bos_id=1)
-    train.scored[:, 1:] = train.ids[:, 1:] != 0  # train on the whole record, prompt included
+    train.scored[:, 1:] = train.ids[:, 1:] != 0
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     start, epoch = time.process_time(), 0
@@ -121,5 +129,10 @@ def train_fixture(
             model.train()
     opt.zero_grad(set_to_none=True)
     model.eval()
-    return Fixture(cfg, tok, model, batches["forget"], batches["retain"], batches["heldout"],
-                   ex, time.process_time() - start, epoch)  # fmt: skip
+    return model, time.process_time() - start, epoch
+
+
+def retrain_without_forget(fx: Fixture, seed: int = 0, max_epochs: int = 120) -> nn.Module:
+    """The reference unlearning should approach: the same recipe on the retain records only."""
+    train = tokenize(fx.examples["retain"], fx.tokenizer, bos_id=1)
+    return fit(fx.config, train, seed, max_epochs)[0]

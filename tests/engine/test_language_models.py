@@ -12,6 +12,7 @@ import torch
 from tests.engine.lm_fixture import Fixture, train_fixture
 from worker.imu.checkpoints import read_header, to_bytes
 from worker.imu.language_models import (
+    build_causal_lm,
     build_config,
     check_causal_lm,
     check_tokenizer,
@@ -78,11 +79,19 @@ def test_real_checkpoint_is_accepted_and_reloads(fx: Fixture, saved: tuple[bytes
         ({"model_type": "evil_lm"}, "model_type 'evil_lm' is not supported"),
         ({"architectures": ["EvilForCausalLM"]}, "architectures must be"),
         ({"num_hidden_layers": 10**6}, "num_hidden_layers"),
+        ({"num_attention_heads": 0}, "num_attention_heads must be an integer"),
+        ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads 3"),
+        ({"hidden_size": 97}, "not divisible by the 4 attention heads"),
+        ({"max_position_embeddings": -1}, "max_position_embeddings"),
+        ({"hidden_act": "evil"}, "cannot be built"),
+        ({"rope_parameters": 5}, "rejected by transformers"),
+        ({"tie_word_embeddings": "yes"}, "rejected by transformers"),
     ],
 )
 def test_bad_configs_are_refused(fx: Fixture, change: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        build_config({**fx.config, **change})
+    """Always a ValueError (a 422 at the API), whatever transformers would raise."""
+    with pytest.raises(ValueError, match=message), torch.device("meta"):
+        build_causal_lm(build_config({**fx.config, **change}))
 
 
 def test_key_mismatch_names_the_keys(fx: Fixture, saved: tuple[bytes, bytes]) -> None:
@@ -193,3 +202,40 @@ def test_text_checks_interface(fx: Fixture) -> None:
     gone.forget_recall, gone.forget_nll = 0.0, (m.heldout_nll or 0.0) + 0.1
     assert checks.target_met(gone)
     assert not TextChecks(fx.model, fx.forget, None).has_target
+
+
+def test_lora_theta_is_merged_back_into_the_registered_layout(fx: Fixture) -> None:
+    model = copy.deepcopy(fx.model)
+    keys = list(model.state_dict())
+    result = unlearn_lm(model, fx.forget, fx.heldout, fx.retain, LMUnlearnConfig(lora_rank=4))
+    assert result.stats["lora"] == {"rank": 4, "alpha": 16, "adapters": 16, "merged": True}
+    assert result.stats["calibration"]["steps"] >= 1
+    # A plain model again: the same keys, no adapter left, only the targeted layers moved.
+    assert type(model).__name__ == "LlamaForCausalLM" and list(model.state_dict()) == keys
+    assert not any("lora" in name for name, _ in model.named_modules())
+    before = fx.model.state_dict()
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.split(".")[-2] in {"q_proj", "k_proj", "v_proj", "o_proj"}
+                           for k in changed)  # fmt: skip
+    assert all(p.requires_grad for p in model.parameters())
+    final = evaluate_lm(model, fx.forget, fx.heldout, fx.retain)
+    assert final["member_probe"]["exact_recall"] >= 1.0 - 0.03  # the guard held here too
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"lora_rank": 4, "params": ["model.layers.0"]}, "exclude each other"),
+        ({"lora_rank": 4, "lora_targets": ["no_such_layer"]}, "lora_targets"),
+        ({"lora_rank": 4, "lora_targets": []}, "lora_targets must be"),
+        ({"lora_rank": -1}, "lora_rank"),
+    ],
+)
+def test_bad_lora_settings_are_refused(fx: Fixture, kwargs: dict, message: str) -> None:
+    """Refused when the config is built (a request's params: 422 at submission), or, for
+    targets no layer has, before anything is changed."""
+    model = copy.deepcopy(fx.model)
+    with pytest.raises(ValueError, match=message):
+        unlearn_lm(model, fx.forget, fx.heldout, fx.retain, LMUnlearnConfig(**kwargs))
+    assert list(model.state_dict()) == list(fx.model.state_dict())  # left as it was
+    assert not any("lora" in name for name, _ in model.named_modules())

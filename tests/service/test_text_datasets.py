@@ -29,6 +29,8 @@ def test_both_shapes_parse_into_typed_records() -> None:
     # The hash covers the content and the shape, not the id.
     assert texts[0].sha256() == TextRecord("other", text="one").sha256()
     assert texts[0].sha256() != TextRecord("x", prompt="o", completion="ne").sha256()
+    labelled = parse_text_jsonl(b'{"id": "x", "text": "one", "label": 2}\n')
+    assert labelled[0].label == 2 and labelled[0].sha256() != texts[0].sha256()
 
 
 @pytest.mark.parametrize(
@@ -39,7 +41,9 @@ def test_both_shapes_parse_into_typed_records() -> None:
         (_jsonl({"id": "a", "text": "t\u0000x"}), 1, "text", "NUL"),
         (_jsonl({"id": 7, "text": "t"}), 1, "id", "must be a string"),
         (_jsonl({"id": "a", "prompt": "p"}), 1, "completion", "must be a string"),
-        (_jsonl({"id": "a", "text": "t", "label": 1}), 1, "label", "unknown field"),
+        (_jsonl({"id": "a", "text": "t", "labels": 1}), 1, "labels", "unknown field"),
+        (_jsonl({"id": "a", "text": "t", "label": "x"}), 1, "label", "non-negative integer"),
+        (_jsonl({"id": "a", "text": "t", "label": True}), 1, "label", "non-negative integer"),
         (
             _jsonl({"id": "a", "text": "t"}, {"id": "b", "prompt": "p", "completion": "c"}),
             2,

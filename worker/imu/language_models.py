@@ -48,8 +48,12 @@ MAX_LAYERS = 256
 MAX_VOCAB = 1 << 20
 MAX_WIDTH = 1 << 16
 MAX_PARAMETERS = 20_000_000_000
+MAX_HEADS = 4096
+MAX_POSITIONS = 1 << 24
 _LAYER_KEYS = ("num_hidden_layers", "n_layer")
-_WIDTH_KEYS = ("hidden_size", "n_embd", "intermediate_size", "n_inner")
+_WIDTH_KEYS = ("hidden_size", "n_embd", "intermediate_size", "n_inner", "head_dim")
+_HEAD_KEYS = ("num_attention_heads", "num_key_value_heads", "n_head")
+_POSITION_KEYS = ("max_position_embeddings", "n_positions")
 
 
 def _transformers() -> Any:
@@ -108,8 +112,31 @@ def validate_config(config: bytes | str | Mapping[str, Any]) -> dict[str, Any]:
         _int_field(cfg, key, MAX_LAYERS)
     for key in _WIDTH_KEYS:
         _int_field(cfg, key, MAX_WIDTH)
+    for key in _HEAD_KEYS:
+        _int_field(cfg, key, MAX_HEADS)
+    for key in _POSITION_KEYS:
+        _int_field(cfg, key, MAX_POSITIONS)
     _int_field(cfg, "vocab_size", MAX_VOCAB)
+    _check_heads(cfg)
     return cfg
+
+
+def _check_heads(cfg: Mapping[str, Any]) -> None:
+    """The divisibility the attention layers assume (they would fail only at the first
+    forward pass, after the registration was accepted)."""
+    width = cfg.get("hidden_size", cfg.get("n_embd"))
+    heads = cfg.get("num_attention_heads", cfg.get("n_head"))
+    kv = cfg.get("num_key_value_heads")
+    explicit = "head_dim" in cfg
+    if isinstance(width, int) and isinstance(heads, int) and not explicit and width % heads:
+        raise ValueError(
+            f"config.json: the width {width} is not divisible by the {heads} attention heads"
+        )
+    if isinstance(heads, int) and isinstance(kv, int) and heads % kv:
+        raise ValueError(
+            f"config.json: num_attention_heads {heads} is not a multiple of "
+            f"num_key_value_heads {kv}"
+        )
 
 
 def build_config(config: bytes | str | Mapping[str, Any]) -> PretrainedConfig:
@@ -118,8 +145,8 @@ def build_config(config: bytes | str | Mapping[str, Any]) -> PretrainedConfig:
     rest = {k: v for k, v in cfg.items() if k not in ("model_type", "transformers_version")}
     try:
         out = _transformers().AutoConfig.for_model(cfg["model_type"], **rest)
-    except (TypeError, ValueError, KeyError, AttributeError) as exc:
-        raise ValueError(f"config.json: rejected by transformers ({exc})") from None
+    except Exception as exc:  # untrusted values: transformers raises many kinds of errors
+        raise ValueError(f"config.json: rejected by transformers ({_short(exc)})") from None
     # Eager attention: the per-sample gradients vmap over the model, and it is the one
     # implementation every allowed class has.
     out._attn_implementation = "eager"
@@ -133,9 +160,14 @@ def build_causal_lm(config: bytes | str | Mapping[str, Any] | PretrainedConfig) 
     cfg = config if isinstance(config, tf.PretrainedConfig) else build_config(cast(Any, config))
     try:
         model = tf.AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise ValueError(f"config.json: the model cannot be built ({exc})") from None
+    except Exception as exc:  # e.g. an unknown activation or rope type: KeyError
+        raise ValueError(f"config.json: the model cannot be built ({_short(exc)})") from None
     return model
+
+
+def _short(exc: Exception) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}"
 
 
 def tied_groups(model: nn.Module) -> list[list[str]]:

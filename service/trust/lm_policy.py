@@ -1,0 +1,90 @@
+"""Release policy for causal language models: `active` only when the records are forgotten
+AND the model stays useful; otherwise a `candidate` naming the failed checks.
+
+The metrics are worker/lm_job.lm_metrics before and after unlearning, on the forget set, the
+eval set's policy half (held-out texts the controller never saw) and the member probe
+(retained training texts, never used for unlearning). Four checks, all required:
+
+- `forget_recall`: greedy exact recall of the forget set after ≤ `max_forget_recall`;
+- `forget_indistinguishable`: min-k% (k = 40 %) membership AUC forget vs held-out minus its
+  0.5 + 2·SE limit ≤ `max_forget_auc_excess` (the forgotten records look unseen);
+- `heldout_ppl_rise`: held-out perplexity after / before − 1 ≤ `max_heldout_ppl_rise`;
+- `probe_recall_drop`: the share of the member probe's exact recall that was lost,
+  1 − after / before, ≤ `max_probe_recall_drop`.
+
+Fail safe: a check that could not run (no eval or member-probe dataset, a non-finite value)
+fails. The thresholds are bounded to [0, 1] (params.PolicyOverrides), so a model whose
+held-out perplexity more than doubled — a destroyed model — can never pass, whatever a
+request asks for.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from service.domain.states import VersionStatus
+from service.trust.policy import LM_THRESHOLDS
+
+
+def _get(metrics: dict[str, Any], *path: str) -> float | None:
+    value: Any = metrics
+    for key in path:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(float(value)) else None
+
+
+def _check(name: str, value: float | None, limit: float, note: str, **extra: Any) -> dict:
+    out: dict[str, Any] = {"name": name, "limit": limit, **extra}
+    if value is None or not math.isfinite(value):
+        return {**out, "value": None, "ok": None, "note": note}
+    return {**out, "value": round(value, 6), "ok": value <= limit}
+
+
+def decide_lm(policy: dict[str, Any], before: dict[str, Any], after: dict[str, Any]) -> dict:
+    recall = _get(after, "forget", "exact_recall")
+    auc, auc_limit = _get(after, "attacks", "min_k_auc"), _get(after, "attacks", "auc_limit")
+    ppl0, ppl1 = _get(before, "heldout", "perplexity"), _get(after, "heldout", "perplexity")
+    probe0 = _get(before, "member_probe", "exact_recall")
+    probe1 = _get(after, "member_probe", "exact_recall")
+    rise = ppl1 / ppl0 - 1.0 if ppl0 and ppl1 is not None else None
+    lost = None
+    if probe0 is not None and probe1 is not None:
+        lost = 1.0 - probe1 / probe0 if probe0 > 0 else 0.0
+    checks = [
+        _check("forget_recall", recall, policy["max_forget_recall"], "no forget recall",
+               metric="after.forget.exact_recall"),
+        _check("forget_indistinguishable",
+               None if auc is None or auc_limit is None else auc - auc_limit,
+               policy["max_forget_auc_excess"], "no eval dataset to compare the forget set with",
+               metric="min_k_auc - auc_limit", auc=auc, auc_limit=auc_limit),
+        _check("heldout_ppl_rise", rise, policy["max_heldout_ppl_rise"],
+               "no eval dataset (held-out perplexity)", metric="ppl_after / ppl_before - 1",
+               before=ppl0, after=ppl1),
+        _check("probe_recall_drop", lost, policy["max_probe_recall_drop"],
+               "no member_probe dataset (retained-record recall)",
+               metric="1 - probe_recall_after / probe_recall_before", before=probe0, after=probe1),
+    ]  # fmt: skip
+    failed = [c["name"] for c in checks if c["ok"] is not True]
+    reasons = [
+        f"{c['name']}: {c['value']} > {c['limit']}" if c["ok"] is False
+        else f"{c['name']}: not measured ({c['note']})"
+        for c in checks if c["ok"] is not True
+    ]  # fmt: skip
+    if policy.get("require_review"):
+        failed.append("require_review")
+        reasons.append("require_review: the request asked for a human decision")
+    return {
+        "decision": VersionStatus.CANDIDATE if failed else VersionStatus.ACTIVE,
+        "mode": "text",
+        "class_wise": False,
+        "thresholds": {k: policy[k] for k in LM_THRESHOLDS},
+        "require_review": bool(policy.get("require_review")),
+        "checks": checks,
+        "failed": failed,
+        "reasons": reasons,
+    }
