@@ -343,7 +343,11 @@ def download_checkpoint(
         "name or a model of another architecture."
     ),
     response_class=Response,
-    responses={200: {"content": {"application/json": {}}}, 304: {}},
+    responses={
+        200: {"content": {"application/json": {}}},
+        304: {"description": "Not modified (If-None-Match)"},
+        **problems(404),
+    },
 )
 def download_model_file(
     version_id: str,

@@ -42,7 +42,10 @@ class RecordOut(_Out):
 
 
 class PolicyCheck(_Out):
-    name: str = Field(description="eval_acc_drop | forget_acc | forget_indistinguishable")
+    name: str = Field(
+        description="eval_acc_drop | forget_acc | forget_indistinguishable (classifiers); "
+        "forget_recall | forget_indistinguishable | heldout_ppl_rise | probe_recall_drop (LMs)"
+    )
     value: float | None = Field(
         default=None, description="The measured value; null when it was not measured."
     )
@@ -57,7 +60,9 @@ class PolicyDecision(_Out):
     decision: Literal["active", "candidate"] = Field(
         description="`active`: released at once; `candidate`: held for review."
     )
-    mode: Literal["class", "random"] | None = None
+    mode: Literal["class", "random", "text"] | None = Field(
+        default=None, description="class / random: classifier checks; text: a language model's."
+    )
     class_wise: bool | None = None
     thresholds: dict[str, float] = Field(default_factory=dict)
     require_review: bool = False

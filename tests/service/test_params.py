@@ -62,5 +62,8 @@ def test_only_given_values_are_stored() -> None:
         "max_forget_acc",
         "max_forget_auc_excess",
         "mode",
+        "max_forget_recall",
+        "max_heldout_ppl_rise",
+        "max_probe_recall_drop",
         "require_review",
     ]
