@@ -23,8 +23,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from service.domain.states import VersionStatus
-from service.trust.policy import LM_THRESHOLDS
+from service.trust.policy import LM_THRESHOLDS, check, verdict
 
 
 def _get(metrics: dict[str, Any], *path: str) -> float | None:
@@ -38,13 +37,6 @@ def _get(metrics: dict[str, Any], *path: str) -> float | None:
     return float(value) if math.isfinite(float(value)) else None
 
 
-def _check(name: str, value: float | None, limit: float, note: str, **extra: Any) -> dict:
-    out: dict[str, Any] = {"name": name, "limit": limit, **extra}
-    if value is None or not math.isfinite(value):
-        return {**out, "value": None, "ok": None, "note": note}
-    return {**out, "value": round(value, 6), "ok": value <= limit}
-
-
 def decide_lm(policy: dict[str, Any], before: dict[str, Any], after: dict[str, Any]) -> dict:
     recall = _get(after, "forget", "exact_recall")
     auc, auc_limit = _get(after, "attacks", "min_k_auc"), _get(after, "attacks", "auc_limit")
@@ -56,35 +48,17 @@ def decide_lm(policy: dict[str, Any], before: dict[str, Any], after: dict[str, A
     if probe0 is not None and probe1 is not None:
         lost = 1.0 - probe1 / probe0 if probe0 > 0 else 0.0
     checks = [
-        _check("forget_recall", recall, policy["max_forget_recall"], "no forget recall",
+        check("forget_recall", recall, policy["max_forget_recall"], "no forget recall",
                metric="after.forget.exact_recall"),
-        _check("forget_indistinguishable",
+        check("forget_indistinguishable",
                None if auc is None or auc_limit is None else auc - auc_limit,
                policy["max_forget_auc_excess"], "no eval dataset to compare the forget set with",
                metric="min_k_auc - auc_limit", auc=auc, auc_limit=auc_limit),
-        _check("heldout_ppl_rise", rise, policy["max_heldout_ppl_rise"],
+        check("heldout_ppl_rise", rise, policy["max_heldout_ppl_rise"],
                "no eval dataset (held-out perplexity)", metric="ppl_after / ppl_before - 1",
                before=ppl0, after=ppl1),
-        _check("probe_recall_drop", lost, policy["max_probe_recall_drop"],
+        check("probe_recall_drop", lost, policy["max_probe_recall_drop"],
                "no member_probe dataset (retained-record recall)",
                metric="1 - probe_recall_after / probe_recall_before", before=probe0, after=probe1),
     ]  # fmt: skip
-    failed = [c["name"] for c in checks if c["ok"] is not True]
-    reasons = [
-        f"{c['name']}: {c['value']} > {c['limit']}" if c["ok"] is False
-        else f"{c['name']}: not measured ({c['note']})"
-        for c in checks if c["ok"] is not True
-    ]  # fmt: skip
-    if policy.get("require_review"):
-        failed.append("require_review")
-        reasons.append("require_review: the request asked for a human decision")
-    return {
-        "decision": VersionStatus.CANDIDATE if failed else VersionStatus.ACTIVE,
-        "mode": "text",
-        "class_wise": False,
-        "thresholds": {k: policy[k] for k in LM_THRESHOLDS},
-        "require_review": bool(policy.get("require_review")),
-        "checks": checks,
-        "failed": failed,
-        "reasons": reasons,
-    }
+    return verdict(checks, policy, mode="text", class_wise=False, thresholds=LM_THRESHOLDS)

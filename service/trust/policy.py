@@ -21,6 +21,7 @@ The result is then held as a candidate, and `reasons` names what evidence was mi
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from service.domain.states import VersionStatus
@@ -50,10 +51,14 @@ def effective_policy(settings: Settings, overrides: dict[str, Any] | None) -> di
     return policy
 
 
-def _check(name: str, value: float | None, limit: float, why_missing: str) -> dict[str, Any]:
-    if value is None:
-        return {"name": name, "value": None, "limit": limit, "ok": None, "note": why_missing}
-    return {"name": name, "value": round(value, 6), "limit": limit, "ok": value <= limit}
+def check(
+    name: str, value: float | None, limit: float, why_missing: str, **extra: Any
+) -> dict[str, Any]:
+    """One check: ok is None (fails safe) when the value is missing or not finite."""
+    out: dict[str, Any] = {"name": name, "limit": limit, **extra}
+    if value is None or not math.isfinite(value):
+        return {**out, "value": None, "ok": None, "note": why_missing}
+    return {**out, "value": round(value, 6), "ok": value <= limit}
 
 
 def decide(
@@ -75,13 +80,13 @@ def decide(
     drop = None
     if before.get(metric) is not None and after.get(metric) is not None:
         drop = float(before[metric]) - float(after[metric])
-    check = _check("eval_acc_drop", drop, policy["max_eval_acc_drop"], "no eval dataset")
-    check["metric"] = metric
-    checks.append(check)
+    checks.append(
+        check("eval_acc_drop", drop, policy["max_eval_acc_drop"], "no eval dataset", metric=metric)
+    )
     if mode == "class":
         forget_acc = after.get("forget_acc")
         checks.append(
-            _check(
+            check(
                 "forget_acc",
                 None if forget_acc is None else float(forget_acc),
                 policy["max_forget_acc"],
@@ -90,14 +95,32 @@ def decide(
         )
     else:
         auc, limit = after.get("forget_loss_auc"), after.get("forget_loss_auc_limit")
-        check = _check(
-            "forget_indistinguishable",
-            None if auc is None or limit is None else float(auc) - float(limit),
-            policy["max_forget_auc_excess"],
-            "no eval dataset to compare the forgotten records with",
+        checks.append(
+            check(
+                "forget_indistinguishable",
+                None if auc is None or limit is None else float(auc) - float(limit),
+                policy["max_forget_auc_excess"],
+                "no eval dataset to compare the forgotten records with",
+                metric="forget_loss_auc - forget_loss_auc_limit",
+                auc=auc,
+                auc_limit=limit,
+            )
         )
-        check.update(metric="forget_loss_auc - forget_loss_auc_limit", auc=auc, auc_limit=limit)
-        checks.append(check)
+    return verdict(
+        checks, policy, mode=mode, class_wise=class_wise, thresholds=CLASSIFIER_THRESHOLDS
+    )
+
+
+def verdict(
+    checks: list[dict[str, Any]],
+    policy: dict[str, Any],
+    *,
+    mode: str,
+    class_wise: bool,
+    thresholds: tuple[str, ...],
+) -> dict[str, Any]:
+    """The decision from the checks: any check that failed or could not run holds the
+    result (fails safe), as does a request that asked for review. Shared by the LM policy."""
     failed = [c["name"] for c in checks if c["ok"] is not True]
     reasons = [
         f"{c['name']}: {c['value']} > {c['limit']}" if c["ok"] is False
@@ -111,7 +134,7 @@ def decide(
         "decision": VersionStatus.CANDIDATE if failed else VersionStatus.ACTIVE,
         "mode": mode,
         "class_wise": class_wise,
-        "thresholds": {k: policy[k] for k in CLASSIFIER_THRESHOLDS},
+        "thresholds": {k: policy[k] for k in thresholds},
         "require_review": bool(policy.get("require_review")),
         "checks": checks,
         "failed": failed,
