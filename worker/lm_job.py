@@ -28,7 +28,7 @@ import torch
 
 from service.domain.lm_registration import FILE_NAMES, file_key
 from service.domain.states import Phase
-from worker.errors import JobError, SourceChanged
+from worker.errors import JobError
 
 if TYPE_CHECKING:
     from service.ingest.text_datasets import TextCorpus
@@ -88,22 +88,12 @@ def text_corpus(loader: Loader, source: DataSource) -> TextCorpus:
     from service.ingest.datasets_io import DatasetError
     from service.ingest.text_datasets import load_text_corpus
 
-    for _ in range(5):
-        try:
-            raw = loader.read_object(source.storage_key, f"dataset {source.name!r}")
-        except JobError:
-            current = loader.current_source(source.dataset_id)
-            if current is None or current.storage_key == source.storage_key:
-                raise
-            source = current
-            continue
-        try:
-            return load_text_corpus(raw)
-        except DatasetError as exc:
-            raise JobError(
-                "dataset-invalid", "Dataset unreadable", f"{source.name}: {exc}"
-            ) from None
-    raise SourceChanged(f"dataset {source.name!r} kept changing while it was read")
+    source, raw = loader.read_dataset(source)
+    assert isinstance(raw, bytes)
+    try:
+        return load_text_corpus(raw)
+    except DatasetError as exc:
+        raise JobError("dataset-invalid", "Dataset unreadable", f"{source.name}: {exc}") from None
 
 
 def _batch(

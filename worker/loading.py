@@ -280,29 +280,39 @@ class Loader:
             )
         return data
 
-    def dataset(self, source: DataSource) -> TensorData:
-        """The parsed current file of a dataset (cached). A purge may have replaced the file
-        since its key was read: follow the dataset to its new file."""
-        from service.ingest.datasets_io import load_tensor_npz
-
+    def read_dataset(
+        self, source: DataSource, cached: Callable[[DataSource], Any] | None = None
+    ) -> tuple[DataSource, Any]:
+        """The current file of a dataset (or what ``cached`` has for it), and the source it
+        came from. A purge may have replaced the file since its key was read: follow the
+        dataset to its new file."""
         for _ in range(5):
-            cache_key = (source.storage_key, source.content_sha256)
-            data = DATASETS.get(cache_key)
-            if data is not None:
-                return data
+            hit = cached(source) if cached is not None else None
+            if hit is not None:
+                return source, hit
             try:
-                raw = self.read_object(source.storage_key, f"dataset {source.name!r}")
+                return source, self.read_object(source.storage_key, f"dataset {source.name!r}")
             except JobError:
                 current = self.current_source(source.dataset_id)
                 if current is None or current.storage_key == source.storage_key:
                     raise
                 source = current
-                continue
-            data = load_tensor_npz(raw)
-            DATASETS.evict_other_files(source.storage_key)
-            DATASETS.put(cache_key, data)
-            return data
         raise SourceChanged(f"dataset {source.name!r} kept changing while it was read")
+
+    def dataset(self, source: DataSource) -> TensorData:
+        """The parsed current file of a tensor dataset (cached by file and content)."""
+        from service.ingest.datasets_io import load_tensor_npz
+
+        def cached(s: DataSource) -> TensorData | None:
+            return DATASETS.get((s.storage_key, s.content_sha256))
+
+        source, got = self.read_dataset(source, cached)
+        if not isinstance(got, bytes):
+            return got
+        data = load_tensor_npz(got)
+        DATASETS.evict_other_files(source.storage_key)
+        DATASETS.put((source.storage_key, source.content_sha256), data)
+        return data
 
     def _class_wise(self, source: DataSource, keys: list[str]) -> bool:
         """Whether the forget set holds every record of its classes left in the dataset."""
