@@ -12,6 +12,7 @@ Every non-2xx answer raises `LetheAPIError` carrying the server's problem+json d
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -189,10 +190,24 @@ class LetheClient:
         return self._iterate(f"/v1/datasets/{dataset_id}/records", state=state)
 
     # -- models and versions ----------------------------------------------------------------
-    def register_model(self, spec: Mapping[str, Any], weights: str | Path) -> JSONDict:
-        weights = Path(weights)
-        with open(weights, "rb") as fh:
-            files = {"weights": (weights.name, fh, "application/octet-stream")}
+    def register_model(
+        self,
+        spec: Mapping[str, Any],
+        weights: str | Path,
+        extra_files: Mapping[str, str | Path] | None = None,
+    ) -> JSONDict:
+        """`extra_files`: form field -> path, e.g. a causal LM's `config`, `tokenizer` and
+        `tokenizer_config`."""
+        parts = {"weights": Path(weights), **{k: Path(v) for k, v in (extra_files or {}).items()}}
+        with contextlib.ExitStack() as stack:
+            files = {
+                field: (
+                    path.name,
+                    stack.enter_context(open(path, "rb")),
+                    "application/octet-stream",
+                )
+                for field, path in parts.items()
+            }
             return self._json(
                 "POST", "/v1/models", files=files, data={"spec": json.dumps(dict(spec))}
             )

@@ -192,6 +192,18 @@ def _register_models(app: typer.Typer) -> None:
         description: Annotated[
             str | None, typer.Option(help="Free text shown with the model.")
         ] = None,
+        config: Annotated[
+            Path | None,
+            typer.Option(exists=True, dir_okay=False, help="causal_lm: config.json."),
+        ] = None,
+        tokenizer: Annotated[
+            Path | None,
+            typer.Option(exists=True, dir_okay=False, help="causal_lm: tokenizer.json."),
+        ] = None,
+        tokenizer_config: Annotated[
+            Path | None,
+            typer.Option(exists=True, dir_okay=False, help="causal_lm: tokenizer_config.json."),
+        ] = None,
         url: UrlOpt = DEFAULT_URL,
         api_key: KeyOpt = "",
         as_json: JsonOpt = False,
@@ -214,8 +226,15 @@ def _register_models(app: typer.Typer) -> None:
         ):
             if value is not None:
                 body[key] = value
+        extra = {
+            field: path
+            for field, path in (
+                ("config", config), ("tokenizer", tokenizer), ("tokenizer_config", tokenizer_config)
+            )
+            if path is not None
+        }  # fmt: skip
         with _api(url, api_key) as api:
-            model = api.register_model(body, weights)
+            model = api.register_model(body, weights, extra)
         if as_json:
             _print_json(model)
         else:
