@@ -35,12 +35,7 @@ if TYPE_CHECKING:
     from worker.imu.lm_data import TokenBatch
     from worker.loading import DataSource, JobInputs, Loaded, Loader
 
-ARCHITECTURE = "causal_lm"
 MAX_TOKENS = 512
-
-
-def is_lm(architecture: str) -> bool:
-    return architecture == ARCHITECTURE
 
 
 @dataclass(frozen=True)

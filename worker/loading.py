@@ -146,7 +146,8 @@ class Loader:
     def load(self) -> Loaded:
         inputs = self._read_inputs()
         self.progress(Phase.LOADING, 0.1)
-        from worker.lm_job import is_lm, load_lm
+        from service.domain.lm_registration import is_lm
+        from worker.lm_job import load_lm
 
         if is_lm(inputs.architecture):
             return load_lm(self, inputs, inputs.model_id, self.ctx.device)

@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, create_model
 
 from service.api.problems import validation
+from service.domain.lm_registration import is_lm
 
 # Engine fields the server controls (device placement is an operator decision).
 SERVER_ONLY_PARAMS = ("device",)
@@ -156,12 +157,12 @@ def param_models() -> dict[str, type[BaseModel]]:
         "ga": _derived(
             "GAParams", GAConfig, "Overrides of the gradient-ascent settings (method `ga`)."
         ),
-        # `method` is the request's own field, not a param.
+        # `method` is the request's own field; `ascent_term` is the classifier loss (unused here).
         "lm": _derived(
             "LMParams",
             LMUnlearnConfig,
             "Overrides of the language-model settings (architecture `causal_lm`).",
-            exclude=("method",),
+            exclude=("method", "ascent_term"),
         ),  # fmt: skip
     }
 
@@ -190,7 +191,7 @@ def validate_params(method: str, params: Any, architecture: str | None = None) -
                 f"params.{key} is set by the server (LETHE_DEVICE)",
                 [{"field": f"params.{key}", "message": "not allowed"}],
             )
-    lm = architecture == "causal_lm"
+    lm = architecture is not None and is_lm(architecture)
     model = param_models()["lm" if lm else method]
     try:
         parsed = model.model_validate(params)
