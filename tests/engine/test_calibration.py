@@ -302,3 +302,43 @@ def test_class_wise_margin_steps_keep_the_ranking_of_the_remaining_classes(
     assert IMUConfig(calibration="off").term_for(class_wise=True) == "ce"
     assert IMUConfig(ascent_term="ce").term_for(class_wise=True) == "ce"
     assert IMUConfig().term_for(class_wise=False) == "ce"
+
+
+def test_the_auc_limit_is_the_policys_for_the_whole_forget_set(trained_mlp, digits) -> None:
+    """A check scores at most CHECK_FORGET_MAX forget records, but the policy tests every one:
+    the controller's limit must be the policy's (narrower) one, or it stops where the policy
+    then holds the result."""
+    from worker.imu.checks import CHECK_FORGET_MAX, auc_limit, build_checks
+
+    guard, _ = _halves(digits)
+    heldout = (digits.flat(guard[0]), guard[1])
+    n = CHECK_FORGET_MAX + 400
+    xf, yf = digits.flat(digits.x_train[:n]), digits.y_train[:n]
+    checks = build_checks(
+        trained_mlp, (xf, yf), heldout, class_wise=False, forget_acc_target=0.05, seed=0
+    )
+    m = checks.measure()
+    n_e = int(heldout[1].shape[0])
+    assert m.auc_limit == pytest.approx(auc_limit(n, n_e))
+    assert m.auc_limit < auc_limit(CHECK_FORGET_MAX, n_e)  # the scored subset's, looser
+    # The AUC itself is the subset's estimate: the same as scoring those records directly.
+    assert m.auc is not None and 0.0 <= m.auc <= 1.0
+
+
+def test_the_guard_keeps_a_margin_for_random_requests(trained_mlp, digits) -> None:
+    """Left unset, the guard is 0.03 for class-wise requests and 0.02 for the others (which
+    end at its edge); a value the request names is used as given, and stats record it."""
+    cfg = IMUConfig(device="cpu")
+    assert cfg.guard_max_drop is None
+    assert (cfg.guard_drop_for(True), cfg.guard_drop_for(False)) == (0.03, 0.02)
+    assert IMUConfig.from_overrides({"guard_max_drop": 0.05}).guard_drop_for(False) == 0.05
+    with pytest.raises(ValueError, match="guard_max_drop"):
+        IMUConfig(guard_max_drop=-0.1)
+    guard, _ = _halves(digits)
+    heldout = (digits.flat(guard[0]), guard[1])
+    xf, yf = _forget_class(digits, flat=True)
+    for class_wise, expected in ((True, 0.03), (False, 0.02)):
+        result = unlearn(
+            copy.deepcopy(trained_mlp), xf, yf, cfg, heldout=heldout, class_wise=class_wise
+        )
+        assert result.stats["calibration"]["guard_max_drop"] == expected

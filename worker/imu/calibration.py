@@ -89,6 +89,7 @@ class CalibrationOutcome:
     lr: float
     alpha: float
     backtracks: int
+    guard_max_drop: float
     trajectory: list[dict[str, Any]] = field(default_factory=list)
     start: dict[str, Any] = field(default_factory=dict)
     final: dict[str, Any] = field(default_factory=dict)
@@ -100,6 +101,7 @@ class CalibrationOutcome:
             "lr": self.lr,
             "alpha": self.alpha,
             "backtracks": self.backtracks,
+            "guard_max_drop": self.guard_max_drop,
             "start": self.start,
             "final": self.final,
             "trajectory": self.trajectory,
@@ -176,6 +178,7 @@ def calibrated_ascent(
     generator: torch.Generator,
     progress: Progress | None,
     check_every: int,
+    max_drop: float,
 ) -> CalibrationOutcome:
     """Ascend until ``checks`` says the target is met, guarding utility (ALGORITHM.md §5).
 
@@ -183,7 +186,7 @@ def calibrated_ascent(
     theta_norm = _norm(list(problem.params))
     numel = sum(p.numel() for p in problem.params)
     start = checks.measure()
-    outcome = CalibrationOutcome("", 0, 0.0, 0.0, 0, start=start.as_dict())
+    outcome = CalibrationOutcome("", 0, 0.0, 0.0, 0, max_drop, start=start.as_dict())
     outcome.trajectory.append({"step": 0, **start.as_dict()})
     if not checks.has_target:
         outcome.reason, outcome.final = NO_HELDOUT, start.as_dict()
@@ -214,7 +217,7 @@ def calibrated_ascent(
             continue
         now = checks.measure()
         outcome.trajectory.append({"step": step, "lr": lr, **now.as_dict()})
-        if checks.guard_failed(start, now, cfg.guard_max_drop):
+        if checks.guard_failed(start, now, max_drop):
             good.restore(problem)
             if outcome.backtracks == cfg.max_backtracks:
                 reason = GUARD_EXHAUSTED

@@ -5,6 +5,10 @@ indistinguishability test the release policy reuses.
   held-out records of the remaining classes.
 - Other requests: target "the forget set looks unseen": the AUC of per-sample loss, forget
   vs held-out, is at most 0.5 + 2·SE (``loss_auc``); utility guard on all held-out records.
+  The limit is computed for the sample sizes the release policy will test (the whole forget
+  set against a held-out half), not for the subsets a check scores: with more than
+  ``CHECK_FORGET_MAX`` forget records the subset's looser limit let the controller stop where
+  the policy then held the result.
 """
 
 from __future__ import annotations
@@ -23,13 +27,18 @@ LogitsFn = Callable[[], torch.Tensor]
 AUC_Z = 2.0  # the target's margin in standard errors of the AUC under "no difference"
 
 
+def auc_limit(n_forget: int, n_heldout: int, z: float = AUC_Z) -> float:
+    """0.5 + z·SE with SE = √((n_f + n_e + 1) / (12 n_f n_e)), the Mann-Whitney standard
+    error of the AUC under "no difference"."""
+    return 0.5 + z * math.sqrt((n_forget + n_heldout + 1) / (12.0 * n_forget * n_heldout))
+
+
 def loss_auc(
     forget_losses: torch.Tensor, heldout_losses: torch.Tensor, z: float = AUC_Z
 ) -> tuple[float, float]:
     """(AUC, limit): AUC = P(a held-out loss exceeds a forget loss), ties counted half —
-    0.5 when the forget set looks like unseen data, 1 when every forget record fits better.
-    limit = 0.5 + z·SE with SE = √((n_f + n_e + 1) / (12 n_f n_e)), the Mann-Whitney
-    standard error under the null."""
+    0.5 when the forget set looks like unseen data, 1 when every forget record fits better;
+    limit = ``auc_limit`` for these sample sizes."""
     f = forget_losses.detach().double().flatten().cpu()
     e = heldout_losses.detach().double().flatten().cpu()
     n_f, n_e = f.numel(), e.numel()
@@ -39,8 +48,7 @@ def loss_auc(
     for start in range(0, n_f, 1024):
         part = f[start : start + 1024, None]
         wins += float((e[None, :] > part).sum()) + 0.5 * float((e[None, :] == part).sum())
-    se = math.sqrt((n_f + n_e + 1) / (12.0 * n_f * n_e))
-    return wins / (n_f * n_e), 0.5 + z * se
+    return wins / (n_f * n_e), auc_limit(n_f, n_e, z)
 
 
 @torch.no_grad()
@@ -108,6 +116,7 @@ class Checks:
         *,
         class_wise: bool,
         forget_acc_target: float,
+        auc_sizes: tuple[int, int] | None = None,
     ) -> None:
         self.forget_logits, self.forget_labels = forget[0], forget[1].long()
         self.guard = None
@@ -115,6 +124,8 @@ class Checks:
             self.guard = (guard[0], guard[1].long())
         self.class_wise = class_wise
         self.forget_acc_target = forget_acc_target
+        # (n forget, n held-out) the AUC limits are computed for; None = the scored subsets.
+        self.auc_sizes = auc_sizes
         forgotten = torch.unique(self.forget_labels)
         self.guard_keep = None
         if self.guard is not None and class_wise:
@@ -145,6 +156,8 @@ class Checks:
                 F.cross_entropy(logits, y, reduction="none"),
                 F.cross_entropy(g_logits, g_y, reduction="none"),
             )
+            if self.auc_sizes is not None:
+                result.auc_limit = auc_limit(*self.auc_sizes)
         return result
 
     def target_met(self, m: Measurement) -> bool:
@@ -190,9 +203,10 @@ def build_checks(
         forget_fn = cached_head_logits(head, feats[pick.to(feats.device)])
     else:
         forget_fn = model_logits(model, x_f[pick])
-    guard = None
+    guard, sizes = None, None
     if heldout is not None and int(heldout[1].shape[0]) > 0:
         x_e, y_e = heldout
+        sizes = (int(y_f.shape[0]), int(y_e.shape[0]))
         pick_e = _subset(int(y_e.shape[0]), CHECK_GUARD_MAX, seed + 1)
         x_e, y_e = x_e[pick_e], torch.as_tensor(y_e)[pick_e]
         if head is not None:
@@ -202,4 +216,5 @@ def build_checks(
     return Checks(
         (forget_fn, torch.as_tensor(y_f)[pick]), guard,
         class_wise=class_wise, forget_acc_target=forget_acc_target,
+        auc_sizes=sizes,
     )  # fmt: skip

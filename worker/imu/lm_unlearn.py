@@ -47,6 +47,7 @@ class LMUnlearnConfig(StepConfig):
         default by measurement (bench/results/lm_fixture.md): never worse than ``ga`` on the
         fixture's forget and retain recall, and half the perplexity damage with guards off.
     recall_target / ppl_max_rise: see ``TextChecks``.
+    guard_max_drop: the largest drop of member-probe recall (absolute) the guard accepts.
     lora_rank: 0 (default) = θ is a subset of the model's own parameters (``params``); r > 0
         = θ is LoRA adapters of rank r (scale ``lora_alpha`` / r) on the linear layers named
         by ``lora_targets`` (default: the attention projections), merged back after
@@ -54,6 +55,7 @@ class LMUnlearnConfig(StepConfig):
     """
 
     batch_size: int = 8
+    guard_max_drop: float | None = 0.03
     method: str = "imu"
     loss: str = "npo"
     top_data: float = 1.0
@@ -228,6 +230,7 @@ def _unlearn(
             outcome = calibrated_ascent(
                 problem, checks, cfg, l1_scale=cfg.l1_scale if problem.l1 else 0.0,  # type: ignore[arg-type]
                 generator=generator, progress=progress, check_every=every,
+                max_drop=cfg.guard_drop_for(class_wise=False),
             )  # fmt: skip
             stats["calibration"] = {"mode": "auto", "check_every": every, **outcome.as_stats()}
         else:

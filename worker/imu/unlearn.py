@@ -85,6 +85,7 @@ def _ascend(
     alpha: float,
     l1_scale: float,
     cheap_checks: bool,
+    class_wise: bool,
     progress: Progress | None,
 ) -> dict[str, Any]:
     """Run the fixed or the calibrated schedule inside the caller's mode contexts."""
@@ -98,7 +99,7 @@ def _ascend(
     every = cfg.check_every or (1 if cheap_checks else 4)
     outcome = calibrated_ascent(
         problem, make_checks(), cfg, l1_scale=l1_scale, generator=generator,
-        progress=progress, check_every=every,
+        progress=progress, check_every=every, max_drop=cfg.guard_drop_for(class_wise),
     )  # fmt: skip
     _call(progress, "unlearning", 1.0)
     return {"calibration": {"mode": "auto", "check_every": every, **outcome.as_stats()}}
@@ -202,7 +203,7 @@ def unlearn(
         ascent = _ascend(
             problem, cfg, make_checks, alpha=cfg.alpha, l1_scale=cfg.l1_scale,
             cheap_checks=cached_head is not None or not (train and _has_batchnorm(model)),
-            progress=progress,
+            class_wise=class_wise, progress=progress,
         )  # fmt: skip
     t_end = time.perf_counter()
 
@@ -288,7 +289,8 @@ def gradient_ascent(
         torch.manual_seed(cfg.seed)
         ascent = _ascend(
             problem, cfg, make_checks, alpha=0.0, l1_scale=0.0,
-            cheap_checks=not (cfg.train_mode and _has_batchnorm(model)), progress=progress,
+            cheap_checks=not (cfg.train_mode and _has_batchnorm(model)),
+            class_wise=class_wise, progress=progress,
         )  # fmt: skip
     t1 = time.perf_counter()
     if "loss_per_epoch" in ascent:  # the ascent minimises -CE; report the forget loss itself
