@@ -112,6 +112,35 @@ def test_class_wise_default_request_forgets_and_keeps_utility_on_batchnorm_cnn(
     assert json.loads(json.dumps(result.stats)) == result.stats
 
 
+def _buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.named_buffers()}
+
+
+def test_calibrated_steps_leave_batchnorm_running_statistics_as_they_were(
+    trained_cnn, digits
+) -> None:
+    """Train-mode steps on one class would pull the running statistics toward that class's
+    (eval mode, the guard and the policy use them); calibrated runs keep every buffer, IMU
+    and GA alike, and restore BatchNorm's momentum. With calibration off (the authors' loop)
+    the statistics move as in training."""
+    guard, _ = _halves(digits)
+    xf, yf = _forget_class(digits)
+    start = _buffers(trained_cnn)
+    momenta = [m.momentum for m in trained_cnn.modules() if isinstance(m, nn.BatchNorm2d)]
+    runs = [
+        (IMUConfig(device="cpu"), unlearn, True),
+        (GAConfig(device="cpu"), gradient_ascent, True),
+        (IMUConfig(device="cpu", calibration="off", epochs=1), unlearn, False),
+    ]
+    for cfg, method, frozen in runs:
+        model = copy.deepcopy(trained_cnn)
+        method(model, xf, yf, cfg, heldout=guard, class_wise=True)
+        after = _buffers(model)
+        same = all(torch.equal(start[k], v) for k, v in after.items())
+        assert same is frozen, (type(cfg).__name__, cfg.calibration)
+        assert [m.momentum for m in model.modules() if isinstance(m, nn.BatchNorm2d)] == momenta
+
+
 @pytest.mark.parametrize(
     ("params", "mode"),
     [(None, "eval"), (["features.7", "fc"], "train"), (["features.7", "fc"], "eval")],

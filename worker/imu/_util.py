@@ -81,6 +81,33 @@ def only_these_require_grad(model: nn.Module, names: Sequence[str]) -> Iterator[
             p.requires_grad_(flag)
 
 
+@contextlib.contextmanager
+def frozen_norm_statistics(model: nn.Module, frozen: bool = True) -> Iterator[None]:
+    """Train-mode BatchNorm still normalises with batch statistics, but its running statistics
+    stay as they are (momentum 0; the batch counter is put back on exit).
+
+    Checks and the release policy run in eval mode, on the running statistics. Steps on
+    batches of the forget set, one class for a class-wise request, would pull those toward
+    the forget set's and cost every other class accuracy whatever the step size, so halving
+    the step after a guard failure could not undo it (ALGORITHM.md §5)."""
+    norms = [
+        m
+        for m in model.modules()
+        if frozen and isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+    saved = [(m, m.momentum, m.num_batches_tracked) for m in norms]
+    counts = [None if c is None else c.clone() for _, _, c in saved]
+    try:
+        for m in norms:
+            m.momentum = 0.0
+        yield
+    finally:
+        for (m, momentum, tracked), count in zip(saved, counts, strict=True):
+            m.momentum = momentum
+            if tracked is not None and count is not None:
+                tracked.copy_(count)
+
+
 def rng_devices(device: torch.device) -> list[int]:
     """The CUDA device indices ``torch.random.fork_rng`` must fork for ``device``."""
     if device.type != "cuda":

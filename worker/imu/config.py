@@ -32,8 +32,9 @@ class StepConfig:
 
     calibration: ``"auto"`` (default) chooses the step size per model, stops at a forgetting
         target and guards utility on held-out records (ALGORITHM.md §5); ``lr``, ``alpha``
-        and ``epochs`` are then chosen by the controller and may not be set. ``"off"`` runs
-        the fixed schedule (``epochs`` passes at ``lr``) for reproduction.
+        and ``epochs`` are then chosen by the controller and may not be set, and BatchNorm
+        running statistics stay fixed during train-mode steps. ``"off"`` runs the fixed
+        schedule (``epochs`` passes at ``lr``, running statistics moving) for reproduction.
     step_scale: η, the step length as a share of ‖θ‖ (lr = η‖θ‖/‖∇L(θ₀)‖).
     max_steps: budget of optimiser steps. max_backtracks: how many guard failures before
         giving up.
@@ -193,7 +194,8 @@ class IMUConfig(StepConfig):
     params: None = weight and bias of the final ``nn.Linear`` producing the logits; else a
         list of parameter-name prefixes (``["layer4.1", "fc"]``) matched on dotted components.
     backbone_mode: ``"train"`` (default) reproduces the authors' loop (``model.train()``:
-        BatchNorm uses batch statistics and its running statistics move). ``"eval"`` freezes
+        BatchNorm uses batch statistics; its running statistics move with calibration off
+        and stay fixed with it on, so every buffer is left as it was). ``"eval"`` freezes
         the whole backbone in eval mode, so every tensor outside θ stays bit-identical, and
         for a final-Linear θ the features are computed once and the steps run on the head
         alone. The default was chosen by measurement (bench/RESULTS.md).

@@ -31,6 +31,7 @@ from worker.imu._util import (
     ascent_term,
     check_pair,
     find_head,
+    frozen_norm_statistics,
     model_dtype,
     only_these_require_grad,
     preserved_modes,
@@ -197,6 +198,7 @@ def unlearn(
     with (
         preserved_modes(model, train=train),
         only_these_require_grad(model, theta_names),
+        frozen_norm_statistics(model, frozen=cfg.calibrated),
         torch.random.fork_rng(devices=rng_devices(device)),
     ):
         torch.manual_seed(cfg.seed)  # dropout in train mode draws from here
@@ -284,6 +286,7 @@ def gradient_ascent(
     with (
         preserved_modes(model, train=cfg.train_mode),
         only_these_require_grad(model, names),
+        frozen_norm_statistics(model, frozen=cfg.calibrated),
         torch.random.fork_rng(devices=rng_devices(device)),
     ):
         torch.manual_seed(cfg.seed)
