@@ -81,10 +81,14 @@ def _lookup(run: dict, key: str) -> float | None:
 
 
 def parse_method(method: str) -> tuple[str, dict]:
-    """'imu_eval@lr=0.001' -> ('imu_eval', {'lr': 0.001}); plain names have no overrides."""
+    """'imu_eval@lr=0.001' -> ('imu_eval', {'lr': 0.001}); plain names have no overrides.
+    Values are ints, floats or (``backbone_mode=eval``) strings."""
     name, _, rest = method.partition("@")
     overrides: dict = {}
     for part in filter(None, rest.split(",")):
         key, _, value = part.partition("=")
-        overrides[key] = int(value) if value.isdigit() else float(value)
+        try:
+            overrides[key] = int(value) if value.isdigit() else float(value)
+        except ValueError:
+            overrides[key] = value
     return name, overrides

@@ -101,11 +101,15 @@ ARCH_DEFAULTS = {
         DIGITS: ({"width": 8, **_BN_CNN}, TrainSettings(epochs=3, lr=3e-3, batch_size=64)),
     },
 }
-# Sensitivity runs: IMU at smaller step sizes than the engine default, GA at a smaller one.
+# Sensitivity runs: IMU at smaller step sizes than the engine default, GA at a smaller one;
+# and calibrated IMU on cached head inputs (backbone eval), whose cost goal is ≤ 3× a plain
+# eval-mode run.
+CACHED_HEAD = "imu_cal@backbone_mode=eval"
 DEFAULT_VARIANTS = (
     *(f"imu_{mode}@lr={lr}" for lr in ("0.001", "0.0003", "0.0001") for mode in ("train", "eval")),
     "ga@lr=0.01",
     "ga@lr=0.0001",
+    CACHED_HEAD,
 )
 
 
