@@ -51,7 +51,7 @@ class Trained:
     specs: dict[str, tuple[str, dict[str, Any]]]  # label -> (architecture, kwargs)
 
 
-def _npz(ids: list[str], inputs: np.ndarray, labels: np.ndarray) -> bytes:
+def npz(ids: list[str], inputs: np.ndarray, labels: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, ids=np.array(ids), inputs=inputs, labels=labels)
     return buf.getvalue()
@@ -94,9 +94,9 @@ def train_models(n_train: int = 1200, epochs: int = 25, batch_norm: bool = False
         weights[label] = to_bytes(model)
     # The CNN wants images: its datasets carry (1, 8, 8) inputs, the MLP's flat vectors.
     return Trained(
-        train_npz=_npz(train_ids, x[:n_train], y[:n_train]),
-        eval_npz=_npz(eval_ids, x[n_train:], y[n_train:]),
-        probe_npz=_npz([f"p{i:04d}" for i in probe_rows], x[probe_rows], y[probe_rows]),
+        train_npz=npz(train_ids, x[:n_train], y[:n_train]),
+        eval_npz=npz(eval_ids, x[n_train:], y[n_train:]),
+        probe_npz=npz([f"p{i:04d}" for i in probe_rows], x[probe_rows], y[probe_rows]),
         train_ids=train_ids,
         weights=weights,
         specs=specs,
@@ -192,7 +192,7 @@ class Stack:
 
     def register(self, trained: Trained, label: str, name: str | None = None) -> str:
         """Upload this architecture's train/eval/probe datasets and register the model."""
-        flat = label == "mlp"
+        flat = trained.specs[label][0] == "mlp"
         conv = (lambda b: b) if flat else image_npz
         suffix = uuid.uuid4().hex[:6]
         ids = {
