@@ -29,6 +29,7 @@ from torch import nn
 
 from bench.data import BenchData, load_bench_data
 from bench.metrics import add_gaps, headline, parse_method
+from worker.imu._util import batchnorm_layers
 
 BENCH_DIR = Path(__file__).resolve().parent
 CACHE_DIR = BENCH_DIR / ".cache"
@@ -446,9 +447,7 @@ def run_paper(settings: PaperSettings, *, log=print, cache_dir: Path = CACHE_DIR
     runs: list[dict] = []
     bases: dict[int, dict] = {}
     probe_model = _build(settings, data)
-    has_batchnorm = any(
-        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in probe_model.modules()
-    )
+    has_batchnorm = bool(batchnorm_layers(probe_model))
     n_params = sum(p.numel() for p in probe_model.parameters())
     for seed in settings.seeds:
         base, base_info = train_cached(

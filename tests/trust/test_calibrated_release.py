@@ -30,7 +30,7 @@ from tests.worker.harness import (
     train_models,
 )
 from worker.imu.architectures import build
-from worker.imu.checkpoints import load_state_dict
+from worker.imu.checkpoints import load_state_dict, to_bytes
 from worker.imu.train import accuracy, fit
 from worker.runner import Outcome
 
@@ -65,8 +65,6 @@ def fashion_deployed() -> Trained:
     model = build("mlp", **spec)
     fit(model, torch.from_numpy(x[tr]), torch.from_numpy(y[tr]), epochs=10, lr=1e-3, seed=0)
     ids = [f"f{i:04d}" for i in range(3000)]
-    from worker.imu.checkpoints import to_bytes
-
     return Trained(
         train_npz=npz(ids, x[tr], y[tr]),
         eval_npz=npz([f"h{i:04d}" for i in range(2000)], x[ev], y[ev]),

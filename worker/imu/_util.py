@@ -81,6 +81,10 @@ def only_these_require_grad(model: nn.Module, names: Sequence[str]) -> Iterator[
             p.requires_grad_(flag)
 
 
+def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 @contextlib.contextmanager
 def frozen_norm_statistics(model: nn.Module, frozen: bool = True) -> Iterator[None]:
     """Train-mode BatchNorm still normalises with batch statistics, but its running statistics
@@ -90,11 +94,7 @@ def frozen_norm_statistics(model: nn.Module, frozen: bool = True) -> Iterator[No
     batches of the forget set, one class for a class-wise request, would pull those toward
     the forget set's and cost every other class accuracy whatever the step size, so halving
     the step after a guard failure could not undo it (ALGORITHM.md §5)."""
-    norms = [
-        m
-        for m in model.modules()
-        if frozen and isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-    ]
+    norms = [m for m in batchnorm_layers(model) if m.track_running_stats] if frozen else []
     saved = [(m, m.momentum, m.num_batches_tracked) for m in norms]
     counts = [None if c is None else c.clone() for _, _, c in saved]
     try:

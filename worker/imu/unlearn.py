@@ -29,6 +29,7 @@ from worker.imu._util import (
     as_inputs,
     as_labels,
     ascent_term,
+    batchnorm_layers,
     check_pair,
     find_head,
     frozen_norm_statistics,
@@ -75,7 +76,7 @@ def _heldout(heldout: Pair | None) -> Pair | None:
 
 
 def _has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return bool(batchnorm_layers(model))
 
 
 def _ascend(
