@@ -59,6 +59,21 @@ class Settings(BaseSettings):
     policy_max_eval_acc_drop: float = Field(0.05, ge=0, le=1)
     policy_max_forget_acc: float = Field(0.2, ge=0, le=1)
     policy_max_forget_auc_excess: float = Field(0.0, ge=0, le=1)
+    # The per-record membership test (worker/imu/membership.py, ALGORITHM.md §6).
+    policy_max_false_release_rate: float = Field(
+        0.05, gt=0, le=0.5,
+        description="Largest chance that records the model still remembers pass as forgotten.",
+    )  # fmt: skip
+    policy_max_membership_advantage: float = Field(
+        0.1, ge=0, le=0.5,
+        description="Largest remembered-vs-unseen distance at which an unchanged model is an "
+        "honest answer (no membership signal).",
+    )
+    policy_membership_band: float = Field(
+        0.05, gt=0, le=0.5,
+        description="Two-sided level of the non-member band: a request whose Z leaves it is "
+        "`remembered` (above) or `over-forgotten` (below).",
+    )  # fmt: skip
     # Causal LMs (service/trust/lm_policy.py).
     policy_max_forget_recall: float = Field(0.05, ge=0, le=1)
     policy_max_heldout_ppl_rise: float = Field(0.1, ge=0, le=1)

@@ -76,6 +76,7 @@ class Execution:
             heartbeat_seconds=ctx.settings.heartbeat_seconds,
         )
         self.timings: dict[str, float] = {}
+        self.membership: Any = None  # the request's MembershipTest, built after loading
         self._phase: str | None = None
         self._phase_started = 0.0
         self.written_key: str | None = None
@@ -118,6 +119,7 @@ class Execution:
             self._enter(Phase.LOADING)
             loaded = Loader(self.ctx, self.job_id, self.progress).load()
             self.check()
+            self.membership = self._membership_test(loaded)
             before = self._evaluate(loaded)
             self.check()
             stats = self._unlearn(loaded)
@@ -159,7 +161,26 @@ class Execution:
         return job_metrics(
             loaded.model, forget=loaded.forget, eval_pair=loaded.eval,
             member_probe=loaded.member_probe, class_wise=loaded.class_wise,
+            membership=self.membership,
         )  # fmt: skip
+
+    def _membership_test(self, loaded: Loaded) -> Any:
+        """The request's membership test (ALGORITHM.md §6), at the policy's thresholds, or
+        None when the model has no eval set or no retained records (the policy then holds)."""
+        if loaded.lm or loaded.nonmembers is None or loaded.members is None:
+            return None
+        from worker.imu.membership import MembershipTest
+
+        rules = effective_policy(self.ctx.settings, loaded.params.get("policy"))
+        try:
+            return MembershipTest(
+                loaded.forget, loaded.members, loaded.nonmembers, class_wise=loaded.class_wise,
+                alpha=rules["max_false_release_rate"],
+                max_advantage=rules["max_membership_advantage"], band=rules["membership_band"],
+            )  # fmt: skip
+        except ValueError as exc:  # too few non-members: no evidence, and the policy says so
+            log.warning("job %s: no membership test: %s", self.job_id, exc)
+            return None
 
     def _unlearn(self, loaded: Loaded) -> dict[str, Any]:
         from worker.unlearning import InvalidParams, run_engine
@@ -172,7 +193,7 @@ class Execution:
             return run_engine(
                 loaded.kind, loaded.params, loaded.model, loaded.forget, guard=loaded.guard,
                 class_wise=loaded.class_wise, device=self.ctx.device, progress=self.progress,
-                key_hash=lambda i: key_sha256(loaded.keys[i]),
+                key_hash=lambda i: key_sha256(loaded.keys[i]), membership=self.membership,
             )  # fmt: skip
         except InvalidParams as exc:
             if self.monitor.cancel_requested.is_set():
@@ -204,7 +225,8 @@ class Execution:
         if loaded.lm:
             policy = decide_lm(rules, before, after)
         else:
-            policy = decide(rules, before, after, class_wise=loaded.class_wise)
+            stopped = (stats.get("calibration") or {}).get("reason")
+            policy = decide(rules, before, after, class_wise=loaded.class_wise, stopped=stopped)
         metrics = {
             "before": before,
             "after": after,

@@ -1,6 +1,8 @@
 """Before/after metrics of a job (ALGORITHM.md §6), measured on the policy half of the eval
 set: accuracies, the SVC membership attacks, the retained-classes accuracy of class-wise
-requests and the loss-AUC indistinguishability test of the others."""
+requests, the loss-AUC indistinguishability test of the others, and the per-record
+membership evidence (``membership``: forget records against the model's members and its
+whole eval set, the test the release policy decides on)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch.nn.functional as F
 
 from worker.imu import evaluate
 from worker.imu.checks import loss_auc, model_logits
+from worker.imu.membership import MembershipTest
 from worker.imu.train import accuracy
 
 Pair = tuple[torch.Tensor, torch.Tensor]
@@ -58,6 +61,7 @@ def job_metrics(
     eval_pair: Pair | None,
     member_probe: Pair | None,
     class_wise: bool,
+    membership: MembershipTest | None = None,
 ) -> dict[str, Any]:
     result = dict(
         evaluate(
@@ -76,4 +80,6 @@ def job_metrics(
                 result["eval_acc_retained_classes"] = retained
         auc, limit = loss_auc(_losses(model, forget), _losses(model, eval_pair))
         result["forget_loss_auc"], result["forget_loss_auc_limit"] = auc, limit
+    if membership is not None:
+        result["membership"] = membership.assess(lambda x: model_logits(model, x)()).as_dict()
     return jsonable(result)

@@ -83,6 +83,8 @@ class Loaded:
     source_version_id: str
     class_wise: bool = False
     guard: Any | None = None  # eval records the calibration may look at
+    nonmembers: Any | None = None  # the whole eval set: the membership test's null
+    members: Any | None = None  # a seeded sample of the retained training records
     eval_split: dict[str, Any] | None = None
     lm: bool = False  # a causal LM (worker/lm_job.py)
     layout: dict[str, Any] | None = None  # LM: the registered keys -> torch dtypes, kept on save
@@ -156,7 +158,7 @@ class Loader:
         forget = self._load_rows(inputs.dataset, inputs.keys)
         class_wise = self._class_wise(inputs.dataset, inputs.keys)
         self.progress(Phase.LOADING, 0.6)
-        eval_pair = guard_pair = split = None
+        eval_pair = guard_pair = split = nonmembers = members = None
         if inputs.eval:
             eval_keys = inputs.eval_keys
             if eval_keys is None:
@@ -164,6 +166,10 @@ class Loader:
             split = split_eval_keys(eval_keys)
             eval_pair = self._load_rows(inputs.eval, split.policy)
             guard_pair = self._load_rows(inputs.eval, split.guard)
+            nonmembers = self._load_rows(inputs.eval, eval_keys)
+            member_keys = self._member_keys(inputs)
+            if member_keys:
+                members = self._load_rows(inputs.dataset, member_keys)
         probe_pair = self._load_rows(inputs.probe, inputs.probe_keys) if inputs.probe else None
         self.progress(Phase.LOADING, 0.8)
         return Loaded(
@@ -171,8 +177,23 @@ class Loader:
             guard=guard_pair, eval_split=split.describe() if split else None,
             kind=inputs.kind, params=inputs.params, keys=inputs.keys,
             dataset_id=inputs.dataset.dataset_id, source_version_id=inputs.version_id,
-            class_wise=class_wise,
+            class_wise=class_wise, nonmembers=nonmembers, members=members,
         )  # fmt: skip
+
+    def _member_keys(self, inputs: JobInputs) -> list[str] | None:
+        """Up to MAX_MEMBERS retained records of the forget set's dataset, a sample seeded
+        by the source version (the same for every attempt of a job); None when none remain."""
+        from worker.imu.membership import MAX_MEMBERS
+
+        forget = set(inputs.keys)
+        retained = [str(k) for k in self.dataset(inputs.dataset).ids if str(k) not in forget]
+        if not retained:
+            return None
+        if len(retained) > MAX_MEMBERS:
+            seed = int(hashlib.sha256(inputs.version_id.encode()).hexdigest()[:8], 16)
+            pick = np.random.default_rng(seed).choice(len(retained), MAX_MEMBERS, replace=False)
+            retained = [retained[i] for i in sorted(pick.tolist())]
+        return retained
 
     # Database --------------------------------------------------------------------------
     def _read_inputs(self) -> JobInputs:

@@ -43,7 +43,7 @@ class RecordOut(_Out):
 
 class PolicyCheck(_Out):
     name: str = Field(
-        description="eval_acc_drop | forget_acc | forget_indistinguishable (classifiers); "
+        description="eval_acc_drop | forget_acc | membership (classifiers); "
         "forget_recall | forget_indistinguishable | heldout_ppl_rise | probe_recall_drop (LMs)"
     )
     value: float | None = Field(
@@ -64,8 +64,14 @@ class PolicyDecision(_Out):
         default=None, description="class / random: classifier checks; text: a language model's."
     )
     class_wise: bool | None = None
-    thresholds: dict[str, float] = Field(default_factory=dict)
+    thresholds: dict[str, float | None] = Field(default_factory=dict)
     require_review: bool = False
+    reason: str | None = Field(
+        default=None,
+        description="Why the result is held, as one code: not-forgotten-within-guard, "
+        "insufficient-evidence, over-forgotten, remembered, <check>-failed, "
+        "<check>-not-measured, require-review (null when released).",
+    )
     checks: list[PolicyCheck] = Field(default_factory=list)
     failed: list[str] = Field(
         default_factory=list, description="Names of the checks that failed or could not run."
@@ -141,6 +147,27 @@ class VersionRef(_Out):
     status: VersionStatus
 
 
+class MembershipEvidence(_Out):
+    """The per-record membership test of the released (or held) model (ALGORITHM.md §6)."""
+
+    test: str
+    outcome: Literal[
+        "forgotten", "no-membership-signal", "remembered", "over-forgotten",
+        "insufficient-evidence",
+    ]  # fmt: skip
+    releases: bool
+    n: int = Field(description="Records scored.")
+    statistic: float = Field(description="Z = Σ z_i / √n; about N(0, 1) for unseen records.")
+    limit: float = Field(description="The Z at or below which the false-release rate ≤ alpha.")
+    band: list[float] = Field(description="The non-member band of Z (two-sided).")
+    false_release_rate: float
+    alpha: float
+    advantage: float = Field(description="Remembered vs unseen distance of one record (TV).")
+    max_advantage: float
+    per_record_z: list[float] = Field(description="Each record's z, in the request's order.")
+    before: dict[str, Any] = Field(default_factory=dict, description="The source model's.")
+
+
 class DeletionRequestOut(_Out):
     id: str
     status: RequestStatus = Field(
@@ -159,6 +186,9 @@ class DeletionRequestOut(_Out):
         description="The version the job produced (null until it succeeded)."
     )
     policy: PolicyDecision | None = Field(description="Why the result was released or held.")
+    evidence: MembershipEvidence | None = Field(
+        default=None, description="Per-record membership evidence (classifiers)."
+    )
     job: JobOut | None
 
 

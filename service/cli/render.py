@@ -118,6 +118,22 @@ def policy_table(policy: dict[str, Any] | None) -> None:
         out.print(f"  held: {reason}", markup=False)
 
 
+def evidence_line(evidence: dict[str, Any] | None) -> None:
+    """The membership test in one line: outcome, n, Z against its limit and band, the
+    false-release rate against alpha."""
+    if not evidence:
+        return
+    band = evidence.get("band") or [None, None]
+    out.print(
+        f"membership evidence: {evidence.get('outcome')} (n = {evidence.get('n')}, "
+        f"Z = {cell(evidence.get('statistic'))}, forgotten at Z <= {cell(evidence.get('limit'))} "
+        f"inside [{cell(band[0])}, {cell(band[1])}], false-release rate "
+        f"{cell(evidence.get('false_release_rate'))} vs alpha {cell(evidence.get('alpha'))}; "
+        f"before: {(evidence.get('before') or {}).get('outcome')})",
+        markup=False,
+    )
+
+
 def human_size(n: int | float | None) -> str:
     """`19.4 kB`, `3.2 MB`: decimal units, so small files do not print as 0.0 MB."""
     if n is None:

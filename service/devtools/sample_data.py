@@ -25,7 +25,10 @@ def write_sample_data(directory: Path) -> list[Path]:
 
     directory.mkdir(parents=True, exist_ok=True)
     d = load_digits()
-    x, y = (d.data / 16).astype("float32"), d.target.astype("int64")
+    # Shuffled: digits is ordered by writer, and an eval set of other writers makes every
+    # training record look remembered to the membership test.
+    order = np.random.default_rng(0).permutation(len(d.target))
+    x, y = (d.data[order] / 16).astype("float32"), d.target[order].astype("int64")
     ids = np.array([f"d{i}" for i in range(len(y))])
     paths = [directory / "digits.npz", directory / "digits-eval.npz", directory / "mlp.safetensors"]
     np.savez(paths[0], ids=ids[:TRAIN], inputs=x[:TRAIN], labels=y[:TRAIN])

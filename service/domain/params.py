@@ -44,7 +44,28 @@ class PolicyOverrides(BaseModel):
     )
     max_forget_auc_excess: Threshold | None = Field(
         default=None,
-        description="Random forget sets: allowed loss-AUC excess over the 0.5 + 2·SE limit.",
+        description="Language models: allowed min-k AUC distance from 0.5 beyond its 2·SE "
+        "limit (either side).",
+    )
+    max_false_release_rate: Annotated[
+        float, Field(gt=0.0, le=0.5, strict=True, allow_inf_nan=False)
+    ] | None = Field(
+        default=None,
+        description="Classifiers: largest chance that records the model still remembers "
+        "pass the membership test as forgotten.",
+    )
+    max_membership_advantage: Annotated[
+        float, Field(ge=0.0, le=0.5, strict=True, allow_inf_nan=False)
+    ] | None = Field(
+        default=None,
+        description="Classifiers: largest remembered-vs-unseen distance at which the model "
+        "shows no membership signal (an unchanged model is then released).",
+    )
+    membership_band: Annotated[
+        float, Field(gt=0.0, le=0.5, strict=True, allow_inf_nan=False)
+    ] | None = Field(
+        default=None,
+        description="Classifiers: two-sided level of the membership test's non-member band.",
     )
     mode: Literal["auto", "class", "random"] | None = Field(
         default=None,

@@ -69,6 +69,21 @@ def policy_view(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
     return policy if isinstance(policy, dict) and "decision" in policy else None
 
 
+def evidence_view(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The per-record membership evidence before and after (ALGORITHM.md §6): the test, n,
+    the statistic and its limit, the band, the false-release rate and each record's z (in
+    the request's key order, or a seeded subset of it above 4096 records)."""
+    metrics = metrics or {}
+    after = (metrics.get("after") or {}).get("membership")
+    if not isinstance(after, dict):
+        return None
+    before = (metrics.get("before") or {}).get("membership") or {}
+    return {
+        **after,
+        "before": {k: before.get(k) for k in ("outcome", "statistic", "false_release_rate")},
+    }
+
+
 def job_view(
     job: Job | Row[Any], model_name: str | None = None, version_status: str | None = None
 ) -> dict[str, Any]:
@@ -130,6 +145,7 @@ def request_view(
                     else None
                 ),
                 "policy": policy_view(job.metrics) if job is not None else None,
+                "evidence": evidence_view(job.metrics) if job is not None else None,
                 "model": model_name,
                 "dataset": req.dataset_id,
                 "record_keys": req.record_keys,

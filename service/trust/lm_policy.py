@@ -6,8 +6,10 @@ eval set's policy half (held-out texts the controller never saw) and the member 
 (retained training texts, never used for unlearning). Four checks, all required:
 
 - `forget_recall`: greedy exact recall of the forget set after ≤ `max_forget_recall`;
-- `forget_indistinguishable`: min-k% (k = 40 %) membership AUC forget vs held-out minus its
-  0.5 + 2·SE limit ≤ `max_forget_auc_excess` (the forgotten records look unseen);
+- `forget_indistinguishable`: the min-k% (k = 40 %) membership AUC forget vs held-out lies
+  within 2·SE of 0.5 on either side (+ `max_forget_auc_excess`): above, the records still
+  look trained on; below, they were pushed past unseen level, itself a membership signal
+  (aggressive runs measured AUC 0.0-0.17 and passed the one-sided test);
 - `heldout_ppl_rise`: held-out perplexity after / before − 1 ≤ `max_heldout_ppl_rise`;
 - `probe_recall_drop`: the share of the member probe's exact recall that was lost,
   1 − after / before, ≤ `max_probe_recall_drop`.
@@ -51,9 +53,9 @@ def decide_lm(policy: dict[str, Any], before: dict[str, Any], after: dict[str, A
         check("forget_recall", recall, policy["max_forget_recall"], "no forget recall",
                metric="after.forget.exact_recall"),
         check("forget_indistinguishable",
-               None if auc is None or auc_limit is None else auc - auc_limit,
+               None if auc is None or auc_limit is None else abs(auc - 0.5) - (auc_limit - 0.5),
                policy["max_forget_auc_excess"], "no eval dataset to compare the forget set with",
-               metric="min_k_auc - auc_limit", auc=auc, auc_limit=auc_limit),
+               metric="|min_k_auc - 0.5| - (auc_limit - 0.5)", auc=auc, auc_limit=auc_limit),
         check("heldout_ppl_rise", rise, policy["max_heldout_ppl_rise"],
                "no eval dataset (held-out perplexity)", metric="ppl_after / ppl_before - 1",
                before=ppl0, after=ppl1),

@@ -7,12 +7,16 @@ the calibration never saw (worker/heldout.py):
 
 - `eval_acc_drop` = eval accuracy before − after ≤ `max_eval_acc_drop` (utility kept); for a
   class-wise forget set, on the eval records of the remaining classes;
-- forgetting achieved, by the kind of forget set (`mode`; `auto` decides from the data):
-  - `class` (the forget set holds every remaining training record of its classes):
-    forget accuracy after ≤ `max_forget_acc`;
-  - `random` (anything else): the forgotten records look unseen — the AUC of per-sample
-    loss, forget vs held-out, ≤ 0.5 + 2·SE (+ `max_forget_auc_excess`). A fixed MIA threshold
-    would fail retraining itself on a memorising model; this test asks what retraining gives.
+- `membership`, for every kind of request: the per-record membership test
+  (worker/imu/membership.py, ALGORITHM.md §6) on the model after — the records sit inside
+  the non-member band and either a set the model still remembered would score that low with
+  probability ≤ `max_false_release_rate` (`forgotten`), or the model shows no membership
+  signal at all (`no-membership-signal`: members and non-members closer than
+  `max_membership_advantage`; an unchanged model is then an honest answer). Otherwise held,
+  with the reason: `not-forgotten-within-guard` (the calibration stopped at the utility
+  guard or its budget), `insufficient-evidence`, `over-forgotten`, `remembered`;
+- `class` requests (the forget set holds every remaining training record of its classes)
+  also need forget accuracy after ≤ `max_forget_acc`;
 - `require_review: true` always holds the result for a human decision.
 
 It fails safe: a check that could not run (no eval dataset, an empty set) is not a pass.
@@ -28,12 +32,15 @@ from service.domain.states import VersionStatus
 from service.settings import Settings
 
 MODES = ("auto", "class", "random")
-CLASSIFIER_THRESHOLDS = ("max_eval_acc_drop", "max_forget_acc", "max_forget_auc_excess")
+CLASSIFIER_THRESHOLDS = (
+    "max_eval_acc_drop", "max_forget_acc", "max_false_release_rate", "max_membership_advantage",
+    "membership_band",
+)  # fmt: skip
 # Causal LMs (service/trust/lm_policy.py); the AUC excess is shared.
 LM_THRESHOLDS = (
     "max_forget_recall", "max_heldout_ppl_rise", "max_probe_recall_drop", "max_forget_auc_excess",
 )  # fmt: skip
-THRESHOLDS = (*CLASSIFIER_THRESHOLDS, *LM_THRESHOLDS[:3])
+THRESHOLDS = (*CLASSIFIER_THRESHOLDS, *LM_THRESHOLDS)
 
 
 def effective_policy(settings: Settings, overrides: dict[str, Any] | None) -> dict[str, Any]:
@@ -41,6 +48,9 @@ def effective_policy(settings: Settings, overrides: dict[str, Any] | None) -> di
         "max_eval_acc_drop": settings.policy_max_eval_acc_drop,
         "max_forget_acc": settings.policy_max_forget_acc,
         "max_forget_auc_excess": settings.policy_max_forget_auc_excess,
+        "max_false_release_rate": settings.policy_max_false_release_rate,
+        "max_membership_advantage": settings.policy_max_membership_advantage,
+        "membership_band": settings.policy_membership_band,
         "max_forget_recall": settings.policy_max_forget_recall,
         "max_heldout_ppl_rise": settings.policy_max_heldout_ppl_rise,
         "max_probe_recall_drop": settings.policy_max_probe_recall_drop,
@@ -67,8 +77,10 @@ def decide(
     after: dict[str, Any],
     *,
     class_wise: bool,
+    stopped: str | None = None,
 ) -> dict[str, Any]:
-    """The decision (`active` | `candidate`) with every check's value, limit and outcome."""
+    """The decision (`active` | `candidate`) with every check's value, limit and outcome;
+    ``stopped`` is the calibration's stop reason (it names why evidence is missing)."""
     mode = policy["mode"] if policy["mode"] != "auto" else ("class" if class_wise else "random")
     checks = []
     # Class-wise forgetting is meant to lose the forgotten classes: judge the others.
@@ -93,22 +105,36 @@ def decide(
                 "no forget accuracy",
             )
         )
-    else:
-        auc, limit = after.get("forget_loss_auc"), after.get("forget_loss_auc_limit")
-        checks.append(
-            check(
-                "forget_indistinguishable",
-                None if auc is None or limit is None else float(auc) - float(limit),
-                policy["max_forget_auc_excess"],
-                "no eval dataset to compare the forgotten records with",
-                metric="forget_loss_auc - forget_loss_auc_limit",
-                auc=auc,
-                auc_limit=limit,
-            )
-        )
+    checks.append(membership_check(after.get("membership"), stopped))
     return verdict(
         checks, policy, mode=mode, class_wise=class_wise, thresholds=CLASSIFIER_THRESHOLDS
     )
+
+
+# Why a calibration stopped short of its target, as a release reason.
+_STOPPED_SHORT = ("guard-exhausted", "budget-exhausted", "overshoot-exhausted", "zero-gradient")
+
+
+def membership_check(evidence: dict[str, Any] | None, stopped: str | None) -> dict[str, Any]:
+    """The membership test's outcome as a check: ok only for an outcome that releases."""
+    out: dict[str, Any] = {"name": "membership", "metric": "per-record membership test"}
+    if not isinstance(evidence, dict) or "outcome" not in evidence:
+        return {**out, "value": None, "limit": None, "ok": None,
+                "note": "no eval dataset or no retained records to compare the records with"}  # fmt: skip
+    outcome = str(evidence["outcome"])
+    ok = bool(evidence.get("releases"))
+    reason = outcome
+    if not ok and outcome in ("remembered", "insufficient-evidence") and stopped in _STOPPED_SHORT:
+        reason = "not-forgotten-within-guard"
+    return {
+        **out,
+        "value": evidence.get("statistic"),
+        "limit": evidence.get("limit"),
+        "ok": ok,
+        "outcome": outcome,
+        "reason": None if ok else reason,
+        "evidence": {k: v for k, v in evidence.items() if k != "per_record_z"},
+    }
 
 
 def verdict(
@@ -122,21 +148,41 @@ def verdict(
     """The decision from the checks: any check that failed or could not run holds the
     result (fails safe), as does a request that asked for review. Shared by the LM policy."""
     failed = [c["name"] for c in checks if c["ok"] is not True]
-    reasons = [
-        f"{c['name']}: {c['value']} > {c['limit']}" if c["ok"] is False
-        else f"{c['name']}: not measured ({c['note']})"
-        for c in checks if c["ok"] is not True
-    ]  # fmt: skip
+    reasons = [_reason(c) for c in checks if c["ok"] is not True]
     if policy.get("require_review"):
         failed.append("require_review")
         reasons.append("require_review: the request asked for a human decision")
     return {
         "decision": VersionStatus.CANDIDATE if failed else VersionStatus.ACTIVE,
+        "reason": _first_reason(checks, policy),
         "mode": mode,
         "class_wise": class_wise,
-        "thresholds": {k: policy[k] for k in thresholds},
+        "thresholds": {k: policy.get(k) for k in thresholds},
         "require_review": bool(policy.get("require_review")),
         "checks": checks,
         "failed": failed,
         "reasons": reasons,
     }
+
+
+def _reason(c: dict[str, Any]) -> str:
+    if c["ok"] is None:
+        return f"{c['name']}: not measured ({c['note']})"
+    if c.get("reason"):
+        ev = c.get("evidence") or {}
+        return (
+            f"{c['name']}: {c['reason']} (Z = {ev.get('statistic')}, forgotten at ≤ "
+            f"{ev.get('limit')} inside ±{(ev.get('band') or [0, 0])[1]}, false-release rate "
+            f"{ev.get('false_release_rate')} > {ev.get('alpha')})"
+        )
+    return f"{c['name']}: {c['value']} > {c['limit']}"
+
+
+def _first_reason(checks: list[dict[str, Any]], policy: dict[str, Any]) -> str | None:
+    """One short code for why a result is held (None when it is released)."""
+    for c in checks:
+        if c["ok"] is not True:
+            if c.get("reason"):
+                return str(c["reason"])
+            return f"{c['name']}-not-measured" if c["ok"] is None else f"{c['name']}-failed"
+    return "require-review" if policy.get("require_review") else None

@@ -147,6 +147,17 @@ def issue_receipt(
     return {"jws": signer.sign(document, TYP), "kid": signer.kid, "payload": document}
 
 
+def forgetting_claim(metrics: dict[str, Any]) -> dict[str, Any]:
+    """What the receipt claims about forgetting: `approximate` (IMU or gradient ascent,
+    judged by the per-record membership test, whose evidence it carries) — the test, n,
+    the statistic, its limit, the band and the false-release rate."""
+    evidence = (metrics.get("after") or {}).get("membership")
+    summary = None
+    if isinstance(evidence, dict):
+        summary = {k: v for k, v in evidence.items() if k != "per_record_z"}
+    return {"kind": "approximate", "method": metrics.get("method"), "evidence": summary}
+
+
 def _document(factory: sessionmaker[Session], request_id: str) -> dict[str, Any]:
     with factory() as session:
         request = session.get(DeletionRequest, request_id)
@@ -202,6 +213,7 @@ def _document(factory: sessionmaker[Session], request_id: str) -> dict[str, Any]
             "job": {"id": job.id, "finished_at": iso(job.finished_at)},
             "source_version": {"id": source.id, "number": source.number, "sha256": source.sha256},
             "result_version": {"id": result.id, "number": result.number, "sha256": result.sha256},
+            "forgetting": forgetting_claim(metrics),
             "metrics": {
                 "before": metrics.get("before") or {},
                 "after": metrics.get("after") or {},

@@ -14,7 +14,12 @@ from worker.imu import IMUConfig, resolve_device
 
 def test_defaults_are_the_authors_values() -> None:
     cfg = IMUConfig()
-    assert (cfg.top_data, cfg.clip_quantile, cfg.damping, cfg.alpha) == (0.1, 0.93, 0.01, 0.2)
+    assert (cfg.clip_quantile, cfg.damping, cfg.alpha) == (0.93, 0.01, 0.2)
+    # top_data unset: the authors' 0.1 with calibration off, every record with it on.
+    off = IMUConfig(calibration="off")
+    assert (off.resolved_top_data, off.selects_all) == (0.1, False)
+    assert (cfg.resolved_top_data, cfg.selects_all) == (1.0, True)
+    assert IMUConfig(top_data=0.3).selects_all is False
     assert (cfg.lr, cfg.epochs, cfg.batch_size, cfg.momentum) == (0.01, 10, 256, 0.9)
     assert cfg.weight_decay == 5e-4 and cfg.params is None and cfg.backbone_mode == "train"
 

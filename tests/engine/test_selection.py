@@ -94,3 +94,14 @@ def test_non_finite_and_empty_scores_are_rejected() -> None:
         select_and_weight(torch.tensor([-1.0, float("nan")]))
     with pytest.raises(ValueError, match="no scores"):
         select_and_weight(torch.tensor([]))
+
+
+def test_keep_all_weights_every_record() -> None:
+    """Deletion requests under calibration: records with I >= 0 follow the candidates at
+    the smallest kept weight, so none of the named records is left out of the ascent."""
+    scores = torch.tensor([-4.0, 1.0, -1.0, 0.0, -9.0], dtype=torch.float64)
+    idx, w, info = select_and_weight(scores, top_data=1.0, clip_quantile=1.0, keep_all=True)
+    assert sorted(idx.tolist()) == [0, 1, 2, 3, 4]
+    assert idx[:3].tolist() == [4, 0, 2]  # the candidates first, most influential first
+    assert w.tolist() == [3.0, 2.0, 1.0, 1.0, 1.0]
+    assert info["kept"] == 5 and info["candidates"] == 3 and info["keep_all"] is True

@@ -13,6 +13,28 @@ from tests.worker.harness import Stack, Trained, api_stack, stack_settings, trai
 from worker.runner import Outcome, RunnerContext, run_job
 
 
+def _defaults(*names: str) -> dict[str, Any]:
+    from service.settings import Settings
+
+    return {name: Settings.model_fields[name].default for name in names}
+
+
+# The release policy a deployment runs with no LETHE_POLICY_* set.
+PRODUCTION_POLICY = _defaults(
+    "policy_max_eval_acc_drop", "policy_max_forget_acc", "policy_max_forget_auc_excess",
+    "policy_max_false_release_rate", "policy_max_membership_advantage", "policy_membership_band",
+)  # fmt: skip
+
+
+@pytest.fixture
+def prod_stack(lethe_env: Path, database_url: str, storage_dir: Path) -> Iterator[Stack]:
+    settings = stack_settings(
+        database_url=database_url, storage_dir=storage_dir, **PRODUCTION_POLICY
+    )
+    with api_stack(settings) as s:
+        yield s
+
+
 @pytest.fixture(scope="session")
 def trained() -> Trained:
     return train_models(n_train=600, epochs=20)

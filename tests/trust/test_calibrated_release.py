@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,22 +21,14 @@ from tests.trust.conftest import get, post, request_id_of, run
 from tests.worker.harness import (
     Stack,
     Trained,
-    api_stack,
     image_npz,
     npz,
-    stack_settings,
     train_models,
 )
 from worker.imu.architectures import build
 from worker.imu.checkpoints import load_state_dict, to_bytes
 from worker.imu.train import accuracy, fit
 from worker.runner import Outcome
-
-PRODUCTION_POLICY = {
-    "policy_max_eval_acc_drop": 0.05,
-    "policy_max_forget_acc": 0.2,
-    "policy_max_forget_auc_excess": 0.0,
-}
 
 
 @pytest.fixture(scope="module")
@@ -75,15 +65,6 @@ def fashion_deployed() -> Trained:
     )
 
 
-@pytest.fixture
-def prod_stack(lethe_env: Path, database_url: str, storage_dir: Path) -> Iterator[Stack]:
-    settings = stack_settings(
-        database_url=database_url, storage_dir=storage_dir, **PRODUCTION_POLICY
-    )
-    with api_stack(settings) as s:
-        yield s
-
-
 def _arrays(npz: bytes) -> tuple[list[str], np.ndarray, np.ndarray]:
     with np.load(io.BytesIO(npz), allow_pickle=False) as f:
         return [str(i) for i in f["ids"]], f["inputs"], f["labels"]
@@ -118,7 +99,34 @@ def test_default_request_is_released_forgotten_and_useful(
 def test_default_request_on_a_fashion_mnist_model_is_released_forgotten_and_useful(
     prod_stack: Stack, fashion_deployed: Trained, scenario: str
 ) -> None:
-    _released_forgotten_and_useful(prod_stack, fashion_deployed, "mlp", scenario, forget=1)
+    if scenario == "class":
+        _released_forgotten_and_useful(prod_stack, fashion_deployed, "mlp", scenario, forget=1)
+        return
+    # This MLP memorises (train 0.93, held-out 0.86): its 270 random records score like its
+    # members (Z ≈ 6.5, a set it never saw ≈ 0), and head-only ascent within the guard
+    # cannot change that. Released, it would be a false release: it is held, saying why.
+    stack, trained = prod_stack, fashion_deployed
+    model = stack.register(trained, "mlp")
+    keys = _random_keys(trained)
+    job = stack.submit(model, keys)
+    assert run(stack, job) == Outcome.SUCCEEDED
+    request = get(stack, f"/v1/deletion-requests/{request_id_of(stack, job)}").json()
+    evidence, policy = request["evidence"], request["policy"]
+    assert request["status"] == "needs_review"
+    assert policy["reason"] == "not-forgotten-within-guard" and policy["failed"] == ["membership"]
+    assert evidence["outcome"] == "remembered" and evidence["n"] == len(keys)
+    assert evidence["advantage"] > evidence["max_advantage"]  # the model has a signal
+    assert evidence["statistic"] > evidence["band"][1] and evidence["false_release_rate"] > 0.05
+    assert len(evidence["per_record_z"]) == len(keys)
+    assert set(stack.record_states(stack.models[model], keys).values()) == {"present"}
+
+
+def _random_keys(trained: Trained) -> list[str]:
+    """A tenth of the training records, the member probe (the last 300) left out."""
+    ids = _arrays(trained.train_npz)[0]
+    pool = ids[:-300]
+    rng = np.random.default_rng(11)
+    return [pool[i] for i in sorted(rng.choice(len(pool), size=len(pool) // 10, replace=False))]
 
 
 def _released_forgotten_and_useful(
@@ -126,15 +134,12 @@ def _released_forgotten_and_useful(
 ) -> None:
     model = stack.register(trained, label)
     ids, _, labels = _arrays(trained.train_npz)
-    probe = set(ids[-300:])  # the harness's member probe: retained records
     if scenario == "class":
         forget_class: int | None = forget
         keys = [k for k, c in zip(ids, labels, strict=True) if c == forget_class]
     else:
         forget_class = None
-        rng = np.random.default_rng(11)
-        pool = [k for k in ids if k not in probe]
-        keys = [pool[i] for i in sorted(rng.choice(len(pool), size=len(pool) // 10, replace=False))]
+        keys = _random_keys(trained)
     job = stack.submit(model, keys)  # no params at all
     assert run(stack, job) == Outcome.SUCCEEDED
     request = get(stack, f"/v1/deletion-requests/{request_id_of(stack, job)}").json()
@@ -142,7 +147,7 @@ def _released_forgotten_and_useful(
     metrics = view["metrics"]
     policy = metrics["policy"]
     calibration = metrics["influence"]["calibration"]
-    assert request["status"] == "completed", (policy, calibration)
+    assert request["status"] == "completed", json.dumps([policy, calibration])[:4000]
     assert policy["decision"] == "active" and policy["failed"] == []
     # The job view shows the controller's record of what it did.
     assert calibration["mode"] == "auto" and "trajectory" in calibration
@@ -166,8 +171,11 @@ def _released_forgotten_and_useful(
         m_before = metrics["before"]["eval_acc_retained_classes"]
         m_after = metrics["after"]["eval_acc_retained_classes"]
     else:
-        assert metrics["after"]["forget_loss_auc"] <= metrics["after"]["forget_loss_auc_limit"]
         m_before, m_after = metrics["before"]["eval_acc"], metrics["after"]["eval_acc"]
+    # Released with its evidence: the records sit inside the non-member band.
+    evidence = request["evidence"]
+    assert evidence["releases"] and evidence["n"] == len(keys)
+    assert evidence["band"][0] <= evidence["statistic"] <= evidence["band"][1]
     assert m_before - m_after <= 0.03, (m_before, m_after)
     # On all held-out records (both halves), from the downloaded checkpoint.
     assert before - after <= 0.03, (before, after)

@@ -158,7 +158,7 @@ def test_thresholds_decide_and_are_recorded(stack: Stack, trained: Trained) -> N
         stack,
         model,
         trained.train_ids[:8],
-        {"max_eval_acc_drop": 0.0, "max_forget_auc_excess": 1.0, "mode": "random"},
+        {"max_eval_acc_drop": 0.0, "mode": "random"},
     )
     assert run(stack, job) == Outcome.SUCCEEDED
     version = stack.versions(model)[-1]
@@ -167,11 +167,12 @@ def test_thresholds_decide_and_are_recorded(stack: Stack, trained: Trained) -> N
     drop = next(c for c in policy["checks"] if c["name"] == "eval_acc_drop")
     assert drop["value"] == pytest.approx(before["eval_acc"] - after["eval_acc"], abs=1e-6)
     assert drop["limit"] == 0.0 and drop["ok"] == (drop["value"] <= 0.0)
-    unseen = next(c for c in policy["checks"] if c["name"] == "forget_indistinguishable")
-    excess = after["forget_loss_auc"] - after["forget_loss_auc_limit"]
-    assert unseen["value"] == pytest.approx(excess, abs=1e-6) and unseen["ok"] is True
+    # The membership check restates the after-metrics' evidence; its outcome decides.
+    member = next(c for c in policy["checks"] if c["name"] == "membership")
+    assert member["evidence"]["n"] == 8 and member["value"] == after["membership"]["statistic"]
+    assert member["ok"] == after["membership"]["releases"]
     assert "mia_confidence" in after and "mia_efficacy" in after
-    expected = "candidate" if not drop["ok"] else "active"
+    expected = "active" if drop["ok"] and member["ok"] else "candidate"
     assert version["status"] == policy["decision"] == expected
     assert policy["thresholds"]["max_eval_acc_drop"] == 0.0
 
@@ -190,8 +191,11 @@ def test_class_wise_forget_set_is_judged_by_forget_accuracy(stack: Stack, traine
     metrics = stack.versions(model)[-1]["metrics"]
     policy = metrics["policy"]
     assert policy["class_wise"] is True and policy["mode"] == "class"
-    assert [c["name"] for c in policy["checks"]] == ["eval_acc_drop", "forget_acc"]
-    assert policy["decision"] == "active"
+    assert [c["name"] for c in policy["checks"]] == ["eval_acc_drop", "forget_acc", "membership"]
+    # Same-class non-members are the class-wise comparison.
+    assert "same-class" in policy["checks"][2]["evidence"]["test"]
+    assert policy["checks"][1]["ok"] is True
+    assert policy["decision"] == ("active" if policy["failed"] == [] else "candidate")
     # Utility is judged on the classes that remain, measured before and after.
     drop = policy["checks"][0]
     assert drop["metric"] == "eval_acc_retained_classes"
@@ -214,9 +218,10 @@ def test_class_wise_eval_drop_ignores_the_forgotten_class() -> None:
     # Losing the forgotten class costs 9 points overall but only 1 on the other classes.
     before = {"eval_acc": 0.98, "eval_acc_retained_classes": 0.98, "forget_acc": 1.0}
     after = {"eval_acc": 0.89, "eval_acc_retained_classes": 0.97, "forget_acc": 0.05}
+    after["membership"] = {"outcome": "forgotten", "releases": True, "statistic": 0.3}
     assert decide(policy, before, after, class_wise=True)["decision"] == "active"
     # The same numbers for a random forget set are judged on all of eval.
-    unseen = {"forget_loss_auc": 0.52, "forget_loss_auc_limit": 0.56}
+    unseen = {"membership": {"outcome": "forgotten", "releases": True, "statistic": 0.1}}
     random = decide(policy, before, {**after, **unseen}, class_wise=False)
     assert random["decision"] == "candidate" and random["failed"] == ["eval_acc_drop"]
     assert random["checks"][0]["metric"] == "eval_acc"
@@ -277,9 +282,32 @@ def test_no_utility_evidence_is_never_activated() -> None:
     # No eval dataset: neither the drop nor the indistinguishability test can run.
     result = decide(policy, {"forget_acc": 1.0}, {"forget_acc": 0.0}, class_wise=False)
     assert result["decision"] == "candidate"
-    assert result["failed"] == ["eval_acc_drop", "forget_indistinguishable"]
+    assert result["failed"] == ["eval_acc_drop", "membership"]
     assert all("not measured" in r for r in result["reasons"])
+    assert result["reason"] == "eval_acc_drop-not-measured"
     # Class-wise with forgetting measured but utility not: still held.
-    held = decide(policy, {"forget_acc": 1.0}, {"forget_acc": 0.0}, class_wise=True)
+    evidence = {"membership": {"outcome": "forgotten", "releases": True, "statistic": 0.0}}
+    held = decide(policy, {"forget_acc": 1.0}, {"forget_acc": 0.0, **evidence}, class_wise=True)
     assert held["decision"] == "candidate" and held["failed"] == ["eval_acc_drop"]
     assert held["reasons"] == ["eval_acc_drop: not measured (no eval dataset)"]
+
+
+def test_membership_outcomes_hold_with_a_named_reason() -> None:
+    from service.trust.policy import decide
+
+    policy = {"max_eval_acc_drop": 0.05, "mode": "auto", "require_review": False}
+    before = {"eval_acc": 0.9}
+    for outcome, stopped, reason in [
+        ("remembered", "guard-exhausted", "not-forgotten-within-guard"),
+        ("insufficient-evidence", "budget-exhausted", "not-forgotten-within-guard"),
+        ("insufficient-evidence", "target-at-start", "insufficient-evidence"),
+        ("over-forgotten", "overshoot-exhausted", "over-forgotten"),
+    ]:
+        ev = {"outcome": outcome, "releases": False, "statistic": 2.5, "limit": -1.0}
+        got = decide(policy, before, {"eval_acc": 0.9, "membership": ev}, class_wise=False,
+                     stopped=stopped)  # fmt: skip
+        assert got["decision"] == "candidate" and got["failed"] == ["membership"]
+        assert got["reason"] == reason and reason in got["reasons"][0]
+    ok = {"outcome": "no-membership-signal", "releases": True, "statistic": 0.2}
+    got = decide(policy, before, {"eval_acc": 0.9, "membership": ok}, class_wise=False)
+    assert got["decision"] == "active" and got["reason"] is None

@@ -67,8 +67,11 @@ def train_models(n_train: int = 1200, epochs: int = 25, batch_norm: bool = False
 
     torch.manual_seed(0)
     data = load_digits()
-    x = (data.data / 16.0).astype(np.float32)
-    y = data.target.astype(np.int64)
+    # Shuffled before the split: digits is ordered by writer, and an eval set of other
+    # writers is a shifted population against which every training record looks remembered.
+    order = np.random.default_rng(0).permutation(len(data.target))
+    x = (data.data[order] / 16.0).astype(np.float32)
+    y = data.target[order].astype(np.int64)
     train_ids = [f"d{i:04d}" for i in range(n_train)]
     eval_ids = [f"e{i:04d}" for i in range(n_train, len(y))]
     probe_rows = list(range(n_train - 300, n_train))  # retained members, never forgotten
@@ -142,6 +145,10 @@ def stack_settings(
         "policy_max_eval_acc_drop": 1.0,
         "policy_max_forget_acc": 1.0,
         "policy_max_forget_auc_excess": 1.0,
+        # The membership test at its loosest: a band of ±6.1 and "no signal" up to an
+        # advantage of 0.5, so any model these tests train is released unchanged-or-not.
+        "policy_max_membership_advantage": 0.5,
+        "policy_membership_band": 1e-9,
     }
     values.update(overrides)
     return load_settings(**values)
@@ -159,7 +166,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "lease_seconds", "heartbeat_seconds", "reaper_interval_seconds", "embedded_poll_seconds",
         "queue_name", "job_soft_time_limit_s", "job_hard_time_limit_s", "log_level",
         "superseded_retention_s", "policy_max_eval_acc_drop", "policy_max_forget_acc",
-        "policy_max_forget_auc_excess", "signing_key",
+        "policy_max_forget_auc_excess", "policy_max_false_release_rate",
+        "policy_max_membership_advantage", "policy_membership_band", "signing_key",
     ):  # fmt: skip
         env["LETHE_" + name.upper()] = str(getattr(settings, name))
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", LETHE_TORCH_THREADS="1")

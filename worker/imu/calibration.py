@@ -33,6 +33,8 @@ GUARD_EXHAUSTED = "guard-exhausted"
 BUDGET_EXHAUSTED = "budget-exhausted"
 NO_HELDOUT = "no-heldout-data"
 ZERO_GRADIENT = "zero-gradient"
+OVER_FORGOTTEN_AT_START = "over-forgotten-at-start"
+OVERSHOOT_EXHAUSTED = "overshoot-exhausted"
 
 
 @dataclass
@@ -115,11 +117,20 @@ def _optimizer(problem: AscentProblem, cfg: StepConfig, lr: float) -> torch.opti
 
 
 def _step(
-    opt: torch.optim.Optimizer, problem: AscentProblem, idx: torch.Tensor, alpha: float
+    opt: torch.optim.Optimizer,
+    problem: AscentProblem,
+    idx: torch.Tensor,
+    alpha: float,
+    max_grad_norm: float | None = None,
 ) -> float:
     loss = problem.loss(idx, alpha)
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    if max_grad_norm is not None:
+        # Bounded steps: the lr was sized on θ₀'s gradient, which vanishes on memorised
+        # records (lr 0.9-2.7 measured); once ascent wakes the gradient up, an unclipped
+        # step would be orders of magnitude longer than η‖θ‖.
+        torch.nn.utils.clip_grad_norm_(problem.params, max_grad_norm)
     opt.step()
     return float(loss.detach())
 
@@ -194,6 +205,9 @@ def calibrated_ascent(
     if checks.target_met(start):
         outcome.reason, outcome.final = TARGET_AT_START, start.as_dict()
         return outcome
+    if checks.overshot(start):  # ascent only pushes the records further out
+        outcome.reason, outcome.final = OVER_FORGOTTEN_AT_START, start.as_dict()
+        return outcome
     grad_norm = initial_gradient_norm(problem, generator)
     if not math.isfinite(grad_norm) or grad_norm == 0.0 or theta_norm == 0.0:
         outcome.reason, outcome.final = ZERO_GRADIENT, start.as_dict()
@@ -209,7 +223,7 @@ def calibrated_ascent(
     reason = BUDGET_EXHAUSTED
     last: Measurement = start
     for step in range(1, cfg.max_steps + 1):
-        _step(opt, problem, next(batches), alpha)
+        _step(opt, problem, next(batches), alpha, max_grad_norm=grad_norm)
         outcome.steps = step
         if progress is not None:
             progress("unlearning", step / cfg.max_steps)
@@ -217,10 +231,12 @@ def calibrated_ascent(
             continue
         now = checks.measure()
         outcome.trajectory.append({"step": step, "lr": lr, **now.as_dict()})
-        if checks.guard_failed(start, now, max_drop):
+        damaged = checks.guard_failed(start, now, max_drop)
+        if damaged or checks.overshot(now):
+            # Back to the last state that neither damaged utility nor overshot, shorter steps.
             good.restore(problem)
             if outcome.backtracks == cfg.max_backtracks:
-                reason = GUARD_EXHAUSTED
+                reason = GUARD_EXHAUSTED if damaged else OVERSHOOT_EXHAUSTED
                 break
             outcome.backtracks += 1
             lr /= 2  # and momentum starts afresh: the old velocity pointed into the damage

@@ -16,12 +16,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from worker.imu._util import as_inputs, model_device, model_dtype, preserved_modes
+from worker.imu.membership import OVER_FORGOTTEN, Evidence, MembershipTest
 
 LogitsFn = Callable[[], torch.Tensor]
 AUC_Z = 2.0  # the target's margin in standard errors of the AUC under "no difference"
@@ -101,9 +103,23 @@ class Measurement:
     guard_acc: float | None = None
     auc: float | None = None
     auc_limit: float | None = None
+    evidence: Evidence | None = None  # the membership test, when the caller gave one
 
-    def as_dict(self) -> dict[str, float | None]:
-        return {k: (None if v is None else round(float(v), 6)) for k, v in asdict(self).items()}
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            k: (None if v is None else round(float(v), 6))
+            for k, v in asdict(self).items()
+            if k != "evidence"
+        }
+        if self.evidence is not None:
+            ev = self.evidence
+            out["membership"] = {
+                "outcome": ev.outcome,
+                "statistic": round(ev.statistic, 4),
+                "limit": round(ev.z_limit_forgotten, 4),
+                "false_release_rate": round(ev.false_release_rate, 6),
+            }
+        return out
 
 
 class Checks:
@@ -117,6 +133,7 @@ class Checks:
         class_wise: bool,
         forget_acc_target: float,
         auc_sizes: tuple[int, int] | None = None,
+        membership: tuple[MembershipTest, nn.Module] | None = None,
     ) -> None:
         self.forget_logits, self.forget_labels = forget[0], forget[1].long()
         self.guard = None
@@ -126,6 +143,7 @@ class Checks:
         self.forget_acc_target = forget_acc_target
         # (n forget, n held-out) the AUC limits are computed for; None = the scored subsets.
         self.auc_sizes = auc_sizes
+        self.membership = membership
         forgotten = torch.unique(self.forget_labels)
         self.guard_keep = None
         if self.guard is not None and class_wise:
@@ -135,12 +153,15 @@ class Checks:
     @property
     def has_target(self) -> bool:
         """Class-wise targets need only the forget set; the AUC test needs held-out data."""
-        return self.class_wise or self.guard is not None
+        return self.class_wise or self.guard is not None or self.membership is not None
 
     def measure(self) -> Measurement:
         logits = self.forget_logits()
         y = self.forget_labels.to(logits.device)
         result = Measurement(forget_acc=float((logits.argmax(1) == y).double().mean()))
+        if self.membership is not None:
+            test, model = self.membership
+            result.evidence = test.assess(lambda x: model_logits(model, x)())
         if self.guard is None:
             return result
         g_logits = self.guard[0]()
@@ -161,9 +182,19 @@ class Checks:
         return result
 
     def target_met(self, m: Measurement) -> bool:
+        """With a membership test: its evidence releases (class-wise requests also at their
+        forget-accuracy target); without one, the AUC test or the class-wise target."""
+        if m.evidence is not None:
+            at_acc = not self.class_wise or m.forget_acc <= self.forget_acc_target
+            return m.evidence.releases and at_acc
         if self.class_wise:
             return m.forget_acc <= self.forget_acc_target
         return m.auc is not None and m.auc_limit is not None and m.auc <= m.auc_limit
+
+    @staticmethod
+    def overshot(m: Measurement) -> bool:
+        """Pushed past unseen level: the records now stand out the other way."""
+        return m.evidence is not None and m.evidence.outcome == OVER_FORGOTTEN
 
     @staticmethod
     def guard_failed(start: Measurement, now: Measurement, max_drop: float) -> bool:
@@ -193,6 +224,7 @@ def build_checks(
     seed: int,
     head: nn.Linear | None = None,
     forget_features: torch.Tensor | None = None,
+    membership: MembershipTest | None = None,
 ) -> Checks:
     """Checks on seeded subsets of the forget and held-out sets. With ``head`` (θ is the
     head and the backbone is frozen in eval mode) the logits come from cached features."""
@@ -216,5 +248,5 @@ def build_checks(
     return Checks(
         (forget_fn, torch.as_tensor(y_f)[pick]), guard,
         class_wise=class_wise, forget_acc_target=forget_acc_target,
-        auc_sizes=sizes,
+        auc_sizes=sizes, membership=None if membership is None else (membership, model),
     )  # fmt: skip

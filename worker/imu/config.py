@@ -20,7 +20,8 @@ CALIBRATED_FIELDS = ("lr", "alpha", "epochs")
 # guard_max_drop by request kind when it is left unset (ALGORITHM.md §5).
 GUARD_DROP_CLASS_WISE = 0.03
 GUARD_DROP_OTHER = 0.02
-OPTIONAL_FLOATS = ("guard_max_drop",)  # None = chosen per request
+OPTIONAL_FLOATS = ("guard_max_drop", "top_data")  # None = chosen per request / mode
+PAPER_TOP_DATA = 0.1  # the authors' released value (calibration off)
 _DEVICE_RE = re.compile(r"^(cpu|cuda|mps)(:\d{1,3})?$")
 
 Bounds = dict[str, tuple[float, float, bool, bool]]  # (low, high, low inclusive, high incl.)
@@ -199,18 +200,33 @@ class IMUConfig(StepConfig):
         the whole backbone in eval mode, so every tensor outside θ stays bit-identical, and
         for a final-Linear θ the features are computed once and the steps run on the head
         alone. The default was chosen by measurement (bench/RESULTS.md).
+    top_data: share of the negatively influential records kept (the paper's selection).
+        null (default) = every named record takes part under calibration (a deletion
+        request names each record to forget; ascending 1 of 3 left the others memorised),
+        and the authors' 0.1 with calibration off.
     l1_scale: κ, the calibrated L1 shrink per step as a share of θ's RMS
         (α = κ‖θ‖/(√P·lr)).
     influence_batch_size: chunk size of the influence pass (memory bound, not a result knob).
     """
 
-    top_data: float = 0.1
+    top_data: float | None = None
     clip_quantile: float = 0.93
     damping: float = 0.01
     alpha: float = 0.2
     backbone_mode: str = "train"
     l1_scale: float = 1e-3
     influence_batch_size: int = 512
+
+    @property
+    def selects_all(self) -> bool:
+        """Every record takes part (top_data left unset under calibration)."""
+        return self.top_data is None and self.calibrated
+
+    @property
+    def resolved_top_data(self) -> float:
+        if self.top_data is not None:
+            return self.top_data
+        return 1.0 if self.calibrated else PAPER_TOP_DATA
 
     _FLOAT_BOUNDS: ClassVar[Bounds] = {
         **StepConfig._FLOAT_BOUNDS,

@@ -9,7 +9,11 @@ import torch
 
 
 def select_and_weight(
-    scores: torch.Tensor, top_data: float = 0.1, clip_quantile: float = 0.93
+    scores: torch.Tensor,
+    top_data: float = 0.1,
+    clip_quantile: float = 0.93,
+    *,
+    keep_all: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """Keep the samples with I_i < 0, largest |I_i| first, k = max(1, floor(top_data * #cand));
     weight w_i = sqrt|I_i| clipped from above at the ``clip_quantile`` quantile (linear
@@ -62,7 +66,13 @@ def select_and_weight(
     raw = scores[kept].abs().sqrt()
     clip = float(torch.quantile(raw, clip_quantile, interpolation="linear"))
     weights = raw.clamp(max=clip)
+    if keep_all and kept.numel() < n:
+        rest = torch.nonzero(~torch.isin(torch.arange(n), kept)).flatten()
+        kept = torch.cat([kept, rest])
+        weights = torch.cat([weights, torch.full((rest.numel(),), float(weights.min()), dtype=weights.dtype)])
+        k = n
     info.update(
+        keep_all=keep_all,
         kept=int(k),
         clip_value=clip,
         weight_min=float(weights.min()),

@@ -86,6 +86,12 @@ class TextChecks:
         unseen_auc = m.auc is not None and m.auc_limit is not None and m.auc <= m.auc_limit
         return unseen_auc or m.forget_nll >= self.nll_target
 
+    @staticmethod
+    def overshot(m: TextMeasurement) -> bool:
+        """Pushed past unseen level: the min-k AUC below 0.5 by more than its 2·SE margin
+        (the release policy's check is two-sided)."""
+        return m.auc is not None and m.auc_limit is not None and m.auc < 1.0 - m.auc_limit
+
     def guard_failed(self, start: TextMeasurement, now: TextMeasurement, max_drop: float) -> bool:
         before, after = start.heldout_ppl, now.heldout_ppl
         if before is not None and after is not None and after > before * (1 + self.ppl_max_rise):

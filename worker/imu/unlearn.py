@@ -5,7 +5,9 @@ Both functions update the model in place and return it in an ``UnlearnResult`` w
 controller (``worker.imu.calibration``): calibrated by default, the fixed schedule with
 ``calibration="off"``. ``heldout`` is the guard half of the eval set (records the model
 never trained on) and ``class_wise`` says whether the forget set is whole classes; both
-shape the calibration's target and guard.
+shape the calibration's target and guard. ``membership`` (a ``MembershipTest`` over the
+forget records, the model's members and its non-members) makes the calibration aim at
+per-record membership evidence (ALGORITHM.md §6) instead of the loss-AUC test.
 
 ``progress(phase, fraction)`` is called with phase "influence" and "unlearning" (at least
 once per epoch or step); an exception raised by it propagates unchanged — that is how the
@@ -43,6 +45,7 @@ from worker.imu.calibration import AscentProblem, calibrated_ascent, fixed_sched
 from worker.imu.checks import build_checks
 from worker.imu.config import GAConfig, IMUConfig, StepConfig, resolve_device
 from worker.imu.influence import compute_influence
+from worker.imu.membership import MembershipTest
 from worker.imu.selection import select_and_weight
 
 Pair = tuple[torch.Tensor, torch.Tensor]
@@ -116,6 +119,7 @@ def unlearn(
     *,
     heldout: Pair | None = None,
     class_wise: bool = False,
+    membership: MembershipTest | None = None,
 ) -> UnlearnResult:
     """Run IMU on the forget set (inputs, labels); update θ of ``model`` in place.
 
@@ -145,7 +149,9 @@ def unlearn(
     t_influence = time.perf_counter()
 
     # Steps 5-6.
-    kept, weights, info = select_and_weight(infl.scores, cfg.top_data, cfg.clip_quantile)
+    kept, weights, info = select_and_weight(
+        infl.scores, cfg.resolved_top_data, cfg.clip_quantile, keep_all=cfg.selects_all
+    )
     t_selection = time.perf_counter()
 
     # Step 7.
@@ -193,6 +199,7 @@ def unlearn(
             forget_acc_target=cfg.forget_acc_target, seed=cfg.seed,
             head=cached_head,
             forget_features=all_features if cached_head is not None else None,
+            membership=membership,
         )  # fmt: skip
 
     _call(progress, "unlearning", 0.0)
@@ -244,6 +251,7 @@ def gradient_ascent(
     *,
     heldout: Pair | None = None,
     class_wise: bool = False,
+    membership: MembershipTest | None = None,
 ) -> UnlearnResult:
     """Baseline ``ga``: SGD ascent on the mean cross-entropy of the whole forget set.
 
@@ -279,7 +287,7 @@ def gradient_ascent(
     def make_checks() -> Any:
         return build_checks(
             model, (inputs, labels), heldout, class_wise=class_wise,
-            forget_acc_target=cfg.forget_acc_target, seed=cfg.seed,
+            forget_acc_target=cfg.forget_acc_target, seed=cfg.seed, membership=membership,
         )  # fmt: skip
 
     t0 = time.perf_counter()
