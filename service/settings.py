@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -65,9 +66,16 @@ class Settings(BaseSettings):
         description="Largest chance that records the model still remembers pass as forgotten.",
     )  # fmt: skip
     policy_max_membership_advantage: float = Field(
-        0.1, ge=0, le=0.5,
+        0.1,
+        ge=0,
+        le=0.5,
         description="Largest remembered-vs-unseen distance at which an unchanged model is an "
         "honest answer (no membership signal).",
+    )
+    escalation: Literal["retrain", "off"] = Field(
+        "retrain",
+        description="When an approximate result would be held for a forgetting reason and the "
+        "model has a training recipe: retrain without the records (exact), or hold it (off).",
     )
     policy_membership_band: float = Field(
         0.05, gt=0, le=0.5,

@@ -29,8 +29,7 @@ from sqlalchemy.orm import Session
 from service.domain.states import PHASES, JobStatus, Phase, VersionStatus
 from service.storage.db import transaction
 from service.storage.models import Job
-from service.trust.lm_policy import decide_lm
-from service.trust.policy import decide, effective_policy
+from service.trust.policy import effective_policy
 from service.trust.purge import key_sha256
 from worker.context import Outcome, RunnerContext, RunResult
 from worker.errors import (
@@ -42,6 +41,7 @@ from worker.errors import (
     time_limit_problem,
     transient_problem,
 )
+from worker.forgetting import Answer, answer
 from worker.job_queue import (
     Claim,
     Fence,
@@ -122,15 +122,16 @@ class Execution:
             self.membership = self._membership_test(loaded)
             before = self._evaluate(loaded)
             self.check()
-            stats = self._unlearn(loaded)
-            self._enter(Phase.EVALUATING)
-            self.check()
-            after = self._evaluate(loaded)
+            rules = effective_policy(self.ctx.settings, loaded.params.get("policy"))
+            result = answer(
+                loaded, before, rules, escalation=self.ctx.settings.escalation,
+                evaluate=self._evaluate_after, approximate=self._unlearn, exact=self._retrain,
+            )  # fmt: skip
             self.progress(Phase.EVALUATING, 1.0)
             self._enter(Phase.SAVING)
             self.check()
             self.timings["total"] = time.perf_counter() - started
-            version_id = self._save(loaded, before, after, stats, started)
+            version_id = self._save(loaded, result, started)
             return RunResult(Outcome.SUCCEEDED, self.job_id, version_id=version_id)
         except Cancelled:
             return self._finish_cancelled()
@@ -163,6 +164,34 @@ class Execution:
             member_probe=loaded.member_probe, class_wise=loaded.class_wise,
             membership=self.membership,
         )  # fmt: skip
+
+    def _evaluate_after(self, loaded: Loaded) -> dict[str, Any]:
+        self._enter(Phase.EVALUATING)
+        self.check()
+        return self._evaluate(loaded)
+
+    def _retrain(self, loaded: Loaded) -> dict[str, Any]:
+        """Exact forgetting: the recipe on the retained records; progress per epoch (each
+        report is also where a cancel or a lost lease stops the run)."""
+        from worker.imu.recipe import Recipe, retrain
+
+        if loaded.recipe is None or loaded.retained is None:
+            raise JobError(
+                "no-recipe", "No training recipe",
+                loaded.exact_route or "the model has no training recipe to retrain with",
+            )  # fmt: skip
+        self._enter(Phase.UNLEARNING)
+        recipe = Recipe.from_dict(loaded.recipe)
+        x, y = loaded.retained()
+        self.progress(Phase.UNLEARNING, 0.0)
+        t0 = time.perf_counter()
+        model, stats = retrain(
+            loaded.architecture, loaded.arch_kwargs or {}, x, y, recipe, device=self.ctx.device,
+            on_epoch=lambda done, _loss: self.progress(Phase.UNLEARNING, done / recipe.epochs),
+        )  # fmt: skip
+        stats["seconds"] = {"retrain": time.perf_counter() - t0}
+        loaded.model = model
+        return stats
 
     def _membership_test(self, loaded: Loaded) -> Any:
         """The request's membership test (ALGORITHM.md §6), at the policy's thresholds, or
@@ -201,14 +230,7 @@ class Execution:
             raise JobError("invalid-params", "Invalid parameters", str(exc)) from None
 
     # Saving ----------------------------------------------------------------------------
-    def _save(
-        self,
-        loaded: Loaded,
-        before: dict[str, Any],
-        after: dict[str, Any],
-        stats: dict[str, Any],
-        started: float,
-    ) -> str:
+    def _save(self, loaded: Loaded, result: Answer, started: float) -> str:
         key = checkpoint_key(self.model_id, self.job_id, self.attempt)
         self.written_key = key  # set first: a half-written file is deleted too
         state = loaded.model
@@ -221,12 +243,7 @@ class Execution:
         self.ctx.hook("before_save", self.job_id)
         self._close_phase()
         self.timings["total"] = time.perf_counter() - started
-        rules = effective_policy(self.ctx.settings, loaded.params.get("policy"))
-        if loaded.lm:
-            policy = decide_lm(rules, before, after)
-        else:
-            stopped = (stats.get("calibration") or {}).get("reason")
-            policy = decide(rules, before, after, class_wise=loaded.class_wise, stopped=stopped)
+        before, after, stats, policy = result.before, result.after, result.stats, result.policy
         metrics = {
             "before": before,
             "after": after,
@@ -236,6 +253,8 @@ class Execution:
             "n_forget": len(loaded.keys),
             "eval_split": loaded.eval_split,
             "policy": policy,
+            "forgetting": result.forgetting,
+            "attempts": result.attempts,
         }
         try:
             version_id = commit_version(self.ctx, self.fence, loaded, stored, metrics,

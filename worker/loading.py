@@ -66,6 +66,9 @@ class JobInputs:
     kind: str
     params: dict[str, Any]
     keys: list[str]
+    recipe: dict[str, Any] | None = None
+    # The recipe's datasets with their present keys, when the model has a recipe.
+    recipe_sources: tuple[tuple[DataSource, tuple[str, ...]], ...] = ()
 
 
 @dataclass
@@ -88,6 +91,11 @@ class Loaded:
     eval_split: dict[str, Any] | None = None
     lm: bool = False  # a causal LM (worker/lm_job.py)
     layout: dict[str, Any] | None = None  # LM: the registered keys -> torch dtypes, kept on save
+    architecture: str = ""
+    arch_kwargs: dict[str, Any] | None = None
+    recipe: dict[str, Any] | None = None  # usable for exact retraining (see exact_route)
+    retained: Callable[[], Pair] | None = None  # the recipe's training rows minus the forget set
+    exact_route: str | None = None  # why no exact route, when the model has a recipe
 
 
 class DatasetCache:
@@ -178,7 +186,37 @@ class Loader:
             kind=inputs.kind, params=inputs.params, keys=inputs.keys,
             dataset_id=inputs.dataset.dataset_id, source_version_id=inputs.version_id,
             class_wise=class_wise, nonmembers=nonmembers, members=members,
+            architecture=inputs.architecture, arch_kwargs=inputs.arch_kwargs,
+            **self._exact_route(inputs),
         )  # fmt: skip
+
+    def _exact_route(self, inputs: JobInputs) -> dict[str, Any]:
+        """The recipe and a loader of its retained rows, or why retraining cannot answer."""
+        if not inputs.recipe:
+            return {}
+        sources = dict((s.dataset_id, (s, keys)) for s, keys in inputs.recipe_sources)
+        if inputs.dataset.dataset_id not in sources:
+            return {"exact_route": "the request's dataset is not among the recipe's datasets"}
+        forget = set(inputs.keys)
+
+        def retained() -> Pair:
+            import torch
+
+            parts = []
+            for source, keys in inputs.recipe_sources:
+                if source.dataset_id == inputs.dataset.dataset_id:
+                    keys = tuple(k for k in keys if k not in forget)
+                if keys:
+                    parts.append(self._load_rows(source, list(keys)))
+            if not parts:
+                raise JobError(
+                    "nothing-to-train-on", "Nothing to train on",
+                    "the request names every record the recipe trains on: no model can be "
+                    "trained without them",
+                )  # fmt: skip
+            return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
+
+        return {"recipe": inputs.recipe, "retained": retained}
 
     def _member_keys(self, inputs: JobInputs) -> list[str] | None:
         """Up to MAX_MEMBERS retained records of the forget set's dataset, a sample seeded
@@ -229,6 +267,8 @@ class Loader:
                 kind=job.kind,
                 params=dict(job.params or {}),
                 keys=keys,
+                recipe=model_row.recipe,
+                recipe_sources=_recipe_sources(session, model_row.recipe),
             )
 
     def current_source(self, dataset_id: str) -> DataSource | None:
@@ -403,6 +443,23 @@ def _check_records(session: Session, dataset_id: str, keys: list[str]) -> None:
             f"{len(problems)} of the requested records are missing or already forgotten",
             errors=problems[:100],
         )
+
+
+def _recipe_sources(
+    session: Session, recipe: dict[str, Any] | None
+) -> tuple[tuple[DataSource, tuple[str, ...]], ...]:
+    if not recipe:
+        return ()
+    out = []
+    for dataset_id in recipe.get("datasets") or []:
+        dataset = session.get(Dataset, dataset_id)
+        if dataset is None:
+            raise JobError(
+                "dataset-missing", "Recipe dataset missing",
+                f"the recipe's dataset {dataset_id} is gone", status=404,
+            )  # fmt: skip
+        out.append((DataSource.of(dataset), tuple(_present_keys(session, dataset) or [])))
+    return tuple(out)
 
 
 def _present_keys(session: Session, dataset: Dataset | None) -> list[str] | None:

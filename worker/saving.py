@@ -105,7 +105,9 @@ def commit_version(
                      "size_bytes": stored.size, "status": status,
                      "superseded_id": source.id if active else None,
                      "policy": {"failed": metrics["policy"]["failed"],
-                                "mode": metrics["policy"]["mode"]}},
+                                "mode": metrics["policy"]["mode"]},
+                     "forgetting": metrics.get("forgetting"),
+                     "attempts": metrics.get("attempts") or []},
         )  # fmt: skip
         if active:
             try:

@@ -102,6 +102,12 @@ class ModelOut(_Out):
     name: str
     architecture: str
     arch_kwargs: dict[str, Any]
+    recipe: dict[str, Any] | None = Field(
+        default=None,
+        description="How version 1 was trained (TrainingRecipe, datasets as ids); null = no "
+        "exact route: requests are answered approximately or held.",
+    )
+    recipe_sha256: str | None = Field(default=None, description="What receipts cite.")
     active_version: VersionOut | None
 
 
@@ -177,7 +183,7 @@ class DeletionRequestOut(_Out):
     model: str
     dataset: str
     record_keys: list[str]
-    method: Literal["imu", "ga"]
+    method: Literal["imu", "ga", "retrain"]
     params: dict[str, Any]
     subject_ref: str | None
     reason: str | None
@@ -188,6 +194,16 @@ class DeletionRequestOut(_Out):
     policy: PolicyDecision | None = Field(description="Why the result was released or held.")
     evidence: MembershipEvidence | None = Field(
         default=None, description="Per-record membership evidence (classifiers)."
+    )
+    forgetting: Literal["approximate", "exact"] | None = Field(
+        default=None,
+        description="exact: retrained without the records by the model's recipe; approximate: "
+        "IMU or gradient ascent, judged by the evidence.",
+    )
+    attempts: list[dict[str, Any]] | None = Field(
+        default=None,
+        description="Each attempt in order: method, outcome (released | held), reason, "
+        "evidence summary, seconds (an escalated request lists imu, then retrain).",
     )
     job: JobOut | None
 

@@ -192,6 +192,15 @@ def _register_models(app: typer.Typer) -> None:
         description: Annotated[
             str | None, typer.Option(help="Free text shown with the model.")
         ] = None,
+        recipe: Annotated[
+            Path | None,
+            typer.Option(
+                exists=True,
+                dir_okay=False,
+                help="Training recipe JSON (epochs, lr, batch_size, weight_decay, seed, "
+                "init_seed, datasets): how version 1 was trained, for exact forgetting.",
+            ),
+        ] = None,
         config: Annotated[
             Path | None,
             typer.Option(exists=True, dir_okay=False, help="causal_lm: config.json."),
@@ -226,6 +235,11 @@ def _register_models(app: typer.Typer) -> None:
         ):
             if value is not None:
                 body[key] = value
+        if recipe is not None:
+            try:
+                body["recipe"] = json.loads(recipe.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as exc:
+                raise typer.BadParameter(f"{recipe} is not JSON: {exc.msg}") from None
         extra = {
             field: path
             for field, path in (

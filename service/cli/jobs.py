@@ -156,6 +156,15 @@ def print_request_outcome(request: dict[str, Any]) -> None:
     error = job.get("error")
     if error:
         err.print(f"[red]{error.get('title', 'error')}[/]: {error.get('detail', '')}")
+    for i, attempt in enumerate(request.get("attempts") or [], 1):
+        reason = f" ({attempt.get('reason')})" if attempt.get("reason") else ""
+        out.print(
+            f"attempt {i}: {attempt.get('method')} {attempt.get('outcome')}{reason} in "
+            f"{attempt.get('seconds')} s",
+            markup=False,
+        )
+    if request.get("forgetting"):
+        out.print(f"forgetting: {request['forgetting']}", markup=False)
     evidence_line(request.get("evidence"))
     if status == RequestStatus.NEEDS_REVIEW:
         policy_table(request.get("policy"))

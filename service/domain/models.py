@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import select
@@ -39,6 +39,26 @@ from service.trust.audit import append_event
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,199}$")
 
 
+class RecipeIn(BaseModel):
+    """How version 1 was trained, so that a request can be answered exactly by retraining
+    without its records (worker.imu.recipe; ALGORITHM.md §7). The trainer is the engine's
+    `fit`: Adam on cross-entropy from weights initialised after `torch.manual_seed(init_seed)`."""
+
+    model_config = ConfigDict(extra="forbid", title="TrainingRecipe")
+
+    optimizer: Literal["adam"] = "adam"
+    epochs: int = Field(ge=1, le=100_000, strict=True)
+    lr: float = Field(gt=0, le=10, allow_inf_nan=False)
+    batch_size: int = Field(default=128, ge=1, le=1 << 20, strict=True)
+    weight_decay: float = Field(default=0.0, ge=0, le=1, allow_inf_nan=False)
+    seed: int = Field(default=0, ge=0, le=(1 << 63) - 1, strict=True)
+    init_seed: int = Field(default=0, ge=0, le=(1 << 63) - 1, strict=True)
+    datasets: list[str] = Field(
+        min_length=1, max_length=16,
+        description="The train datasets (ids or unique names) version 1 was trained on, in order.",
+    )  # fmt: skip
+
+
 class ModelSpec(BaseModel):
     """The `spec` form field of POST /v1/models."""
 
@@ -50,6 +70,7 @@ class ModelSpec(BaseModel):
     eval_dataset: str | None = None
     member_probe_dataset: str | None = None
     description: str | None = Field(default=None, max_length=10_000)
+    recipe: RecipeIn | None = None
 
 
 def parse_spec(raw: str) -> ModelSpec:
@@ -125,6 +146,30 @@ def _check_weights(
     return {"tensors": len(header)}
 
 
+def _resolve_recipe(session: Session, spec: ModelSpec, *, lm: bool) -> dict[str, Any] | None:
+    """The recipe as stored: its datasets resolved to ids, each a tensor train dataset."""
+    if spec.recipe is None:
+        return None
+    if lm:
+        raise validation(
+            "training recipes are for classifiers; re-fine-tuning a causal_lm from its base is "
+            "not supported yet",
+            [{"field": "spec.recipe", "message": "not supported for causal_lm"}],
+        )
+    ids = []
+    for i, ref in enumerate(spec.recipe.datasets):
+        field = f"spec.recipe.datasets.{i}"
+        ds = resolve_dataset(session, ref, field)
+        if ds.role != "train" or ds.kind != "tensor":
+            raise validation(
+                f"{field} {ds.id!r} is a {ds.kind} {ds.role} dataset; a recipe trains on "
+                "tensor train datasets",
+                [{"field": field, "message": "must be a tensor dataset with role train"}],
+            )
+        ids.append(ds.id)
+    return {**spec.recipe.model_dump(), "datasets": ids}
+
+
 def register_model(
     factory: sessionmaker[Session],
     storage: Storage,
@@ -150,6 +195,7 @@ def register_model(
             probe_ds = resolve_dataset(
                 session, spec.member_probe_dataset, "spec.member_probe_dataset"
             )
+        recipe = _resolve_recipe(session, spec, lm=lm_files is not None)
     for ds, role, field in (
         (eval_ds, "eval", "spec.eval_dataset"),
         (probe_ds, "member_probe", "spec.member_probe_dataset"),
@@ -188,6 +234,7 @@ def register_model(
                 description=spec.description,
                 eval_dataset_id=eval_ds.id if eval_ds else None,
                 member_probe_dataset_id=probe_ds.id if probe_ds else None,
+                recipe=recipe,
             )
             session.add(model)
             session.flush()
@@ -217,6 +264,7 @@ def register_model(
                     "arch_kwargs": arch_kwargs,
                     "eval_dataset_id": model.eval_dataset_id,
                     "member_probe_dataset_id": model.member_probe_dataset_id,
+                    "recipe": recipe,
                 },
             )
             append_event(

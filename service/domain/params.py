@@ -47,23 +47,23 @@ class PolicyOverrides(BaseModel):
         description="Language models: allowed min-k AUC distance from 0.5 beyond its 2·SE "
         "limit (either side).",
     )
-    max_false_release_rate: Annotated[
-        float, Field(gt=0.0, le=0.5, strict=True, allow_inf_nan=False)
-    ] | None = Field(
+    max_false_release_rate: (
+        Annotated[float, Field(gt=0.0, le=0.5, strict=True, allow_inf_nan=False)] | None
+    ) = Field(
         default=None,
         description="Classifiers: largest chance that records the model still remembers "
         "pass the membership test as forgotten.",
     )
-    max_membership_advantage: Annotated[
-        float, Field(ge=0.0, le=0.5, strict=True, allow_inf_nan=False)
-    ] | None = Field(
+    max_membership_advantage: (
+        Annotated[float, Field(ge=0.0, le=0.5, strict=True, allow_inf_nan=False)] | None
+    ) = Field(
         default=None,
         description="Classifiers: largest remembered-vs-unseen distance at which the model "
         "shows no membership signal (an unchanged model is then released).",
     )
-    membership_band: Annotated[
-        float, Field(gt=0.0, le=0.5, strict=True, allow_inf_nan=False)
-    ] | None = Field(
+    membership_band: (
+        Annotated[float, Field(gt=0.0, le=0.5, strict=True, allow_inf_nan=False)] | None
+    ) = Field(
         default=None,
         description="Classifiers: two-sided level of the membership test's non-member band.",
     )
@@ -164,6 +164,16 @@ def _derived(name: str, config: type, doc: str, exclude: tuple[str, ...] = ()) -
     return model
 
 
+class RetrainParams(BaseModel):
+    """Method `retrain`: the model's recipe decides everything; only the policy is open."""
+
+    model_config = ConfigDict(extra="forbid", title="RetrainParams")
+
+    policy: PolicyOverrides | None = Field(
+        default=None, description="Release-policy overrides for this request."
+    )
+
+
 @cache
 def param_models() -> dict[str, type[BaseModel]]:
     """`{"imu": IMUParams, "ga": GAParams, "lm": LMParams}`, built once from the engine
@@ -178,6 +188,7 @@ def param_models() -> dict[str, type[BaseModel]]:
         "ga": _derived(
             "GAParams", GAConfig, "Overrides of the gradient-ascent settings (method `ga`)."
         ),
+        "retrain": RetrainParams,
         # `method` is the request's own field; `ascent_term` is the classifier loss (unused here).
         "lm": _derived(
             "LMParams",
@@ -213,7 +224,7 @@ def validate_params(method: str, params: Any, architecture: str | None = None) -
                 [{"field": f"params.{key}", "message": "not allowed"}],
             )
     lm = architecture is not None and is_lm(architecture)
-    model = param_models()["lm" if lm else method]
+    model = param_models()["lm" if lm and method != "retrain" else method]
     try:
         parsed = model.model_validate(params)
     except ValidationError as exc:
@@ -226,7 +237,8 @@ def validate_params(method: str, params: Any, architecture: str | None = None) -
     # null means "the default": only the values given are stored.
     stored: dict[str, Any] = parsed.model_dump(exclude_unset=True, exclude_none=True)
     policy = stored.pop("policy", None)
-    _check_engine(method, stored, lm=lm)
+    if method != "retrain":
+        _check_engine(method, stored, lm=lm)
     if policy is not None:
         stored["policy"] = policy
     return stored

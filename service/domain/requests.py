@@ -55,7 +55,12 @@ class DeletionRequestIn(BaseModel):
     model: str = Field(min_length=1, max_length=200, description="Model name.")
     dataset: str = Field(min_length=1, max_length=200, description="Dataset id (or unique name).")
     record_keys: list[str] = Field(min_length=1, max_length=MAX_KEYS)
-    method: Literal["imu", "ga"] = "imu"
+    method: Literal["imu", "ga", "retrain"] = Field(
+        default="imu",
+        description="imu (default; escalates to retrain when the model has a recipe and "
+        "forgetting cannot be shown), ga, or retrain (exact: the model's recipe without the "
+        "records).",
+    )
     # Checked per method in service.domain.params (its models are the documented schema).
     params: Annotated[
         dict[str, Any],
@@ -64,8 +69,10 @@ class DeletionRequestIn(BaseModel):
                 "anyOf": [
                     {"$ref": "#/components/schemas/IMUParams"},
                     {"$ref": "#/components/schemas/GAParams"},
+                    {"$ref": "#/components/schemas/RetrainParams"},
                 ],
-                "description": "Method settings: IMUParams for `imu`, GAParams for `ga`; "
+                "description": "Method settings: IMUParams for `imu`, GAParams for `ga`, "
+                "RetrainParams for `retrain`; "
                 "`policy` overrides the release policy. Omitted keys keep their defaults.",
             }
         ),
@@ -330,9 +337,16 @@ def submit_deletion_request(
         if replay:
             return replay
     with factory() as session:
-        architecture = session.execute(
-            select(Model.architecture).where(Model.name == body.model)
-        ).scalar_one_or_none()
+        found = session.execute(
+            select(Model.architecture, Model.recipe).where(Model.name == body.model)
+        ).first()
+    architecture, recipe = (found[0], found[1]) if found else (None, None)
+    if body.method == "retrain" and found is not None and not recipe:
+        raise validation(
+            f"model {body.model!r} has no training recipe, so it cannot be retrained; register "
+            "it with a `recipe`, or use method imu",
+            [{"field": "method", "message": "the model has no recipe"}],
+        )
     params = validate_params(body.method, body.params, architecture)
 
     def unit(session: Session) -> Submission:

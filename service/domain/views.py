@@ -58,9 +58,20 @@ def model_view(m: Model, active: ModelVersion | None) -> dict[str, Any]:
         "description": m.description,
         "eval_dataset_id": m.eval_dataset_id,
         "member_probe_dataset_id": m.member_probe_dataset_id,
+        "recipe": m.recipe,
+        "recipe_sha256": recipe_sha256(m.recipe),
         "created_at": iso(m.created_at),
         "active_version": version_view(active, m.name) if active is not None else None,
     }
+
+
+def recipe_sha256(recipe: dict[str, Any] | None) -> str | None:
+    """The identity receipts cite for a recipe (worker.imu.recipe.Recipe.sha256)."""
+    if not recipe:
+        return None
+    from worker.imu.recipe import Recipe
+
+    return Recipe.from_dict(recipe).sha256()
 
 
 def policy_view(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -146,6 +157,8 @@ def request_view(
                 ),
                 "policy": policy_view(job.metrics) if job is not None else None,
                 "evidence": evidence_view(job.metrics) if job is not None else None,
+                "forgetting": (job.metrics or {}).get("forgetting") if job is not None else None,
+                "attempts": (job.metrics or {}).get("attempts") if job is not None else None,
                 "model": model_name,
                 "dataset": req.dataset_id,
                 "record_keys": req.record_keys,

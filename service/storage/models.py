@@ -119,6 +119,8 @@ class Model(Base):
     member_probe_dataset_id: Mapped[str | None] = mapped_column(
         ForeignKey("datasets.id"), default=None
     )
+    # How version 1 was trained (worker.imu.recipe.Recipe as JSON); None = no exact route.
+    recipe: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -78,6 +78,7 @@ def decide(
     *,
     class_wise: bool,
     stopped: str | None = None,
+    exact: bool = False,
 ) -> dict[str, Any]:
     """The decision (`active` | `candidate`) with every check's value, limit and outcome;
     ``stopped`` is the calibration's stop reason (it names why evidence is missing)."""
@@ -105,7 +106,7 @@ def decide(
                 "no forget accuracy",
             )
         )
-    checks.append(membership_check(after.get("membership"), stopped))
+    checks.append(membership_check(after.get("membership"), stopped, exact=exact))
     return verdict(
         checks, policy, mode=mode, class_wise=class_wise, thresholds=CLASSIFIER_THRESHOLDS
     )
@@ -115,12 +116,23 @@ def decide(
 _STOPPED_SHORT = ("guard-exhausted", "budget-exhausted", "overshoot-exhausted", "zero-gradient")
 
 
-def membership_check(evidence: dict[str, Any] | None, stopped: str | None) -> dict[str, Any]:
-    """The membership test's outcome as a check: ok only for an outcome that releases."""
+def membership_check(
+    evidence: dict[str, Any] | None, stopped: str | None, *, exact: bool = False
+) -> dict[str, Any]:
+    """The membership test's outcome as a check: ok only for an outcome that releases. An
+    exact answer (retrained without the records) needs no evidence: it is reported."""
     out: dict[str, Any] = {"name": "membership", "metric": "per-record membership test"}
+    if exact:
+        ev = evidence if isinstance(evidence, dict) else {}
+        return {
+            **out, "value": ev.get("statistic"), "limit": ev.get("limit"), "ok": True,
+            "outcome": ev.get("outcome"), "reason": None, "exact": True,
+            "note": "exact: retrained without the records; the evidence is reported, not required",
+            "evidence": {k: v for k, v in ev.items() if k != "per_record_z"} or None,
+        }  # fmt: skip
     if not isinstance(evidence, dict) or "outcome" not in evidence:
-        return {**out, "value": None, "limit": None, "ok": None,
-                "note": "no eval dataset or no retained records to compare the records with"}  # fmt: skip
+        note = "no eval dataset or no retained records to compare the records with"
+        return {**out, "value": None, "limit": None, "ok": None, "note": note}
     outcome = str(evidence["outcome"])
     ok = bool(evidence.get("releases"))
     reason = outcome
@@ -179,8 +191,9 @@ def _reason(c: dict[str, Any]) -> str:
 
 
 def _first_reason(checks: list[dict[str, Any]], policy: dict[str, Any]) -> str | None:
-    """One short code for why a result is held (None when it is released)."""
-    for c in checks:
+    """One short code for why a result is held (None when it is released); a failed
+    membership check comes first: forgetting is what escalation and reviewers act on."""
+    for c in sorted(checks, key=lambda c: c["name"] != "membership"):
         if c["ok"] is not True:
             if c.get("reason"):
                 return str(c["reason"])

@@ -148,14 +148,23 @@ def issue_receipt(
 
 
 def forgetting_claim(metrics: dict[str, Any]) -> dict[str, Any]:
-    """What the receipt claims about forgetting: `approximate` (IMU or gradient ascent,
-    judged by the per-record membership test, whose evidence it carries) — the test, n,
-    the statistic, its limit, the band and the false-release rate."""
+    """What the receipt claims about forgetting: `exact` (retrained without the records by
+    the model's recipe, whose sha256 it cites) or `approximate` (IMU or gradient ascent,
+    judged by the per-record membership test, whose evidence it carries: the test, n, the
+    statistic, its limit, the band and the false-release rate)."""
     evidence = (metrics.get("after") or {}).get("membership")
     summary = None
     if isinstance(evidence, dict):
         summary = {k: v for k, v in evidence.items() if k != "per_record_z"}
-    return {"kind": "approximate", "method": metrics.get("method"), "evidence": summary}
+    claim: dict[str, Any] = {
+        "kind": metrics.get("forgetting") or "approximate",
+        "method": metrics.get("method"),
+        "evidence": summary,
+        "attempts": [a.get("method") for a in metrics.get("attempts") or []],
+    }
+    if claim["kind"] == "exact":
+        claim["recipe_sha256"] = (metrics.get("influence") or {}).get("recipe_sha256")
+    return claim
 
 
 def _document(factory: sessionmaker[Session], request_id: str) -> dict[str, Any]:

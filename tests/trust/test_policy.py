@@ -284,7 +284,7 @@ def test_no_utility_evidence_is_never_activated() -> None:
     assert result["decision"] == "candidate"
     assert result["failed"] == ["eval_acc_drop", "membership"]
     assert all("not measured" in r for r in result["reasons"])
-    assert result["reason"] == "eval_acc_drop-not-measured"
+    assert result["reason"] == "membership-not-measured"
     # Class-wise with forgetting measured but utility not: still held.
     evidence = {"membership": {"outcome": "forgotten", "releases": True, "statistic": 0.0}}
     held = decide(policy, {"forget_acc": 1.0}, {"forget_acc": 0.0, **evidence}, class_wise=True)

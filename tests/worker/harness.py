@@ -167,7 +167,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "queue_name", "job_soft_time_limit_s", "job_hard_time_limit_s", "log_level",
         "superseded_retention_s", "policy_max_eval_acc_drop", "policy_max_forget_acc",
         "policy_max_forget_auc_excess", "policy_max_false_release_rate",
-        "policy_max_membership_advantage", "policy_membership_band", "signing_key",
+        "policy_max_membership_advantage", "policy_membership_band", "escalation", "signing_key",
     ):  # fmt: skip
         env["LETHE_" + name.upper()] = str(getattr(settings, name))
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", LETHE_TORCH_THREADS="1")
@@ -198,8 +198,15 @@ class Stack:
         assert resp.status_code == 201, resp.text
         return resp.json()["id"]
 
-    def register(self, trained: Trained, label: str, name: str | None = None) -> str:
-        """Upload this architecture's train/eval/probe datasets and register the model."""
+    def register(
+        self,
+        trained: Trained,
+        label: str,
+        name: str | None = None,
+        recipe: dict[str, Any] | None = None,
+    ) -> str:
+        """Upload this architecture's train/eval/probe datasets and register the model;
+        ``recipe`` (without datasets) says it was trained on the uploaded train set."""
         flat = trained.specs[label][0] == "mlp"
         conv = (lambda b: b) if flat else image_npz
         suffix = uuid.uuid4().hex[:6]
@@ -216,6 +223,8 @@ class Stack:
             "name": name, "architecture": arch, "arch_kwargs": kwargs,
             "eval_dataset": ids["eval"], "member_probe_dataset": ids["probe"],
         }  # fmt: skip
+        if recipe is not None:
+            spec["recipe"] = {**recipe, "datasets": [ids["train"]]}
         resp = self.client.post(
             "/v1/models",
             headers=self.headers,

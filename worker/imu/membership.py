@@ -146,9 +146,8 @@ def build_reference(
         torch.as_tensor(nonmembers[1]).long().cpu(),
     )
     if not local:
-        folds = tuple(Fold(calib=calib, forget_nn=None, member_nn=None, calib_nn=None)
-                      for calib in halves)  # fmt: skip
-        return Reference(folds, *labels)
+        bare = tuple(Fold(calib, None, None, None) for calib in halves)
+        return Reference(bare, *labels)
     mean, std = e.mean(0), e.std(0)
     floor = 0.1 * float(std.median()) if float(std.median()) > 0 else 1.0
     scale = std.clamp_min(floor)
@@ -426,7 +425,9 @@ MAX_FORGET = 4096  # forget records scored (a seeded subset above this)
 def _sample(n: int, limit: int, seed: int) -> torch.Tensor:
     if n <= limit:
         return torch.arange(n)
-    return torch.sort(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit]).values
+    return torch.sort(
+        torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit]
+    ).values
 
 
 class MembershipTest:

@@ -69,7 +69,9 @@ def select_and_weight(
     if keep_all and kept.numel() < n:
         rest = torch.nonzero(~torch.isin(torch.arange(n), kept)).flatten()
         kept = torch.cat([kept, rest])
-        weights = torch.cat([weights, torch.full((rest.numel(),), float(weights.min()), dtype=weights.dtype)])
+        weights = torch.cat(
+            [weights, torch.full((rest.numel(),), float(weights.min()), dtype=weights.dtype)]
+        )
         k = n
     info.update(
         keep_all=keep_all,

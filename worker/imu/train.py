@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,8 +32,12 @@ def fit(
     seed: int = 0,
     device: str | torch.device | None = None,
     weight_decay: float = 0.0,
+    on_epoch: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Train with Adam on cross-entropy; returns the mean training loss per epoch.
+
+    ``on_epoch(epochs done, mean loss)`` is called after every epoch; an exception it raises
+    propagates (that is how a worker cancels a retrain mid-run).
 
     Deterministic for a given seed on one device: shuffling uses its own generator and
     dropout draws from a forked, seeded RNG (the global RNG state is left untouched). The
@@ -50,7 +56,7 @@ def fit(
     with torch.random.fork_rng(devices=rng_devices(dev)):
         torch.manual_seed(seed)
         model.train()
-        for _ in range(epochs):
+        for epoch in range(epochs):
             order = torch.randperm(n, generator=generator)
             total = 0.0
             for idx in epoch_batches(order, batch_size, avoid_single=True):
@@ -61,6 +67,8 @@ def fit(
                 opt.step()
                 total += float(loss.detach()) * idx.numel()
             losses.append(total / n)
+            if on_epoch is not None:
+                on_epoch(epoch + 1, losses[-1])
     model.eval()
     return losses
 

@@ -1,0 +1,109 @@
+"""The attempts of one job: approximate forgetting, then exact retraining when it must.
+
+A request is answered by its method (`imu`, `ga`: approximate; `retrain`: exact). When an
+approximate result would be held for a forgetting reason (the membership test could not show
+forgetting within the guard, or a class is still recognised) and the model has a training
+recipe, the job goes on to retrain without the records (``LETHE_ESCALATION=retrain``, the
+default). A result held for `require_review` or for utility alone is not escalated: the
+first is a person's call, the second would not be fixed by more forgetting. Every attempt is
+kept (method, outcome, reason, evidence, seconds) for the request view and the audit event.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.domain.states import VersionStatus
+from service.trust.lm_policy import decide_lm
+from service.trust.policy import decide
+from worker.loading import Loaded
+
+# Release reasons that say "not shown forgotten" (service.trust.policy).
+FORGETTING_REASONS = (
+    "not-forgotten-within-guard", "insufficient-evidence", "over-forgotten", "remembered",
+    "forget_acc-failed", "membership-not-measured",
+)  # fmt: skip
+
+
+@dataclass
+class Answer:
+    before: dict[str, Any]
+    after: dict[str, Any]
+    stats: dict[str, Any]
+    policy: dict[str, Any]
+    forgetting: str  # "approximate" | "exact"
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _attempt(method: str, policy: dict[str, Any], after: dict[str, Any], seconds: float) -> dict:
+    evidence = after.get("membership") or {}
+    return {
+        "method": method,
+        "outcome": "released" if policy["decision"] == VersionStatus.ACTIVE else "held",
+        "reason": policy.get("reason"),
+        "evidence": {k: evidence.get(k) for k in ("outcome", "n", "statistic", "limit",
+                                                   "false_release_rate")} if evidence else None,
+        "seconds": round(seconds, 3),
+    }  # fmt: skip
+
+
+def escalates(loaded: Loaded, policy: dict[str, Any], escalation: str) -> bool:
+    return (
+        escalation == "retrain"
+        and loaded.recipe is not None
+        and loaded.retained is not None
+        and not loaded.lm
+        and policy["decision"] != VersionStatus.ACTIVE
+        and not policy.get("require_review")
+        and policy.get("reason") in FORGETTING_REASONS
+    )
+
+
+def answer(
+    loaded: Loaded,
+    before: dict[str, Any],
+    rules: dict[str, Any],
+    *,
+    escalation: str,
+    evaluate: Callable[[Loaded], dict[str, Any]],
+    approximate: Callable[[Loaded], dict[str, Any]],
+    exact: Callable[[Loaded], dict[str, Any]],
+) -> Answer:
+    """Run the request's method, escalate if it must; ``loaded.model`` ends as the answer."""
+
+    def judge(after: dict[str, Any], stats: dict[str, Any], *, is_exact: bool) -> dict:
+        if loaded.lm:
+            return decide_lm(rules, before, after)
+        stopped = (stats.get("calibration") or {}).get("reason")
+        return decide(
+            rules, before, after, class_wise=loaded.class_wise, stopped=stopped, exact=is_exact
+        )
+
+    t0 = time.perf_counter()
+    if loaded.kind == "retrain":
+        stats = exact(loaded)
+        after = evaluate(loaded)
+        policy = judge(after, stats, is_exact=True)
+        attempt = _attempt("retrain", policy, after, time.perf_counter() - t0)
+        return Answer(before, after, stats, policy, "exact", [attempt])
+    stats = approximate(loaded)
+    after = evaluate(loaded)
+    policy = judge(after, stats, is_exact=False)
+    attempts = [_attempt(loaded.kind, policy, after, time.perf_counter() - t0)]
+    if not escalates(loaded, policy, escalation):
+        if loaded.exact_route and policy["decision"] != VersionStatus.ACTIVE:
+            attempts[0]["no_escalation"] = loaded.exact_route
+        return Answer(before, after, stats, policy, "approximate", attempts)
+    t1 = time.perf_counter()
+    retrain_stats = exact(loaded)
+    after = evaluate(loaded)
+    policy = judge(after, retrain_stats, is_exact=True)
+    attempts.append(_attempt("retrain", policy, after, time.perf_counter() - t1))
+    stats = {**retrain_stats, "escalated_from": {"method": loaded.kind, "stats": stats}}
+    return Answer(before, after, stats, policy, "exact", attempts)
+
+
+__all__ = ["FORGETTING_REASONS", "Answer", "answer", "escalates"]
