@@ -1,12 +1,12 @@
 """The attempts of one job: approximate forgetting, then exact retraining when it must.
 
 A request is answered by its method (`imu`, `ga`: approximate; `retrain`: exact). When an
-approximate result would be held for a forgetting reason (the membership test could not show
-forgetting within the guard, or a class is still recognised) and the model has a training
-recipe, the job goes on to retrain without the records (``LETHE_ESCALATION=retrain``, the
-default). A result held for `require_review` or for utility alone is not escalated: the
-first is a person's call, the second would not be fixed by more forgetting. Every attempt is
-kept (method, outcome, reason, evidence, seconds) for the request view and the audit event.
+approximate result would be held (the membership test could not show forgetting within the
+guard, a class is still recognised, or the policy half lost more accuracy than allowed) and
+the model has a training recipe, the job goes on to retrain without the records
+(``LETHE_ESCALATION=retrain``, the default): retraining answers every one of those reasons.
+A result held for `require_review` is not escalated: that is a person's call. Every attempt
+is kept (method, outcome, reason, evidence, seconds) for the request view and the audit.
 """
 
 from __future__ import annotations
@@ -20,13 +20,6 @@ from service.domain.states import VersionStatus
 from service.trust.lm_policy import decide_lm
 from service.trust.policy import decide
 from worker.loading import Loaded
-
-# Release reasons that say "not shown forgotten" (service.trust.policy).
-FORGETTING_REASONS = (
-    "not-forgotten-within-guard", "insufficient-evidence", "over-forgotten", "remembered",
-    "forget_acc-failed", "membership-not-measured",
-)  # fmt: skip
-
 
 @dataclass
 class Answer:
@@ -58,7 +51,6 @@ def escalates(loaded: Loaded, policy: dict[str, Any], escalation: str) -> bool:
         and not loaded.lm
         and policy["decision"] != VersionStatus.ACTIVE
         and not policy.get("require_review")
-        and policy.get("reason") in FORGETTING_REASONS
     )
 
 
@@ -106,4 +98,4 @@ def answer(
     return Answer(before, after, stats, policy, "exact", attempts)
 
 
-__all__ = ["FORGETTING_REASONS", "Answer", "answer", "escalates"]
+__all__ = ["Answer", "answer", "escalates"]

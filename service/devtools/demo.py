@@ -374,7 +374,13 @@ def _drive(
         "eval_dataset": datasets["eval"]["id"],
         "member_probe_dataset": datasets["member_probe"]["id"],
         "description": "Lethe demo: small CNN on scikit-learn digits",
-    }
+        # How train_model made version 1 (fit's defaults otherwise): a request IMU cannot
+        # show forgotten is retrained without its records instead (exact).
+        "recipe": {
+            "epochs": cfg.train_epochs, "lr": 1e-3, "batch_size": 128, "seed": cfg.seed,
+            "init_seed": cfg.seed, "datasets": [datasets["train"]["id"]],
+        },
+    }  # fmt: skip
     model = api.register_model(spec, weights)
     console.print(f"  version 1 id={model['active_version']['id']}")
 
@@ -427,11 +433,16 @@ def _drive(
             request = api.get_deletion_request(accepted["id"])
             promoted = True
         version = api.get_version(request["result_version"]["id"])
-        calibration = ((job.get("metrics") or {}).get("influence") or {}).get("calibration", {})
+        tried = "; ".join(
+            f"{a['method']} {a['outcome']}" + (f" ({a['reason']})" if a.get("reason") else "")
+            for a in request.get("attempts") or []
+        )
+        evidence = request.get("evidence") or {}
         console.print(
             f"  request {request['status']}: job {job_id} succeeded -> version "
-            f"{version['number']} ({version['status']}); calibration "
-            f"{calibration.get('reason')} after {calibration.get('steps')} steps"
+            f"{version['number']} ({version['status']}), forgetting "
+            f"{request.get('forgetting')}: {tried}; membership evidence "
+            f"{evidence.get('outcome')} (Z = {evidence.get('statistic')}, n = {evidence.get('n')})"
         )
         job["request_status"] = request["status"]
         reports.append(JobReport(label, accepted["id"], job, version, keys, promoted))

@@ -87,6 +87,7 @@ def test_walkthrough_block_runs_as_written(which: str, tmp_path: Path) -> None:
     if which == "curl":
         assert '{"number":1,"status":"active"}' in run.stdout, output[-4000:]
         assert '"status":"completed","version":{"number":2,"status":"active"}' in run.stdout
+        assert '"forgetting":"exact"' in run.stdout  # IMU held, escalated to the recipe
         assert '{"count":3}' in run.stdout and '"ok":true' in run.stdout
     else:
         assert "completed" in run.stdout and "needs_review" in run.stdout, output[-4000:]

@@ -14,11 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from bench.families import Family, family, request_rows
 from tests.trust.conftest import PRODUCTION_POLICY, get, post, request_id_of, run
-from tests.trust.memorising import FAMILIES, Family, family, load_checkpoint, request_rows
 from tests.worker.harness import Stack, WorkerProcess, api_stack, stack_settings, wait_until
-
-RECIPE = {"epochs": FAMILIES["flipped"]["epochs"], "lr": 3e-3, "batch_size": 128, "seed": 0}
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +53,9 @@ def test_mislabelled_records_escalate_to_an_exact_retrain(
     stack, worker = worker_stack
     rows, _ = request_rows(flipped, "mislabelled3")
     keys = [flipped.ids[i] for i in rows]
-    model = stack.register(flipped.trained, "mlp", recipe=RECIPE)
+    model = stack.register(flipped.trained(), "model", recipe=flipped.recipe_json())
     shown = get(stack, f"/v1/models/{model}").json()
-    assert shown["recipe"]["epochs"] == RECIPE["epochs"] and len(shown["recipe_sha256"]) == 64
+    assert shown["recipe"]["epochs"] == flipped.recipe.epochs and len(shown["recipe_sha256"]) == 64
     job = stack.submit(model, keys)  # no params: IMU first
     done = stack.wait([job], timeout=600)[job]
     assert done["status"] == "succeeded", worker.log_text()[-3000:]
@@ -69,9 +67,10 @@ def test_mislabelled_records_escalate_to_an_exact_retrain(
     assert request["attempts"][0]["reason"] == "not-forgotten-within-guard"
     # The receipt says which kind of forgetting, and cites the recipe.
     receipt = wait_until(
-        lambda: (r := get(stack, f"/v1/deletion-requests/{request['id']}/receipt")).status_code
-        == 200
-        and r.json(),
+        lambda: (
+            (r := get(stack, f"/v1/deletion-requests/{request['id']}/receipt")).status_code == 200
+            and r.json()
+        ),
         timeout=30,
     )
     assert receipt is not None
@@ -81,7 +80,7 @@ def test_mislabelled_records_escalate_to_an_exact_retrain(
     assert claim["attempts"] == ["imu", "retrain"]
     # The released model answers on those records as a model retrained without them does.
     version = request["result_version"]
-    released = load_checkpoint(get(stack, f"/v1/model-versions/{version['id']}/checkpoint").content)
+    released = flipped.load(get(stack, f"/v1/model-versions/{version['id']}/checkpoint").content)
     reference = flipped.retrained(rows)
     with torch.no_grad():
         ours, theirs = released(flipped.x[rows]), reference(flipped.x[rows])
@@ -104,7 +103,9 @@ def test_a_worker_killed_mid_retrain_finishes_the_job_once(
 ) -> None:
     stack, worker = worker_stack
     rows, _ = request_rows(flipped, "mislabelled3", seed=1)
-    model = stack.register(flipped.trained, "mlp", recipe={**RECIPE, "epochs": 600})
+    model = stack.register(
+        flipped.trained(), "model", recipe={**flipped.recipe_json(), "epochs": 600}
+    )
     job = stack.submit(model, [flipped.ids[i] for i in rows], method="retrain")
     wait_until(
         lambda: (row := stack.job_rows([job])[job]).phase == "unlearning" and row.progress > 0.1,
@@ -127,7 +128,9 @@ def test_a_retrain_is_cancelled_mid_epoch(
     worker_stack: tuple[Stack, WorkerProcess], flipped: Family
 ) -> None:
     stack, _ = worker_stack
-    model = stack.register(flipped.trained, "mlp", recipe={**RECIPE, "epochs": 5000})
+    model = stack.register(
+        flipped.trained(), "model", recipe={**flipped.recipe_json(), "epochs": 5000}
+    )
     job = stack.submit(model, flipped.ids[:3], method="retrain")
     wait_until(lambda: stack.job_rows([job])[job].phase == "unlearning", timeout=120)
     assert stack.cancel(job).status_code in (200, 202)
@@ -142,7 +145,7 @@ def test_without_a_recipe_nothing_escalates_and_retrain_is_refused(
     stack = prod_stack
     rows, _ = request_rows(flipped, "mislabelled3")
     keys = [flipped.ids[i] for i in rows]
-    model = stack.register(flipped.trained, "mlp")
+    model = stack.register(flipped.trained(), "model")
     resp = post(
         stack, "/v1/deletion-requests",
         json={"model": model, "dataset": stack.models[model], "record_keys": keys,
@@ -174,16 +177,15 @@ def test_an_invalid_recipe_is_refused_naming_the_field(
     sqlite_stack: Stack, flipped: Family, recipe: dict, field: str
 ) -> None:
     stack = sqlite_stack
-    eval_id = stack.upload("recipe-eval", "eval", flipped.trained.eval_npz)
+    eval_id = stack.upload("recipe-eval", "eval", flipped.trained().eval_npz)
     datasets = [eval_id if d == "EVAL" else d for d in recipe.get("datasets", [eval_id])]
     if "datasets" not in recipe:
-        datasets = [stack.upload("recipe-train", "train", flipped.trained.train_npz)]
-    spec = {"name": "r-mlp", "architecture": "mlp", "arch_kwargs": {"in_features": 64,
-            "hidden": [256], "num_classes": 10}, "recipe": {**recipe, "datasets": datasets}}  # fmt: skip
-    resp = post(
-        stack, "/v1/models", data={"spec": json.dumps(spec)},
-        files={"weights": ("w.safetensors", flipped.trained.weights["mlp"], "application/octet-stream")},
-    )  # fmt: skip
+        datasets = [stack.upload("recipe-train", "train", flipped.trained().train_npz)]
+    arch = {"in_features": 64, "hidden": [256], "num_classes": 10}
+    spec = {"name": "r-mlp", "architecture": "mlp", "arch_kwargs": arch,
+            "recipe": {**recipe, "datasets": datasets}}  # fmt: skip
+    weights = ("w.safetensors", flipped.trained().weights["model"], "application/octet-stream")
+    resp = post(stack, "/v1/models", data={"spec": json.dumps(spec)}, files={"weights": weights})
     assert resp.status_code == 422, resp.text
     assert resp.headers["content-type"].startswith("application/problem+json")
     assert [e["field"] for e in resp.json()["errors"]] == [field]

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import pytest
 
+from bench.families import Family, family, request_rows
 from tests.trust.conftest import get, request_id_of, run
-from tests.trust.memorising import Family, family, load_checkpoint, request_rows
 from tests.worker.harness import Stack
 from worker.runner import Outcome
 
-HELD_REASONS = {
+FORGETTING_HELD = {
     "not-forgotten-within-guard", "insufficient-evidence", "over-forgotten", "remembered",
 }  # fmt: skip
+# A result may also be held for its utility (the policy half dropped more than the guard's).
+HELD_REASONS = FORGETTING_HELD | {"eval_acc_drop-failed"}
 CASES = [
     ("flipped", "mislabelled3"),
     ("flipped", "random30"),
@@ -51,7 +53,7 @@ def test_default_request_is_completed_only_when_forgotten(
     stack = prod_stack
     rows, class_wise = request_rows(fam, kind)
     keys = [fam.ids[i] for i in rows]
-    model = stack.register(fam.trained, "mlp")
+    model = stack.register(fam.trained(), "model")
     job = stack.submit(model, keys)  # no params at all
     assert run(stack, job) == Outcome.SUCCEEDED
     request = get(stack, f"/v1/deletion-requests/{request_id_of(stack, job)}").json()
@@ -70,14 +72,15 @@ def test_default_request_is_completed_only_when_forgotten(
     skip = int(fam.y[rows[0]]) if class_wise else None
     if request["status"] == "needs_review":
         assert policy["reason"] in HELD_REASONS, policy
-        assert not evidence["releases"] and "membership" in policy["failed"]
+        if policy["reason"] in FORGETTING_HELD:
+            assert not evidence["releases"] and "membership" in policy["failed"]
         assert set(stack.record_states(stack.models[model], keys).values()) == {"present"}
         return
     assert request["status"] == "completed", request["status"]
     assert evidence["releases"] and policy["failed"] == []
     version = request["result_version"]
     weights = get(stack, f"/v1/model-versions/{version['id']}/checkpoint").content
-    released = load_checkpoint(weights)
+    released = fam.load(weights)
     ours, theirs = (
         fam.evidence(released, rows, class_wise),
         fam.evidence(reference, rows, class_wise),
