@@ -68,10 +68,9 @@ def judge(fam: Family, rows: list[int], class_wise: bool, request: dict, weights
     f_ours, f_ref = fam.forget_acc(released, rows), out["reference"]["forget_acc"]
     drop = fam.heldout_acc(fam.model, skip) - fam.heldout_acc(released, skip)  # type: ignore[arg-type]
     # Rounded: a tolerance met exactly (0.9 against 0.7 + 0.2) is met.
-    forgot = (
-        ours.statistic <= max(theirs.statistic, 0.0) + 1.96
-        and round(f_ours - f_ref, 9) <= round(0.1 + 1.0 / len(rows), 9)
-    )
+    forgot = ours.statistic <= max(theirs.statistic, 0.0) + 1.96 and round(
+        f_ours - f_ref, 9
+    ) <= round(0.1 + 1.0 / len(rows), 9)
     out.update(
         released={"z": round(ours.statistic, 3), "outcome": ours.outcome,
                   "forget_acc": round(f_ours, 4), "heldout_drop": round(drop, 4)},
@@ -127,6 +126,73 @@ def counts(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def section(results_dir: Path) -> list[str]:
+    """The RESULTS.md section, from release_honesty.json (nothing when it is absent)."""
+    path = results_dir / "release_honesty.json"
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    passes = data["passes"]
+    lines = [
+        "## Released means forgotten (`bench/release_honesty.py`)", "",
+        "Default requests (no parameters) through the API to a real worker process with the "
+        "production policy, each scored against the family's recipe retrained without the "
+        "records, on records the service never saw. GOOD: released, membership Z no higher "
+        "than max(reference Z, 0) + 1.96, forget accuracy within 0.1 + 1/n of the "
+        "reference's, held-out drop ≤ 0.03; FALSE RELEASE: released but remembering; "
+        "DAMAGED: released, forgotten, drop > 0.03; HELD: needs_review. *approximate*: "
+        "registered without a recipe (IMU alone); *escalation*: with its recipe (a result "
+        "IMU cannot show forgotten is retrained without the records).", "",
+        "| pass | requests | GOOD | FALSE RELEASE | DAMAGED | HELD | GOOD on models that "
+        "do not memorise |",
+        "|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for label, p in passes.items():
+        c = p["counts"]
+        share = c.get("good_share_not_memorising")
+        lines.append(
+            f"| {label} | {c['requests']} | {c['GOOD']} | {c['FALSE RELEASE']} | "
+            f"{c['DAMAGED']} | {c['HELD']} | {'-' if share is None else f'{share:.0%}'} |"
+        )
+    lines += ["", "| family | train / held-out acc | request | approximate | escalation |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    by = {
+        label: {(r["family"], r["kind"]): r for r in p["requests"]} for label, p in passes.items()
+    }
+    first = next(iter(passes.values()))["requests"]
+    for r in first:
+        fam = data["families"][r["family"]]
+        cells = []
+        for label in passes:
+            q = by[label].get((r["family"], r["kind"]))
+            if q is None:
+                cells.append("-")
+                continue
+            how = q["policy_reason"] or q.get("forgetting") or ""
+            cells.append(f"{q['verdict']} ({how})")
+        lines.append(
+            f"| {r['family']} | {fam['train_acc']:.3f} / {fam['heldout_acc']:.3f} | "
+            f"{r['kind']} (n={r['n']}) | {' | '.join(cells)} |"
+        )
+    lines += ["", "Seconds per request (job total as the worker booked it; plain retrain: the "
+              "recipe alone in the bench process, what a user would run instead):", "",
+              "| family | IMU job (median) | escalated job (median) | plain retrain (median) |",
+              "|---|---|---|---|"]  # fmt: skip
+    for name in data["families"]:
+
+        def med(rows: list[float]) -> str:
+            return f"{sorted(rows)[len(rows) // 2]:.2f}" if rows else "-"
+
+        imu = [r["job_seconds"] for r in passes.get("approximate", {}).get("requests", [])
+               if r["family"] == name]  # fmt: skip
+        esc = [r["job_seconds"] for r in passes.get("escalation", {}).get("requests", [])
+               if r["family"] == name and r.get("forgetting") == "exact"]  # fmt: skip
+        plain = [r["plain_retrain_seconds"] for p in passes.values() for r in p["requests"]
+                 if r["family"] == name]  # fmt: skip
+        lines.append(f"| {name} | {med(imu)} | {med(esc)} | {med(plain)} |")
+    return lines + [""]
+
+
 def main(argv: list[str] | None = None) -> int:
     from service.settings import Settings
     from tests.worker.harness import WorkerProcess, api_stack, stack_settings
@@ -174,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
             with api_stack(settings) as stack:
                 executor = WorkerProcess.embedded(settings, work / "executor.log").start()
                 try:
-                    rows = [r for fam in fams for r in run_family(fam, stack, with_recipe=with_recipe)]
+                    rows = [
+                        r for fam in fams for r in run_family(fam, stack, with_recipe=with_recipe)
+                    ]
                 finally:
                     executor.stop()
         results["passes"][label] = {"counts": counts(rows), "requests": rows}

@@ -10,7 +10,8 @@ bench/.cache), the influence-speed benchmark (bench/influence_speed.py, run as i
 process), the API throughput benchmark (bench/api_throughput.py: SQLite and PostgreSQL, needs
 wrk), the calibration probe (bench/calibration_probe.py: default requests on untuned
 Fashion-MNIST models), the language-model fixture runs (bench/lm_fixture_runs.py, ~40 CPU-s),
-then bench/report.py (plus the LM section from lm_fixture.json).
+the release-honesty benchmark (bench/release_honesty.py: 25 default requests against
+retraining, ~10 min), then bench/report.py (plus the LM section from lm_fixture.json).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-api", action="store_true", help="skip bench/api_throughput.py")
     parser.add_argument("--skip-probe", action="store_true", help="skip bench/calibration_probe.py")
     parser.add_argument("--skip-lm", action="store_true", help="skip bench/lm_fixture_runs.py")
+    parser.add_argument("--skip-honesty", action="store_true", help="skip bench/release_honesty.py")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument(
         "--speed-args", default="", help="extra arguments passed to bench.influence_speed (quoted)"
@@ -134,6 +136,12 @@ def main(argv: list[str] | None = None) -> int:
         rc = subprocess.run(cmd, cwd=BENCH_DIR.parent).returncode
         if rc != 0:
             failures.append(f"bench.lm_fixture_runs exited with {rc}")
+    if not (args.report_only or args.skip_honesty or args.quick):
+        cmd = [sys.executable, "-m", "bench.release_honesty",
+               "--out", str(args.results / "release_honesty.json")]  # fmt: skip
+        print("$", " ".join(cmd), flush=True)
+        if subprocess.run(cmd, cwd=BENCH_DIR.parent).returncode != 0:
+            failures.append("bench.release_honesty failed")
     decision = report.build_report(args.results, out_md)
     lm_section = lm_fixture_runs.section(args.results / "lm_fixture.json")
     if lm_section:

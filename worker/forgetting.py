@@ -21,6 +21,7 @@ from service.trust.lm_policy import decide_lm
 from service.trust.policy import decide
 from worker.loading import Loaded
 
+
 @dataclass
 class Answer:
     before: dict[str, Any]
