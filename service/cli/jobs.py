@@ -12,7 +12,7 @@ from typer.core import TyperCommand
 from service.cli.api_client import DEFAULT_URL, LetheClient
 from service.cli.client import JsonOpt, KeyOpt, UrlOpt, _api, _print_json, _table, read_keys_file
 from service.cli.common import command_group
-from service.cli.render import err, evidence_line, kv, metrics_table, out, policy_table
+from service.cli.render import err, forgetting_lines, kv, metrics_table, out, policy_table
 from service.domain.states import JobStatus, RequestStatus
 
 # -- forget ---------------------------------------------------------------------------------
@@ -156,16 +156,7 @@ def print_request_outcome(request: dict[str, Any]) -> None:
     error = job.get("error")
     if error:
         err.print(f"[red]{error.get('title', 'error')}[/]: {error.get('detail', '')}")
-    for i, attempt in enumerate(request.get("attempts") or [], 1):
-        reason = f" ({attempt.get('reason')})" if attempt.get("reason") else ""
-        out.print(
-            f"attempt {i}: {attempt.get('method')} {attempt.get('outcome')}{reason} in "
-            f"{attempt.get('seconds')} s",
-            markup=False,
-        )
-    if request.get("forgetting"):
-        out.print(f"forgetting: {request['forgetting']}", markup=False)
-    evidence_line(request.get("evidence"))
+    forgetting_lines(request)
     if status == RequestStatus.NEEDS_REVIEW:
         policy_table(request.get("policy"))
         out.print(

@@ -118,6 +118,20 @@ def policy_table(policy: dict[str, Any] | None) -> None:
         out.print(f"  held: {reason}", markup=False)
 
 
+def forgetting_lines(request: dict[str, Any]) -> None:
+    """How the request was answered: each attempt, the kind of forgetting, the evidence."""
+    for i, attempt in enumerate(request.get("attempts") or [], 1):
+        reason = f" ({attempt.get('reason')})" if attempt.get("reason") else ""
+        out.print(
+            f"attempt {i}: {attempt.get('method')} {attempt.get('outcome')}{reason} in "
+            f"{attempt.get('seconds')} s",
+            markup=False,
+        )
+    if request.get("forgetting"):
+        out.print(f"forgetting: {request['forgetting']}", markup=False)
+    evidence_line(request.get("evidence"))
+
+
 def evidence_line(evidence: dict[str, Any] | None) -> None:
     """The membership test in one line: outcome, n, Z against its limit and band, the
     false-release rate against alpha."""

@@ -19,7 +19,15 @@ from service.cli.api_client import DEFAULT_URL
 from service.cli.client import JsonOpt, KeyOpt, UrlOpt, _api
 from service.cli.common import command_group
 from service.cli.jobs import print_request_outcome
-from service.cli.render import kv, metrics_table, out, policy_table, print_json, table
+from service.cli.render import (
+    forgetting_lines,
+    kv,
+    metrics_table,
+    out,
+    policy_table,
+    print_json,
+    table,
+)
 from service.domain.states import RequestStatus
 
 REQUEST_COLUMNS = ["id", "status", "model", "records", "result", "subject_ref", "created_at"]
@@ -56,6 +64,7 @@ def show_request(request: dict[str, Any]) -> None:
     }
     kv(fields, f"deletion request {request.get('id')}")
     metrics_table(job.get("metrics"))
+    forgetting_lines(request)
     policy_table(request.get("policy"))
 
 

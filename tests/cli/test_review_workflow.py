@@ -95,6 +95,10 @@ def test_held_request_is_reviewed_promoted_and_receipted(
     assert "release policy: candidate" in shown.stdout
     assert "forget_acc" in shown.stdout and "before" in shown.stdout  # metrics as a table
     assert '{"before"' not in shown.stdout  # not the metrics JSON in a cell
+    # How it was answered: no eval dataset, so no membership evidence, and it says so.
+    assert "attempt 1: imu held (membership-not-measured)" in shown.stdout
+    assert "forgetting: approximate" in shown.stdout
+    assert "membership: not measured" in shown.stdout
     jobs = invoke(server, "jobs", "list")
     assert as_json[0]["job"]["id"] in jobs.stdout and "…" not in jobs.stdout
     job_show = invoke(server, "jobs", "show", as_json[0]["job"]["id"])

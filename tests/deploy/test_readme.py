@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -92,6 +93,9 @@ def test_walkthrough_block_runs_as_written(which: str, tmp_path: Path) -> None:
     else:
         assert "completed" in run.stdout and "needs_review" in run.stdout, output[-4000:]
         assert "OK: receipt for deletion request" in run.stdout
+        # `forget --wait` states how each request was answered and on what evidence.
+        assert re.search(r"membership evidence: \S+ \(n = \d+, Z = ", run.stdout), output[-4000:]
+        assert "attempt 1: imu" in run.stdout and "false-release rate" in run.stdout
         assert "release policy: candidate" in run.stdout  # the held request's policy table
         assert "audit chain intact" in run.stdout
     assert "Traceback" not in output, output[-4000:]

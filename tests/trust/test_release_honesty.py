@@ -14,7 +14,7 @@ import pytest
 
 from bench.families import Family, family, request_rows
 from tests.trust.conftest import get, request_id_of, run
-from tests.worker.harness import Stack
+from tests.worker.harness import Stack, wait_until
 from worker.runner import Outcome
 
 FORGETTING_HELD = {
@@ -93,6 +93,18 @@ def test_default_request_is_completed_only_when_forgotten(
     # reference is a single draw, so it is floored at the null's centre).
     assert ours.statistic <= max(theirs.statistic, 0.0) + 1.96, (ours.as_dict(), theirs.as_dict())
     assert fam.forget_acc(released, rows) <= fam.forget_acc(reference, rows) + 0.34
+    # The receipt says `approximate` and carries the evidence it was released on.
+    receipt = wait_until(
+        lambda: (r := get(stack, f"/v1/deletion-requests/{request['id']}/receipt")).status_code
+        == 200 and r.json(), timeout=30,
+    )  # fmt: skip
+    claim = receipt["payload"]["forgetting"]
+    assert claim["kind"] == "approximate" and claim["attempts"] == ["imu"]
+    assert claim["evidence"]["statistic"] == evidence["statistic"]
+    assert (
+        claim["evidence"]["outcome"] == evidence["outcome"]
+        and "per_record_z" not in claim["evidence"]
+    )
     # Useful on every held-out record (both halves), within the policy's bound.
     drop = fam.heldout_acc(fam.model, skip) - fam.heldout_acc(released, skip)
     assert drop <= 0.05, drop
