@@ -1,5 +1,6 @@
-"""Released means forgotten: default requests on models that memorise, over HTTP, with the
-production policy, judged against a model the test retrains without the records.
+"""Released means forgotten: default requests on models that memorise, over HTTP to the API,
+run by a real worker process (`python -m worker.embedded`, the executor `lethe serve` runs),
+with the production policy, judged against a model the test retrains without the records.
 
 Each request ends either `completed`, with per-record evidence that matches the retrained
 reference (the same membership test on both, the released model not remembering where the
@@ -10,12 +11,14 @@ test has the power to tell: it says `remembered` for the memorised sets.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 
 from bench.families import Family, family, request_rows
-from tests.trust.conftest import get, request_id_of, run
-from tests.worker.harness import Stack, wait_until
-from worker.runner import Outcome
+from tests.trust.conftest import get, request_id_of
+from tests.worker.harness import Stack, WorkerProcess, wait_until
 
 FORGETTING_HELD = {
     "not-forgotten-within-guard", "insufficient-evidence", "over-forgotten", "remembered",
@@ -37,6 +40,15 @@ def families() -> dict[str, Family]:
     return {name: family(name) for name in ("flipped", "noisy")}
 
 
+@pytest.fixture
+def worker_stack(prod_stack: Stack, tmp_path: Path) -> Iterator[Stack]:
+    worker = WorkerProcess.embedded(prod_stack.settings, tmp_path / "worker.log").start()
+    try:
+        yield prod_stack
+    finally:
+        worker.stop()
+
+
 def test_the_families_memorise(families: dict[str, Family]) -> None:
     for fam in families.values():
         everything = list(range(len(fam.y)))
@@ -47,15 +59,15 @@ def test_the_families_memorise(families: dict[str, Family]) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize(("name", "kind"), CASES)
 def test_default_request_is_completed_only_when_forgotten(
-    prod_stack: Stack, families: dict[str, Family], name: str, kind: str
+    worker_stack: Stack, families: dict[str, Family], name: str, kind: str
 ) -> None:
     fam = families[name]
-    stack = prod_stack
+    stack = worker_stack
     rows, class_wise = request_rows(fam, kind)
     keys = [fam.ids[i] for i in rows]
     model = stack.register(fam.trained(), "model")
     job = stack.submit(model, keys)  # no params at all
-    assert run(stack, job) == Outcome.SUCCEEDED
+    assert stack.wait([job], timeout=300)[job]["status"] == "succeeded"
     request = get(stack, f"/v1/deletion-requests/{request_id_of(stack, job)}").json()
     evidence, policy = request["evidence"], request["policy"]
     assert evidence is not None and evidence["n"] == len(keys)
