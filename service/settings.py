@@ -72,6 +72,10 @@ class Settings(BaseSettings):
         description="Largest remembered-vs-unseen distance at which an unchanged model is an "
         "honest answer (no membership signal).",
     )
+    metrics_auth: Literal["read", "open"] = Field(
+        "read",
+        description="`/metrics`: `read` = a key of scope read (Bearer), `open` = no key.",
+    )
     escalation: Literal["retrain", "off"] = Field(
         "retrain",
         description="When an approximate result would be held for a forgetting reason and the "

@@ -1,11 +1,14 @@
 """How a job attempt can end early, and the problem documents recorded for it.
 
 `JobError` is deterministic (retrying cannot help: the job fails at once); the control-flow
-exceptions stop an attempt for a reason outside the job; anything else is transient.
+exceptions stop an attempt for a reason outside the job; `is_transient` names the faults of
+the world a retry may outlive (database, broker, storage, memory); anything else is a bug in
+Lethe, and the job fails at once with the traceback in its error (`bug_problem`).
 """
 
 from __future__ import annotations
 
+import traceback
 from typing import Any
 
 from service.api.problems import problem_dict
@@ -76,3 +79,35 @@ def time_limit_problem(limit_s: float) -> dict[str, Any]:
 def is_time_limit(exc: BaseException) -> bool:
     """Celery's soft/hard time-limit exceptions, recognised without importing Celery."""
     return type(exc).__name__ in {"SoftTimeLimitExceeded", "TimeLimitExceeded"}
+
+
+# Modules whose exceptions are network or service faults (S3, HTTP, Redis, the broker).
+_TRANSIENT_MODULES = ("botocore", "boto3", "urllib3", "httpx", "redis", "kombu", "amqp")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A fault of the world, not of the code: a retry (with backoff) may succeed."""
+    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    if isinstance(
+        exc,
+        (SourceChanged, OperationalError, InterfaceError, PoolTimeout, OSError, MemoryError),
+    ):
+        return True  # OSError: storage, sockets, disks (ConnectionError, TimeoutError too)
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    cls = type(exc)
+    if cls.__name__ == "OutOfMemoryError" and cls.__module__.startswith("torch"):
+        return True  # CUDA out of memory: another job may have held the device
+    return cls.__module__.split(".", 1)[0] in _TRANSIENT_MODULES
+
+
+def bug_problem(exc: BaseException) -> dict[str, Any]:
+    """The job's error for a bug: what was raised and where (the last frames)."""
+    frames = traceback.format_exception(type(exc), exc, exc.__traceback__)
+    return problem_dict(
+        "internal-error", "Job failed on an error in Lethe", 500,
+        f"{type(exc).__name__}: {exc}"[:2000],
+        traceback="".join(frames)[-8000:],
+    )  # fmt: skip

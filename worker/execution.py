@@ -9,11 +9,13 @@ Fencing. Every write after the claim is fenced on (status=running, worker_id, at
 
 Errors. `JobError` is deterministic (missing or already-forgotten records, corrupt or missing
 checkpoint, unreadable dataset, invalid parameters, unknown architecture, time limit): the job
-fails at once, retrying cannot help. Anything else (database or storage unreachable, CUDA out
-of memory, a source version changed under us) is treated as transient: the job goes back to
-`queued` with the error recorded and is retried until `max_attempts` claims have been made,
-after which it fails for good with the last error. If even recording the error is impossible
-(database down), the job keeps its lease until it expires and the reaper re-queues it.
+fails at once, retrying cannot help. Known transient faults (`worker.errors.is_transient`:
+database or storage unreachable, CUDA out of memory, a source version changed under us) send
+the job back to `queued` with the error recorded, retried until `max_attempts` claims have
+been made, after which it fails for good with the last error. Anything else is a bug: the job
+fails at once with the traceback in its error (`internal-error`). If even recording the error
+is impossible (database down), the job keeps its lease until it expires and the reaper
+re-queues it.
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ from worker.errors import (
     Interrupted,
     JobError,
     LeaseLost,
+    bug_problem,
     is_time_limit,
+    is_transient,
     time_limit_problem,
     transient_problem,
 )
@@ -147,6 +151,9 @@ class Execution:
             if is_time_limit(exc):
                 return self._fail(time_limit_problem(self.ctx.settings.job_soft_time_limit_s))
             log.exception("job %s attempt %s failed", self.job_id, self.attempt)
+            if not is_transient(exc):  # a bug: retrying runs it again; say where it is
+                self._delete_written()
+                return self._fail(bug_problem(exc))
             return self._retry_or_fail(exc)
         finally:
             self.monitor.stop()

@@ -378,10 +378,9 @@ class Loader:
 
     def _class_wise(self, source: DataSource, keys: list[str]) -> bool:
         """Whether the forget set holds every record of its classes left in the dataset."""
-        try:
-            data = self.dataset(source)
-        except Exception:
-            return False
+        # No fallback: an error here is the job's (a silent "not class-wise" would change
+        # which release policy judges it).
+        data = self.dataset(source)
         forget = set(keys)
         pairs = list(zip(data.ids, data.labels, strict=True))
         labels = {int(label) for key, label in pairs if key in forget}

@@ -16,6 +16,7 @@ from typing import Any
 from service.domain.backoff import backoff_delay
 from service.domain.queue import RUN_JOB_TASK
 from worker.celery_app import app, enqueue
+from worker.errors import is_transient
 from worker.runner import Outcome, RunnerContext, run_job
 
 log = logging.getLogger("lethe.worker")
@@ -41,6 +42,9 @@ def run_job_task(self: Any, job_id: str) -> dict[str, Any]:
         result = run_job(runner_context(), job_id)
     except Exception as exc:
         retries = self.request.retries or 0
+        if not is_transient(exc):  # a bug: the same message would fail the same way
+            log.exception("job %s: could not be handled; not retrying the message", job_id)
+            return {"outcome": "error", "job_id": job_id, "detail": repr(exc)[:2000]}
         if retries >= MAX_CLAIM_RETRIES:
             log.error("job %s: giving up on this message: %s", job_id, exc)
             return {"outcome": "error", "job_id": job_id, "detail": str(exc)}

@@ -116,3 +116,16 @@ def only_form_fields(*allowed: str) -> Callable[..., Any]:
 def iter_file(fh: BinaryIO) -> Iterator[bytes]:
     while chunk := fh.read(CHUNK):
         yield chunk
+
+
+_read = require("read")
+
+
+async def metrics_access(
+    credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
+    state: AppState = Depends(get_state),
+) -> None:
+    """`/metrics` needs a key of scope `read` unless LETHE_METRICS_AUTH=open (a scraper on a
+    private network): job counts and model names are not for anyone who can reach the port."""
+    if state.settings.metrics_auth != "open":
+        await _read(credentials, state)

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 
-from service.api.deps import AppState, get_state
+from service.api.deps import AppState, get_state, metrics_access
 from service.api.problems import DB_RETRY_AFTER_S, PROBLEM_MEDIA_TYPE, problem_dict
 from service.api.schemas import HealthOut, ReadyOut, problems
 from service.storage.migrate import SchemaBehind, check_at_head
@@ -100,6 +100,9 @@ def readyz(state: AppState = Depends(get_state)) -> JSONResponse:
 @router.get(
     "/metrics",
     summary="Prometheus metrics",
+    description="Scope `read` (a Bearer key; Prometheus sends one with `authorization`), "
+    "or open to all with LETHE_METRICS_AUTH=open.",
+    dependencies=[Depends(metrics_access)],
     response_class=Response,
     responses={200: {"description": "Prometheus text format", "content": {"text/plain": {}}}},
 )

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 
 from service.api.auth import Principal
 from service.api.deps import AppState, get_state, require
+from service.api.json_keys import unique_json_keys
 from service.api.schemas import (
     COMMON_ERRORS,
     DeletionRequestOut,
@@ -37,9 +38,11 @@ router = APIRouter(
         "that are missing, already forgotten or named by a queued/running request 422 (listing "
         "them), params bounds-checked. Answers 202 `{id, status, job: {id, status}}` with "
         "`Location: /v1/jobs/{job_id}`. With `Idempotency-Key`, a retry with the same body "
-        "returns the first answer (same ids, no new job); a different body is 409."
+        "returns the first answer (same ids, no new job); a different body is 409. A body that "
+        "names a key twice is 422."
     ),
     response_model=SubmissionOut,
+    dependencies=[Depends(unique_json_keys)],
     responses={
         202: {"headers": {"Location": {"schema": {"type": "string"}}}},
         **problems(
@@ -89,10 +92,19 @@ def submit(
         "result version sha256, metrics before and after, the audit sequence range of the "
         "request's events and the signed audit checkpoint written at issue time. `payload` is "
         "an unsigned copy for convenience. "
-        '409 unless the request is `completed`. Format: README, "Erasure receipts".'
+        "409 unless the request is `completed`; 503 `erasure-pending` with `Retry-After` "
+        "while a completed request's records are still being purged (seconds). "
+        'Format: README, "Erasure receipts".'
     ),
     response_model=ReceiptOut,
-    responses=problems(404, 409, _409="The request is not completed (or purge in progress)"),
+    responses=problems(
+        404,
+        409,
+        503,
+        _409="The request is not completed",
+        _503="Its records are still being purged (retry after `Retry-After` seconds), or the "
+        "database is unavailable",
+    ),  # fmt: skip
 )
 def receipt(
     request_id: str,

@@ -27,6 +27,7 @@ log = logging.getLogger("lethe.audit")
 PREFIX = "audit/checkpoints/"
 TYPE = "https://lethe.dev/audit-checkpoint/v1"
 TYP = "lethe-audit-checkpoint+jws"
+AUDIENCE = "urn:lethe:audit-checkpoint"  # a receipt verifier asking for its own refuses this
 
 
 class CheckpointError(RuntimeError):
@@ -104,6 +105,7 @@ def write_checkpoint(
             return last
     payload = {
         "type": TYPE,
+        "aud": AUDIENCE,
         "seq": seq,
         "hash": digest,
         "time": format_time(utcnow()),

@@ -18,7 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import __version__
-from service.api.problems import conflict, not_found
+from service.api.problems import Problem, conflict, not_found
 from service.domain.states import RecordState, RequestStatus
 from service.domain.views import iso
 from service.settings import Settings
@@ -44,6 +44,10 @@ log = logging.getLogger("lethe.receipts")
 
 RECEIPT_TYPE = "https://lethe.dev/receipts/erasure/v2"
 TYP = "lethe-erasure-receipt+jws"
+# The JWT audience claim: a generic JOSE verifier asked for this audience refuses anything
+# else signed by the same key (an audit checkpoint carries CHECKPOINT_AUDIENCE).
+AUDIENCE = "urn:lethe:erasure-receipt"
+PURGE_RETRY_AFTER_S = 2  # a purge rewrites one dataset file: seconds, or one reaper interval
 
 
 class ReceiptError(ValueError):
@@ -60,8 +64,15 @@ def verify(receipt: Any, jwks: dict[str, Any]) -> dict[str, Any]:
         header, payload = verify_compact(token.strip(), jwks, TYP)
     except SignatureError as exc:
         raise ReceiptError(str(exc)) from None
-    if payload.get("type") != RECEIPT_TYPE:
-        raise ReceiptError(f"not an erasure receipt (type {payload.get('type')!r})")
+    if payload.get("type") != RECEIPT_TYPE or payload.get("aud") != AUDIENCE:
+        raise ReceiptError(
+            f"not an erasure receipt (type {payload.get('type')!r}, aud {payload.get('aud')!r})"
+        )
+    # The API's answer carries an unsigned copy for convenience: it must say what is signed.
+    if isinstance(receipt, dict) and "payload" in receipt and receipt["payload"] != payload:
+        raise ReceiptError(
+            "the unsigned `payload` copy differs from the signed payload: it was edited"
+        )
     audit = payload.get("audit") or {}
     checkpoint = audit.get("checkpoint") or {}
     try:
@@ -190,17 +201,26 @@ def _document(factory: sessionmaker[Session], request_id: str) -> dict[str, Any]
             r.key for r in records if r.purged_at is None or r.state != RecordState.FORGOTTEN
         ]
         if not_purged or len(records) != len(set(keys)):
-            raise conflict(
-                "erasure-pending",
+            # `completed` is set with the activation; the purge follows in its own step (the
+            # reaper finishes it if the worker died). Not a conflict: retry shortly.
+            raise Problem(
+                503, "erasure-pending",
                 f"{len(not_purged)} of the request's records are not yet purged from the "
-                "dataset store; try again shortly",
+                f"dataset store; retry after {PURGE_RETRY_AFTER_S} s",
                 title="Erasure still in progress",
-            )
+                headers={"Retry-After": str(PURGE_RETRY_AFTER_S)},
+                retry_after_s=PURGE_RETRY_AFTER_S,
+            )  # fmt: skip
         seqs = _audit_range(session, request, job, [result.id])
         head = session.get(AuditHead, 1)
         metrics = job.metrics or {}
         return {
             "type": RECEIPT_TYPE,
+            # Registered JWT claims (RFC 7519), for generic verifiers: who, about what, for whom.
+            "iss": "lethe",
+            "sub": request.id,
+            "aud": AUDIENCE,
+            "iat": int(utcnow().timestamp()),
             "request": {
                 "id": request.id,
                 "model": model.name,

@@ -360,8 +360,11 @@ def test_auth_and_scopes(api: Api, registered, settings) -> None:
     now = keys.clock()
     keys.clock = lambda: now + keys.ttl + 0.001
     assert api.client.get("/v1/models", headers=api.h("read")).status_code == 401
-    for path in ("/healthz", "/readyz", "/metrics"):
+    for path in ("/healthz", "/readyz"):
         assert api.client.get(path).status_code == 200
+    # /metrics needs scope read by default (LETHE_METRICS_AUTH=read).
+    assert api.client.get("/metrics").status_code == 401
+    assert api.client.get("/metrics", headers=api.h("read")).status_code == 401  # revoked
 
 
 def test_health_metrics_and_errors(api: Api, registered) -> None:
@@ -369,7 +372,7 @@ def test_health_metrics_and_errors(api: Api, registered) -> None:
     ready = api.client.get("/readyz").json()
     assert ready["status"] == "ready" and ready["checks"]["database"] == "ok"
     _submit(api, registered, ["digit-1"])
-    text = api.client.get("/metrics").text
+    text = api.client.get("/metrics", headers=api.h("read")).text
     assert 'lethe_jobs{status="queued"} 1.0' in text
     assert (
         'lethe_http_requests_total{method="POST",route="/v1/deletion-requests",status="202"}'

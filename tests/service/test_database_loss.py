@@ -51,7 +51,7 @@ def test_database_loss_is_503_everywhere_and_recovers(postgres_url: str, tmp_pat
     proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
     # Every key check reads the database here: with the key cache (LETHE_AUTH_CACHE_SECONDS) a
     # bodiless POST would rightly be a 422 before any database access, hiding the 503 path.
-    env = server_env(tmp_path, database_url=proxied, auth_cache_seconds="0")
+    env = server_env(tmp_path, database_url=proxied, auth_cache_seconds="0", metrics_auth="open")
     auth = {"Authorization": f"Bearer {secret}"}
     try:
         with lethe_server(env, tmp_path / "server.log") as (base, _proc):

@@ -16,7 +16,7 @@ import torch
 
 from bench.families import Family, family, request_rows
 from tests.trust.conftest import PRODUCTION_POLICY, get, post, request_id_of, run
-from tests.worker.harness import Stack, WorkerProcess, api_stack, stack_settings, wait_until
+from tests.worker.harness import Stack, WorkerProcess, api_stack, poll, stack_settings, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -66,16 +66,14 @@ def test_mislabelled_records_escalate_to_an_exact_retrain(
     assert methods == [("imu", "held"), ("retrain", "released")], request["attempts"]
     assert request["attempts"][0]["reason"] == "not-forgotten-within-guard"
     # The receipt says which kind of forgetting, and cites the recipe.
-    receipt = wait_until(
+    receipt = poll(
         lambda: (
             (r := get(stack, f"/v1/deletion-requests/{request['id']}/receipt")).status_code == 200
             and r.json()
         ),
         timeout=30,
     )
-    assert receipt is not None
-    body = get(stack, f"/v1/deletion-requests/{request['id']}/receipt").json()
-    claim = body["payload"]["forgetting"]
+    claim = receipt["payload"]["forgetting"]
     assert claim["kind"] == "exact" and claim["recipe_sha256"] == shown["recipe_sha256"]
     assert claim["attempts"] == ["imu", "retrain"]
     # The released model answers on those records as a model retrained without them does.

@@ -18,7 +18,7 @@ import pytest
 
 from bench.families import Family, family, request_rows
 from tests.trust.conftest import get, request_id_of
-from tests.worker.harness import Stack, WorkerProcess, wait_until
+from tests.worker.harness import Stack, WorkerProcess, poll
 
 FORGETTING_HELD = {
     "not-forgotten-within-guard", "insufficient-evidence", "over-forgotten", "remembered",
@@ -106,7 +106,7 @@ def test_default_request_is_completed_only_when_forgotten(
     assert ours.statistic <= max(theirs.statistic, 0.0) + 1.96, (ours.as_dict(), theirs.as_dict())
     assert fam.forget_acc(released, rows) <= fam.forget_acc(reference, rows) + 0.34
     # The receipt says `approximate` and carries the evidence it was released on.
-    receipt = wait_until(
+    receipt = poll(
         lambda: (r := get(stack, f"/v1/deletion-requests/{request['id']}/receipt")).status_code
         == 200 and r.json(), timeout=30,
     )  # fmt: skip

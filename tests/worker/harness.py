@@ -456,3 +456,15 @@ def wait_until(predicate: Any, timeout: float, interval: float = 0.05, what: str
         if time.monotonic() - start > timeout:
             raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
         time.sleep(interval)
+
+
+def poll(fetch: Any, timeout: float, interval: float = 0.1, what: str = "") -> Any:
+    """Call fetch() until it returns something truthy; returns that value."""
+    start = time.monotonic()
+    while True:
+        value = fetch()
+        if value:
+            return value
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or fetch}")
+        time.sleep(interval)

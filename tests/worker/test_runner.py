@@ -133,6 +133,27 @@ def test_attempts_exhausted_fail_with_the_last_error(stack: Stack, trained: Trai
     assert [v["status"] for v in stack.versions(model)] == ["active"]
 
 
+def test_a_bug_fails_the_job_at_once_with_its_traceback(stack: Stack, trained: Trained) -> None:
+    """A plain bug (here a KeyError where a job saves) would fail the same way every time:
+    no retry, the job failed on its first attempt, the traceback in its error."""
+    model = stack.register(trained, "mlp")
+    job_id = stack.submit(model, trained.train_ids[:6])
+    ctx = _ctx(stack)
+
+    def buggy_code(_jid: str) -> None:
+        {}["no-such-field"]
+
+    ctx.hooks["before_save"] = buggy_code
+    assert run_job(ctx, job_id).outcome == Outcome.FAILED
+    job = stack.job(job_id)
+    assert job["status"] == "failed" and job["attempts"] == 1
+    assert job["error"]["type"].endswith("/internal-error") and job["error"]["status"] == 500
+    assert "KeyError: 'no-such-field'" in job["error"]["detail"]
+    assert "buggy_code" in job["error"]["traceback"] and "Traceback" in job["error"]["traceback"]
+    assert _files(stack) == []  # the written checkpoint was removed
+    assert [v["status"] for v in stack.versions(model)] == ["active"]
+
+
 def test_missing_record_fails_at_once_with_the_key(stack: Stack, trained: Trained) -> None:
     model = stack.register(trained, "mlp")
     keys = trained.train_ids[:4]

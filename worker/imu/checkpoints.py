@@ -24,7 +24,10 @@ from torch import nn
 
 from worker.imu.architectures import SAFETENSORS_DTYPES
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+# A header lists each tensor in about 100 bytes: 16 MiB is 100k+ tensors, far above any real
+# checkpoint, and bounds what parsing can cost (a 90 MB header took 257 MiB to parse).
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+MAX_METADATA_BYTES = 1024 * 1024  # the free-form __metadata__ strings, summed
 _DTYPE_BITS = {
     "F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8,
     "U64": 64, "U32": 32, "U16": 16, "U8": 8, "BOOL": 8, "F8_E4M3": 8, "F8_E5M2": 8,
@@ -153,6 +156,9 @@ def read_header(source: Source) -> dict[str, tuple[tuple[int, ...], str]]:
                 isinstance(k, str) and isinstance(v, str) for k, v in entry.items()
             ):
                 raise _fail("__metadata__ must map strings to strings")
+            chars = sum(len(k) + len(v) for k, v in entry.items())
+            if chars > MAX_METADATA_BYTES:
+                raise _fail(f"__metadata__ holds {chars} characters; at most {MAX_METADATA_BYTES}")
             continue
         out[key] = _check_entry(key, entry, spans)
 

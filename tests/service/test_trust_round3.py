@@ -1,0 +1,191 @@
+"""Trust, round 3, against a real `lethe serve` (uvicorn) on PostgreSQL with a real worker
+process: receipts that cannot mislead (an edited payload copy, a checkpoint offered as a
+receipt, `completed` before the purge finished), oversized safetensors headers, duplicate
+JSON keys, and who may read `/metrics`."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from jwcrypto import jwk, jwt
+from jwcrypto.common import JWException
+from sqlalchemy import update
+
+from bench.families import Family, family
+from service.api.auth import create_key
+from service.devtools.localserver import lethe_command
+from service.storage import migrate
+from service.storage.db import make_engine, make_session_factory, transaction
+from service.storage.models import Record
+from service.trust.checkpoints import AUDIENCE as CHECKPOINT_AUDIENCE
+from service.trust.receipts import AUDIENCE
+from tests.service.netfaults import lethe_server, server_env
+from tests.worker.harness import WorkerProcess, poll
+
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def digits_family() -> Family:
+    return family("digits-mlp")
+
+
+@pytest.fixture
+def server(postgres_url: str, tmp_path: Path) -> Iterator[dict]:
+    migrate.upgrade(postgres_url)
+    engine = make_engine(postgres_url)
+    sessions = make_session_factory(engine)
+    with transaction(sessions) as s:
+        _, admin = create_key(s, scope="admin", name="admin")
+        _, reader = create_key(s, scope="read", name="reader")
+    env = server_env(tmp_path, database_url=postgres_url)
+    worker = WorkerProcess([sys.executable, "-m", "worker.embedded"], env, tmp_path / "w.log")
+    try:
+        with lethe_server(env, tmp_path / "server.log") as (base, _proc):
+            worker.start()
+            client = httpx.Client(
+                base_url=base, headers={"Authorization": f"Bearer {admin}"}, timeout=60
+            )
+            yield {"base": base, "http": client, "reader": reader, "sessions": sessions,
+                   "env": env}  # fmt: skip
+            client.close()
+    finally:
+        worker.stop()
+        engine.dispose()
+
+
+def _completed_request(server: dict, fam: Family) -> dict:
+    http = server["http"]
+
+    def upload(name: str, role: str, content: bytes) -> str:
+        resp = http.post(
+            "/v1/datasets", data={"name": name, "kind": "tensor", "role": role},
+            files={"file": (f"{name}.npz", content)},
+        )  # fmt: skip
+        assert resp.status_code == 201, resp.text
+        return resp.json()["id"]
+
+    train = upload("train", "train", fam.npz(None))
+    evals = upload("eval", "eval", fam.npz(None, "eval"))
+    recipe = {**fam.recipe_json(), "datasets": [train]}
+    spec = {"name": "mlp", "architecture": fam.architecture, "arch_kwargs": fam.arch_kwargs,
+            "eval_dataset": evals, "recipe": recipe}  # fmt: skip
+    weights = fam.trained().weights["model"]
+    resp = http.post("/v1/models", data={"spec": json.dumps(spec)}, files={"weights": weights})
+    assert resp.status_code == 201, resp.text
+    body = {"model": "mlp", "dataset": train, "record_keys": fam.ids[:10]}
+    request_id = http.post("/v1/deletion-requests", json=body).json()["id"]
+    done = poll(
+        lambda: (
+            (r := http.get(f"/v1/deletion-requests/{request_id}").json())["status"]
+            in ("completed", "needs_review", "failed")
+            and r
+        ),
+        timeout=300,
+    )
+    assert done["status"] == "completed", done
+    return done
+
+
+def test_receipts_cannot_mislead(server: dict, digits_family: Family, tmp_path: Path) -> None:
+    http = server["http"]
+    request = _completed_request(server, digits_family)
+    receipt = poll(
+        lambda: (r := http.get(f"/v1/deletion-requests/{request['id']}/receipt")).status_code
+        == 200 and r.json(), timeout=30,
+    )  # fmt: skip
+    jwks_url = server["base"] + "/.well-known/jwks.json"
+
+    def verify(document: dict) -> subprocess.CompletedProcess[str]:
+        path = tmp_path / "receipt.json"
+        path.write_text(json.dumps(document))
+        return subprocess.run(
+            lethe_command("receipt", "verify", str(path), "--jwks", jwks_url),
+            capture_output=True, text=True, timeout=60, env=server["env"],
+        )  # fmt: skip
+
+    assert verify(receipt).returncode == 0
+    # The unsigned copy edited: the signed payload still verifies, so the copy must not pass.
+    edited = json.loads(json.dumps(receipt))
+    edited["payload"]["records"]["count"] = 1
+    result = verify(edited)
+    assert result.returncode == 1 and "payload` copy differs" in result.stderr, result.stderr
+
+    # A generic JOSE library asked for a receipt's audience refuses an audit checkpoint
+    # signed by the same key, and accepts the receipt.
+    keys = jwk.JWKSet.from_json(httpx.get(jwks_url).text)
+    token = jwt.JWT(jwt=receipt["jws"], key=keys, check_claims={"aud": AUDIENCE})
+    assert json.loads(token.claims)["sub"] == request["id"]
+    checkpoint = receipt["payload"]["audit"]["checkpoint"]["jws"]
+    with pytest.raises(JWException):
+        jwt.JWT(jwt=checkpoint, key=keys, check_claims={"aud": AUDIENCE})
+    claims = jwt.JWT(jwt=checkpoint, key=keys, check_claims={"aud": CHECKPOINT_AUDIENCE})
+    assert json.loads(claims.claims)["aud"] == CHECKPOINT_AUDIENCE
+
+    # `completed` while the purge is still running (the reaper's step, made to lag here):
+    # not a 409 but a 503 that says when to come back.
+    with transaction(server["sessions"]) as s:
+        s.execute(
+            update(Record)
+            .where(Record.key == digits_family.ids[0], Record.state == "forgotten")
+            .values(purged_at=None)
+        )
+    pending = http.get(f"/v1/deletion-requests/{request['id']}/receipt")
+    assert pending.status_code == 503, pending.text
+    assert pending.headers["retry-after"] == "2"
+    assert pending.headers["content-type"].startswith("application/problem+json")
+    assert pending.json()["type"].endswith("/erasure-pending")
+
+
+def _safetensors(header: dict, data: bytes) -> bytes:
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+def test_oversized_headers_and_duplicate_keys_are_refused(
+    server: dict, digits_family: Family
+) -> None:
+    http = server["http"]
+    arch = {"in_features": 2, "hidden": [], "num_classes": 2}
+    spec = json.dumps({"name": "big", "architecture": "mlp", "arch_kwargs": arch})
+    tensors = {
+        "fc.weight": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+        "fc.bias": {"dtype": "F32", "shape": [2], "data_offsets": [16, 24]},
+    }
+    # 2 MB of free-form metadata (a 90 MB one used to be parsed whole).
+    weights = _safetensors({"__metadata__": {"junk": "x" * 2_000_000}, **tensors}, bytes(24))
+    resp = http.post("/v1/models", data={"spec": spec}, files={"weights": weights})
+    assert resp.status_code == 422, resp.text
+    assert "__metadata__" in resp.json()["detail"]
+    huge = struct.pack("<Q", 17 * 1024 * 1024) + b"{" + b" " * 1024
+    resp = http.post("/v1/models", data={"spec": spec}, files={"weights": huge})
+    assert resp.status_code == 422 and "exceeds" in resp.json()["detail"]
+    assert http.get("/v1/models").json()["items"] == []
+
+    # The same key twice in a deletion request: refused, naming it.
+    raw = '{"model": "a", "model": "b", "dataset": "d", "record_keys": ["k"]}'
+    resp = http.post(
+        "/v1/deletion-requests", content=raw, headers={"Content-Type": "application/json"}
+    )
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["errors"] == [{"field": "body.model", "message": "duplicate key"}]
+
+
+def test_metrics_need_a_read_key_unless_opened(
+    server: dict, postgres_url: str, tmp_path: Path
+) -> None:
+    base = server["base"]
+    assert httpx.get(base + "/metrics").status_code == 401
+    reader = {"Authorization": f"Bearer {server['reader']}"}
+    got = httpx.get(base + "/metrics", headers=reader)
+    assert got.status_code == 200 and "lethe_jobs" in got.text
+    env = server_env(tmp_path / "open", database_url=postgres_url, metrics_auth="open")
+    with lethe_server(env, tmp_path / "open.log") as (open_base, _):
+        assert httpx.get(open_base + "/metrics").status_code == 200
