@@ -30,6 +30,11 @@ class Settings(BaseSettings):
     storage_url: str = Field("", description="Directory or s3:// URL; default LETHE_HOME/storage.")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     max_upload_mb: int = Field(2048, gt=0, description="Largest accepted upload, in MiB.")
+    max_json_mb: float = Field(
+        4, gt=0, le=1024,
+        description="Largest JSON (non-multipart) request body, in MiB: 100,000 record keys of "
+        "up to ~36 characters fit.",
+    )  # fmt: skip
     max_dataset_mb: int = Field(
         1024, gt=0, description="Largest inflated size of a tensor dataset's arrays, in MiB."
     )
@@ -163,6 +168,10 @@ class Settings(BaseSettings):
     @property
     def max_upload_bytes(self) -> int:
         return self.max_upload_mb * 1024 * 1024
+
+    @property
+    def max_json_bytes(self) -> int:
+        return int(self.max_json_mb * 1024 * 1024)
 
 
 def load_settings(**overrides: object) -> Settings:

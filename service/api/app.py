@@ -7,15 +7,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
 from service.api import audit, datasets, health, jobs, models, requests
 from service.api.auth import KeyCache, authenticate
 from service.api.deps import AppState
+from service.api.gate import FORM_OVERHEAD_BYTES, RequestGate
 from service.api.observability import Metrics, MetricsMiddleware
 from service.api.openapi import install_openapi, operation_id
-from service.api.problems import Problem, install_handlers, problem_response
+from service.api.problems import install_handlers
 from service.ingest.textcheck import check_request_strings
 from service.settings import Settings, get_settings
 from service.storage.db import is_postgres, make_engine, make_session_factory
@@ -23,9 +23,6 @@ from service.storage.migrate import check_at_head
 from service.storage.objects import Storage
 
 log = logging.getLogger("lethe.api")
-
-# Multipart framing and the small form fields ride on top of the file itself.
-_FORM_OVERHEAD_BYTES = 1024 * 1024
 
 DESCRIPTION = """
 Lethe makes trained PyTorch models forget data on request using IMU (Influence-guided
@@ -37,48 +34,6 @@ record keys, poll the job, download the new checkpoint.
   `https://lethe.dev/problems/`, `title`, `status`, `detail` and `errors` for validation.
 * Lists: `{items, next_cursor}`; pass `cursor=<next_cursor>` for the next page.
 """
-
-
-class BodyLimitMiddleware:
-    """413 for request bodies past the limit, before or while they are read.
-
-    A declared Content-Length over the limit is refused without reading; a chunked body is
-    counted as it streams and the read fails with a Problem that the handlers turn into 413.
-    """
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    def _problem(self) -> Problem:
-        return Problem(
-            413,
-            "payload-too-large",
-            f"the request body exceeds {self.limit} bytes (LETHE_MAX_UPLOAD_MB plus form overhead)",
-            title="Payload too large",
-        )
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await problem_response(self._problem().to_dict())(scope, receive, send)
-            return
-        received = 0
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise self._problem()
-            return message
-
-        await self.app(scope, limited_receive, send)
 
 
 def _warm_up(state: AppState) -> None:
@@ -154,7 +109,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         audit.jwks_router,
     ):
         app.include_router(router)
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes + _FORM_OVERHEAD_BYTES)
+    app.add_middleware(
+        RequestGate,
+        upload_limit=settings.max_upload_bytes + FORM_OVERHEAD_BYTES,
+        json_limit=settings.max_json_bytes,
+    )
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
 
     @app.get("/", include_in_schema=False)

@@ -3,9 +3,8 @@
 Trains (once, then cached) a small CNN on scikit-learn's bundled digits, starts the embedded
 service in the background, registers data and model, asks it to forget one whole class and
 then a random 5 % of another, follows both jobs live, and checks what came back (sha256 of
-the downloaded checkpoint, that it loads into the architecture, the audit chain).
-
-Training is the engine's business (`worker.imu.train`); this module only orchestrates.
+the downloaded checkpoint, that it loads into the architecture, the audit chain). Training
+is the engine's business (`worker.imu.train`); this module only orchestrates.
 """
 
 from __future__ import annotations
@@ -374,8 +373,7 @@ def _drive(
         "eval_dataset": datasets["eval"]["id"],
         "member_probe_dataset": datasets["member_probe"]["id"],
         "description": "Lethe demo: small CNN on scikit-learn digits",
-        # How train_model made version 1 (fit's defaults otherwise): a request IMU cannot
-        # show forgotten is retrained without its records instead (exact).
+        # How train_model made version 1: what IMU cannot show forgotten is retrained (exact).
         "recipe": {
             "epochs": cfg.train_epochs, "lr": 1e-3, "batch_size": 128, "seed": cfg.seed,
             "init_seed": cfg.seed, "datasets": [datasets["train"]["id"]],
@@ -410,18 +408,15 @@ def _drive(
         retried = submit()  # a retried POST: same answer, no second job
         if retried["id"] != accepted["id"]:
             raise RuntimeError("a retried POST with the same Idempotency-Key made a new request")
-        console.print(
-            f"  202 Accepted: request {accepted['id']}; a retry with the same "
-            "Idempotency-Key returned it again (no second job)"
-        )
+        console.print(f"  202 Accepted: request {accepted['id']}; a retry with the same "
+                      "Idempotency-Key returned it again (no second job)")  # fmt: skip
         job_id = accepted["job"]["id"]
         with JobProgress(console, title=f"forget {label}") as bars:  # to the request's end
             request = api.wait_for_request(accepted["id"], 0.25, on_update=bars.update)
         job = request["job"]
         if request["status"] not in (RequestStatus.COMPLETED, RequestStatus.NEEDS_REVIEW):
-            error = job.get("error") or {}
-            detail = f"{error.get('title')}: {error.get('detail')}"
-            raise RuntimeError(f"request {accepted['id']} {request['status']}: {detail}")
+            err = job.get("error") or {}
+            raise RuntimeError(f"request {accepted['id']} {request['status']}: {err.get('detail')}")
         promoted = False
         if request["status"] == RequestStatus.NEEDS_REVIEW:
             # Held by the release policy: say why, then act as the admin reviewer so the
@@ -433,16 +428,12 @@ def _drive(
             request = api.get_deletion_request(accepted["id"])
             promoted = True
         version = api.get_version(request["result_version"]["id"])
-        tried = "; ".join(
-            f"{a['method']} {a['outcome']}" + (f" ({a['reason']})" if a.get("reason") else "")
-            for a in request.get("attempts") or []
-        )
-        evidence = request.get("evidence") or {}
+        tried = "; ".join(f"{a['method']} {a['outcome']}" for a in request.get("attempts") or [])
+        ev = request.get("evidence") or {}
         console.print(
-            f"  request {request['status']}: job {job_id} succeeded -> version "
-            f"{version['number']} ({version['status']}), forgetting "
-            f"{request.get('forgetting')}: {tried}; membership evidence "
-            f"{evidence.get('outcome')} (Z = {evidence.get('statistic')}, n = {evidence.get('n')})"
+            f"  request {request['status']}: job {job_id} -> version {version['number']} "
+            f"({version['status']}), forgetting {request.get('forgetting')} ({tried}); "
+            f"evidence {ev.get('outcome')} (Z = {ev.get('statistic')}, n = {ev.get('n')})"
         )
         job["request_status"] = request["status"]
         reports.append(JobReport(label, accepted["id"], job, version, keys, promoted))

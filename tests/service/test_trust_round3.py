@@ -189,3 +189,71 @@ def test_metrics_need_a_read_key_unless_opened(
     env = server_env(tmp_path / "open", database_url=postgres_url, metrics_auth="open")
     with lethe_server(env, tmp_path / "open.log") as (open_base, _):
         assert httpx.get(open_base + "/metrics").status_code == 200
+
+
+def _post_huge(base: str, key: str | None, *, declared: int, chunked: bool = False) -> tuple:
+    """A raw POST announcing `declared` bytes of JSON, of which it sends a little (or, chunked,
+    keeps streaming until answered); (status, seconds)."""
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    url = urlparse(base)
+    sock = socket.create_connection((url.hostname, url.port), timeout=10)
+    head = [
+        "POST /v1/deletion-requests HTTP/1.1", f"Host: {url.hostname}",
+        "Content-Type: application/json",
+        "Transfer-Encoding: chunked" if chunked else f"Content-Length: {declared}",
+    ]  # fmt: skip
+    if key is not None:
+        head.append(f"Authorization: Bearer {key}")
+    start = time.monotonic()
+    sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+    piece = b'{"record_keys": [' + b'"k", ' * 13000
+    sock.setblocking(False)
+    answer = b""
+    sent = 0
+    while b"\r\n" not in answer and time.monotonic() - start < 10:
+        try:
+            answer += sock.recv(4096)
+        except BlockingIOError:
+            if sent < declared:
+                try:
+                    sock.send(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+                    sent += len(piece)
+                except (BlockingIOError, BrokenPipeError, ConnectionResetError):
+                    pass
+            time.sleep(0.001)
+        except ConnectionResetError:
+            break
+    seconds = time.monotonic() - start
+    sock.close()
+    return int(answer.split(b" ", 2)[1]) if answer else None, seconds
+
+
+def test_big_bodies_cost_nothing_before_the_key_and_the_limit(server: dict) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import psutil
+
+    base, admin = server["base"], server["http"].headers["authorization"].split()[1]
+    pid = next(
+        p.pid for p in psutil.process_iter(["cmdline"])
+        if "serve" in (p.info["cmdline"] or []) and server["base"].rsplit(":", 1)[1]
+        in (p.info["cmdline"] or [])
+    )  # fmt: skip
+    rss = psutil.Process(pid).memory_info().rss
+    body = 118 * 1024 * 1024
+    cases = [None, "lethe_not-a-key", admin] * 7  # 21 at once, with and without a valid key
+    with ThreadPoolExecutor(len(cases)) as pool:
+        results = list(pool.map(lambda k: _post_huge(base, k, declared=body), cases))
+    grown = psutil.Process(pid).memory_info().rss - rss
+    for key, (status, seconds) in zip(cases, results, strict=True):
+        assert status == (413 if key == admin else 401), (key, status)
+        assert seconds < 1.0, (key, seconds)
+    assert grown < 50 * 1024 * 1024, grown
+    # Chunked (no Content-Length): counted while streaming, refused past LETHE_MAX_JSON_MB.
+    status, seconds = _post_huge(base, admin, declared=body, chunked=True)
+    assert status == 413 and seconds < 5.0
+    # The connection pool is fine afterwards.
+    assert server["http"].get("/v1/models").status_code == 200
