@@ -30,6 +30,11 @@ class Settings(BaseSettings):
     storage_url: str = Field("", description="Directory or s3:// URL; default LETHE_HOME/storage.")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     max_upload_mb: int = Field(2048, gt=0, description="Largest accepted upload, in MiB.")
+    db_timeout_s: float = Field(
+        4.0, gt=0, le=600,
+        description="PostgreSQL, API: the longest one database round trip may take (server "
+        "statement_timeout, TCP user timeout and a client watchdog); past it, 503.",
+    )  # fmt: skip
     max_json_mb: float = Field(
         4, gt=0, le=1024,
         description="Largest JSON (non-multipart) request body, in MiB: 100,000 record keys of "

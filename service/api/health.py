@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
+from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import AppState, get_state, metrics_access
 from service.api.problems import DB_RETRY_AFTER_S, PROBLEM_MEDIA_TYPE, problem_dict
@@ -15,6 +17,7 @@ from service.api.schemas import HealthOut, ReadyOut, problems
 from service.storage.migrate import SchemaBehind, check_at_head
 
 log = logging.getLogger("lethe.api")
+READY_TIMEOUT_S = 3.0  # the probe answers within this, whatever the database does
 router = APIRouter(tags=["health"])
 
 
@@ -67,12 +70,22 @@ def _check_broker(state: AppState) -> bool:
     response_model=ReadyOut,
     responses=problems(503, _503="Not ready: the database is down or behind the migration head"),
 )
-def readyz(state: AppState = Depends(get_state)) -> JSONResponse:
-    checks: dict[str, Any] = {"database": _check_database(state)}
+async def readyz(state: AppState = Depends(get_state)) -> JSONResponse:
+    # Its own deadline: a database that stopped answering must not hold the probe (it did,
+    # 90 s); the thread left behind ends when the statement watchdog severs its connection.
+    try:
+        database = await asyncio.wait_for(
+            run_in_threadpool(_check_database, state), timeout=READY_TIMEOUT_S
+        )
+    except TimeoutError:
+        log.warning("readiness: database check took over %s s", READY_TIMEOUT_S)
+        database = "unavailable"
+    checks: dict[str, Any] = {"database": database}
     if state.settings.embedded:
         checks["broker"] = "embedded"
     else:
-        checks["broker"] = "ok" if _check_broker(state) else "unavailable"
+        broker_ok = await run_in_threadpool(_check_broker, state)
+        checks["broker"] = "ok" if broker_ok else "unavailable"
     if checks["database"] != "ok":
         detail = (
             "the database schema is behind the migration head: run `lethe migrate`"
@@ -104,7 +117,10 @@ def readyz(state: AppState = Depends(get_state)) -> JSONResponse:
     "or open to all with LETHE_METRICS_AUTH=open.",
     dependencies=[Depends(metrics_access)],
     response_class=Response,
-    responses={200: {"description": "Prometheus text format", "content": {"text/plain": {}}}},
+    responses={
+        200: {"description": "Prometheus text format", "content": {"text/plain": {}}},
+        **problems(401, 403, 503),
+    },
 )
 def metrics(state: AppState = Depends(get_state)) -> Response:
     from service.api.observability import render

@@ -26,13 +26,15 @@ def free_port() -> int:
 
 
 class TcpProxy:
-    """Forward 127.0.0.1:<port> to an upstream; `cut()` drops everything, `restore()` heals."""
+    """Forward 127.0.0.1:<port> to an upstream; `cut()` drops everything, `silence()` stops
+    forwarding without closing anything, `restore()` heals."""
 
     def __init__(self, upstream: tuple[str, int]) -> None:
         self.upstream = upstream
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self._cut = threading.Event()
+        self._silent = threading.Event()  # accept and swallow everything, answer nothing
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
         self._stop = threading.Event()
@@ -47,6 +49,9 @@ class TcpProxy:
             if self._cut.is_set():  # refuse: the peer sees the connection closed at once
                 client.close()
                 continue
+            if self._silent.is_set():  # a connection that never hears back
+                threading.Thread(target=self._swallow, args=(client,), daemon=True).start()
+                continue
             try:
                 server = socket.create_connection(self.upstream, timeout=5)
             except OSError:
@@ -58,9 +63,16 @@ class TcpProxy:
             for a, b in ((client, server), (server, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
+    def _swallow(self, sock: socket.socket) -> None:
+        with suppress(OSError):
+            while sock.recv(65536):
+                pass
+
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
+                if self._silent.is_set():
+                    continue  # dropped on the floor: nobody closes, nobody answers
                 dst.sendall(data)
         except OSError:
             pass
@@ -80,8 +92,13 @@ class TcpProxy:
             with suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
 
+    def silence(self) -> None:
+        """Stop forwarding without closing anything (packets dropped silently)."""
+        self._silent.set()
+
     def restore(self) -> None:
         self._cut.clear()
+        self._silent.clear()
 
     def close(self) -> None:
         self._stop.set()

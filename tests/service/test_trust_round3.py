@@ -257,3 +257,49 @@ def test_big_bodies_cost_nothing_before_the_key_and_the_limit(server: dict) -> N
     assert status == 413 and seconds < 5.0
     # The connection pool is fine afterwards.
     assert server["http"].get("/v1/models").status_code == 200
+
+
+def test_a_database_that_stops_answering_is_503_within_bounds(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    import time
+
+    from sqlalchemy.engine import make_url
+
+    from tests.service.netfaults import TcpProxy
+
+    migrate.upgrade(postgres_url)
+    engine = make_engine(postgres_url)
+    with transaction(make_session_factory(engine)) as s:
+        _, secret = create_key(s, scope="admin", name="ops")
+    engine.dispose()
+    url = make_url(postgres_url)
+    proxy = TcpProxy((url.host or "127.0.0.1", url.port or 5432))
+    proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    env = server_env(tmp_path, database_url=proxied, auth_cache_seconds="0")
+    auth = {"Authorization": f"Bearer {secret}"}
+    try:
+        with lethe_server(env, tmp_path / "server.log") as (base, _proc):
+            http = httpx.Client(base_url=base, timeout=60)
+            for _ in range(5):  # pooled connections that will go silent
+                assert http.get("/v1/models", headers=auth).status_code == 200
+            proxy.silence()
+
+            def timed(path: str, **kw: object) -> tuple[int, float]:
+                t0 = time.monotonic()
+                status = http.get(path, **kw).status_code  # type: ignore[arg-type]
+                return status, time.monotonic() - t0
+
+            status, seconds = timed("/readyz")
+            assert status == 503 and seconds < 5.0, (status, seconds)
+            for path in ("/v1/models", "/v1/jobs", "/v1/deletion-requests"):
+                status, seconds = timed(path, headers=auth)
+                assert status == 503 and seconds < 10.0, (path, status, seconds)
+            proxy.restore()
+            deadline = time.monotonic() + 30
+            while http.get("/v1/models", headers=auth).status_code != 200:
+                assert time.monotonic() < deadline, "did not recover"
+                time.sleep(0.5)
+            assert http.get("/readyz").status_code == 200
+    finally:
+        proxy.close()
