@@ -38,7 +38,7 @@ Cursor = Annotated[str | None, Query(description="`next_cursor` of the previous 
     ),
     dependencies=[Depends(only_form_fields("file", "name", "kind", "role"))],
     response_model=DatasetOut,
-    responses=problems(400, 413, _413="Upload too large"),
+    responses=problems(400, 413, 507, _413="Upload too large"),
 )
 def upload_dataset(
     file: Annotated[UploadFile, File(description="The .npz or .jsonl file.")],

@@ -49,7 +49,7 @@ _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
     ),
     dependencies=[Depends(only_form_fields("spec", "weights", *LM_FORM_FILES))],
     response_model=ModelOut,
-    responses=problems(400, 409, 413, _409="A model of this name exists"),
+    responses=problems(400, 409, 413, 507, _409="A model of this name exists"),
 )
 def register_model(
     spec: Annotated[str, Form(min_length=1, description="Model spec as a JSON string.")],

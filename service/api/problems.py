@@ -225,7 +225,22 @@ async def _handle_database(request: Request, exc: Exception) -> JSONResponse:
     return problem_response(database_unavailable(), {"Retry-After": str(DB_RETRY_AFTER_S)})
 
 
+STORAGE_RETRY_AFTER_S = 60  # a full disk or bucket needs an operator: not seconds
+
+
+async def _handle_storage_full(request: Request, exc: Exception) -> JSONResponse:
+    log.error("storage full on %s %s: %s", request.method, request.url.path, exc)
+    body = problem_dict(
+        "storage-full", "Insufficient storage", 507,
+        "the object store has no room for this upload; nothing was stored, retry later",
+    )  # fmt: skip
+    return problem_response(body, {"Retry-After": str(STORAGE_RETRY_AFTER_S)})
+
+
 def install_handlers(app: FastAPI) -> None:
+    from service.storage.objects import StorageFull
+
+    app.add_exception_handler(StorageFull, _handle_storage_full)
     # Pool exhaustion (TimeoutError) and a dropped connection both mean "come back later".
     for exc_type in (sa_exc.DBAPIError, sa_exc.TimeoutError, sa_exc.DisconnectionError):
         app.add_exception_handler(exc_type, _handle_database)

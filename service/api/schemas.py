@@ -373,6 +373,7 @@ _PROBLEM_TEXT = {
     416: "Range not satisfiable",
     422: "Invalid input (the `errors` list names fields or keys)",
     503: "Database unavailable (retry after `Retry-After` seconds)",
+    507: "The object store is full; nothing was stored (retry after `Retry-After` seconds)",
 }
 
 

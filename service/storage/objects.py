@@ -7,6 +7,7 @@ temporary name first and are renamed into place, so a reader never sees half a f
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -34,6 +35,13 @@ class TooLarge(StorageError):
     def __init__(self, limit: int) -> None:
         super().__init__(f"content exceeds the limit of {limit} bytes")
         self.limit = limit
+
+
+class StorageFull(StorageError):
+    """The store has no room (ENOSPC, EDQUOT, EFBIG); nothing was stored."""
+
+
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def validate_key(key: str) -> str:
@@ -65,7 +73,18 @@ class Storage:
     def write_stream(
         self, key: str, chunks: Iterable[bytes], max_bytes: int | None = None
     ) -> tuple[str, int]:
-        return self._backend.write_stream(validate_key(key), chunks, max_bytes)
+        """Store a stream; a full store is StorageFull (the partial file removed, and the rest
+        of the stream read, so an HTTP client's connection stays usable)."""
+        stream = iter(chunks)
+        try:
+            return self._backend.write_stream(validate_key(key), stream, max_bytes)
+        except OSError as exc:
+            if exc.errno not in _FULL_ERRNOS:
+                raise
+            log.error("storage full writing %s: %s", key, exc)
+            for _ in stream:
+                pass
+            raise StorageFull(f"the object store has no room for {key.split('/')[0]}") from None
 
     def write_bytes(self, key: str, data: bytes) -> tuple[str, int]:
         return self.write_stream(key, [data])

@@ -303,3 +303,65 @@ def test_a_database_that_stops_answering_is_503_within_bounds(
             assert http.get("/readyz").status_code == 200
     finally:
         proxy.close()
+
+
+def _npz(n: int) -> bytes:
+    import io
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    inputs = rng.random((n, 64), dtype=np.float32)
+    np.savez(buf, ids=np.array([f"r{i}" for i in range(n)]), inputs=inputs,
+             labels=rng.integers(0, 10, n))  # fmt: skip
+    return buf.getvalue()
+
+
+@pytest.fixture
+def tiny_store(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs as the object store (mounting needs CAP_SYS_ADMIN: root here and in CI)."""
+    mount_point = tmp_path / "tiny-store"
+    mount_point.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a 1 MiB tmpfs to fill (needs CAP_SYS_ADMIN): {done.stderr}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_a_full_object_store_is_507_and_stores_nothing(
+    postgres_url: str, tmp_path: Path, tiny_store: Path
+) -> None:
+    migrate.upgrade(postgres_url)
+    engine = make_engine(postgres_url)
+    with transaction(make_session_factory(engine)) as s:
+        _, secret = create_key(s, scope="admin", name="full")
+    engine.dispose()
+    env = server_env(tmp_path, database_url=postgres_url) | {"LETHE_STORAGE_URL": str(tiny_store)}
+    auth = {"Authorization": f"Bearer {secret}"}
+    with lethe_server(env, tmp_path / "server.log") as (base, _proc):
+        http = httpx.Client(base_url=base, headers=auth, timeout=60)
+        big = _npz(8000)  # 2 MiB of inputs: more than the store holds
+        small = _npz(20)
+        for _ in range(3):  # and the same connection keeps answering
+            resp = http.post(
+                "/v1/datasets", data={"name": "big", "kind": "tensor", "role": "train"},
+                files={"file": ("big.npz", big)},
+            )  # fmt: skip
+            assert resp.status_code == 507, resp.text
+            assert resp.headers["retry-after"] == "60"
+            assert resp.headers["content-type"].startswith("application/problem+json")
+            assert resp.json()["type"].endswith("/storage-full")
+        assert [p for p in tiny_store.rglob("*") if p.is_file()] == []  # no partial file
+        assert http.get("/v1/datasets").json()["items"] == []
+        ok = http.post(
+            "/v1/datasets", data={"name": "small", "kind": "tensor", "role": "train"},
+            files={"file": ("small.npz", small)},
+        )  # fmt: skip
+        assert ok.status_code == 201, ok.text
