@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 
 from service.api.problems import problem_dict
 from service.domain.backoff import backoff_delay
+from service.domain.lifecycle import move_job, move_request
 from service.domain.models import active_version
 from service.domain.states import (
     ACTIVE_JOB_STATES,
@@ -178,14 +179,14 @@ def finish_job(
 
     `request_status` overrides the request's usual status (a succeeded job whose version
     waits for review leaves its request `needs_review`, not `completed`)."""
-    job.status = status
+    move_job(job, status)
     job.finished_at = utcnow()
     job.lease_expires_at = None
     if error is not None:
         job.error = error
     request = session.get(DeletionRequest, job.request_id)
     if request is not None:
-        request.status = request_status or REQUEST_STATUS_OF_JOB[status]
+        move_request(request, request_status or REQUEST_STATUS_OF_JOB[status])
     body = {"attempts": job.attempts, **(payload or {})}
     if error is not None:
         body["error"] = {"type": error.get("type"), "detail": error.get("detail")}
@@ -199,7 +200,7 @@ def requeue(
     session: Session, job: Job, *, actor: str, error: dict[str, Any] | None, reason: str
 ) -> None:
     """Put a running job back in the queue (its attempts are kept)."""
-    job.status = JobStatus.QUEUED
+    move_job(job, JobStatus.QUEUED)
     job.worker_id = None
     job.lease_expires_at = None
     job.phase = None
@@ -208,7 +209,7 @@ def requeue(
         job.error = error
     request = session.get(DeletionRequest, job.request_id)
     if request is not None:
-        request.status = RequestStatus.QUEUED
+        move_request(request, RequestStatus.QUEUED)
     append_event(
         session, actor=actor, action="job.requeued", subject_type="job", subject_id=job.id,
         payload={"attempts": job.attempts, "reason": reason,
@@ -345,7 +346,7 @@ def claim_job(ctx: RunnerContext, job_id: str) -> Claim:
         session.refresh(job)
         request = session.get(DeletionRequest, job.request_id)
         if request is not None:
-            request.status = RequestStatus.RUNNING
+            move_request(request, RequestStatus.RUNNING)
         append_event(
             session, actor=ctx.actor, action="job.claimed", subject_type="job", subject_id=job.id,
             payload={"attempt": job.attempts, "device": device, "source_version_id": source.id,

@@ -80,8 +80,8 @@ def commit_version(
         version = ModelVersion(
             model_id=fence.model_id, number=number, parent_id=source.id, job_id=job.id,
             storage_key=stored.key, sha256=stored.sha256, size_bytes=stored.size,
-            status=status, metrics=metrics, created_at=now,
-        )  # fmt: skip
+            status=VersionStatus.CANDIDATE, metrics=metrics, created_at=now,
+        )  # fmt: skip  # a release moves it to active below, after its parent steps down
         session.add(version)
         session.flush()  # the unique job_id constraint fires here, inside the transaction
         job.result_version_id = version.id

@@ -18,7 +18,7 @@ from datetime import datetime
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.domain.forgetting import append_forgotten_event, mark_forgotten
-from service.domain.states import VersionStatus
+from service.domain.lifecycle import activate_version
 from service.settings import Settings
 from service.storage.models import ModelVersion
 from service.storage.objects import Storage
@@ -53,8 +53,7 @@ def activate(
     marked = mark_forgotten(session, dataset_id, keys, job_id, now)
     if marked != len(set(keys)):
         raise RecordsUnavailable(marked, len(keys))
-    version.status = VersionStatus.ACTIVE
-    parent.status = VersionStatus.SUPERSEDED
+    activate_version(session, version, parent)
     parent.superseded_at = now
     append_forgotten_event(
         session, actor=actor, dataset_id=dataset_id, job_id=job_id, request_id=request_id,

@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.problems import Problem, conflict, not_found, validation
 from service.domain.datasets import resolve_dataset
+from service.domain.lifecycle import REQUEST_MOVES, sources
 from service.domain.models import active_version, get_model
 from service.domain.params import validate_params
 from service.domain.states import (
@@ -398,13 +399,16 @@ def cancel_job(factory: sessionmaker[Session], job_id: str, *, actor: str) -> Ca
         cancelled = affected_rows(
             session,
             update(Job)
-            .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+            .where(Job.id == job_id, Job.status == JobStatus.QUEUED)  # running: asked below
             .values(status=JobStatus.CANCELLED, finished_at=now, cancel_requested=True),
         )
         if cancelled:
             session.execute(
                 update(DeletionRequest)
-                .where(DeletionRequest.id == job.request_id)
+                .where(
+                    DeletionRequest.id == job.request_id,
+                    DeletionRequest.status.in_(sources(REQUEST_MOVES, RequestStatus.CANCELLED)),
+                )
                 .values(status=RequestStatus.CANCELLED)
             )
             append_event(

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.problems import Problem, conflict
 from service.domain.activation import RecordsUnavailable, activate, after_activation
+from service.domain.lifecycle import move_request, move_version
 from service.domain.models import active_version, get_version
 from service.domain.states import RequestStatus, VersionStatus
 from service.domain.views import iso, version_view
@@ -123,7 +124,7 @@ def promote(
         if request is None:
             raise conflict("version-not-candidate", "the version has no deletion request")
         keys = [str(k) for k in request.record_keys]
-        request.status = RequestStatus.COMPLETED
+        move_request(request, RequestStatus.COMPLETED)
         append_event(
             session, actor=actor, action="version.promoted", subject_type="model_version",
             subject_id=version.id,
@@ -162,9 +163,9 @@ def reject(
         if version.status != VersionStatus.CANDIDATE:
             raise _not_candidate(version, VersionStatus.REJECTED)
         request = _request_of(session, version)
-        version.status = VersionStatus.REJECTED
+        move_version(version, VersionStatus.REJECTED)
         if request is not None:
-            request.status = RequestStatus.REJECTED
+            move_request(request, RequestStatus.REJECTED)
         append_event(
             session, actor=actor, action="version.rejected", subject_type="model_version",
             subject_id=version.id,

@@ -21,12 +21,13 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-from service.domain.states import JobStatus, RecordState
+from service.domain.states import JobStatus, RecordState, RequestStatus
 
 
 def utcnow() -> datetime:
@@ -126,7 +127,14 @@ class Model(Base):
 
 class ModelVersion(Base):
     __tablename__ = "model_versions"
-    __table_args__ = (UniqueConstraint("model_id", "number", name="uq_versions_model_number"),)
+    __table_args__ = (
+        UniqueConstraint("model_id", "number", name="uq_versions_model_number"),
+        # At most one active version per model (migration 0005).
+        Index(
+            "uq_versions_one_active", "model_id", unique=True,
+            postgresql_where=text("status = 'active'"), sqlite_where=text("status = 'active'"),
+        ),
+    )  # fmt: skip
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
     number: Mapped[int] = mapped_column(Integer)
@@ -151,12 +159,13 @@ class DeletionRequest(Base):
     model_id: Mapped[str] = mapped_column(ForeignKey("models.id"))
     dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"))
     record_keys: Mapped[list[Any]] = mapped_column(default=list)
-    method: Mapped[str] = mapped_column(String(16))  # imu | ga
+    method: Mapped[str] = mapped_column(String(16))  # imu | ga | retrain
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
     subject_ref: Mapped[str | None] = mapped_column(String(500), default=None)
     reason: Mapped[str | None] = mapped_column(Text, default=None)
     # queued | running | needs_review | completed | failed | cancelled | rejected
-    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
+    # (service/domain/lifecycle.py; the schema limits it, migration 0005)
+    status: Mapped[str] = mapped_column(String(16), default=RequestStatus.QUEUED)
     idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True, default=None)
     body_sha256: Mapped[str] = mapped_column(String(64))  # to tell a retry from a reuse
     actor: Mapped[str] = mapped_column(String(200))
