@@ -270,7 +270,7 @@ def _record_submission(
         params=params,
         subject_ref=body.subject_ref,
         reason=body.reason,
-        status=JobStatus.QUEUED,
+        status=RequestStatus.QUEUED,
         idempotency_key=idempotency_key,
         body_sha256=fingerprint,
         actor=actor,
