@@ -371,3 +371,19 @@ def test_the_guard_keeps_a_margin_for_random_requests(trained_mlp, digits) -> No
             copy.deepcopy(trained_mlp), xf, yf, cfg, heldout=heldout, class_wise=class_wise
         )
         assert result.stats["calibration"]["guard_max_drop"] == expected
+
+
+def test_a_step_is_bounded_when_the_gradient_wakes_up() -> None:
+    """The lr is sized on θ₀'s gradient; on memorised records that one is near zero, so a
+    later, larger gradient must not make a step longer than the first one planned."""
+    from worker.imu.calibration import AscentProblem, _step
+
+    p = torch.nn.Parameter(torch.zeros(10))
+    model = torch.nn.Module()
+    model.p = p
+    problem = AscentProblem(
+        model, [p], 1, lambda idx: 1000.0 * p.sum(), batch_size=1, train_mode=False
+    )
+    opt = torch.optim.SGD([p], lr=1.0)
+    _step(opt, problem, torch.arange(1), 0.0, max_grad_norm=0.5)
+    assert float(p.detach().norm()) == pytest.approx(0.5, rel=1e-5)  # unclipped: 3162
