@@ -108,6 +108,11 @@ class ModelOut(_Out):
         "exact route: requests are answered approximately or held.",
     )
     recipe_sha256: str | None = Field(default=None, description="What receipts cite.")
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="Registration only: what the model is missing (e.g. no eval dataset: every "
+        "request would be held) and what to do.",
+    )
     active_version: VersionOut | None
 
 

@@ -50,18 +50,40 @@ def _api(url: str, api_key: str) -> Iterator[LetheClient]:
         with LetheClient(url, api_key) as client:
             yield client
     except LetheAPIError as exc:
-        err.print(f"[bold red]Error {exc.status}: {exc.title}[/]")
+        err.print(f"Error {exc.status}: {exc.title}", style="bold red", markup=False)
         if exc.detail:
             err.print(exc.detail, markup=False)
-        if exc.errors:
-            err.print(json.dumps(exc.errors, indent=2, default=str), markup=False)
+        for line in error_lines(exc.errors or []):
+            err.print(line, markup=False)
+        if exc.status == 401:
+            err.print(
+                "hint: pass a key with --api-key or LETHE_API_KEY (create one with "
+                "`lethe keys create NAME --scope submit`)",
+                markup=False,
+            )
         raise typer.Exit(1) from None
     except LetheConnectionError as exc:
-        err.print(f"[bold red]Error: {exc}[/]", markup=False)
+        err.print(f"Error: {exc}", style="bold red", markup=False)
         raise typer.Exit(3) from None
     except ChecksumMismatch as exc:
-        err.print(f"[bold red]Error: {exc}[/]", markup=False)
+        err.print(f"Error: {exc}", style="bold red", markup=False)
         raise typer.Exit(4) from None
+
+
+MAX_ERROR_LINES = 10
+
+
+def error_lines(errors: list[dict[str, Any]]) -> list[str]:
+    """One short line per error (field or key, then the message), at most MAX_ERROR_LINES."""
+    lines = []
+    for e in errors[:MAX_ERROR_LINES]:
+        where = e.get("field") or e.get("key") or ""
+        extra = {k: v for k, v in e.items() if k not in ("field", "message")}
+        tail = f" ({json.dumps(extra, default=str)})" if extra else ""
+        lines.append(f"  - {where}: {e.get('message', '')}{tail}" if where else f"  - {e}")
+    if len(errors) > MAX_ERROR_LINES:
+        lines.append(f"  … and {len(errors) - MAX_ERROR_LINES} more (--json shows them all)")
+    return lines
 
 
 def read_keys_file(path: Path) -> list[str]:
@@ -69,10 +91,22 @@ def read_keys_file(path: Path) -> list[str]:
 
     `-` reads standard input.
     """
-    text = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
+    try:
+        text = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise typer.BadParameter(f"cannot read {path}: {why}", param_hint="--keys-file") from None
     stripped = text.strip()
     if stripped.startswith("["):
-        keys = json.loads(stripped)
+        try:
+            keys = json.loads(stripped)
+        except json.JSONDecodeError as exc:
+            raise typer.BadParameter(
+                f"{path} starts like a JSON array but is not JSON: {exc.msg} (line {exc.lineno})",
+                param_hint="--keys-file",
+            ) from None
+        if not isinstance(keys, list):
+            raise typer.BadParameter("the JSON must be an array of keys", param_hint="--keys-file")
         if not all(isinstance(k, str) for k in keys):
             raise typer.BadParameter("the JSON array must hold strings", param_hint="--keys-file")
         return keys
@@ -258,6 +292,8 @@ def _register_models(app: typer.Typer) -> None:
                 f"({model.get('architecture')}) version {version.get('number')} "
                 f"id={version.get('id')} sha256={version.get('sha256')}"
             )
+            for warning in model.get("warnings") or []:
+                err.print(f"warning: {warning}", style="yellow", markup=False)
 
     @models.command("list")
     def list_(url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = "", as_json: JsonOpt = False) -> None:

@@ -289,7 +289,19 @@ def register_model(
     except BaseException:
         _delete_all(storage, written)
         raise
-    return view
+    return {**view, "warnings": registration_warnings(spec)}
+
+
+def registration_warnings(spec: ModelSpec) -> list[str]:
+    """What the registration will cost later, said now (the answer is 201 all the same)."""
+    out = []
+    if not spec.eval_dataset:
+        out.append(
+            "no eval_dataset: nothing can be compared with unseen data, so every deletion "
+            "request will be held for review. Upload held-out records (role eval, drawn like "
+            "the training set) and register the model with `eval_dataset`."
+        )
+    return out
 
 
 def _delete_all(storage: Storage, keys: list[str]) -> None:

@@ -365,11 +365,44 @@ def test_errors_print_problem_and_exit_non_zero(runner: CliRunner, server: Serve
 
     unauthorised = invoke(runner, server, "datasets", "list", env={"LETHE_API_KEY": "wrong"})
     assert unauthorised.exit_code == 1 and "401" in unauthorised.stderr
+    assert "LETHE_API_KEY" in unauthorised.stderr  # what to do about it
 
     unreachable = invoke(
         runner, server, "jobs", "list", env={"LETHE_URL": f"http://127.0.0.1:{free_port()}"}
     )
     assert unreachable.exit_code == 3 and "cannot reach" in unreachable.stderr
+    assert "[bold" not in unreachable.stderr and "[/]" not in unreachable.stderr
+
+
+def test_rough_edges_a_new_user_hits(
+    runner: CliRunner, server: Server, registered: dict[str, Any], mlp_weights: Path,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    # A keys file that is not there: a sentence, not a traceback.
+    nope = invoke(
+        runner, server, "forget", "--model", registered["name"],
+        "--dataset", registered["dataset"]["id"], "--keys-file", str(tmp_path / "nope.txt"),
+    )  # fmt: skip
+    assert nope.exit_code == 2 and "Traceback" not in nope.output
+    assert "cannot read" in nope.output and "nope.txt" in nope.output
+    # Many bad keys: one short line each, at most ten, then how many more.
+    keys = tmp_path / "many.txt"
+    keys.write_text("\n".join(f"no-such-key-{i}" for i in range(40)))
+    many = invoke(
+        runner, server, "forget", "--model", registered["name"],
+        "--dataset", registered["dataset"]["id"], "--keys-file", str(keys),
+    )  # fmt: skip
+    assert many.exit_code == 1 and "422" in many.stderr
+    assert "and 30 more" in many.stderr and "no-such-key-0" in many.stderr
+    assert len(many.stderr.splitlines()) < 20, many.stderr
+    # A model registered without an eval dataset: said at once, with what to do.
+    shown = invoke(
+        runner, server, "models", "register", "--weights", str(mlp_weights),
+        "--name", f"no-eval-{uuid.uuid4().hex[:6]}", "--architecture", "mlp",
+        "--arch-kwargs", json.dumps(registered["model"]["arch_kwargs"]),
+    )  # fmt: skip
+    assert shown.exit_code == 0, shown.output
+    assert "warning: no eval_dataset" in shown.stderr and "held" in shown.stderr
 
 
 def test_read_scope_cannot_submit(
