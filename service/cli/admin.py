@@ -120,6 +120,9 @@ def register(app: typer.Typer) -> None:
             str | None,
             typer.Option(help="JWKS URL or file to trust (default: this installation's keys)."),
         ] = None,
+        as_json: Annotated[
+            bool, typer.Option("--json", help="Print the verification result as JSON.")
+        ] = False,
     ) -> None:
         """Recompute the audit hash chain and check it against every signed checkpoint in
         object storage; exit 1 if it is broken, truncated or rewritten."""
@@ -139,7 +142,19 @@ def register(app: typer.Typer) -> None:
                 result = verify_with_checkpoints(session, Storage.from_settings(settings), keys)
         finally:
             engine.dispose()
-        typer.echo(json.dumps(result, indent=2))
+        if as_json:
+            typer.echo(json.dumps(result, indent=2))
+        elif result["ok"]:
+            typer.echo(
+                f"audit chain intact: {result.get('checked')} events, head "
+                f"{result.get('head_hash')}, checked against {result.get('checkpoints', 0)} "
+                "signed checkpoint(s)"
+            )
+        else:
+            typer.echo(
+                f"audit chain BROKEN at seq {result.get('first_bad_seq')}: "
+                f"{result.get('reason') or result.get('error') or 'see --json'}"
+            )
         if not result["ok"]:
             raise typer.Exit(1)
 

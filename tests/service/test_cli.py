@@ -57,14 +57,14 @@ def test_migrate_then_keys_lifecycle(db_env: str) -> None:
     with factory() as s:
         assert authenticate(s, secret) is None
 
-    verified = json.loads(_run("audit", "verify").stdout)
+    verified = json.loads(_run("audit", "verify", "--json").stdout)
     assert verified["ok"] is True and verified["checked"] == 2  # key.created, key.revoked
 
     from service.storage.models import AuditEvent
 
     with transaction(factory) as s:
         s.execute(update(AuditEvent).where(AuditEvent.seq == 1).values(actor="mallory"))
-    broken = json.loads(_run("audit", "verify", code=1).stdout)
+    broken = json.loads(_run("audit", "verify", "--json", code=1).stdout)
     assert broken["ok"] is False and broken["first_bad_seq"] == 1
     engine.dispose()
 

@@ -123,7 +123,7 @@ def test_tampering_with_a_real_trail_is_named_by_seq(
         )  # fmt: skip
     result = get(stack, "/v1/audit/verify").json()
     assert result["ok"] is False and result["first_bad_seq"] == forgotten["seq"]
-    out = cli.invoke(app, ["audit", "verify"])
+    out = cli.invoke(app, ["audit", "verify", "--json"])
     assert out.exit_code == 1 and f'"first_bad_seq": {forgotten["seq"]}' in out.stdout
 
     # Restore it, then delete an earlier row: the gap is named.
