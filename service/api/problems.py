@@ -7,8 +7,9 @@ exceptions become a 500 without any internal detail (the traceback goes to the l
 
 from __future__ import annotations
 
+import difflib
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
 
@@ -108,8 +109,14 @@ class Problem(StarletteHTTPException):
 
 
 # Convenience constructors for the common cases, so routers stay one-liners.
-def not_found(what: str, ident: str) -> Problem:
-    return Problem(404, "not-found", f"{what} {ident!r} does not exist", title="Not found")
+def not_found(what: str, ident: str, known: Sequence[str] = ()) -> Problem:
+    """404; with ``known`` names, the closest ones are suggested ("did you mean")."""
+    close = difflib.get_close_matches(ident, list(known), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    problem = Problem(404, "not-found", f"{what} {ident!r} does not exist{hint}", title="Not found")
+    if close:
+        problem.extra["suggestions"] = close
+    return problem
 
 
 def validation(detail: str, errors: list[dict[str, Any]] | None = None) -> Problem:

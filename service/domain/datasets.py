@@ -7,6 +7,7 @@ one row per record, audit event) in one transaction. Any failure deletes the sto
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -155,6 +156,11 @@ def resolve_dataset(session: Session, ref: str, field: str = "dataset") -> Datas
     if len(matches) == 1:
         return matches[0]
     message = "ambiguous name; use the id" if matches else "no such dataset"
+    if not matches:
+        names = session.execute(select(Dataset.name).limit(10_000)).scalars().all()
+        close = difflib.get_close_matches(ref, list(names), n=3, cutoff=0.6)
+        if close:
+            message += f"; did you mean {', '.join(repr(c) for c in close)}?"
     raise validation(f"{field} {ref!r}: {message}", [{"field": field, "message": message}])
 
 

@@ -123,7 +123,13 @@ def _check_weights(
             result = check_state_dict(spec.architecture, spec.arch_kwargs, header)
         except (ValueError, KeyError) as exc:  # unknown architecture or bad kwargs
             field = "spec.architecture" if isinstance(exc, KeyError) else "spec.arch_kwargs"
-            raise validation(str(exc), [{"field": field, "message": str(exc)}]) from None
+            message = str(exc.args[0]) if exc.args else str(exc)
+            if isinstance(exc, KeyError):  # causal_lm is registered here, not by the engine
+                from worker.imu.architectures import available
+
+                names = ", ".join([*available(), "causal_lm"])
+                message = f"unknown architecture {spec.architecture!r}; available: {names}"
+            raise validation(message, [{"field": field, "message": message}]) from None
     if not result.ok:
         errors = (
             [{"field": "weights", "key": k, "message": "missing"} for k in result.missing]
@@ -312,7 +318,8 @@ def _delete_all(storage: Storage, keys: list[str]) -> None:
 def get_model(session: Session, name: str) -> Model:
     model = session.execute(select(Model).where(Model.name == name)).scalar_one_or_none()
     if model is None:
-        raise not_found("model", name)
+        names = session.execute(select(Model.name).limit(10_000)).scalars().all()
+        raise not_found("model", name, names)
     return model
 
 

@@ -403,6 +403,19 @@ def test_rough_edges_a_new_user_hits(
     )  # fmt: skip
     assert shown.exit_code == 0, shown.output
     assert "warning: no eval_dataset" in shown.stderr and "held" in shown.stderr
+    # A misspelt name: the closest ones are offered; an unknown architecture lists them all.
+    misspelt = invoke(runner, server, "models", "show", registered["name"] + "x")
+    assert misspelt.exit_code == 1 and f"did you mean '{registered['name']}'" in misspelt.stderr
+    typo = invoke(
+        runner, server, "forget", "--model", registered["name"], "--dataset", "digits-clj",
+        "--keys-file", str(keys),
+    )  # fmt: skip
+    assert typo.exit_code == 1 and "did you mean 'digits-cli'" in typo.stderr
+    unknown = invoke(
+        runner, server, "models", "register", "--weights", str(mlp_weights), "--name", "x-y",
+        "--architecture", "mpl",
+    )  # fmt: skip
+    assert unknown.exit_code == 1 and "causal_lm" in unknown.stderr and "mlp" in unknown.stderr
 
 
 def test_read_scope_cannot_submit(
