@@ -162,16 +162,12 @@ def trained_checkpoint(train: Split, cfg: DemoConfig, log: Callable[[str], None]
         return path
     import torch
 
+    log(f"training the CNN on {len(train.labels)} records ({cfg.train_epochs} epochs; once)")
     torch.manual_seed(cfg.seed)
     model = build(ARCHITECTURE, **cfg.arch_kwargs)
     started = time.monotonic()
-    fit(
-        model,
-        torch.from_numpy(train.inputs),
-        torch.from_numpy(train.labels),
-        epochs=cfg.train_epochs,
-        seed=cfg.seed,
-    )
+    x, y = torch.from_numpy(train.inputs), torch.from_numpy(train.labels)
+    fit(model, x, y, epochs=cfg.train_epochs, seed=cfg.seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_safetensors(model, path)
     log(f"trained the CNN in {time.monotonic() - started:.1f}s, cached at {path}")

@@ -36,6 +36,7 @@ def test_demo_succeeds_and_stops_the_service(demo_run) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Demo finished" in proc.stdout
     assert "Before / after each deletion request" in proc.stdout
+    assert "training the CNN on" in proc.stdout  # a long step says so before it starts
     summary = json.loads((home / "demo" / "summary.json").read_text())
     # The service was stopped: its port no longer answers.
     import httpx
