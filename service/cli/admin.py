@@ -216,4 +216,6 @@ def _load_jwks(source: str) -> dict:
         data = json.loads(Path(source).read_text(encoding="utf-8"))
     if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
         raise ValueError("not a JWKS (an object with a `keys` list)")
+    if not data["keys"]:
+        raise ValueError("the JWKS holds no keys: nothing could verify a signature")
     return data

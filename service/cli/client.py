@@ -219,9 +219,11 @@ def _register_models(app: typer.Typer) -> None:
         name: Annotated[str | None, typer.Option(help="Model name (without --spec).")] = None,
         architecture: Annotated[str | None, typer.Option(help="Architecture name.")] = None,
         arch_kwargs: Annotated[str, typer.Option(help="Architecture kwargs as JSON.")] = "{}",
-        eval_dataset: Annotated[str | None, typer.Option(help="Eval dataset id.")] = None,
+        eval_dataset: Annotated[
+            str | None, typer.Option(help="Eval dataset: id or unique name.")
+        ] = None,
         member_probe_dataset: Annotated[
-            str | None, typer.Option(help="Member-probe dataset id.")
+            str | None, typer.Option(help="Member-probe dataset: id or unique name.")
         ] = None,
         description: Annotated[
             str | None, typer.Option(help="Free text shown with the model.")

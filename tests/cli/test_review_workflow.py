@@ -129,6 +129,11 @@ def test_held_request_is_reviewed_promoted_and_receipted(
         "--json",
     )  # fmt: skip
     assert summary.exit_code == 0 and json.loads(summary.stdout)["request_id"] == request_id
+    # A JWKS with no keys cannot verify anything: "cannot read the keys" (2), not "invalid" (1).
+    empty = tmp_path / "empty-jwks.json"
+    empty.write_text('{"keys": []}')
+    nothing = invoke(server, "receipt", "verify", str(receipt), "--jwks", str(empty))
+    assert nothing.exit_code == 2 and "no keys" in nothing.output
 
 
 def test_keys_create_json(server: Server) -> None:
