@@ -47,6 +47,14 @@ def retained_classes_accuracy(model: Any, eval_pair: Pair, forget_labels: Any) -
     return float(accuracy(model, x[keep], y[keep]))
 
 
+def per_class_accuracy(model: Any, pair: Pair) -> dict[str, float]:
+    """Eval accuracy per class label (the console draws it before and after)."""
+    logits = model_logits(model, pair[0])()
+    y = torch.as_tensor(pair[1]).long().to(logits.device)
+    hit = logits.argmax(1) == y
+    return {str(int(c)): float(hit[y == c].double().mean()) for c in torch.unique(y).tolist()}
+
+
 def _losses(model: Any, pair: Pair) -> torch.Tensor:
     logits = model_logits(model, pair[0])()
     return F.cross_entropy(
@@ -78,6 +86,7 @@ def job_metrics(
             retained = retained_classes_accuracy(model, eval_pair, forget[1])
             if retained is not None:
                 result["eval_acc_retained_classes"] = retained
+        result["per_class_acc"] = per_class_accuracy(model, eval_pair)
         auc, limit = loss_auc(_losses(model, forget), _losses(model, eval_pair))
         result["forget_loss_auc"], result["forget_loss_auc_limit"] = auc, limit
     if membership is not None:

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 
 from service import __version__
-from service.api import audit, datasets, health, jobs, models, requests
+from service.api import audit, console_routes, datasets, health, jobs, models, requests
 from service.api.auth import KeyCache, authenticate
 from service.api.deps import AppState
 from service.api.gate import FORM_OVERHEAD_BYTES, RequestGate
@@ -125,8 +125,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         audit.router,
         health.router,
         audit.jwks_router,
+        console_routes.router,
     ):
         app.include_router(router)
+    app.mount("/console/static", console_routes.static_files(), name="console-static")
     app.add_middleware(
         RequestGate,
         upload_limit=settings.max_upload_bytes + FORM_OVERHEAD_BYTES,
