@@ -452,3 +452,13 @@ def test_installed_entry_point_talks_to_the_server(server: Server) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert isinstance(json.loads(proc.stdout), list)
+
+
+def test_help_says_a_dataset_may_be_named(runner: CliRunner) -> None:
+    from service.cli import app
+
+    shown = runner.invoke(app, ["models", "register", "--help"], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0
+    assert "Eval dataset: id or unique name." in shown.stdout
+    assert "Member-probe dataset: id or unique name." in shown.stdout
+    assert "--recipe" in shown.stdout
