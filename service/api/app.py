@@ -24,7 +24,7 @@ from service.storage.db import (
     make_engine,
     make_session_factory,
 )
-from service.storage.migrate import check_at_head
+from service.storage.migrate import SchemaBehind, check_at_head
 from service.storage.objects import Storage
 
 log = logging.getLogger("lethe.api")
@@ -47,8 +47,11 @@ def _warm_up(state: AppState) -> None:
     from service.domain.params import validate_params
 
     validate_params("imu", {})
-    with state.sessions() as session:
-        authenticate(session, "lethe_warm-up")
+    try:
+        with state.sessions() as session:
+            authenticate(session, "lethe_warm-up")
+    except Exception as exc:  # a database blip must not stop a worker process from starting
+        log.warning("start-up: database not reachable yet (%s)", str(exc).splitlines()[0][:200])
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -91,8 +94,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        # Refuse to serve a database behind the migration head (run `lethe migrate`).
-        check_at_head(engine)
+        # Refuse to serve a database behind the migration head (run `lethe migrate`). One that
+        # cannot be reached is served anyway (503 until it is back, /readyz says so): a blip
+        # while one of `lethe serve`'s worker processes starts used to stop the whole server.
+        try:
+            check_at_head(engine)
+        except SchemaBehind:
+            raise
+        except Exception as exc:
+            log.warning(
+                "start-up: database not reachable (%s); answering 503 until it is back",
+                str(exc).splitlines()[0][:200],
+            )
         # Temporary files of a process killed mid-write (this one, before a restart, or another).
         state.storage.sweep_temp(settings.temp_max_age_s)
         _warm_up(state)

@@ -365,3 +365,39 @@ def test_a_full_object_store_is_507_and_stores_nothing(
             files={"file": ("small.npz", small)},
         )  # fmt: skip
         assert ok.status_code == 201, ok.text
+
+
+def test_a_worker_process_starts_while_the_database_is_down_and_recovers(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """`lethe serve` refuses to start without a database (its preflight), but a worker process
+    (re)starting during a blip used to raise in its start-up check, and uvicorn then stopped
+    the whole server (seen in CI). The app's start-up now logs it and serves 503 until the
+    database is back."""
+    import time
+
+    from sqlalchemy.engine import make_url
+    from starlette.testclient import TestClient
+
+    from service.api.app import create_app
+    from service.settings import load_settings
+    from tests.service.netfaults import TcpProxy
+
+    migrate.upgrade(postgres_url)
+    url = make_url(postgres_url)
+    proxy = TcpProxy((url.host or "127.0.0.1", url.port or 5432))
+    proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    settings = load_settings(
+        database_url=proxied, home=str(tmp_path / "home"), storage_url=str(tmp_path / "s")
+    )
+    proxy.cut()
+    try:
+        with TestClient(create_app(settings)) as client:  # the lifespan runs here
+            assert client.get("/readyz").status_code == 503
+            proxy.restore()
+            deadline = time.monotonic() + 30
+            while client.get("/readyz").status_code != 200:
+                assert time.monotonic() < deadline, "did not recover"
+                time.sleep(0.5)
+    finally:
+        proxy.close()
