@@ -194,18 +194,13 @@ def section(results_dir: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from service.settings import Settings
-    from tests.worker.harness import WorkerProcess, api_stack, stack_settings
+    from tests.worker.harness import WorkerProcess, api_stack, production_policy, stack_settings
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--family", action="append", choices=FAMILIES)
     args = parser.parse_args(argv)
-    production = {
-        name: Settings.model_fields[name].default
-        for name in Settings.model_fields
-        if name.startswith("policy_")
-    }
+    production = production_policy()
     results: dict[str, Any] = {
         "machine": {"python": platform.python_version(), "platform": platform.platform()},
         "policy": production,

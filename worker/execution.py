@@ -123,10 +123,10 @@ class Execution:
             self._enter(Phase.LOADING)
             loaded = Loader(self.ctx, self.job_id, self.progress).load()
             self.check()
-            self.membership = self._membership_test(loaded)
+            rules = effective_policy(self.ctx.settings, loaded.params.get("policy"))
+            self.membership = self._membership_test(loaded, rules)
             before = self._evaluate(loaded)
             self.check()
-            rules = effective_policy(self.ctx.settings, loaded.params.get("policy"))
             result = answer(
                 loaded, before, rules, escalation=self.ctx.settings.escalation,
                 evaluate=self._evaluate_after, approximate=self._unlearn, exact=self._retrain,
@@ -200,14 +200,13 @@ class Execution:
         loaded.model = model
         return stats
 
-    def _membership_test(self, loaded: Loaded) -> Any:
+    def _membership_test(self, loaded: Loaded, rules: dict[str, Any]) -> Any:
         """The request's membership test (ALGORITHM.md §6), at the policy's thresholds, or
         None when the model has no eval set or no retained records (the policy then holds)."""
         if loaded.lm or loaded.nonmembers is None or loaded.members is None:
             return None
         from worker.imu.membership import MembershipTest
 
-        rules = effective_policy(self.ctx.settings, loaded.params.get("policy"))
         try:
             return MembershipTest(
                 loaded.forget, loaded.members, loaded.nonmembers, class_wise=loaded.class_wise,

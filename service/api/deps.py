@@ -52,7 +52,20 @@ async def get_state(request: Request) -> AppState:
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`.")
 
 
-def _unauthorized(detail: str) -> Problem:
+MISSING_KEY = "missing bearer API key (Authorization: Bearer <key>)"
+INVALID_KEY = "invalid or revoked API key"
+
+
+async def principal_for(state: AppState, secret: str) -> Principal | None:
+    """The key's principal, or None. A cached key is checked on the event loop; only a
+    lookup goes to the thread pool."""
+    principal = state.keys.cached(secret)
+    if principal is None:
+        principal = await run_in_threadpool(state.keys.lookup, state.sessions, secret)
+    return principal
+
+
+def unauthorized(detail: str) -> Problem:
     return Problem(
         401,
         "unauthorized",
@@ -70,15 +83,10 @@ def require(scope: str) -> Callable[..., Awaitable[Principal]]:
         state: AppState = Depends(get_state),
     ) -> Principal:
         if credentials is None or credentials.scheme.lower() != "bearer":
-            raise _unauthorized("missing bearer API key (Authorization: Bearer <key>)")
-        # A cached key is checked on the event loop; only a lookup goes to the thread pool.
-        principal = state.keys.cached(credentials.credentials)
+            raise unauthorized(MISSING_KEY)
+        principal = await principal_for(state, credentials.credentials)
         if principal is None:
-            principal = await run_in_threadpool(
-                state.keys.lookup, state.sessions, credentials.credentials
-            )
-        if principal is None:
-            raise _unauthorized("invalid or revoked API key")
+            raise unauthorized(INVALID_KEY)
         if not principal.allows(scope):
             raise Problem(
                 403,

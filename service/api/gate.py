@@ -12,9 +12,9 @@
 
 from __future__ import annotations
 
-from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api.deps import INVALID_KEY, MISSING_KEY, principal_for, unauthorized
 from service.api.problems import Problem, problem_response
 
 # Multipart framing and the small form fields ride on top of the file itself.
@@ -25,13 +25,6 @@ def _too_large(limit: int, what: str) -> Problem:
     return Problem(
         413, "payload-too-large", f"the request body exceeds {limit} bytes ({what})",
         title="Payload too large",
-    )  # fmt: skip
-
-
-def _unauthorized(detail: str) -> Problem:
-    return Problem(
-        401, "unauthorized", detail, title="Unauthorized",
-        headers={"WWW-Authenticate": 'Bearer realm="lethe"'},
     )  # fmt: skip
 
 
@@ -75,16 +68,12 @@ class RequestGate:
     async def _key_refusal(scope: Scope, header: bytes | None) -> Problem | None:
         scheme, _, secret = (header or b"").decode("latin-1").partition(" ")
         if scheme.lower() != "bearer" or not secret.strip():
-            return _unauthorized("missing bearer API key (Authorization: Bearer <key>)")
-        state = scope["app"].state.lethe
-        secret = secret.strip()
-        principal = state.keys.cached(secret)
-        if principal is None:
-            try:
-                principal = await run_in_threadpool(state.keys.lookup, state.sessions, secret)
-            except Exception:  # the database: the route's own check answers (503)
-                return None
-        return None if principal is not None else _unauthorized("invalid or revoked API key")
+            return unauthorized(MISSING_KEY)
+        try:
+            principal = await principal_for(scope["app"].state.lethe, secret.strip())
+        except Exception:  # the database: the route's own check answers (503)
+            return None
+        return None if principal is not None else unauthorized(INVALID_KEY)
 
     @staticmethod
     async def _answer(problem: Problem, scope: Scope, receive: Receive, send: Send) -> None:

@@ -109,10 +109,15 @@ class Problem(StarletteHTTPException):
 
 
 # Convenience constructors for the common cases, so routers stay one-liners.
-def not_found(what: str, ident: str, known: Sequence[str] = ()) -> Problem:
-    """404; with ``known`` names, the closest ones are suggested ("did you mean")."""
+def did_you_mean(ident: str, known: Sequence[str]) -> tuple[list[str], str]:
+    """The names closest to ``ident`` and the sentence suggesting them ("" when none)."""
     close = difflib.get_close_matches(ident, list(known), n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return close, (f"; did you mean {', '.join(repr(c) for c in close)}?" if close else "")
+
+
+def not_found(what: str, ident: str, known: Sequence[str] = ()) -> Problem:
+    """404; with ``known`` names, the closest ones are suggested."""
+    close, hint = did_you_mean(ident, known)
     problem = Problem(404, "not-found", f"{what} {ident!r} does not exist{hint}", title="Not found")
     if close:
         problem.extra["suggestions"] = close

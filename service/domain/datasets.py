@@ -7,7 +7,6 @@ one row per record, audit event) in one transaction. Any failure deletes the sto
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.api.problems import Problem, not_found, validation
+from service.api.problems import Problem, did_you_mean, not_found, validation
 from service.domain.pagination import MAX_LIMIT, decode_cursor, page
 from service.domain.states import RecordState
 from service.domain.views import dataset_view, iso
@@ -158,9 +157,7 @@ def resolve_dataset(session: Session, ref: str, field: str = "dataset") -> Datas
     message = "ambiguous name; use the id" if matches else "no such dataset"
     if not matches:
         names = session.execute(select(Dataset.name).limit(10_000)).scalars().all()
-        close = difflib.get_close_matches(ref, list(names), n=3, cutoff=0.6)
-        if close:
-            message += f"; did you mean {', '.join(repr(c) for c in close)}?"
+        message += did_you_mean(ref, names)[1]
     raise validation(f"{field} {ref!r}: {message}", [{"field": field, "message": message}])
 
 

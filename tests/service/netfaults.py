@@ -106,6 +106,32 @@ class TcpProxy:
         self._listener.close()
 
 
+def migrated_with_key(database_url: str, name: str, scope: str = "admin") -> str:
+    """Migrate the database and create an API key in it; returns the key."""
+    from service.api.auth import create_key
+    from service.storage import migrate
+    from service.storage.db import make_engine, make_session_factory, transaction
+
+    migrate.upgrade(database_url)
+    engine = make_engine(database_url)
+    try:
+        with transaction(make_session_factory(engine)) as s:
+            _, secret = create_key(s, scope=scope, name=name)
+    finally:
+        engine.dispose()
+    return secret
+
+
+def proxied_database(database_url: str) -> tuple[TcpProxy, str]:
+    """A TcpProxy in front of the database, and the URL that goes through it."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(database_url)
+    proxy = TcpProxy((url.host or "127.0.0.1", url.port or 5432))
+    proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    return proxy, proxied
+
+
 def server_env(tmp_path: Path, **lethe: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LETHE_")}
     env |= {

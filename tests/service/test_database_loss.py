@@ -10,12 +10,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy.engine import make_url
 
-from service.api.auth import create_key
-from service.storage import migrate
-from service.storage.db import make_engine, make_session_factory, transaction
-from tests.service.netfaults import TcpProxy, lethe_server, server_env
+from tests.service.netfaults import lethe_server, migrated_with_key, proxied_database, server_env
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -41,14 +37,8 @@ def _wait(predicate, timeout: float = 30.0) -> bool:
 
 
 def test_database_loss_is_503_everywhere_and_recovers(postgres_url: str, tmp_path: Path) -> None:
-    migrate.upgrade(postgres_url)
-    engine = make_engine(postgres_url)
-    with transaction(make_session_factory(engine)) as s:
-        _, secret = create_key(s, scope="admin", name="ops")
-    engine.dispose()
-    url = make_url(postgres_url)
-    proxy = TcpProxy((url.host or "127.0.0.1", url.port or 5432))
-    proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    secret = migrated_with_key(postgres_url, "ops")
+    proxy, proxied = proxied_database(postgres_url)
     # Every key check reads the database here: with the key cache (LETHE_AUTH_CACHE_SECONDS) a
     # bodiless POST would rightly be a 422 before any database access, hiding the 503 path.
     env = server_env(tmp_path, database_url=proxied, auth_cache_seconds="0", metrics_auth="open")

@@ -26,7 +26,7 @@ from service.storage.db import make_engine, make_session_factory, transaction
 from service.storage.models import Record
 from service.trust.checkpoints import AUDIENCE as CHECKPOINT_AUDIENCE
 from service.trust.receipts import AUDIENCE
-from tests.service.netfaults import lethe_server, server_env
+from tests.service.netfaults import lethe_server, migrated_with_key, proxied_database, server_env
 from tests.worker.harness import WorkerProcess, poll
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
@@ -264,18 +264,8 @@ def test_a_database_that_stops_answering_is_503_within_bounds(
 ) -> None:
     import time
 
-    from sqlalchemy.engine import make_url
-
-    from tests.service.netfaults import TcpProxy
-
-    migrate.upgrade(postgres_url)
-    engine = make_engine(postgres_url)
-    with transaction(make_session_factory(engine)) as s:
-        _, secret = create_key(s, scope="admin", name="ops")
-    engine.dispose()
-    url = make_url(postgres_url)
-    proxy = TcpProxy((url.host or "127.0.0.1", url.port or 5432))
-    proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    secret = migrated_with_key(postgres_url, "ops")
+    proxy, proxied = proxied_database(postgres_url)
     env = server_env(tmp_path, database_url=proxied, auth_cache_seconds="0")
     auth = {"Authorization": f"Bearer {secret}"}
     try:
@@ -338,11 +328,7 @@ def tiny_store(tmp_path: Path) -> Iterator[Path]:
 def test_a_full_object_store_is_507_and_stores_nothing(
     postgres_url: str, tmp_path: Path, tiny_store: Path
 ) -> None:
-    migrate.upgrade(postgres_url)
-    engine = make_engine(postgres_url)
-    with transaction(make_session_factory(engine)) as s:
-        _, secret = create_key(s, scope="admin", name="full")
-    engine.dispose()
+    secret = migrated_with_key(postgres_url, "full")
     env = server_env(tmp_path, database_url=postgres_url) | {"LETHE_STORAGE_URL": str(tiny_store)}
     auth = {"Authorization": f"Bearer {secret}"}
     with lethe_server(env, tmp_path / "server.log") as (base, _proc):
@@ -376,17 +362,13 @@ def test_a_worker_process_starts_while_the_database_is_down_and_recovers(
     database is back."""
     import time
 
-    from sqlalchemy.engine import make_url
     from starlette.testclient import TestClient
 
     from service.api.app import create_app
     from service.settings import load_settings
-    from tests.service.netfaults import TcpProxy
 
     migrate.upgrade(postgres_url)
-    url = make_url(postgres_url)
-    proxy = TcpProxy((url.host or "127.0.0.1", url.port or 5432))
-    proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    proxy, proxied = proxied_database(postgres_url)
     settings = load_settings(
         database_url=proxied, home=str(tmp_path / "home"), storage_url=str(tmp_path / "s")
     )

@@ -9,21 +9,18 @@ from typing import Any
 
 import pytest
 
-from tests.worker.harness import Stack, Trained, api_stack, stack_settings, train_models
+from tests.worker.harness import (
+    Stack,
+    Trained,
+    api_stack,
+    production_policy,
+    stack_settings,
+    train_models,
+)
 from worker.runner import Outcome, RunnerContext, run_job
 
-
-def _defaults(*names: str) -> dict[str, Any]:
-    from service.settings import Settings
-
-    return {name: Settings.model_fields[name].default for name in names}
-
-
 # The release policy a deployment runs with no LETHE_POLICY_* set.
-PRODUCTION_POLICY = _defaults(
-    "policy_max_eval_acc_drop", "policy_max_forget_acc", "policy_max_forget_auc_excess",
-    "policy_max_false_release_rate", "policy_max_membership_advantage", "policy_membership_band",
-)  # fmt: skip
+PRODUCTION_POLICY = production_policy()
 
 
 @pytest.fixture

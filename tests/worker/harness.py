@@ -154,6 +154,11 @@ def stack_settings(
     return load_settings(**values)
 
 
+def production_policy() -> dict[str, Any]:
+    """The release policy a deployment runs with no LETHE_POLICY_* set (its defaults)."""
+    return {n: f.default for n, f in Settings.model_fields.items() if n.startswith("policy_")}
+
+
 def settings_env(settings: Settings) -> dict[str, str]:
     """The environment a subprocess needs to see exactly these settings."""
     env = {

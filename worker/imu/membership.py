@@ -302,11 +302,6 @@ class Evidence:
     def releases(self) -> bool:
         return self.outcome in RELEASING
 
-    def summary(self) -> dict[str, Any]:
-        """Everything but the per-record values (the controller's trajectory)."""
-        out = {k: v for k, v in self.as_dict().items() if k != "per_record_z"}
-        return out
-
     def as_dict(self) -> dict[str, Any]:
         return {
             "test": TEST_NAME_CLASS if self.class_wise else TEST_NAME,
@@ -410,14 +405,6 @@ def _member_alternative(
     return mu, max(pooled_sd, 1e-6)
 
 
-def target_statistic(ev: Evidence) -> float:
-    """The highest Z that releases: inside the band and, unless the model shows no signal,
-    at or below the false-release limit. Below the band's lower edge nothing releases."""
-    if ev.advantage <= ev.max_advantage:
-        return ev.band[1]
-    return min(ev.band[1], ev.z_limit_forgotten)
-
-
 MAX_MEMBERS = 2000  # retained training records sampled as the member population
 MAX_FORGET = 4096  # forget records scored (a seeded subset above this)
 
@@ -487,5 +474,4 @@ __all__ = [
     "calibrated_scores",
     "judge",
     "log_odds",
-    "target_statistic",
 ]
