@@ -91,6 +91,17 @@ class Settings(BaseSettings):
         description="When an approximate result would be held for a forgetting reason and the "
         "model has a training recipe: retrain without the records (exact), or hold it (off).",
     )
+    coalesce_max_records: int = Field(
+        1000, ge=0, le=100_000,
+        description="Queued requests of one model that can share a run are served by one job "
+        "over the union of their records, up to this many records (0 = one job per request).",
+    )  # fmt: skip
+    coalesce_window_s: float = Field(
+        0.0, ge=0, le=3600,
+        description="How long a job waits after its request arrived for more requests to "
+        "join it before it starts (0 = start at once; requests that arrive while a job runs "
+        "still share the next one). More waiting means fewer runs but a later first answer.",
+    )  # fmt: skip
     policy_membership_band: float = Field(
         0.05, gt=0, le=0.5,
         description="Two-sided level of the non-member band: a request whose Z leaves it is "

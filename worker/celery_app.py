@@ -105,3 +105,6 @@ def _child_init(**_: Any) -> None:
         import torch
 
         torch.set_num_threads(int(threads))
+    from worker.warmup import warm_up
+
+    warm_up()  # in the child, after the fork: the parent runs no torch op

@@ -1,8 +1,10 @@
 """Embedded executor: `python -m worker.embedded` runs jobs with no broker at all.
 
-`lethe serve` starts it as a child process when LETHE_BROKER_URL is empty (the default). It
-polls the database every `embedded_poll_seconds` for the queued head of each model's line and
-runs it with the very function the Celery task uses (worker.runner.run_job), so jobs queued
+`lethe serve` starts it as a child process when LETHE_BROKER_URL is empty (the default). A
+submission wakes it through a datagram socket (service.domain.queue.wake_address), so a job
+starts within milliseconds; it also polls the database every `embedded_poll_seconds` for the
+queued head of each model's line (lost wake-ups, jobs queued while it was down) and runs it
+with the very function the Celery task uses (worker.runner.run_job), so jobs queued
 while nothing ran are picked up at the next start. The reaper runs in the same loop, so a job
 left `running` by an executor that was killed is re-queued at once (its pid is gone) or when
 its lease expires.
@@ -18,13 +20,16 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import select
 import signal
+import socket
 import sys
 import threading
 import time
 from types import FrameType
 
 from service.domain.backoff import backoff_delay
+from service.domain.queue import get_queue, wake_address
 from service.settings import Settings, get_settings
 from service.storage.db import transaction
 from worker.job_queue import runnable_jobs
@@ -36,6 +41,50 @@ log = logging.getLogger("lethe.embedded")
 SKIP = (Outcome.BLOCKED, Outcome.BUSY, Outcome.FINISHED, Outcome.MISSING)
 
 
+class WakeListener:
+    """The receiving end of EmbeddedQueue's datagrams. If another executor of the same
+    installation holds the name (or there are no Unix sockets), waiting is plain polling."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._socket: socket.socket | None = None
+        if not hasattr(socket, "AF_UNIX"):
+            return
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.bind(wake_address(settings))
+        except OSError as exc:
+            log.info("no wake-up socket (%s); polling only", exc)
+            sock.close()
+            return
+        self._socket = sock
+
+    def wait(self, stop: threading.Event, timeout: float) -> None:
+        """Until a wake-up arrives, ``stop`` is set, or ``timeout`` passes."""
+        if self._socket is None:
+            stop.wait(timeout)
+            return
+        ready, _, _ = select.select([self._socket], [], [], timeout)
+        if ready:
+            self.drain()
+
+    def drain(self) -> None:
+        if self._socket is None:
+            return
+        self._socket.setblocking(False)
+        try:
+            while self._socket.recv(256):
+                pass
+        except OSError:  # nothing more queued
+            pass
+        finally:
+            self._socket.setblocking(True)
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+
+
 class EmbeddedExecutor:
     def __init__(self, settings: Settings, ctx: RunnerContext | None = None) -> None:
         self.settings = settings
@@ -44,15 +93,18 @@ class EmbeddedExecutor:
             settings, self.ctx.session_factory, self.ctx.storage, actor=self.ctx.actor
         )
         self.stop_event = threading.Event()
+        self.wakeups = WakeListener(settings)
         self._next_reap = 0.0
         self._not_before: dict[str, float] = {}  # job id -> monotonic time (retry backoff)
 
     def request_stop(self) -> None:
         self.stop_event.set()
         self.ctx.interrupt.set()
+        get_queue(self.settings).enqueue("stop")  # end a wait on the wake-up socket now
 
     def run_once(self) -> RunResult | None:
         """Reap if due, then run at most one runnable job; None when there was nothing."""
+        self.wakeups.drain()  # wake-ups sent until now are answered by this pass
         now = time.monotonic()
         if now >= self._next_reap:
             self.reaper.tick()
@@ -100,7 +152,8 @@ class EmbeddedExecutor:
                 self.stop_event.wait(delay)
                 continue
             if result is None:
-                self.stop_event.wait(self.settings.embedded_poll_seconds)
+                self.wakeups.wait(self.stop_event, self.settings.embedded_poll_seconds)
+        self.wakeups.close()
         log.info("embedded executor stopped")
 
 
@@ -117,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from worker.warmup import warm_up
+
+    warm_up()  # before the first job, not in it
     executor = EmbeddedExecutor(settings)
     signals_seen = []
 

@@ -33,6 +33,7 @@ from service.storage.db import transaction
 from service.storage.models import Job
 from service.trust.policy import effective_policy
 from service.trust.purge import key_sha256
+from worker.coalescing import Member, MembersChanged, absorb, wait_for_companions
 from worker.context import Outcome, RunnerContext, RunResult
 from worker.errors import (
     Cancelled,
@@ -58,7 +59,7 @@ from worker.job_queue import (
     retry_or_finish,
 )
 from worker.lease import JobMonitor
-from worker.loading import Loaded, Loader
+from worker.loading import JobInputs, Loaded, Loader
 from worker.saving import commit_version, finish_activation, write_checkpoint
 
 log = logging.getLogger("lethe.worker")
@@ -121,7 +122,7 @@ class Execution:
         self.monitor.start()
         try:
             self._enter(Phase.LOADING)
-            loaded = Loader(self.ctx, self.job_id, self.progress).load()
+            loaded = Loader(self.ctx, self.job_id, self.progress, self._coalesce).load()
             self.check()
             rules = effective_policy(self.ctx.settings, loaded.params.get("policy"))
             self.membership = self._membership_test(loaded, rules)
@@ -141,6 +142,10 @@ class Execution:
             return self._finish_cancelled()
         except Interrupted:
             return self._hand_back()
+        except MembersChanged as exc:  # start again without the job that left
+            log.info("job %s: %s; restarting the run", self.job_id, exc)
+            self._hand_back(reason="coalesced job left the run")
+            return RunResult(Outcome.RETRY, self.job_id, detail=str(exc), retry_in=0.0)
         except LeaseLost as exc:
             log.warning("%s", exc)
             self._delete_written()
@@ -169,8 +174,36 @@ class Execution:
         return job_metrics(
             loaded.model, forget=loaded.forget, eval_pair=loaded.eval,
             member_probe=loaded.member_probe, class_wise=loaded.class_wise,
-            membership=self.membership,
+            membership=self.membership, parts=self._parts(loaded),
         )  # fmt: skip
+
+    def _parts(self, loaded: Loaded) -> list[list[int]] | None:
+        """Each served request's records as indices into the run's forget set (its own
+        first), or None for a run that serves one request."""
+        if not loaded.served:
+            return None
+        sizes = [len(loaded.keys) - sum(len(m.keys) for m in loaded.served)]
+        sizes += [len(m.keys) for m in loaded.served]
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        return [list(range(a, a + n)) for a, n in zip(starts, sizes, strict=True)]
+
+    def _coalesce(self, inputs: JobInputs, whole_class: Callable[[Any], bool]) -> list[Member]:
+        """Take in the queued requests that can share this run (worker.coalescing)."""
+        settings = self.ctx.settings
+        if len(inputs.keys) >= settings.coalesce_max_records or whole_class(inputs.keys):
+            return []
+        if settings.coalesce_window_s > 0 and inputs.created_at is not None:
+            wait_for_companions(inputs.created_at, settings.coalesce_window_s, self.check)
+        with transaction(self.ctx.session_factory) as session:
+            members = absorb(
+                session, self.fence, dataset_id=inputs.dataset.dataset_id, keys=inputs.keys,
+                max_records=settings.coalesce_max_records, whole_class=whole_class,
+                actor=self.ctx.actor,
+            )  # fmt: skip
+        if members:
+            log.info("job %s: serves %d more requests (%d records)", self.job_id, len(members),
+                     sum(len(m.keys) for m in members))  # fmt: skip
+        return members
 
     def _evaluate_after(self, loaded: Loaded) -> dict[str, Any]:
         self._enter(Phase.EVALUATING)
@@ -262,6 +295,11 @@ class Execution:
             "forgetting": result.forgetting,
             "attempts": result.attempts,
         }
+        if loaded.served:
+            metrics["coalesced"] = {
+                "requests": 1 + len(loaded.served), "records": len(loaded.keys),
+                "job_ids": [self.job_id, *(m.job_id for m in loaded.served)],
+            }  # fmt: skip
         try:
             version_id = commit_version(self.ctx, self.fence, loaded, stored, metrics,
                                         self.timings)  # fmt: skip
@@ -353,12 +391,12 @@ class Execution:
             Outcome.RETRY, self.job_id, detail=str(exc), retry_in=retry_delay(self.attempt)
         )
 
-    def _hand_back(self) -> RunResult:
+    def _hand_back(self, reason: str = "worker shutdown") -> RunResult:
         self._delete_written()
 
         def apply(session: Session, job: Job) -> None:
-            job.attempts = max(0, job.attempts - 1)  # a shutdown is not the job's fault
-            requeue(session, job, actor=self.ctx.actor, error=None, reason="worker shutdown")
+            job.attempts = max(0, job.attempts - 1)  # not the job's fault
+            requeue(session, job, actor=self.ctx.actor, error=None, reason=reason)
 
         try:
             self._fenced_update(apply)

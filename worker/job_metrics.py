@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from worker.imu import evaluate
 from worker.imu.checks import loss_auc, model_logits
 from worker.imu.membership import MembershipTest
+from worker.imu.membership_parts import assess_parts
 from worker.imu.train import accuracy
 
 Pair = tuple[torch.Tensor, torch.Tensor]
@@ -70,7 +71,10 @@ def job_metrics(
     member_probe: Pair | None,
     class_wise: bool,
     membership: MembershipTest | None = None,
+    parts: list[list[int]] | None = None,
 ) -> dict[str, Any]:
+    """``parts``: for a coalesced run, each request's records (indices into ``forget``),
+    judged on their own as well (``membership_parts``)."""
     result = dict(
         evaluate(
             model,
@@ -90,5 +94,11 @@ def job_metrics(
         auc, limit = loss_auc(_losses(model, forget), _losses(model, eval_pair))
         result["forget_loss_auc"], result["forget_loss_auc_limit"] = auc, limit
     if membership is not None:
-        result["membership"] = membership.assess(lambda x: model_logits(model, x)()).as_dict()
+        logits_of = lambda x: model_logits(model, x)()  # noqa: E731
+        result["membership"] = membership.assess(logits_of).as_dict()
+        if parts is not None:
+            result["membership_parts"] = [
+                None if ev is None else ev.as_dict()
+                for ev in assess_parts(membership, logits_of, parts)
+            ]
     return jsonable(result)

@@ -179,6 +179,7 @@ def finish_job(
 
     `request_status` overrides the request's usual status (a succeeded job whose version
     waits for review leaves its request `needs_review`, not `completed`)."""
+    release_members(session, job.id, actor=actor, reason=f"its run ended {status}")
     move_job(job, status)
     job.finished_at = utcnow()
     job.lease_expires_at = None
@@ -200,6 +201,7 @@ def requeue(
     session: Session, job: Job, *, actor: str, error: dict[str, Any] | None, reason: str
 ) -> None:
     """Put a running job back in the queue (its attempts are kept)."""
+    release_members(session, job.id, actor=actor, reason=reason)
     move_job(job, JobStatus.QUEUED)
     job.worker_id = None
     job.lease_expires_at = None
@@ -215,6 +217,36 @@ def requeue(
         payload={"attempts": job.attempts, "reason": reason,
                  **({"error": error.get("detail")} if error else {})},
     )  # fmt: skip
+
+
+def release_members(session: Session, leader_id: str, *, actor: str, reason: str) -> int:
+    """The jobs a coalesced run served go back to the queue when the run does not succeed
+    (each may well succeed alone); one whose cancel was asked meanwhile is cancelled."""
+    members = session.execute(
+        select(Job)
+        .where(Job.served_by_job_id == leader_id, Job.status == JobStatus.RUNNING)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).scalars()
+    released = 0
+    for member in members:
+        member.served_by_job_id = None
+        if member.cancel_requested:
+            finish_job(session, member, JobStatus.CANCELLED, actor=actor,
+                       payload={"was_served_by": leader_id})  # fmt: skip
+            continue
+        move_job(member, JobStatus.QUEUED)
+        member.worker_id = member.phase = None
+        member.progress = 0.0
+        request = session.get(DeletionRequest, member.request_id)
+        if request is not None:
+            move_request(request, RequestStatus.QUEUED)
+        append_event(
+            session, actor=actor, action="job.released", subject_type="job",
+            subject_id=member.id, payload={"served_by": leader_id, "reason": reason},
+        )  # fmt: skip
+        released += 1
+    return released
 
 
 def retry_or_finish(
@@ -294,6 +326,9 @@ def claim_job(ctx: RunnerContext, job_id: str) -> Claim:
                 if existing.status == VersionStatus.CANDIDATE else None,
             )  # fmt: skip
             return Claim(Outcome.FINISHED, job_id, model_id, detail="version already exists")
+        if job.status == JobStatus.RUNNING and job.served_by_job_id is not None:
+            leader = job.served_by_job_id
+            return Claim(Outcome.BUSY, job_id, model_id, detail=f"served by job {leader}")
         if job.status == JobStatus.RUNNING and lease_is_live(job.lease_expires_at, job.worker_id):
             return Claim(Outcome.BUSY, job_id, model_id, detail=f"held by {job.worker_id}")
         if job.cancel_requested:

@@ -11,7 +11,7 @@ import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -69,6 +69,7 @@ class JobInputs:
     recipe: dict[str, Any] | None = None
     # The recipe's datasets with their present keys, when the model has a recipe.
     recipe_sources: tuple[tuple[DataSource, tuple[str, ...]], ...] = ()
+    created_at: Any = None  # the job's (= its request's) arrival
 
 
 @dataclass
@@ -96,6 +97,7 @@ class Loaded:
     recipe: dict[str, Any] | None = None  # usable for exact retraining (see exact_route)
     retained: Callable[[], Pair] | None = None  # the recipe's training rows minus the forget set
     exact_route: str | None = None  # why no exact route, when the model has a recipe
+    served: tuple[Any, ...] = ()  # worker.coalescing.Member: other requests this run answers
 
 
 class DatasetCache:
@@ -150,8 +152,15 @@ DATASETS = DatasetCache()
 class Loader:
     """Reads one job's inputs; `progress(phase, fraction)` also checks for cancellation."""
 
-    def __init__(self, ctx: RunnerContext, job_id: str, progress: Callable[[str, float], None]):
+    def __init__(
+        self,
+        ctx: RunnerContext,
+        job_id: str,
+        progress: Callable[[str, float], None],
+        coalesce: Callable[[JobInputs, Callable[[Any], bool]], list[Any]] | None = None,
+    ):
         self.ctx, self.job_id, self.progress = ctx, job_id, progress
+        self.coalesce = coalesce  # takes in queued requests that share this run
 
     def load(self) -> Loaded:
         inputs = self._read_inputs()
@@ -161,10 +170,15 @@ class Loader:
 
         if is_lm(inputs.architecture):
             return load_lm(self, inputs, inputs.model_id, self.ctx.device)
+        served: tuple[Any, ...] = ()
+        if self.coalesce is not None:
+            served = tuple(self.coalesce(inputs, self.whole_class_test(inputs.dataset)))
+            extra = [k for m in served for k in m.keys]
+            inputs = replace(inputs, keys=[*inputs.keys, *extra]) if extra else inputs
         model = self._load_model(inputs)
         self.progress(Phase.LOADING, 0.4)
         forget = self._load_rows(inputs.dataset, inputs.keys)
-        class_wise = self._class_wise(inputs.dataset, inputs.keys)
+        class_wise = self.whole_class_test(inputs.dataset)(inputs.keys)
         self.progress(Phase.LOADING, 0.6)
         eval_pair = guard_pair = split = nonmembers = members = None
         if inputs.eval:
@@ -186,7 +200,7 @@ class Loader:
             kind=inputs.kind, params=inputs.params, keys=inputs.keys,
             dataset_id=inputs.dataset.dataset_id, source_version_id=inputs.version_id,
             class_wise=class_wise, nonmembers=nonmembers, members=members,
-            architecture=inputs.architecture, arch_kwargs=inputs.arch_kwargs,
+            architecture=inputs.architecture, arch_kwargs=inputs.arch_kwargs, served=served,
             **self._exact_route(inputs),
         )  # fmt: skip
 
@@ -269,6 +283,7 @@ class Loader:
                 keys=keys,
                 recipe=model_row.recipe,
                 recipe_sources=_recipe_sources(session, model_row.recipe),
+                created_at=job.created_at,
             )
 
     def current_source(self, dataset_id: str) -> DataSource | None:
@@ -376,15 +391,24 @@ class Loader:
         DATASETS.put((source.storage_key, source.content_sha256), data)
         return data
 
-    def _class_wise(self, source: DataSource, keys: list[str]) -> bool:
-        """Whether the forget set holds every record of its classes left in the dataset."""
+    def whole_class_test(self, source: DataSource) -> Callable[[Any], bool]:
+        """keys -> whether they are every record of their classes left in the dataset."""
         # No fallback: an error here is the job's (a silent "not class-wise" would change
         # which release policy judges it).
         data = self.dataset(source)
-        forget = set(keys)
-        pairs = list(zip(data.ids, data.labels, strict=True))
-        labels = {int(label) for key, label in pairs if key in forget}
-        return not any(int(label) in labels and key not in forget for key, label in pairs)
+        label_of = {str(key): int(label) for key, label in zip(data.ids, data.labels, strict=True)}
+        sizes: dict[int, int] = {}
+        for label in label_of.values():
+            sizes[label] = sizes.get(label, 0) + 1
+
+        def whole(keys: Any) -> bool:
+            counts: dict[int, int] = {}
+            for key in set(keys):
+                if key in label_of:
+                    counts[label_of[key]] = counts.get(label_of[key], 0) + 1
+            return bool(counts) and all(sizes[label] == n for label, n in counts.items())
+
+        return whole
 
     def _load_rows(self, source: DataSource, keys: list[str] | None) -> Pair:
         import torch

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from service.domain.backoff import backoff_delay
 from service.domain.states import JobStatus
@@ -48,6 +48,7 @@ from worker.job_queue import (
     lock_job,
     lock_model,
     next_runnable_of_model,
+    release_members,
     retry_or_finish,
     runnable_jobs,
 )
@@ -137,14 +138,32 @@ class Reaper:
     # 1 ----------------------------------------------------------------------------------
     def _recover_running(self, report: ReapReport) -> None:
         with transaction(self.factory) as session:
+            # A job served by a coalesced run has no lease of its own: its leader's counts.
             rows = session.execute(
                 select(Job.id, Job.model_id, Job.lease_expires_at, Job.worker_id).where(
-                    Job.status == JobStatus.RUNNING
+                    Job.status == JobStatus.RUNNING, Job.served_by_job_id.is_(None)
                 )
             ).all()
         for row in rows:
             if not lease_is_live(row.lease_expires_at, row.worker_id):
                 self._recover_one(row.id, row.model_id, report)
+        self._release_orphans()
+
+    def _release_orphans(self) -> None:
+        """Defensive: jobs still marked served by a run that is no longer running."""
+        leader = aliased(Job)
+        with transaction(self.factory) as session:
+            rows = session.execute(
+                select(Job.served_by_job_id, Job.model_id)
+                .join(leader, leader.id == Job.served_by_job_id)
+                .where(Job.status == JobStatus.RUNNING, leader.status != JobStatus.RUNNING)
+                .distinct()
+            ).all()
+        for leader_id, model_id in rows:
+            assert leader_id is not None  # the join matched it
+            with transaction(self.factory) as session:
+                lock_model(session, model_id)
+                release_members(session, leader_id, actor=self.actor, reason="run not running")
 
     def _recover_one(self, job_id: str, model_id: str, report: ReapReport) -> None:
         outcome = None

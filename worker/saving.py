@@ -25,6 +25,7 @@ from service.storage.db import transaction
 from service.storage.models import ModelVersion
 from service.storage.objects import Storage
 from service.trust.audit import append_event
+from worker.coalescing import finish_served, own_metrics, run_metrics, served_jobs
 from worker.context import RunnerContext
 from worker.errors import Cancelled, JobError, LeaseLost, SourceChanged
 from worker.job_queue import Fence, finish_job, lock_claimed
@@ -64,6 +65,7 @@ def commit_version(
             raise LeaseLost(f"job {fence.job_id}: claim lost before saving")
         if job.cancel_requested:
             raise Cancelled()
+        served = served_jobs(session, job.id, loaded.served) if loaded.served else []
         source = active_version(session, fence.model_id)
         if source is None or source.id != loaded.source_version_id:
             raise SourceChanged(
@@ -80,28 +82,37 @@ def commit_version(
         version = ModelVersion(
             model_id=fence.model_id, number=number, parent_id=source.id, job_id=job.id,
             storage_key=stored.key, sha256=stored.sha256, size_bytes=stored.size,
-            status=VersionStatus.CANDIDATE, metrics=metrics, created_at=now,
+            status=VersionStatus.CANDIDATE, metrics=run_metrics(metrics), created_at=now,
         )  # fmt: skip  # a release moves it to active below, after its parent steps down
         session.add(version)
         session.flush()  # the unique job_id constraint fires here, inside the transaction
         job.result_version_id = version.id
-        job.metrics = metrics
+        job.metrics = own_metrics(metrics, 0) if served else metrics
         job.timings = {k: round(v, 6) for k, v in timings.items()}
         job.phase = Phase.SAVING
         job.progress = 1.0
         job.error = None
         active = status == VersionStatus.ACTIVE
+        request_status = RequestStatus.COMPLETED if active else RequestStatus.NEEDS_REVIEW
+        finish_served(
+            session, served, leader_id=job.id, version_id=version.id,
+            metrics_of=lambda i: own_metrics(metrics, i + 1), request_status=request_status,
+            actor=actor,
+        )  # fmt: skip
+        answered = [(job.id, job.request_id), *((j.id, j.request_id) for j in served)]
         finish_job(
             session, job, JobStatus.SUCCEEDED, actor=actor,
             payload={"result_version_id": version.id, "worker_id": ctx.worker_id,
                      "decision": status},
-            request_status=RequestStatus.COMPLETED if active else RequestStatus.NEEDS_REVIEW,
+            request_status=request_status,
         )  # fmt: skip
         append_event(
             session, actor=actor, action="version.created", subject_type="model_version",
             subject_id=version.id,
             payload={"model_id": fence.model_id, "number": number, "parent_id": source.id,
                      "job_id": job.id, "request_id": job.request_id, "sha256": stored.sha256,
+                     **({"job_ids": [a for a, _ in answered],
+                         "request_ids": [b for _, b in answered]} if served else {}),
                      "size_bytes": stored.size, "status": status,
                      "superseded_id": source.id if active else None,
                      "policy": {"failed": metrics["policy"]["failed"],
@@ -114,6 +125,7 @@ def commit_version(
                 activate(
                     session, version, source, dataset_id=loaded.dataset_id, keys=loaded.keys,
                     job_id=job.id, request_id=job.request_id, actor=actor, now=now,
+                    served=answered if served else (),
                 )  # fmt: skip
             except RecordsUnavailable as exc:
                 raise JobError(

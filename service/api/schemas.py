@@ -127,6 +127,11 @@ class JobOut(_Out):
     error: dict[str, Any] | None = Field(description="A problem object when the job failed.")
     source_version_id: str | None
     result_version_id: str | None
+    served_by: str | None = Field(
+        default=None,
+        description="The job whose run serves this one (coalesced requests: one run forgets "
+        "the union of their records; each keeps its own evidence and receipt).",
+    )
     result_version_status: VersionStatus | None = Field(
         default=None,
         description="Status of the version the job produced: `active` (released), "

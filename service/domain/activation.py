@@ -47,9 +47,11 @@ def activate(
     request_id: str,
     actor: str,
     now: datetime,
+    served: Sequence[tuple[str, str]] = (),
 ) -> int:
     """`version` becomes active and `parent` superseded; the records are forgotten. Raises
-    RecordsUnavailable (the caller rolls back) if any of them was already gone."""
+    RecordsUnavailable (the caller rolls back) if any of them was already gone. ``served``:
+    (job id, request id) of each request a coalesced run answered (the audit names them)."""
     marked = mark_forgotten(session, dataset_id, keys, job_id, now)
     if marked != len(set(keys)):
         raise RecordsUnavailable(marked, len(keys))
@@ -57,7 +59,7 @@ def activate(
     parent.superseded_at = now
     append_forgotten_event(
         session, actor=actor, dataset_id=dataset_id, job_id=job_id, request_id=request_id,
-        keys=keys, count=marked,
+        keys=keys, count=marked, served=served,
     )  # fmt: skip
     return marked
 

@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.problems import not_found, validation
 from service.domain.models import get_model
-from service.domain.pagination import MAX_LIMIT, int_cursor, page
+from service.domain.pagination import MAX_LIMIT, newest_first, page, time_id_key
 from service.domain.states import JOB_STATES
 from service.domain.views import job_view
 from service.storage.db import read_once
@@ -64,17 +64,15 @@ def list_jobs(
             [{"field": "status", "message": "invalid"}],
         )
     limit = min(limit, MAX_LIMIT)
-    after = int_cursor(cursor)
     with factory() as session:
         q = select(*_JOB_ROW).join(Model, Model.id == Job.model_id).outerjoin(ModelVersion, _RESULT)
         if model is not None:
             q = q.where(Job.model_id == get_model(session, model).id)
         if status is not None:
             q = q.where(Job.status == status)
-        if after is not None:
-            q = q.where(Job.submitted_seq < after)
-        rows = list(session.execute(q.order_by(Job.submitted_seq.desc()).limit(limit + 1)).all())
-    items, next_cursor = page(rows, limit, lambda row: [row.submitted_seq])
+        q = newest_first(q, Job.created_at, Job.id, cursor)
+        rows = list(session.execute(q.limit(limit + 1)).all())
+    items, next_cursor = page(rows, limit, lambda row: time_id_key(row.created_at, row.id))
     return {
         "items": [job_view(r, r.model_name, r.result_version_status) for r in items],
         "next_cursor": next_cursor,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 from service.api.problems import Problem
@@ -56,3 +57,24 @@ def page(items: list[Any], limit: int, key: Any) -> tuple[list[Any], str | None]
         items = items[:limit]
         return items, encode_cursor(key(items[-1]))
     return items, None
+
+
+def newest_first(query: Any, created: Any, ident: Any, cursor: str | None) -> Any:
+    """Order ``query`` newest first by (created, id) and start after ``cursor``'s item.
+
+    Lists across models order by creation time: positions in a line (submitted_seq) are per
+    model since submissions stopped sharing one installation counter."""
+    values = decode_cursor(cursor, 2)
+    if values is not None:
+        if not all(isinstance(v, str) for v in values):
+            raise _malformed()
+        try:
+            at = datetime.fromisoformat(values[0].replace("Z", "+00:00"))
+        except ValueError:
+            raise _malformed() from None
+        query = query.where((created < at) | ((created == at) & (ident < values[1])))
+    return query.order_by(created.desc(), ident.desc())
+
+
+def time_id_key(created: datetime, ident: str) -> list[str]:
+    return [created.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"), ident]

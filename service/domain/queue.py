@@ -1,14 +1,19 @@
 """Hands a committed job's id to whatever executes jobs.
 
-Embedded mode (no LETHE_BROKER_URL): nothing to send; the executor process polls the database
-for queued jobs. Broker mode: a Celery message named `lethe.run_job` whose task id is the job
-id. The service sends by task name, so it never imports the worker's Celery app; the worker's
-app (worker.celery_app) takes its configuration and its `enqueue` from here, so the two
-cannot disagree.
+Embedded mode (no LETHE_BROKER_URL): a datagram to the executor's wake-up socket (an abstract
+Unix socket named after the installation's database, see `wake_address`), so a job starts
+at once instead of at the executor's next poll; the poll stays as the fallback for a lost
+datagram or an executor on another host. Broker mode: a Celery message named `lethe.run_job`
+whose task id is the job id. The service sends by task name, so it never imports the worker's
+Celery app; the worker's app (worker.celery_app) takes its configuration and its `enqueue`
+from here, so the two cannot disagree.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import socket
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -24,9 +29,27 @@ class JobQueue(Protocol):
     def enqueue(self, job_id: str) -> None: ...
 
 
+def wake_address(settings: Settings) -> bytes:
+    """The executor's wake-up socket: Linux's abstract namespace (no file, no path limit),
+    one name per installation (database), shared by the API and the executor it serves."""
+    digest = hashlib.sha256(settings.db_url.encode()).hexdigest()[:24]
+    return b"\0lethe-wake-" + digest.encode()
+
+
 class EmbeddedQueue:
-    def enqueue(self, job_id: str) -> None:  # the embedded executor polls the database
-        return None
+    def __init__(self, settings: Settings) -> None:
+        self._address = wake_address(settings)
+        self._socket: socket.socket | None = None
+        if hasattr(socket, "AF_UNIX"):
+            self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._socket.setblocking(False)
+
+    def enqueue(self, job_id: str) -> None:
+        if self._socket is None:
+            return
+        # No executor listening (or its buffer is full): it polls.
+        with contextlib.suppress(OSError):
+            self._socket.sendto(job_id.encode(), self._address)
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -81,4 +104,4 @@ class CeleryQueue:
 
 @lru_cache(maxsize=8)
 def get_queue(settings: Settings) -> JobQueue:
-    return EmbeddedQueue() if settings.embedded else CeleryQueue(settings)
+    return EmbeddedQueue(settings) if settings.embedded else CeleryQueue(settings)

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from service.api.problems import not_found
 from service.domain.models import get_model
-from service.domain.pagination import MAX_LIMIT, int_cursor, page
+from service.domain.pagination import MAX_LIMIT, newest_first, page, time_id_key
 from service.domain.views import request_view
 from service.storage.models import DeletionRequest, Job, Model, ModelVersion
 
@@ -45,7 +45,6 @@ def list_requests(
     limit: int,
 ) -> dict[str, Any]:
     limit = min(limit, MAX_LIMIT)
-    after = int_cursor(cursor)
     result = aliased(ModelVersion)
     with factory() as session:
         q = (
@@ -60,9 +59,10 @@ def list_requests(
             q = q.where(DeletionRequest.status == status)
         if subject_ref is not None:
             q = q.where(DeletionRequest.subject_ref == subject_ref)
-        if after is not None:
-            q = q.where(Job.submitted_seq < after)
-        rows = list(session.execute(q.order_by(Job.submitted_seq.desc()).limit(limit + 1)).all())
-        items, next_cursor = page(rows, limit, lambda row: [row[1].submitted_seq])
+        q = newest_first(q, Job.created_at, Job.id, cursor)
+        rows = list(session.execute(q.limit(limit + 1)).all())
+        items, next_cursor = page(
+            rows, limit, lambda row: time_id_key(row[1].created_at, row[1].id)
+        )
         views = [request_view(req, job, name, result=res) for req, job, name, res in items]
     return {"items": views, "next_cursor": next_cursor}

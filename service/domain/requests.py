@@ -1,14 +1,16 @@
 """Deletion requests: validation, idempotent submission, cancellation.
 
-Submission writes the request, its queued job (with the next submission sequence number) and
-an audit event in one transaction and hands the job id to the queue only after the commit, so
-an executor never sees a job that might still roll back.
+Submission writes the request, its queued job (with the next position in the model's line)
+and an audit event in one transaction and hands the job id to the queue only after the
+commit, so an executor never sees a job that might still roll back.
 
-Concurrency: the transaction first increments the `job_seq` counter row, which locks it until
-commit. Submissions therefore serialise at that point, so the "key already named by a queued
-or running request" check and the idempotency check both see every earlier submission. Under
-load, submissions waiting in one process share a transaction, each in its own savepoint
-(service.storage.group_commit), so the serialised commit is paid once per batch.
+Concurrency: the transaction first increments the model's `job_seq` counter, which locks the
+model row until commit, then locks the dataset row. Submissions for one model (or naming
+records of one dataset) therefore serialise, so the "key already named by a queued or running
+request" check and the idempotency check see every earlier submission; submissions for other
+models do not wait. Under load, submissions waiting in one process share a transaction, each
+in its own savepoint (service.storage.group_commit), and their audit events are appended in
+the batch's short final step: the chain head is locked only from there to the commit.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
-from sqlalchemy import insert, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -38,14 +40,13 @@ from service.domain.views import request_view
 from service.settings import Settings
 from service.storage.db import transaction
 from service.storage.group_commit import group_commit
-from service.storage.models import Counter, DeletionRequest, Job, Model, Record, new_id, utcnow
+from service.storage.models import Dataset, DeletionRequest, Job, Model, Record, new_id, utcnow
 from service.storage.sql import affected_rows, chunked
 from service.trust.audit import append_event, canonical_json
 
 log = logging.getLogger("lethe.requests")
 
 MAX_KEYS = 100_000
-JOB_SEQ = "job_seq"
 
 
 class DeletionRequestIn(BaseModel):
@@ -88,6 +89,7 @@ class Submission:
     job_id: str
     request_id: str
     replayed: bool
+    event: dict[str, Any] | None = None  # the audit event, appended in the batch's final step
 
 
 class _Replayed(Exception):
@@ -100,18 +102,20 @@ def body_fingerprint(body: DeletionRequestIn) -> str:
     return hashlib.sha256(canonical_json(body.model_dump()).encode()).hexdigest()
 
 
-def _next_seq(session: Session) -> int:
-    """Increment the job counter; the row lock it takes serialises submissions until commit."""
+def _next_seq(session: Session, model_id: str) -> int:
+    """The model's next line position; the row lock it takes lasts until commit."""
     value = session.execute(
-        update(Counter)
-        .where(Counter.name == JOB_SEQ)
-        .values(value=Counter.value + 1)
-        .returning(Counter.value)
-    ).scalar_one_or_none()
-    if value is None:  # databases built without the migration's seed row
-        session.execute(insert(Counter).values(name=JOB_SEQ, value=1))
-        value = 1
+        update(Model)
+        .where(Model.id == model_id)
+        .values(job_seq=Model.job_seq + 1)
+        .returning(Model.job_seq)
+    ).scalar_one()
     return int(value)
+
+
+def _lock_dataset(session: Session, dataset_id: str) -> None:
+    """Submissions naming one dataset's records (perhaps for several models) serialise here."""
+    session.execute(select(Dataset.id).where(Dataset.id == dataset_id).with_for_update())
 
 
 def _replay(session: Session, key: str, fingerprint: str) -> Submission | None:
@@ -239,13 +243,14 @@ def _record_submission(
     idempotency_key: str | None,
     fingerprint: str,
 ) -> Submission:
-    """The submission's rows and audit event, in the caller's (possibly shared) transaction."""
-    seq = _next_seq(session)
+    """The submission's rows, in the caller's (possibly shared) transaction; its audit event
+    rides along in the result for the batch's final step (`_append_accepted`)."""
+    model = get_model(session, body.model)
+    seq = _next_seq(session, model.id)
     if idempotency_key:  # a concurrent twin may have committed while we waited
         replay = _replay(session, idempotency_key, fingerprint)
         if replay:
             raise _Replayed(replay)  # roll back: the counter increment is not used
-    model = get_model(session, body.model)
     version = active_version(session, model.id)
     if version is None:
         raise conflict(
@@ -260,6 +265,7 @@ def _record_submission(
             "train dataset can be forgotten",
             [{"field": "dataset", "message": "role must be train"}],
         )
+    _lock_dataset(session, dataset.id)
     _check_keys(session, dataset.id, body.record_keys)
     req = DeletionRequest(
         id=new_id(),
@@ -294,8 +300,7 @@ def _record_submission(
     )
     session.add(job)
     session.flush()
-    append_event(
-        session,
+    event = dict(
         actor=actor,
         action="request.accepted",
         subject_type="deletion_request",
@@ -314,7 +319,13 @@ def _record_submission(
             "submitted_seq": seq,
         },
     )
-    return Submission(request_view(req, job, model.name, full=False), job.id, req.id, False)
+    view = request_view(req, job, model.name, full=False)
+    return Submission(view, job.id, req.id, False, event)
+
+
+def _append_accepted(session: Session, submission: Submission) -> None:
+    if submission.event is not None:
+        append_event(session, **submission.event)
 
 
 def submit_deletion_request(
@@ -357,7 +368,7 @@ def submit_deletion_request(
         )  # fmt: skip
 
     try:
-        result = group_commit(factory).run(unit)
+        result = group_commit(factory).run(unit, final=_append_accepted)
     except _Replayed as replayed:
         return replayed.submission
     except IntegrityError:

@@ -32,15 +32,23 @@ from service.trust.retention import retire_version
 MAX_LINEAGE = 10_000
 
 
-def _request_of(session: Session, version: ModelVersion) -> DeletionRequest | None:
+def served_requests(session: Session, version: ModelVersion) -> list[tuple[Job, DeletionRequest]]:
+    """Every (job, request) the version answers, the run's own first: a coalesced run
+    (worker.coalescing) serves several requests with one version."""
     if version.job_id is None:
-        return None
-    job = session.get(Job, version.job_id)
-    return session.get(DeletionRequest, job.request_id) if job is not None else None
+        return []
+    rows = session.execute(
+        select(Job, DeletionRequest)
+        .join(DeletionRequest, DeletionRequest.id == Job.request_id)
+        .where((Job.id == version.job_id) | (Job.served_by_job_id == version.job_id))
+        .order_by(Job.id != version.job_id, Job.submitted_seq)
+    ).all()
+    return [(job, request) for job, request in rows]
 
 
 def lineage_entry(session: Session, version: ModelVersion, model_name: str) -> dict[str, Any]:
-    request = _request_of(session, version)
+    served = served_requests(session, version)
+    request = served[0][1] if served else None
     entry = version_view(version, model_name)
     entry["deletion_request"] = None
     entry["record_key_sha256"] = []
@@ -58,7 +66,8 @@ def lineage_entry(session: Session, version: ModelVersion, model_name: str) -> d
             "reason": request.reason,
             "created_at": iso(request.created_at),
         }
-        entry["record_key_sha256"] = [key_sha256(str(k)) for k in request.record_keys]
+        entry["record_key_sha256"] = [key_sha256(str(k)) for _, r in served for k in r.record_keys]
+        entry["deletion_requests"] = [r.id for _, r in served]
     return entry
 
 
@@ -120,22 +129,26 @@ def promote(
                 title="Candidate is stale",
                 active_version_id=current.id if current else None,
             )
-        request = _request_of(session, version)
-        if request is None:
+        served = served_requests(session, version)
+        if not served:
             raise conflict("version-not-candidate", "the version has no deletion request")
-        keys = [str(k) for k in request.record_keys]
-        move_request(request, RequestStatus.COMPLETED)
+        request = served[0][1]
+        keys = [str(k) for _, r in served for k in r.record_keys]
+        for _, r in served:
+            move_request(r, RequestStatus.COMPLETED)
         append_event(
             session, actor=actor, action="version.promoted", subject_type="model_version",
             subject_id=version.id,
             payload={"model_id": model.id, "number": version.number,
                      "superseded_id": current.id, "request_id": request.id,
+                     "request_ids": [r.id for _, r in served],
                      "job_id": version.job_id, "sha256": version.sha256},
         )  # fmt: skip
         try:  # raising rolls the whole promotion back, its event included
             activate(
                 session, version, current, dataset_id=request.dataset_id, keys=keys,
                 job_id=version.job_id or "", request_id=request.id, actor=actor, now=utcnow(),
+                served=[(j.id, r.id) for j, r in served] if len(served) > 1 else (),
             )  # fmt: skip
         except RecordsUnavailable as exc:
             raise conflict(
@@ -162,15 +175,17 @@ def reject(
         version, model = _locked(session, version_id)
         if version.status != VersionStatus.CANDIDATE:
             raise _not_candidate(version, VersionStatus.REJECTED)
-        request = _request_of(session, version)
+        served = served_requests(session, version)
+        request = served[0][1] if served else None
         move_version(version, VersionStatus.REJECTED)
-        if request is not None:
-            move_request(request, RequestStatus.REJECTED)
+        for _, r in served:
+            move_request(r, RequestStatus.REJECTED)
         append_event(
             session, actor=actor, action="version.rejected", subject_type="model_version",
             subject_id=version.id,
             payload={"model_id": model.id, "number": version.number,
                      "request_id": request.id if request else None,
+                     "request_ids": [r.id for _, r in served],
                      "job_id": version.job_id, "sha256": version.sha256},
         )  # fmt: skip
         retire_version(session, storage, version, actor=actor, reason=VersionStatus.REJECTED)

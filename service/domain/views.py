@@ -115,6 +115,7 @@ def job_view(
         "cancel_requested": job.cancel_requested,
         "source_version_id": job.source_version_id,
         "result_version_id": job.result_version_id,
+        "served_by": job.served_by_job_id,
         "result_version_status": version_status if job.result_version_id else None,
         "policy": policy_view(job.metrics),
         "metrics": job.metrics,

@@ -7,6 +7,10 @@ its own SAVEPOINT (a unit that raises rolls back alone and gets its own exceptio
 commit for the batch. Nobody waits for a batch to fill: under no load a batch is one unit,
 so latency is unchanged; under load the commit is shared. A caller returns only after the
 commit that holds its work, so an answer is never given for work that could still be lost.
+
+A unit may name a `final` step, run for every unit that succeeded after all of them, just
+before the commit: work that takes an installation-wide lock (the audit chain head) goes
+there, so that lock is held for a few statements per batch instead of the whole batch.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ MAX_BATCH = 64  # bounds the time one commit holds the write lock
 @dataclass(eq=False)
 class _Unit:
     work: Callable[[Session], Any]
+    final: Callable[[Session, Any], None] | None = None
     woken: threading.Event = field(default_factory=threading.Event)
     lead: bool = False  # this unit's thread runs the next batches
     done: bool = False
@@ -47,9 +52,12 @@ class GroupCommit:
         self._lock = threading.Lock()
         self._leading = False
 
-    def run(self, work: Callable[[Session], T]) -> T:
-        """Run ``work(session)`` in a committed transaction, maybe shared with others."""
-        unit = _Unit(work)
+    def run(
+        self, work: Callable[[Session], T], final: Callable[[Session, T], None] | None = None
+    ) -> T:
+        """Run ``work(session)`` in a committed transaction, maybe shared with others, then
+        ``final(session, result)`` in the batch's last step (a failure there fails the batch)."""
+        unit = _Unit(work, final)
         with self._lock:
             self._queue.append(unit)
             if not self._leading:
@@ -86,6 +94,9 @@ class GroupCommit:
                             outcomes.append((True, unit.work(session)))
                     except Exception as exc:  # this unit's savepoint is rolled back, not the batch
                         outcomes.append((False, exc))
+                for unit, (ok, value) in zip(batch, outcomes, strict=True):
+                    if ok and unit.final is not None:
+                        unit.final(session, value)
         except BaseException as exc:  # the commit (or the lock) failed: nothing is kept
             outcomes = [(False, exc)] * len(batch)
             self._finish(batch, outcomes)

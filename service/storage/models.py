@@ -122,6 +122,8 @@ class Model(Base):
     )
     # How version 1 was trained (worker.imu.recipe.Recipe as JSON); None = no exact route.
     recipe: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    # The model's submission counter: jobs.submitted_seq is a position in this model's line.
+    job_seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -174,13 +176,21 @@ class DeletionRequest(Base):
 
 class Job(Base):
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_model_status", "model_id", "status"),)
+    __table_args__ = (
+        Index("ix_jobs_model_status", "model_id", "status"),
+        Index("ix_jobs_created", "created_at", "id"),
+        Index("ix_jobs_served_by", "served_by_job_id"),
+    )
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     request_id: Mapped[str] = mapped_column(ForeignKey("deletion_requests.id"), unique=True)
+    # Set while another job (the leader) serves this one's request in a coalesced run.
+    served_by_job_id: Mapped[str | None] = mapped_column(
+        ForeignKey("jobs.id", name="fk_jobs_served_by"), default=None
+    )
     model_id: Mapped[str] = mapped_column(ForeignKey("models.id"))
     kind: Mapped[str] = mapped_column(String(16))  # imu | ga
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    # Submission order per model; jobs of one model run strictly in this order.
+    # Position in the model's line (models.job_seq); jobs of one model run in this order.
     submitted_seq: Mapped[int] = mapped_column(BigInteger, index=True)
     source_version_id: Mapped[str | None] = mapped_column(
         ForeignKey("model_versions.id"), default=None

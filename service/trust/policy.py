@@ -107,6 +107,8 @@ def decide(
             )
         )
     checks.append(membership_check(after.get("membership"), stopped, exact=exact))
+    if after.get("membership_parts") is not None:
+        checks.append(parts_check(after["membership_parts"], stopped, exact=exact))
     return verdict(
         checks, policy, mode=mode, class_wise=class_wise, thresholds=CLASSIFIER_THRESHOLDS
     )
@@ -147,6 +149,22 @@ def membership_check(
         "reason": None if ok else reason,
         "evidence": {k: v for k, v in evidence.items() if k != "per_record_z"},
     }
+
+
+def parts_check(
+    parts: list[dict[str, Any] | None], stopped: str | None, *, exact: bool = False
+) -> dict[str, Any]:
+    """A coalesced run (one run over several requests' records): each request's records are
+    judged on their own too, so one request still remembered holds the run (and escalates
+    it) even when the union looks forgotten."""
+    judged = [membership_check(p, stopped, exact=exact) for p in parts]
+    held = [c for c in judged if c["ok"] is not True]
+    return {
+        "name": "membership_per_request", "metric": "requests whose own records fail the test",
+        "value": len(held), "limit": 0, "ok": not held, "requests": len(parts),
+        "reason": held[0].get("reason") or "membership-not-measured" if held else None,
+        "evidence": held[0].get("evidence") if held else None,
+    }  # fmt: skip
 
 
 def verdict(
@@ -193,7 +211,7 @@ def _reason(c: dict[str, Any]) -> str:
 def _first_reason(checks: list[dict[str, Any]], policy: dict[str, Any]) -> str | None:
     """One short code for why a result is held (None when it is released); a failed
     membership check comes first: forgetting is what escalation and reviewers act on."""
-    for c in sorted(checks, key=lambda c: c["name"] != "membership"):
+    for c in sorted(checks, key=lambda c: not c["name"].startswith("membership")):
         if c["ok"] is not True:
             if c.get("reason"):
                 return str(c["reason"])

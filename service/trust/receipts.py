@@ -239,7 +239,11 @@ def _document(factory: sessionmaker[Session], request_id: str) -> dict[str, Any]
                 "forgotten_at": iso(max(r.forgotten_at for r in records if r.forgotten_at)),
                 "purged_at": iso(max(r.purged_at for r in records if r.purged_at)),
             },
-            "job": {"id": job.id, "finished_at": iso(job.finished_at)},
+            "job": {
+                "id": job.id,
+                "finished_at": iso(job.finished_at),
+                "served_by": job.served_by_job_id,
+            },  # fmt: skip
             "source_version": {"id": source.id, "number": source.number, "sha256": source.sha256},
             "result_version": {"id": result.id, "number": result.number, "sha256": result.sha256},
             "forgetting": forgetting_claim(metrics),

@@ -147,6 +147,15 @@ def _released_forgotten_and_useful(
     metrics = view["metrics"]
     policy = metrics["policy"]
     calibration = metrics["influence"]["calibration"]
+    start = metrics["before"]["membership"]
+    # The model may tell these records from unseen ones per record (on some CPUs' numerics
+    # the BatchNorm CNN lands just over the limit: advantage 0.102 > 0.1); if IMU within the
+    # guard cannot show them forgotten, the honest answer is to hold, saying why.
+    signal = scenario == "random" and start["advantage"] > start["max_advantage"]
+    if signal and request["status"] == "needs_review":
+        assert policy["reason"] in ("not-forgotten-within-guard", "insufficient-evidence")
+        assert set(stack.record_states(stack.models[model], keys).values()) == {"present"}
+        return
     assert request["status"] == "completed", json.dumps([policy, calibration])[:4000]
     assert policy["decision"] == "active" and policy["failed"] == []
     # The job view shows the controller's record of what it did.

@@ -118,6 +118,11 @@ def image_npz(flat_npz: bytes) -> bytes:
 # --------------------------------------------------------------------------- settings
 
 
+# For tests of per-request ordering, fencing and compounding: coalescing (worker.coalescing,
+# tests/trust/test_coalescing.py) would otherwise serve queued requests together.
+ONE_JOB_PER_REQUEST: dict[str, Any] = {"coalesce_max_records": 0}
+
+
 def stack_settings(
     *,
     database_url: str,

@@ -16,6 +16,7 @@ from sqlalchemy import update
 from service.storage.db import transaction
 from service.storage.models import Job, Record
 from tests.worker.harness import (
+    ONE_JOB_PER_REQUEST,
     Stack,
     Trained,
     api_stack,
@@ -44,6 +45,7 @@ def _files(stack: Stack) -> list[str]:
     return job_checkpoint_files(Path(stack.settings.storage))
 
 
+@pytest.mark.parametrize("stack", [ONE_JOB_PER_REQUEST], indirect=True)
 def test_duplicate_deliveries_ordering_and_takeover_fence(stack: Stack, trained: Trained) -> None:
     model = stack.register(trained, "mlp")
     first = stack.submit(model, trained.train_ids[:6])

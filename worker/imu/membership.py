@@ -434,7 +434,7 @@ class MembershipTest:
         band: float = BAND,
         seed: int = 0,
     ) -> None:
-        pick_f = _sample(len(forget[1]), MAX_FORGET, seed)
+        pick_f = self.picked = _sample(len(forget[1]), MAX_FORGET, seed)
         pick_m = _sample(len(members[1]), MAX_MEMBERS, seed + 1)
         self.forget = (torch.as_tensor(forget[0])[pick_f], torch.as_tensor(forget[1])[pick_f])
         self.members = (torch.as_tensor(members[0])[pick_m], torch.as_tensor(members[1])[pick_m])

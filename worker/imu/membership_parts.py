@@ -1,0 +1,56 @@
+"""Evidence per part of one forget set: when one run forgets the records of several requests,
+each request is judged on its own records.
+
+The model is scored once (the same reference, members and null as the whole set's test); each
+part's records are then judged alone, so a request's false-release rate is stated for its own
+n and a part that is still remembered cannot hide inside a larger union that looks forgotten.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from worker.imu.membership import Evidence, MembershipTest, calibrated_scores, judge
+
+
+def assess_parts(
+    test: MembershipTest, logits_of: Any, parts: Sequence[Sequence[int]]
+) -> list[Evidence | None]:
+    """One Evidence per part (indices into the test's forget records in the caller's order);
+    None for a part none of whose records the test scored (a seeded subset above MAX_FORGET)."""
+    with torch.no_grad():
+        folds = calibrated_scores(
+            test.reference,
+            logits_of(test.forget[0]),
+            logits_of(test.members[0]),
+            logits_of(test.nonmembers[0]),
+        )
+    position = {int(i): p for p, i in enumerate(test.picked.tolist())}
+    out: list[Evidence | None] = []
+    for part in parts:
+        rows = torch.tensor([position[i] for i in part if i in position], dtype=torch.long)
+        if rows.numel() == 0:
+            out.append(None)
+            continue
+        mine = [
+            replace(
+                fold,
+                forget=fold.forget[rows],
+                forget_groups=None if fold.forget_groups is None else fold.forget_groups[rows],
+            )
+            for fold in folds
+        ]
+        evidence = judge(
+            mine, class_wise=test.class_wise, alpha=test.alpha, band=test.band,
+            max_advantage=test.max_advantage,
+        )  # fmt: skip
+        evidence.n_nonmembers = int(len(test.nonmembers[1]))
+        out.append(evidence)
+    return out
+
+
+__all__ = ["assess_parts"]

@@ -1,0 +1,37 @@
+"""Pay a worker process's one-time costs at its start, not in its first job.
+
+Measured on `lethe serve` (issue 27): the first jobs after a start paid 1.4-3.8 s for
+importing torch and the engine, `torch._dynamo` (imported by the first optimizer step),
+scikit-learn (the SVC membership attack) and the dataset reader. Each is done here once on
+a toy input; nothing is kept but the loaded modules.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+log = logging.getLogger("lethe.worker")
+
+
+def warm_up() -> float:
+    """Import and first-call everything a job touches; the seconds it took."""
+    started = time.perf_counter()
+    import torch
+    from sklearn.svm import SVC
+
+    import service.ingest.datasets_io  # noqa: F401
+    import worker.imu  # noqa: F401
+    import worker.imu.membership  # noqa: F401
+    import worker.imu.recipe  # noqa: F401
+    import worker.job_metrics  # noqa: F401
+    import worker.unlearning  # noqa: F401
+
+    layer = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(torch.zeros(2, 4)).sum().backward()
+    optimizer.step()
+    SVC().fit([[0.0], [1.0], [0.1], [0.9]], [0, 1, 0, 1])
+    seconds = time.perf_counter() - started
+    log.info("warmed up in %.2f s", seconds)
+    return seconds
