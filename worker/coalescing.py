@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session
 from service.domain.lifecycle import move_job, move_request
 from service.domain.states import JobStatus, RequestStatus
 from service.storage.models import DeletionRequest, Job
-from service.trust.audit import append_event, canonical_json
+from service.trust.audit import append_events, canonical_json
 from worker.errors import LeaseLost
 from worker.job_queue import Fence, finish_job, lock_claimed
 from worker.lease import utcnow
@@ -99,6 +99,7 @@ def absorb(
         .with_for_update(of=Job)
     ).all()
     members: list[Member] = []
+    events: list[dict[str, Any]] = []
     now = utcnow()
     for job, request in rows:
         named = [str(k) for k in request.record_keys]
@@ -114,26 +115,29 @@ def absorb(
         job.worker_id, job.device = leader.worker_id, leader.device
         job.source_version_id = leader.source_version_id
         job.started_at, job.phase, job.progress = now, leader.phase, 0.0
-        append_event(
-            session, actor=actor, action="job.coalesced", subject_type="job", subject_id=job.id,
-            payload={"served_by": leader.id, "request_id": request.id, "records": len(named)},
-        )  # fmt: skip
+        events.append({
+            "actor": actor, "action": "job.coalesced", "subject_type": "job", "subject_id": job.id,
+            "payload": {"served_by": leader.id, "request_id": request.id, "records": len(named)},
+        })  # fmt: skip
         members.append(Member(job.id, request.id, tuple(named)))
         taken.update(named)
         budget -= len(named)
+    append_events(session, events)
     return members
 
 
 def served_jobs(session: Session, leader_id: str, members: Sequence[Member]) -> list[Job]:
     """The served jobs, locked; MembersChanged if any left the run or asked to cancel."""
+    # Their requests come along (with_for_update of the jobs only): finishing reads them.
     jobs = {
         j.id: j
-        for j in session.execute(
-            select(Job)
+        for j, _request in session.execute(
+            select(Job, DeletionRequest)
+            .join(DeletionRequest, DeletionRequest.id == Job.request_id)
             .where(Job.served_by_job_id == leader_id)
-            .with_for_update()
+            .with_for_update(of=Job)
             .execution_options(populate_existing=True)
-        ).scalars()
+        )
     }
     for m in members:
         job = jobs.get(m.job_id)
@@ -153,6 +157,7 @@ def finish_served(
     actor: str,
 ) -> None:
     """The served jobs succeed with the run's version, each with its own metrics."""
+    events: list[dict[str, Any]] = []
     for i, job in enumerate(jobs):
         job.result_version_id = version_id
         job.metrics = metrics_of(i)
@@ -160,8 +165,9 @@ def finish_served(
         job.error = None
         finish_job(
             session, job, JobStatus.SUCCEEDED, actor=actor, request_status=request_status,
-            payload={"result_version_id": version_id, "served_by": leader_id},
+            payload={"result_version_id": version_id, "served_by": leader_id}, events=events,
         )  # fmt: skip
+    append_events(session, events)
 
 
 def own_metrics(metrics: dict[str, Any], index: int) -> dict[str, Any]:

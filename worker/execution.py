@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from service.domain.states import PHASES, JobStatus, Phase, VersionStatus
@@ -125,6 +126,7 @@ class Execution:
             loaded = Loader(self.ctx, self.job_id, self.progress, self._coalesce).load()
             self.check()
             rules = effective_policy(self.ctx.settings, loaded.params.get("policy"))
+            self._enter(Phase.EVALUATING)  # the "before" side is evaluation, not loading
             self.membership = self._membership_test(loaded, rules)
             before = self._evaluate(loaded)
             self.check()
@@ -300,16 +302,30 @@ class Execution:
                 "requests": 1 + len(loaded.served), "records": len(loaded.keys),
                 "job_ids": [self.job_id, *(m.job_id for m in loaded.served)],
             }  # fmt: skip
+        commit_started = time.perf_counter()
         try:
             version_id = commit_version(self.ctx, self.fence, loaded, stored, metrics,
                                         self.timings)  # fmt: skip
         except BaseException:
             self._delete_written()
             raise
+        self._book_commit(time.perf_counter() - commit_started, started)
         cleanup_job_checkpoints(self.ctx.storage, self.model_id, self.job_id, keep=stored.key)
         if policy["decision"] == VersionStatus.ACTIVE:
-            finish_activation(self.ctx, self.model_id, loaded.dataset_id)
+            finish_activation(self.ctx, self.model_id, loaded.dataset_id, loaded.keys)
         return version_id
+
+    def _book_commit(self, seconds: float, started: float) -> None:
+        """The version's transaction belongs to `saving` too (the job row was written in it,
+        before its own length was known); best effort, the job has succeeded."""
+        self.timings["saving"] = self.timings.get("saving", 0.0) + seconds
+        self.timings["total"] = time.perf_counter() - started
+        timings = {k: round(v, 6) for k, v in self.timings.items()}
+        try:
+            with transaction(self.ctx.session_factory) as session:
+                session.execute(update(Job).where(Job.id == self.job_id).values(timings=timings))
+        except Exception as exc:
+            log.warning("job %s: could not book the commit's time: %s", self.job_id, exc)
 
     # Endings ---------------------------------------------------------------------------
     def _delete_written(self) -> None:

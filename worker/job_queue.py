@@ -174,12 +174,15 @@ def finish_job(
     error: dict[str, Any] | None = None,
     payload: dict[str, Any] | None = None,
     request_status: RequestStatus | None = None,
+    events: list[dict[str, Any]] | None = None,
 ) -> None:
     """Move a job (and its request) to a final state with its audit event.
 
     `request_status` overrides the request's usual status (a succeeded job whose version
-    waits for review leaves its request `needs_review`, not `completed`)."""
-    release_members(session, job.id, actor=actor, reason=f"its run ended {status}")
+    waits for review leaves its request `needs_review`, not `completed`). With `events` the
+    audit event is added to that list for the caller to append in bulk."""
+    if job.served_by_job_id is None:  # a served job serves nobody
+        release_members(session, job.id, actor=actor, reason=f"its run ended {status}")
     move_job(job, status)
     job.finished_at = utcnow()
     job.lease_expires_at = None
@@ -191,10 +194,12 @@ def finish_job(
     body = {"attempts": job.attempts, **(payload or {})}
     if error is not None:
         body["error"] = {"type": error.get("type"), "detail": error.get("detail")}
-    append_event(
-        session, actor=actor, action=f"job.{status}", subject_type="job", subject_id=job.id,
-        payload=body,
-    )  # fmt: skip
+    event: dict[str, Any] = {"actor": actor, "action": f"job.{status}", "subject_type": "job",
+             "subject_id": job.id, "payload": body}  # fmt: skip
+    if events is None:
+        append_event(session, **event)
+    else:
+        events.append(event)
 
 
 def requeue(

@@ -1,15 +1,12 @@
 """The loading phase: the job's inputs from the database, its checkpoint and its datasets.
 
-Parsed dataset files are cached per process (`DATASETS`): the eval and member-probe sets are
-read by every job of a model. The cache is keyed by storage key and content sha256, so a file
-rewritten by a purge is never served stale, and a purge evicts the dataset's older files.
+Parsed dataset files are cached per process (worker.dataset_cache.DATASETS): the eval and
+member-probe sets are read by every job of a model.
 """
 
 from __future__ import annotations
 
 import hashlib
-import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -24,6 +21,7 @@ from service.storage.db import transaction
 from service.storage.models import Dataset, DeletionRequest, Job, Model, ModelVersion, Record
 from service.storage.sql import chunked
 from worker.context import RunnerContext
+from worker.dataset_cache import DATASETS
 from worker.errors import JobError, SourceChanged
 from worker.heldout import split_eval_keys
 
@@ -98,55 +96,6 @@ class Loaded:
     retained: Callable[[], Pair] | None = None  # the recipe's training rows minus the forget set
     exact_route: str | None = None  # why no exact route, when the model has a recipe
     served: tuple[Any, ...] = ()  # worker.coalescing.Member: other requests this run answers
-
-
-class DatasetCache:
-    """Parsed dataset files kept between jobs of one process; bounded in entries and bytes."""
-
-    def __init__(self, max_entries: int = 4, max_bytes: int = 512 * 1024 * 1024) -> None:
-        self.max_entries, self.max_bytes = max_entries, max_bytes
-        self._items: OrderedDict[tuple[str, str], TensorData] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple[str, str]) -> TensorData | None:
-        with self._lock:
-            value = self._items.get(key)
-            if value is not None:
-                self._items.move_to_end(key)
-            return value
-
-    def put(self, key: tuple[str, str], data: TensorData) -> None:
-        if _nbytes(data) > self.max_bytes:
-            return
-        with self._lock:
-            self._items[key] = data
-            while len(self._items) > self.max_entries or self._total() > self.max_bytes:
-                self._items.popitem(last=False)
-
-    def evict_other_files(self, storage_key: str) -> None:
-        """Drop cached copies of earlier files of the same dataset (a purge rewrote it): the
-        forgotten rows must not outlive their file in memory either."""
-        prefix = _dataset_prefix(storage_key)
-        with self._lock:
-            for key in [k for k in self._items if k[0] != storage_key
-                        and _dataset_prefix(k[0]) == prefix]:  # fmt: skip
-                del self._items[key]
-
-    def _total(self) -> int:
-        return sum(_nbytes(d) for d in self._items.values())
-
-
-def _nbytes(data: TensorData) -> int:
-    return int(getattr(data.inputs, "nbytes", 0))
-
-
-def _dataset_prefix(storage_key: str) -> str:
-    # datasets/<36-char dataset id>[-<rewrite>].<ext>
-    name = storage_key.rsplit("/", 1)[-1]
-    return name[:36]
-
-
-DATASETS = DatasetCache()
 
 
 class Loader:

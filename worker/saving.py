@@ -13,6 +13,7 @@ died before committing are deleted when the job ends. After an activating commit
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,15 +23,16 @@ from service.domain.activation import RecordsUnavailable, activate, after_activa
 from service.domain.models import active_version
 from service.domain.states import JobStatus, Phase, RequestStatus, VersionStatus
 from service.storage.db import transaction
-from service.storage.models import ModelVersion
+from service.storage.models import Dataset, ModelVersion
 from service.storage.objects import Storage
 from service.trust.audit import append_event
 from worker.coalescing import finish_served, own_metrics, run_metrics, served_jobs
 from worker.context import RunnerContext
+from worker.dataset_cache import DATASETS
 from worker.errors import Cancelled, JobError, LeaseLost, SourceChanged
 from worker.job_queue import Fence, finish_job, lock_claimed
 from worker.lease import utcnow
-from worker.loading import DATASETS, Loaded
+from worker.loading import Loaded
 
 
 @dataclass(frozen=True)
@@ -135,11 +137,22 @@ def commit_version(
         return version.id
 
 
-def finish_activation(ctx: RunnerContext, model_id: str, dataset_id: str) -> None:
-    """Post-commit upkeep of an activating save; the cache forgets the purged file too."""
+def finish_activation(
+    ctx: RunnerContext, model_id: str, dataset_id: str, forgotten: Sequence[str]
+) -> None:
+    """Post-commit upkeep of an activating save. The process's parsed copy of the dataset
+    follows the purge: the forgotten rows dropped from it, or (if it does not add up) gone."""
     result = after_activation(
         ctx.session_factory, ctx.storage, ctx.settings,
         model_id=model_id, dataset_id=dataset_id, actor=ctx.actor,
     )  # fmt: skip
-    if result is not None and result.new_key:
+    if result is None or not result.new_key:
+        return
+    with ctx.session_factory() as session:
+        dataset = session.get(Dataset, dataset_id)
+        sha = dataset.content_sha256 if dataset is not None else None
+    carried = bool(sha) and result.old_key is not None and DATASETS.carry_over(
+        result.old_key, result.new_key, str(sha), set(forgotten), result.rows_removed
+    )  # fmt: skip
+    if not carried:
         DATASETS.evict_other_files(result.new_key)

@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import select
 
 from service.domain.forgetting import mark_forgotten
+from service.ingest.datasets_io import load_tensor_npz
 from service.storage.db import transaction
 from service.storage.models import Dataset, Record, utcnow
 from service.storage.objects import Storage
@@ -19,6 +20,7 @@ from service.trust.audit import verify_chain
 from service.trust.purge import purge_dataset, purge_pending
 from tests.trust.conftest import get, run
 from tests.worker.harness import Stack, Trained
+from worker.dataset_cache import DATASETS
 from worker.reaper import Reaper
 from worker.runner import Outcome
 
@@ -88,6 +90,14 @@ def test_forgotten_inputs_leave_every_file(stack: Stack, trained: Trained, tmp_p
         files = [k for k in Storage(str(storage_dir)).iter_keys(f"datasets/{train_id}")]
         assert files == [ds.storage_key]
         assert all(kept_hits[f"keep:{ids[i]}"] == [f"storage/{ds.storage_key}"] for i in keep)
+        # The worker's parsed copy followed the purge (rows dropped, not the file re-read):
+        # it is the rewritten file's content exactly, without the forgotten rows.
+        cached = DATASETS.get((ds.storage_key, ds.content_sha256))
+        assert cached is not None
+        with Storage(str(storage_dir)).open_read(ds.storage_key) as fh:
+            parsed = load_tensor_npz(fh.read())
+        assert cached.ids == parsed.ids and np.array_equal(cached.inputs, parsed.inputs)
+        assert not {ids[i] for i in forget_a + forget_b} & set(cached.ids)
         rows = (
             session.execute(
                 select(Record).where(Record.dataset_id == train_id, Record.state == "forgotten")

@@ -340,42 +340,63 @@ def judge(
     class. Whether the model still recognises the class is the forget-accuracy target's
     question; membership only asks that the records sit inside the non-member band, so
     the false-release rate is stated but does not decide."""
+    return judge_parts(
+        folds, None, class_wise=class_wise, alpha=alpha, band=band, max_advantage=max_advantage
+    )[0]
+
+
+def judge_parts(
+    folds: list[Scores],
+    parts: list[torch.Tensor] | None,
+    *,
+    class_wise: bool = False,
+    alpha: float = ALPHA,
+    band: float = BAND,
+    max_advantage: float = MAX_ADVANTAGE,
+) -> list[Evidence]:
+    """`judge` of each part of the forget records (index tensors; None = the whole set),
+    the per-record z and the members' alternative computed once for all of them."""
     z_f_parts, z_m_parts = [], []
     for s in folds:
         if s.forget.numel() == 0 or s.null.numel() < 3 or s.members.numel() < 3:
             raise ValueError("the membership test needs forget records, members and non-members")
         z_f_parts.append(_z_scores(s.forget, s.forget_groups, s.null, s.null_groups))
         z_m_parts.append(_z_scores(s.members, s.member_groups, s.null, s.null_groups))
-    z_f = torch.stack(z_f_parts).mean(0)
+    z_f_all = torch.stack(z_f_parts).mean(0)
     z_m = torch.stack(z_m_parts).mean(0)
-    n = int(z_f.numel())
-    stat = float(z_f.sum()) / math.sqrt(n)
-    mu, s_m = _member_alternative(z_m, folds[0].member_groups, folds[0].forget_groups)
-    shift = float(mu.sum()) / math.sqrt(n)
-    frr = phi_cdf((stat - shift) / s_m)
-    edge = phi_inv(1.0 - band / 2.0)
-    # Per record: how well an attacker tells one remembered record from an unseen one. The
-    # set-level distance grows with √n and made every 30-record request on a generalising
-    # model (per-record shift 0.14) "insufficient", retraining included.
-    adv = _advantage(float(mu.mean()), s_m)
-    if stat > edge:
-        outcome = REMEMBERED
-    elif stat < -edge:
-        outcome = OVER_FORGOTTEN
-    elif frr <= alpha or class_wise:
-        outcome = FORGOTTEN
-    elif adv <= max_advantage:
-        outcome = NO_SIGNAL
-    else:
-        outcome = INSUFFICIENT
+    mu_all, s_m = _member_alternative(z_m, folds[0].member_groups, folds[0].forget_groups)
+    mu_all = mu_all.expand(z_f_all.numel()) if mu_all.numel() == 1 else mu_all
     n_null = sum(int(s.null.numel()) for s in folds)
-    return Evidence(
-        outcome=outcome, n=n, statistic=stat, band=(-edge, edge), false_release_rate=frr,
-        alpha=alpha, member_shift=shift, member_sd=s_m, advantage=adv,
-        max_advantage=max_advantage, z_limit_forgotten=shift + s_m * phi_inv(alpha),
-        n_members=int(z_m.numel()), n_nonmembers=n_null, per_record_z=z_f.tolist(),
-        class_wise=class_wise,
-    )  # fmt: skip
+    edge = phi_inv(1.0 - band / 2.0)
+    out = []
+    for rows in parts if parts is not None else [torch.arange(z_f_all.numel())]:
+        z_f, mu = z_f_all[rows], mu_all[rows]
+        n = int(z_f.numel())
+        stat = float(z_f.sum()) / math.sqrt(n)
+        shift = float(mu.sum()) / math.sqrt(n)
+        frr = phi_cdf((stat - shift) / s_m)
+        # Per record: how well an attacker tells one remembered record from an unseen one.
+        # The set-level distance grows with √n and made every 30-record request on a
+        # generalising model (per-record shift 0.14) "insufficient", retraining included.
+        adv = _advantage(float(mu.mean()), s_m)
+        if stat > edge:
+            outcome = REMEMBERED
+        elif stat < -edge:
+            outcome = OVER_FORGOTTEN
+        elif frr <= alpha or class_wise:
+            outcome = FORGOTTEN
+        elif adv <= max_advantage:
+            outcome = NO_SIGNAL
+        else:
+            outcome = INSUFFICIENT
+        out.append(Evidence(
+            outcome=outcome, n=n, statistic=stat, band=(-edge, edge), false_release_rate=frr,
+            alpha=alpha, member_shift=shift, member_sd=s_m, advantage=adv,
+            max_advantage=max_advantage, z_limit_forgotten=shift + s_m * phi_inv(alpha),
+            n_members=int(z_m.numel()), n_nonmembers=n_null, per_record_z=z_f.tolist(),
+            class_wise=class_wise,
+        ))  # fmt: skip
+    return out
 
 
 def _member_alternative(

@@ -9,12 +9,11 @@ n and a part that is still remembered cannot hide inside a larger union that loo
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 
 import torch
 
-from worker.imu.membership import Evidence, MembershipTest, calibrated_scores, judge
+from worker.imu.membership import Evidence, MembershipTest, calibrated_scores, judge_parts
 
 
 def assess_parts(
@@ -30,25 +29,24 @@ def assess_parts(
             logits_of(test.nonmembers[0]),
         )
     position = {int(i): p for p, i in enumerate(test.picked.tolist())}
-    out: list[Evidence | None] = []
-    for part in parts:
-        rows = torch.tensor([position[i] for i in part if i in position], dtype=torch.long)
-        if rows.numel() == 0:
-            out.append(None)
-            continue
-        mine = [
-            replace(
-                fold,
-                forget=fold.forget[rows],
-                forget_groups=None if fold.forget_groups is None else fold.forget_groups[rows],
-            )
-            for fold in folds
-        ]
-        evidence = judge(
-            mine, class_wise=test.class_wise, alpha=test.alpha, band=test.band,
+    rows = [torch.tensor([position[i] for i in part if i in position], dtype=torch.long)
+            for part in parts]  # fmt: skip
+    scored = [r for r in rows if r.numel() > 0]
+    judged = iter(
+        judge_parts(
+            folds,
+            scored,
+            class_wise=test.class_wise,
+            alpha=test.alpha,
+            band=test.band,
             max_advantage=test.max_advantage,
         )  # fmt: skip
-        evidence.n_nonmembers = int(len(test.nonmembers[1]))
+    )
+    out: list[Evidence | None] = []
+    for r in rows:
+        evidence = next(judged) if r.numel() > 0 else None
+        if evidence is not None:
+            evidence.n_nonmembers = int(len(test.nonmembers[1]))
         out.append(evidence)
     return out
 

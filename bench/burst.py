@@ -1,0 +1,269 @@
+"""A burst of deletion requests on one model: 1,000 default requests of 3 disjoint records.
+
+    python -m bench.burst [--requests 1000] [--modes embedded,postgres] [--out FILE.json]
+
+The model is the digits-shifted MLP (bench/families.py: 7000 training records) registered
+with its recipe, through a real `lethe serve` as a client would use it:
+- ``embedded``: the defaults (SQLite, local storage, the embedded executor);
+- ``postgres``: a fresh PostgreSQL database, a private redis-server and two `lethe worker`
+  (Celery) processes.
+
+First one request alone (its POST-to-completed time is the yardstick), then the burst sent
+by 8 client threads. Reported per mode: wall time until every request is `completed`, the
+number of runs (jobs not served by another) and versions, p50/p99 time to completed
+(POST to the job's finish), and a check that every request has a verifiable receipt naming
+its own records and the audit events that back it. Goals (issue 27): the burst within 5x
+the wall time of one request alone, at most 20 runs. Output: bench/results/burst.json and
+burst.png (time-to-completed distribution).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.api_throughput import _pg_database  # noqa: E402
+from bench.families import Family, family  # noqa: E402
+from service.devtools.localserver import LocalService, lethe_command  # noqa: E402
+from tests.worker.harness import WorkerProcess  # noqa: E402
+from tests.worker.test_recovery import ThrowawayRedis  # noqa: E402
+
+FINAL = ("completed", "needs_review", "failed", "cancelled", "rejected")
+RESULTS = REPO / "bench" / "results"
+
+
+def _time(value: str) -> float:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def _setup(http: httpx.Client, fam: Family) -> str:
+    def upload(name: str, role: str, content: bytes) -> str:
+        resp = http.post(
+            "/v1/datasets", data={"name": name, "kind": "tensor", "role": role},
+            files={"file": (f"{name}.npz", content)},
+        )  # fmt: skip
+        resp.raise_for_status()
+        return str(resp.json()["id"])
+
+    train = upload("burst-train", "train", fam.npz(None))
+    evals = upload("burst-eval", "eval", fam.npz(None, "eval"))
+    recipe = {**fam.recipe_json(), "datasets": [train]}
+    spec = {"name": "mlp", "architecture": fam.architecture, "arch_kwargs": fam.arch_kwargs,
+            "eval_dataset": evals, "recipe": recipe}  # fmt: skip
+    resp = http.post(
+        "/v1/models", data={"spec": json.dumps(spec)},
+        files={"weights": fam.trained().weights["model"]},
+    )  # fmt: skip
+    resp.raise_for_status()
+    return train
+
+
+def _all_requests(http: httpx.Client) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    cursor = None
+    while True:
+        params: dict[str, Any] = {"model": "mlp", "limit": 1000}
+        if cursor:
+            params["cursor"] = cursor
+        page = http.get("/v1/deletion-requests", params=params).json()
+        out.update({r["id"]: r for r in page["items"]})
+        cursor = page.get("next_cursor")
+        if not cursor:
+            return out
+
+
+def _all_jobs(http: httpx.Client) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    cursor = None
+    while True:
+        params: dict[str, Any] = {"model": "mlp", "limit": 1000}
+        if cursor:
+            params["cursor"] = cursor
+        page = http.get("/v1/jobs", params=params).json()
+        out.update({j["request_id"]: j for j in page["items"]})
+        cursor = page.get("next_cursor")
+        if not cursor:
+            return out
+
+
+def _wait(http: httpx.Client, ids: set[str], timeout: float) -> dict[str, dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        views = {i: v for i, v in _all_requests(http).items() if i in ids}
+        if len(views) == len(ids) and all(v["status"] in FINAL for v in views.values()):
+            return views
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{sum(v['status'] in FINAL for v in views.values())} of "
+                               f"{len(ids)} requests finished")  # fmt: skip
+        time.sleep(0.25)
+
+
+def run_burst(http: httpx.Client, fam: Family, train: str, n: int) -> dict[str, Any]:
+    def submit(rows: list[int]) -> str:
+        body = {"model": "mlp", "dataset": train, "record_keys": [fam.ids[i] for i in rows]}
+        resp = http.post("/v1/deletion-requests", json=body)
+        resp.raise_for_status()
+        return str(resp.json()["id"])
+
+    t0 = time.monotonic()
+    alone = submit([0, 1, 2])
+    single = _wait(http, {alone}, 600)[alone]
+    single_s = time.monotonic() - t0
+    groups = [list(range(3 + 3 * i, 6 + 3 * i)) for i in range(n)]
+    t1 = time.monotonic()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        ids = list(pool.map(submit, groups))
+    submitted_s = time.monotonic() - t1
+    views = _wait(http, set(ids), 3600)
+    burst_s = time.monotonic() - t1
+    jobs = _all_jobs(http)
+    mine = [jobs[i] for i in ids]
+    runs = {j["served_by"] or j["id"] for j in mine}
+    versions = {j["result_version_id"] for j in mine if j["result_version_id"]}
+    latency = sorted(_time(j["finished_at"]) - _time(j["created_at"]) for j in mine)
+    statuses = [views[i]["status"] for i in ids]
+    receipts_ok, audit_ok = 0, 0
+    for request_id, rows in zip(ids, groups, strict=True):
+        got = http.get(f"/v1/deletion-requests/{request_id}/receipt")
+        for _ in range(40):
+            if got.status_code != 503:
+                break
+            time.sleep(0.25)
+            got = http.get(f"/v1/deletion-requests/{request_id}/receipt")
+        if got.status_code == 200:
+            payload = got.json()["payload"]
+            receipts_ok += payload["records"]["count"] == len(rows)
+            audit_ok += payload["audit"]["events"] >= 4
+    return {
+        "requests": n,
+        "single_request_s": round(single_s, 3),
+        "single_forgetting": single.get("forgetting"),
+        "submit_s": round(submitted_s, 3),
+        "burst_s": round(burst_s, 3),
+        "burst_over_single": round(burst_s / single_s, 2),
+        "completed": statuses.count("completed"),
+        "statuses": {s: statuses.count(s) for s in sorted(set(statuses))},
+        "runs": len(runs),
+        "versions": len(versions),
+        "forgetting": sorted({str(views[i].get("forgetting")) for i in ids}),
+        "time_to_completed_s": {
+            "p50": round(statistics.median(latency), 3),
+            "p99": round(latency[min(len(latency) - 1, int(0.99 * len(latency)))], 3),
+            "max": round(latency[-1], 3),
+        },
+        "latencies_s": [round(v, 3) for v in latency],
+        "run_details": [
+            {
+                "records": (j["metrics"].get("coalesced") or {}).get("records", 3),
+                "attempts": [
+                    (a["method"], a["outcome"], a["seconds"])
+                    for a in j["metrics"].get("attempts") or []
+                ],
+                "timings": {k: round(v, 2) for k, v in (j["timings"] or {}).items()},
+            }
+            for j in mine
+            if j["served_by"] is None
+        ],  # fmt: skip
+        "receipts_ok": receipts_ok,
+        "audit_ok": audit_ok,
+        "goals": {
+            "burst_within_5x_single": burst_s <= 5 * single_s,
+            "runs_at_most_20": len(runs) <= 20,
+        },  # fmt: skip
+    }
+
+
+def bench_mode(mode: str, n: int, fam: Family, work: Path) -> dict[str, Any]:
+    with ExitStack() as stack:
+        env = {"LETHE_LOG_LEVEL": "WARNING", "OMP_NUM_THREADS": "1"}
+        workers: list[WorkerProcess] = []
+        if mode == "postgres":
+            url, drop = _pg_database()
+            stack.callback(drop)
+            redis = ThrowawayRedis(work)
+            redis.start()
+            stack.callback(redis.stop)
+            env |= {"LETHE_DATABASE_URL": url, "LETHE_BROKER_URL": redis.url,
+                    "LETHE_STORAGE_URL": str(work / "storage"),
+                    "LETHE_QUEUE_NAME": f"burst-{uuid.uuid4().hex[:6]}"}  # fmt: skip
+        service = LocalService(work / "home", env=env, embedded=mode == "embedded")
+        service.start(extra_args=["--no-executor"] if mode == "postgres" else [])
+        stack.callback(service.stop)
+        key = service.create_key()
+        if mode == "postgres":
+            for i in range(2):
+                w = WorkerProcess(
+                    lethe_command("worker", "--loglevel", "WARNING"), service.env,
+                    work / f"worker{i}.log",
+                )  # fmt: skip
+                workers.append(w.start())
+                stack.callback(w.stop)
+        http = stack.enter_context(
+            httpx.Client(
+                base_url=service.url, headers={"Authorization": f"Bearer {key}"}, timeout=120
+            )  # fmt: skip
+        )
+        train = _setup(http, fam)
+        time.sleep(3.0)  # let the workers finish starting (their warm-up)
+        result = run_burst(http, fam, train, n)
+        result["mode"] = mode
+        result["workers"] = len(workers) or "embedded executor"
+        return result
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in results:
+        lat = r["latencies_s"]
+        ax.plot(lat, [(i + 1) / len(lat) for i in range(len(lat))],
+                label=f"{r['mode']}: {r['runs']} runs, {r['burst_s']:.0f} s")  # fmt: skip
+    ax.set_xlabel("POST to completed (s)")
+    ax.set_ylabel("share of requests")
+    ax.set_title(f"{results[0]['requests']} requests of 3 records, one digits MLP")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.burst", description=__doc__)
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--modes", default="embedded,postgres")
+    parser.add_argument("--out", type=Path, default=RESULTS / "burst.json")
+    args = parser.parse_args(argv)
+    fam = family("digits-shifted-mlp")
+    results = []
+    for mode in args.modes.split(","):
+        with tempfile.TemporaryDirectory(prefix=f"lethe-burst-{mode}-") as tmp:
+            results.append(bench_mode(mode, args.requests, fam, Path(tmp)))
+        brief = {k: v for k, v in results[-1].items() if k != "latencies_s"}
+        print(json.dumps(brief, indent=2), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"bench": "burst", "results": results}, indent=2) + "\n")
+    plot(results, args.out.with_suffix(".png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
