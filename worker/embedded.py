@@ -133,12 +133,17 @@ class EmbeddedExecutor:
                 log.info("parent process %d is gone; stopping", parent)
                 self.request_stop()
 
-    def run_forever(self, watch_parent: bool = False) -> None:
+    def run_forever(self, watch_parent: bool = False, parent: int | None = None) -> None:
+        """``parent``: the pid to watch, read at process start (a parent that died during the
+        warm-up has already handed us to init)."""
         log.info("embedded executor started (pid %d, poll %.2f s)", os.getpid(),
                  self.settings.embedded_poll_seconds)  # fmt: skip
         if watch_parent:
             threading.Thread(
-                target=self._watch_parent, args=(os.getppid(),), name="parent-watch", daemon=True
+                target=self._watch_parent,
+                args=(parent or os.getppid(),),
+                name="parent-watch",
+                daemon=True,
             ).start()
         failures = 0
         while not self.stop_event.is_set():
@@ -164,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         help="stop when the parent process exits (default: on)",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    parent = os.getppid()
     settings = get_settings()
     logging.basicConfig(
         level=settings.log_level,
@@ -185,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    executor.run_forever(watch_parent=args.watch_parent)
+    executor.run_forever(watch_parent=args.watch_parent, parent=parent)
     return 0
 
 
