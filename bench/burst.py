@@ -221,10 +221,39 @@ def bench_mode(mode: str, n: int, fam: Family, work: Path) -> dict[str, Any]:
         )
         train = _setup(http, fam)
         time.sleep(3.0)  # let the workers finish starting (their warm-up)
-        result = run_burst(http, fam, train, n)
+        try:
+            result = run_burst(http, fam, train, n)
+        except Exception:
+            print(service.log_tail(120), file=sys.stderr)
+            raise
         result["mode"] = mode
         result["workers"] = len(workers) or "embedded executor"
         return result
+
+
+def section(results_dir: Path) -> list[str]:
+    """The RESULTS.md section, from burst.json (nothing when it is absent)."""
+    path = results_dir / "burst.json"
+    if not path.exists():
+        return []
+    rows = json.loads(path.read_text())["results"]
+    lines = [
+        "## A burst of requests (`bench/burst.py`)", "",
+        f"{rows[0]['requests']} default requests of 3 disjoint records each on one digits MLP "
+        "(digits-shifted, 12600 training records, registered with its recipe), sent by 8 "
+        "client threads to a real `lethe serve`; the yardstick is one request alone.", "",
+        "| mode | alone (s) | submitting (s) | all final (s) | x alone | runs | versions | "
+        "completed | p50 / p99 to completed (s) | receipts |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for r in rows:
+        t = r["time_to_completed_s"]
+        lines.append(
+            f"| {r['mode']} | {r['single_request_s']} | {r['submit_s']} | {r['burst_s']} | "
+            f"{r['burst_over_single']} | {r['runs']} | {r['versions']} | {r['completed']} | "
+            f"{t['p50']} / {t['p99']} | {r['receipts_ok']} |"
+        )
+    return [*lines, "", "![burst](results/burst.png)", ""]
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:

@@ -13,7 +13,7 @@ import math
 import sys
 from pathlib import Path
 
-from bench import calibration_probe, release_honesty
+from bench import burst, calibration_probe, release_honesty
 from bench.metrics import GAP_KEYS, parse_method, summarise
 from bench.paper import CACHED_HEAD
 
@@ -706,6 +706,7 @@ def build_report(results_dir: Path, out_md: Path, plots_dir: Path | None = None)
     lines += speed_section(speed)
     lines += calibration_probe.section(results_dir)
     lines += release_honesty.section(results_dir)
+    lines += burst.section(results_dir)
     lines += ["## Plots", ""]
     p1 = plot_forget_vs_test(papers, plots_dir / "forget_vs_test.png")
     if p1:

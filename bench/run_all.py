@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-probe", action="store_true", help="skip bench/calibration_probe.py")
     parser.add_argument("--skip-lm", action="store_true", help="skip bench/lm_fixture_runs.py")
     parser.add_argument("--skip-honesty", action="store_true", help="skip bench/release_honesty.py")
+    parser.add_argument("--skip-burst", action="store_true", help="skip bench/burst.py")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument(
         "--speed-args", default="", help="extra arguments passed to bench.influence_speed (quoted)"
@@ -142,6 +143,11 @@ def main(argv: list[str] | None = None) -> int:
         print("$", " ".join(cmd), flush=True)
         if subprocess.run(cmd, cwd=BENCH_DIR.parent).returncode != 0:
             failures.append("bench.release_honesty failed")
+    if not (args.report_only or args.skip_burst or args.quick):
+        cmd = [sys.executable, "-m", "bench.burst", "--out", str(args.results / "burst.json")]
+        print("$", " ".join(cmd), flush=True)
+        if subprocess.run(cmd, cwd=BENCH_DIR.parent).returncode != 0:
+            failures.append("bench.burst failed")
     decision = report.build_report(args.results, out_md)
     lm_section = lm_fixture_runs.section(args.results / "lm_fixture.json")
     if lm_section:
