@@ -45,7 +45,10 @@ def _components() -> dict[str, Any]:
     _, schema = models_json_schema(
         [(m, "validation") for m in models], ref_template="#/components/schemas/{model}"
     )
-    return dict(schema.get("$defs", {}))
+    defs = dict(schema.get("$defs", {}))
+    for recipe in (RecipeIn, LMRecipeIn):  # named as documented (their titles); no $ref to them
+        defs[str(recipe.model_config.get("title"))] = defs.pop(recipe.__name__)
+    return defs
 
 
 def install_openapi(app: FastAPI) -> None:

@@ -203,3 +203,16 @@ def test_a_bad_lm_recipe_is_refused_naming_the_field(
     assert resp.headers["content-type"].startswith("application/problem+json")
     assert [e["field"] for e in resp.json()["errors"]] == [field], resp.json()
     assert get(stack, "/v1/models/bad").status_code == 404
+
+
+def test_the_recipes_and_the_retraining_phase_are_in_the_openapi_document(
+    lm_stack: Stack,
+) -> None:
+    schema = get(lm_stack, "/openapi.json").json()["components"]["schemas"]
+    lm = schema["LMTrainingRecipe"]
+    assert {"base_version", "epochs", "lr", "datasets"} <= set(lm["required"])
+    assert lm["properties"]["method"]["enum"] == ["full", "lora"]
+    assert "init_seed" in schema["TrainingRecipe"]["properties"]
+    assert "retraining" in json.dumps(schema["JobOut"]["properties"]["phase"]) + json.dumps(
+        schema.get("Phase", {})
+    )
