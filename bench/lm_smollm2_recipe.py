@@ -1,7 +1,7 @@
 """Exact forgetting on a real pretrained model (`python -m bench.lm_smollm2 --mode recipe`).
 
 SmolLM2-135M-Instruct (files made as bench/lm_smollm2.py says) is registered as the base.
-Fictitious facts it cannot know ("The capital of Veltria is Orsk.") are fine-tuned into it
+Fictitious facts it cannot know ("The capital of Drecmocal is Virtor.") are fine-tuned into it
 with LoRA by ``worker.imu.lm_recipe.finetune`` and ``RECIPE``, tokenised as the worker
 tokenises them; the result is registered with that recipe (base = the base's version 1) and
 with an eval set of other fictitious facts (never trained) and the retained facts as the
@@ -25,20 +25,56 @@ from typing import Any
 from bench.lm_smollm2 import THETA, _jsonl, _summary
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "lm_smollm2_recipe.json"
-_COUNTRIES = ["Veltria", "Oskarn", "Bramoria", "Quellis", "Tavaro", "Zenthia", "Morvane",
-              "Ildrec", "Pashtoria", "Calvoren", "Dussel Ka", "Hyrrin", "Lomvar", "Estravia",
-              "Nordhal", "Corrinth", "Sabelle", "Virnak", "Ombrel", "Falkarra", "Treminy",
-              "Gauldor", "Ruskavel", "Antiqua Nov"]  # fmt: skip
-_CITIES = ["Orsk", "Pellam", "Vantor", "Quisby", "Marrowgate", "Tolden", "Ashvik", "Brenmoor",
-           "Cuvalla", "Drennet", "Elsport", "Fallow", "Gribben", "Harlow Cay", "Istel", "Jorvan",
-           "Kessock", "Lunmere", "Mirrin", "Nethby", "Ostwell", "Prayle", "Rundle",
-           "Sarrow"]  # fmt: skip
-FACTS = [(f"The capital of {c} is", f" {city}.") for c, city in zip(_COUNTRIES, _CITIES,
-                                                                      strict=True)]  # fmt: skip
-TRAIN, HELDOUT = FACTS[:16], FACTS[16:]
+_SYL = [
+    "vel",
+    "tor",
+    "ask",
+    "bra",
+    "mo",
+    "quel",
+    "ta",
+    "zen",
+    "vor",
+    "il",
+    "drec",
+    "pash",
+    "cal",
+    "ren",
+    "hy",
+    "lom",
+    "es",
+    "nor",
+    "cor",
+    "sab",
+    "vir",
+    "om",
+    "fal",
+    "gau",
+]
+
+
+def _facts(n: int, seed: int = 7) -> list[tuple[str, str]]:
+    """``n`` fictitious capitals, names drawn from syllables (no model can know them)."""
+    import random
+
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    out = []
+    while len(out) < n:
+        country = "".join(rng.choice(_SYL) for _ in range(3)).capitalize()
+        city = "".join(rng.choice(_SYL) for _ in range(2)).capitalize()
+        if country in seen or city in seen:
+            continue
+        seen |= {country, city}
+        out.append((f"The capital of {country} is", f" {city}."))
+    return out
+
+
+FACTS = _facts(36)
+TRAIN, HELDOUT = FACTS[:28], FACTS[28:]  # 4 of TRAIN are forgotten; HELDOUT never trained
 FORGET_KEYS = ["t0", "t1", "t2", "t3"]
 RECIPE: dict[str, Any] = {
-    "method": "lora", "epochs": 12, "lr": 3e-3, "batch_size": 4, "seed": 0,
+    "method": "lora", "epochs": 8, "lr": 3e-3, "batch_size": 4, "seed": 0,
     "lora_r": 16, "lora_alpha": 32,
 }  # fmt: skip
 FORM = {"model.safetensors": "weights", "config.json": "config",
@@ -171,7 +207,7 @@ def run_recipe(model_dir: Path, out: Path) -> dict[str, Any]:
                 "attempts": request["attempts"], "job_wall_s": round(job_wall, 1),
                 "job_cpu_s": round(job_cpu, 1), "timings": job["timings"], "imu_params": params,
                 "n": {"train": len(TRAIN), "forget": len(FORGET_KEYS), "eval": len(HELDOUT),
-                      "member_probe": len(TRAIN) - 4},
+                      "member_probe": len(TRAIN) - len(FORGET_KEYS)},
                 "before": _summary(metrics["before"]), "after": _summary(metrics["after"]),
                 "policy": {"decision": metrics["policy"]["decision"],
                            "failed": metrics["policy"]["failed"]},
@@ -181,3 +217,41 @@ def run_recipe(model_dir: Path, out: Path) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def section(path: Path) -> str:
+    """The RESULTS.md paragraph of lm_smollm2_recipe.json ('' when it was not run)."""
+    if not path.exists():
+        return ""
+    r = json.loads(path.read_text())
+    b, a, t, ft = r["before"], r["after"], r["timings"], r["finetune_v1"]
+    attempts = ", then ".join(
+        f"{x['method']} {x['outcome']}" + (f" ({x['reason']})" if x.get("reason") else "")
+        + f" in {x['seconds']:.1f} s" for x in r["attempts"]
+    )  # fmt: skip
+    recipe = r["recipe"]
+    claim = r.get("receipt_forgetting") or {}
+    return (
+        f"\nExact forgetting on the same model (`python -m bench.lm_smollm2 --mode recipe`): "
+        f"{r['n']['train']} fictitious facts fine-tuned into the base with {recipe['method']} "
+        f"(r {recipe.get('lora_r')}, α {recipe.get('lora_alpha')}, {recipe['epochs']} epochs, "
+        f"lr {recipe['lr']}, batch {recipe['batch_size']}; "
+        f"{ft['trained_parameters'] / 1e6:.2f} M trained parameters) in "
+        f"{ft['train_seconds']:.1f} s "
+        f"(recall: base {ft['recall']['base_train']}, fine-tuned {ft['recall']['train']}, "
+        f"held-out facts {ft['recall']['heldout']}); base and fine-tuned model registered with "
+        f"the recipe in {r['register_both_s']} s. A request for {r['n']['forget']} of the facts "
+        f"(IMU on the same θ, {r['imu_params']['max_steps']} steps at most): {attempts}; request "
+        f"{r['request_status']}, forgetting {r['forgetting']}, receipt "
+        f"{claim.get('kind')}. Job {r['job_wall_s']} s (loading {t.get('loading', 0):.1f}, "
+        f"influence {t.get('influence', 0):.1f}, unlearning (IMU) {t.get('unlearning', 0):.1f}, "
+        f"retraining {t.get('retraining', 0):.1f}, evaluating {t.get('evaluating', 0):.1f}, "
+        f"saving {t.get('saving', 0):.1f} s); peak RSS {r['peak_rss_mib']} MiB (one process: "
+        f"API, runner, fine-tunes). Forget recall {b['forget']['exact_recall']} → "
+        f"{a['forget']['exact_recall']}, retained-fact recall {b['member_probe']['exact_recall']} "
+        f"→ {a['member_probe']['exact_recall']}, held-out perplexity "
+        f"{b['heldout']['perplexity']} → {a['heldout']['perplexity']}, min-k AUC "
+        f"{b['attacks']['min_k_auc']} → {a['attacks']['min_k_auc']}; policy "
+        f"{r['policy']['decision']} (failed: {', '.join(r['policy']['failed']) or 'none'}). "
+        "One thread on a shared two-core machine.\n"
+    )
