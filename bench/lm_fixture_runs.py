@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from bench.lm_smollm2_recipe import section as recipe_section
 from service.settings import Settings
 from service.trust.lm_policy import decide_lm
 from service.trust.policy import effective_policy
@@ -159,6 +160,7 @@ def section(path: Path) -> str:
         f"destroying the model (held-out perplexity {damage}, retain recall 0), which the policy "
         "also refuses. The retrained reference passes every check.\n"
         + smollm2_section(path.with_name("lm_smollm2.json"))
+        + recipe_section(path.with_name("lm_smollm2_recipe.json"))
     )
 
 

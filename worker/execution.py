@@ -111,7 +111,8 @@ class Execution:
             raise Interrupted(f"job {self.job_id}: worker shutting down")
 
     def progress(self, phase: str, fraction: float) -> None:
-        phase = phase if phase in PHASES else (self._phase or Phase.UNLEARNING)
+        known = phase in PHASES or phase == Phase.RETRAINING
+        phase = phase if known else (self._phase or Phase.UNLEARNING)
         self._enter(phase)
         fraction = min(1.0, max(0.0, float(fraction))) if math.isfinite(fraction) else 0.0
         self.monitor.report(phase, fraction)
@@ -222,14 +223,18 @@ class Execution:
                 "no-recipe", "No training recipe",
                 loaded.exact_route or "the model has no training recipe to retrain with",
             )  # fmt: skip
-        self._enter(Phase.UNLEARNING)
+        self._enter(Phase.RETRAINING)
+        if loaded.lm:
+            from worker.lm_retrain import run_lm_retrain
+
+            return run_lm_retrain(loaded, self.progress, self.ctx.device)
         recipe = Recipe.from_dict(loaded.recipe)
         x, y = loaded.retained()
-        self.progress(Phase.UNLEARNING, 0.0)
+        self.progress(Phase.RETRAINING, 0.0)
         t0 = time.perf_counter()
         model, stats = retrain(
             loaded.architecture, loaded.arch_kwargs or {}, x, y, recipe, device=self.ctx.device,
-            on_epoch=lambda done, _loss: self.progress(Phase.UNLEARNING, done / recipe.epochs),
+            on_epoch=lambda done, _loss: self.progress(Phase.RETRAINING, done / recipe.epochs),
         )  # fmt: skip
         stats["seconds"] = {"retrain": time.perf_counter() - t0}
         loaded.model = model

@@ -5,6 +5,7 @@ approximate result would be held (the membership test could not show forgetting 
 guard, a class is still recognised, or the policy half lost more accuracy than allowed) and
 the model has a training recipe, the job goes on to retrain without the records
 (``LETHE_ESCALATION=retrain``, the default): retraining answers every one of those reasons.
+A causal LM's recipe re-fine-tunes its base (worker.lm_retrain); the LM policy judges it.
 A result held for `require_review` is not escalated: that is a person's call. Every attempt
 is kept (method, outcome, reason, evidence, seconds) for the request view and the audit.
 """
@@ -49,7 +50,6 @@ def escalates(loaded: Loaded, policy: dict[str, Any], escalation: str) -> bool:
         escalation == "retrain"
         and loaded.recipe is not None
         and loaded.retained is not None
-        and not loaded.lm
         and policy["decision"] != VersionStatus.ACTIVE
         and not policy.get("require_review")
     )

@@ -7,7 +7,8 @@ model is an LM; the phases, fencing and exactly-once saving are shared with clas
   into the model transformers builds from the config (no remote code), the JSONL records of
   the forget set, the eval set's two halves and the member probe tokenised;
 - unlearning: ``worker.imu.lm_unlearn.unlearn_lm`` (IMU or GA, the one calibrated
-  controller with ``TextChecks`` guarding the eval guard half and the member probe);
+  controller with ``TextChecks`` guarding the eval guard half and the member probe); exact
+  forgetting (re-fine-tuning the recipe's base) is worker/lm_retrain.py;
 - evaluating: ``text_metrics.evaluate_lm`` on the forget set, the eval *policy* half and the
   member probe, plus the AUC limit, time and peak RSS;
 - saving: the state dict with each tied weight once (as ``save_pretrained`` writes it).
@@ -132,6 +133,7 @@ def load_lm(loader: Loader, inputs: JobInputs, model_id: str, device: str) -> Lo
     from worker.imu.architectures import SAFETENSORS_DTYPES
     from worker.imu.checkpoints import read_header
     from worker.imu.language_models import load_causal_lm, load_tokenizer
+    from worker.lm_retrain import exact_route
     from worker.loading import Loaded
 
     files = _model_files(loader, inputs, model_id)
@@ -166,11 +168,12 @@ def load_lm(loader: Loader, inputs: JobInputs, model_id: str, device: str) -> Lo
     if inputs.probe:
         probe = _batch(loader, inputs.probe, inputs.probe_keys, tokenizer, settings)
     loader.progress(Phase.LOADING, 0.8)
+    route = exact_route(loader, inputs, config, tokenizer, settings)  # worker/lm_retrain.py
     return Loaded(
         model=model, forget=forget, eval=eval_batch, member_probe=probe, guard=guard,
         eval_split=split.describe() if split else None, kind=inputs.kind, params=inputs.params,
         keys=inputs.keys, dataset_id=inputs.dataset.dataset_id,
-        source_version_id=inputs.version_id, class_wise=False, lm=True, layout=layout,
+        source_version_id=inputs.version_id, class_wise=False, lm=True, layout=layout, **route,
     )  # fmt: skip
 
 

@@ -93,7 +93,8 @@ class Loaded:
     architecture: str = ""
     arch_kwargs: dict[str, Any] | None = None
     recipe: dict[str, Any] | None = None  # usable for exact retraining (see exact_route)
-    retained: Callable[[], Pair] | None = None  # the recipe's training rows minus the forget set
+    # The recipe's training rows minus the forget set (a Pair; an LM: worker.lm_retrain).
+    retained: Callable[[], Any] | None = None
     exact_route: str | None = None  # why no exact route, when the model has a recipe
     served: tuple[Any, ...] = ()  # worker.coalescing.Member: other requests this run answers
 

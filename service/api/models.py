@@ -37,7 +37,9 @@ _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
     summary="Register a model with its version 1 weights",
     description=(
         "Multipart: `spec` (JSON string `{name, architecture, arch_kwargs, eval_dataset?, "
-        "member_probe_dataset?, description?}`) and `weights` (`.safetensors`). The header is "
+        "member_probe_dataset?, description?, recipe?}`; `recipe` is a TrainingRecipe, or for "
+        "`causal_lm` an LMTrainingRecipe naming the registered base version) and `weights` "
+        "(`.safetensors`). The header is "
         "checked against the architecture built on the meta device; a mismatch is 422 listing "
         "missing, unexpected and mis-shaped keys. Anything not safetensors is 422 and is never "
         "unpickled. Returns the model with `active_version` (number 1). Architecture "

@@ -4,8 +4,9 @@
   tag's own words (`list_jobs` under `jobs` → `jobs-list`), so generated clients keep their
   method names when paths or FastAPI change.
 - Components that no response model reaches are added here: `Problem` (every error response
-  refers to it) and the typed request params (`IMUParams`, `GAParams`, `PolicyOverrides`),
-  which are derived from the engine's configs in service.domain.params.
+  refers to it), the typed request params (`IMUParams`, `GAParams`, `PolicyOverrides`),
+  which are derived from the engine's configs in service.domain.params, and the training
+  recipes a registration's `spec.recipe` takes (`TrainingRecipe`, `LMTrainingRecipe`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from service.api.schemas import Problem
+from service.domain.lm_recipe import LMRecipeIn
+from service.domain.models import RecipeIn
 from service.domain.params import PolicyOverrides, param_models
 
 
@@ -36,11 +39,16 @@ def operation_id(route: APIRoute) -> str:
 
 
 def _components() -> dict[str, Any]:
-    models: list[type[BaseModel]] = [Problem, PolicyOverrides, *param_models().values()]
+    models: list[type[BaseModel]] = [
+        Problem, PolicyOverrides, *param_models().values(), RecipeIn, LMRecipeIn,
+    ]  # fmt: skip
     _, schema = models_json_schema(
         [(m, "validation") for m in models], ref_template="#/components/schemas/{model}"
     )
-    return dict(schema.get("$defs", {}))
+    defs = dict(schema.get("$defs", {}))
+    for recipe in (RecipeIn, LMRecipeIn):  # named as documented (their titles); no $ref to them
+        defs[str(recipe.model_config.get("title"))] = defs.pop(recipe.__name__)
+    return defs
 
 
 def install_openapi(app: FastAPI) -> None:

@@ -104,8 +104,9 @@ class ModelOut(_Out):
     arch_kwargs: dict[str, Any]
     recipe: dict[str, Any] | None = Field(
         default=None,
-        description="How version 1 was trained (TrainingRecipe, datasets as ids); null = no "
-        "exact route: requests are answered approximately or held.",
+        description="How version 1 was trained (TrainingRecipe; a causal_lm: LMTrainingRecipe, "
+        "its base pinned by base_sha256), datasets as ids; null = no exact route: requests "
+        "are answered approximately or held.",
     )
     recipe_sha256: str | None = Field(default=None, description="What receipts cite.")
     warnings: list[str] = Field(

@@ -233,8 +233,10 @@ def _register_models(app: typer.Typer) -> None:
             typer.Option(
                 exists=True,
                 dir_okay=False,
-                help="Training recipe JSON (epochs, lr, batch_size, weight_decay, seed, "
-                "init_seed, datasets): how version 1 was trained, for exact forgetting.",
+                help="Training recipe JSON: how version 1 was trained, for exact forgetting. "
+                "Classifiers: epochs, lr, batch_size, weight_decay, seed, init_seed, datasets. "
+                "causal_lm: base_version (the registered base), method (full | lora), epochs, "
+                "lr, batch_size, max_length, seed, lora_r, lora_alpha, lora_targets, datasets.",
             ),
         ] = None,
         config: Annotated[

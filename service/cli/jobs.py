@@ -134,8 +134,15 @@ def _follow_request(api: LetheClient, request_id: str, *, quiet: bool) -> dict[s
         return api.wait_for_request(request_id)
     from service.cli.progress import JobProgress
 
-    with JobProgress(err, title=f"request {request_id}") as bars:
+    with JobProgress(
+        err, title=f"request {request_id}", recipe_epochs=lambda m: _recipe_epochs(api, m)
+    ) as bars:
         return api.wait_for_request(request_id, on_update=bars.update)
+
+
+def _recipe_epochs(api: LetheClient, model: str) -> int | None:
+    value = (api.get_model(model).get("recipe") or {}).get("epochs")
+    return value if isinstance(value, int) else None
 
 
 def print_request_outcome(request: dict[str, Any]) -> None:
@@ -172,7 +179,9 @@ def _follow(
         return api.wait_for_job(job_id, poll_interval=poll_interval)
     from service.cli.progress import JobProgress
 
-    with JobProgress(err, title=f"job {job_id}") as bars:
+    with JobProgress(
+        err, title=f"job {job_id}", recipe_epochs=lambda m: _recipe_epochs(api, m)
+    ) as bars:
         return api.wait_for_job(job_id, poll_interval=poll_interval, on_update=bars.update)
 
 

@@ -25,7 +25,7 @@ from rich.table import Table
 
 from service.cli.api_client import LetheAPIError, LetheClient
 from service.devtools.localserver import LocalService
-from service.domain.states import PHASES, RequestStatus
+from service.domain.states import PHASES, Phase, RequestStatus
 
 ARCHITECTURE = "cnn"
 NUM_CLASSES = 10
@@ -215,7 +215,7 @@ def before_after(job: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
 def phase_seconds(job: dict[str, Any]) -> dict[str, float]:
     timings = job.get("timings") or (job.get("metrics") or {}).get("timings") or {}
     found: dict[str, float] = {}
-    for phase in PHASES:
+    for phase in (*PHASES, Phase.RETRAINING):
         for key in (phase, f"{phase}_s", f"{phase}_seconds"):
             value = timings.get(key)
             if isinstance(value, int | float):
@@ -248,7 +248,7 @@ def timings_table(reports: list[JobReport]) -> Table:
     table.add_column("phase")
     for n, rep in enumerate(reports, 1):
         table.add_column(f"#{n} {rep.label}", justify="right")
-    for phase in PHASES:
+    for phase in (*PHASES, Phase.RETRAINING):
         table.add_row(phase, *[_fmt(phase_seconds(r.job).get(phase), "{:.2f}") for r in reports])
     return table
 

@@ -12,17 +12,19 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.problems import Problem, conflict, not_found, validation
 from service.domain.datasets import resolve_dataset, too_large
+from service.domain.lm_recipe import LMRecipeIn, resolve_lm_recipe
 from service.domain.lm_registration import (
     LMFiles,
     check_lm_weights,
     file_key,
+    is_lm,
     lm_arch_kwargs,
     read_lm_files,
     store_lm_files,
@@ -70,7 +72,27 @@ class ModelSpec(BaseModel):
     eval_dataset: str | None = None
     member_probe_dataset: str | None = None
     description: str | None = Field(default=None, max_length=10_000)
-    recipe: RecipeIn | None = None
+    recipe: dict[str, Any] | None = Field(
+        default=None,
+        description="TrainingRecipe (classifiers) or LMTrainingRecipe (causal_lm), checked "
+        "by architecture.",
+    )
+    # The recipe parsed by the class its architecture takes (parse_spec).
+    _recipe: RecipeIn | LMRecipeIn | None = PrivateAttr(default=None)
+
+    @property
+    def parsed_recipe(self) -> RecipeIn | LMRecipeIn | None:
+        return self._recipe
+
+
+def _field_errors(exc: ValidationError, prefix: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "field": ".".join([prefix, *(str(p) for p in e["loc"])]),
+            "message": e["msg"],
+        }
+        for e in exc.errors()
+    ]
 
 
 def parse_spec(raw: str) -> ModelSpec:
@@ -83,14 +105,17 @@ def parse_spec(raw: str) -> ModelSpec:
     check_json(data, "spec")  # the JSON inside the form field: `\u0000` escapes decode here
     try:
         spec = ModelSpec.model_validate(data)
+        if spec.recipe is not None:  # by architecture: one class, errors named by its fields
+            cls = LMRecipeIn if is_lm(spec.architecture) else RecipeIn
+            try:
+                spec._recipe = cls.model_validate(spec.recipe)
+            except ValidationError as exc:
+                errors = _field_errors(exc, "spec.recipe")
+                raise validation(
+                    "invalid spec: " + ", ".join(e["field"] for e in errors), errors
+                ) from None
     except ValidationError as exc:
-        errors = [
-            {
-                "field": "spec." + ".".join(str(p) for p in e["loc"]) if e["loc"] else "spec",
-                "message": e["msg"],
-            }
-            for e in exc.errors()
-        ]
+        errors = _field_errors(exc, "spec")
         raise validation("invalid spec: " + ", ".join(e["field"] for e in errors), errors) from None
     if ".." in spec.name:
         raise validation(
@@ -152,18 +177,19 @@ def _check_weights(
     return {"tensors": len(header)}
 
 
-def _resolve_recipe(session: Session, spec: ModelSpec, *, lm: bool) -> dict[str, Any] | None:
-    """The recipe as stored: its datasets resolved to ids, each a tensor train dataset."""
-    if spec.recipe is None:
+def _resolve_recipe(
+    session: Session, storage: Storage, spec: ModelSpec, lm_files: LMFiles | None
+) -> dict[str, Any] | None:
+    """The recipe as stored: its datasets resolved to ids, each a tensor train dataset
+    (a causal LM's: service.domain.lm_recipe)."""
+    recipe = spec.parsed_recipe
+    if recipe is None:
         return None
-    if lm:
-        raise validation(
-            "training recipes are for classifiers; re-fine-tuning a causal_lm from its base is "
-            "not supported yet",
-            [{"field": "spec.recipe", "message": "not supported for causal_lm"}],
-        )
+    if isinstance(recipe, LMRecipeIn):
+        assert lm_files is not None
+        return resolve_lm_recipe(session, storage, recipe, lm_files)
     ids = []
-    for i, ref in enumerate(spec.recipe.datasets):
+    for i, ref in enumerate(recipe.datasets):
         field = f"spec.recipe.datasets.{i}"
         ds = resolve_dataset(session, ref, field)
         if ds.role != "train" or ds.kind != "tensor":
@@ -173,7 +199,7 @@ def _resolve_recipe(session: Session, spec: ModelSpec, *, lm: bool) -> dict[str,
                 [{"field": field, "message": "must be a tensor dataset with role train"}],
             )
         ids.append(ds.id)
-    return {**spec.recipe.model_dump(), "datasets": ids}
+    return {**recipe.model_dump(), "datasets": ids}
 
 
 def register_model(
@@ -201,7 +227,7 @@ def register_model(
             probe_ds = resolve_dataset(
                 session, spec.member_probe_dataset, "spec.member_probe_dataset"
             )
-        recipe = _resolve_recipe(session, spec, lm=lm_files is not None)
+        recipe = _resolve_recipe(session, storage, spec, lm_files)
     for ds, role, field in (
         (eval_ds, "eval", "spec.eval_dataset"),
         (probe_ds, "member_probe", "spec.member_probe_dataset"),

@@ -24,6 +24,9 @@ class Phase(enum.StrEnum):
     UNLEARNING = "unlearning"
     EVALUATING = "evaluating"
     SAVING = "saving"
+    # Exact forgetting (method retrain, or escalation from a held approximate result):
+    # training again by the model's recipe, between an evaluation and the next.
+    RETRAINING = "retraining"
 
 
 class RequestStatus(enum.StrEnum):
@@ -49,7 +52,8 @@ class RecordState(enum.StrEnum):
 
 
 JOB_STATES: tuple[JobStatus, ...] = tuple(JobStatus)
-PHASES: tuple[Phase, ...] = tuple(Phase)
+# The phases every job runs, in order; RETRAINING only runs when a job forgets exactly.
+PHASES: tuple[Phase, ...] = tuple(p for p in Phase if p != Phase.RETRAINING)
 ACTIVE_JOB_STATES = (JobStatus.QUEUED, JobStatus.RUNNING)
 # A request in these states holds the records it names (as does one awaiting review).
 ACTIVE_REQUEST_STATES = (RequestStatus.QUEUED, RequestStatus.RUNNING)

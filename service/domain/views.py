@@ -69,8 +69,11 @@ def recipe_sha256(recipe: dict[str, Any] | None) -> str | None:
     """The identity receipts cite for a recipe (worker.imu.recipe.Recipe.sha256)."""
     if not recipe:
         return None
+    from worker.imu.lm_recipe import LMRecipe, is_lm_recipe
     from worker.imu.recipe import Recipe
 
+    if is_lm_recipe(recipe):
+        return LMRecipe.from_dict(recipe).sha256()
     return Recipe.from_dict(recipe).sha256()
 
 

@@ -51,6 +51,30 @@ def test_a_failed_phase_is_marked_and_later_ones_stay_empty() -> None:
         assert "failed" in bars.progress.tasks[bars._tasks["influence"]].fields["note"]
 
 
+def test_an_escalated_job_shows_its_retraining_epochs() -> None:
+    console = Console(file=io.StringIO(), width=160)
+    asked: list[str] = []
+
+    def epochs(model: str) -> int:
+        asked.append(model)
+        return 30
+
+    with JobProgress(console, title="request r1", recipe_epochs=epochs) as bars:
+        task = bars.progress.tasks[bars._retrain_task]  # type: ignore[index]
+        bars.update({"status": "running", "phase": "unlearning", "progress": 0.5, "model": "m"})
+        assert not task.visible  # hidden unless the job retrains
+        job = {"status": "running", "phase": "retraining", "progress": 0.5, "model": "m"}
+        bars.update(job)
+        bars.update({**job, "progress": 0.6})
+        assert task.visible and task.completed == 60 and task.fields["note"] == "epoch 19/30"
+        assert asked == ["m"]  # the recipe is asked once
+        bars.update({"status": "succeeded", "phase": "saving", "progress": 1.0, "model": "m",
+                     "timings": {"retraining": 2.5}})  # fmt: skip
+        assert task.completed == 100 and task.fields["note"] == "2.50s"
+    text = console.file.getvalue()
+    assert "escalating to exact forgetting" in text and "retraining" in text
+
+
 def test_keys_file_formats(tmp_path: Path) -> None:
     lines = tmp_path / "keys.txt"
     lines.write_text("# header\nalice-1\n\n  bob-2  \n# trailing\n")

@@ -106,7 +106,7 @@ def test_a_worker_killed_mid_retrain_finishes_the_job_once(
     )
     job = stack.submit(model, [flipped.ids[i] for i in rows], method="retrain")
     wait_until(
-        lambda: (row := stack.job_rows([job])[job]).phase == "unlearning" and row.progress > 0.1,
+        lambda: (row := stack.job_rows([job])[job]).phase == "retraining" and row.progress > 0.1,
         timeout=120, what="retrain under way",
     )  # fmt: skip
     worker.kill_group()
@@ -130,7 +130,7 @@ def test_a_retrain_is_cancelled_mid_epoch(
         flipped.trained(), "model", recipe={**flipped.recipe_json(), "epochs": 5000}
     )
     job = stack.submit(model, flipped.ids[:3], method="retrain")
-    wait_until(lambda: stack.job_rows([job])[job].phase == "unlearning", timeout=120)
+    wait_until(lambda: stack.job_rows([job])[job].phase == "retraining", timeout=120)
     assert stack.cancel(job).status_code in (200, 202)
     done = stack.wait([job], timeout=120)[job]
     assert done["status"] == "cancelled"

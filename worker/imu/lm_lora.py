@@ -19,16 +19,22 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 @contextmanager
 def lora_attached(
-    model: nn.Module, rank: int, alpha: int, targets: Sequence[str] | None
+    model: nn.Module,
+    rank: int,
+    alpha: int,
+    targets: Sequence[str] | None,
+    *,
+    dropout: float = 0.0,
 ) -> Iterator[tuple[nn.Module, list[str]]]:
-    """(the adapted model, the adapter parameter names) while the block runs."""
+    """(the adapted model, the adapter parameter names) while the block runs; ``dropout``
+    on the adapters' input (fine-tuning recipes; unlearning keeps 0)."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as exc:  # pragma: no cover - the lm extra installs peft
         raise ValueError("lora_rank needs peft (pip install 'lethe-unlearning[lm]')") from exc
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     config = LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none",
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none",
         target_modules=list(targets or DEFAULT_TARGETS),
     )  # fmt: skip
     try:
