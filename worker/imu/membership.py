@@ -467,17 +467,18 @@ class MembershipTest:
             self.forget, self.members, self.nonmembers, seed=seed, local=not class_wise
         )
 
+    def scores(self, logits_of: Any) -> list[Scores]:
+        """The model's calibrated scores; ``logits_of(inputs) -> logits`` (eval mode)."""
+        with torch.no_grad():
+            return calibrated_scores(
+                self.reference, logits_of(self.forget[0]), logits_of(self.members[0]),
+                logits_of(self.nonmembers[0]),
+            )  # fmt: skip
+
     def assess(self, logits_of: Any) -> Evidence:
         """``logits_of(inputs) -> logits`` (eval mode; the caller's model function)."""
-        with torch.no_grad():
-            scores = calibrated_scores(
-                self.reference,
-                logits_of(self.forget[0]),
-                logits_of(self.members[0]),
-                logits_of(self.nonmembers[0]),
-            )
         evidence = judge(
-            scores, class_wise=self.class_wise, alpha=self.alpha, band=self.band,
+            self.scores(logits_of), class_wise=self.class_wise, alpha=self.alpha, band=self.band,
             max_advantage=self.max_advantage,
         )  # fmt: skip
         evidence.n_nonmembers = int(len(self.nonmembers[1]))  # the null repeats atypical labels

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from worker.imu.membership import Evidence, MembershipTest, calibrated_scores, judge_parts
+from worker.imu.membership import Evidence, MembershipTest, judge_parts
 
 
 def assess_parts(
@@ -21,13 +21,7 @@ def assess_parts(
 ) -> list[Evidence | None]:
     """One Evidence per part (indices into the test's forget records in the caller's order);
     None for a part none of whose records the test scored (a seeded subset above MAX_FORGET)."""
-    with torch.no_grad():
-        folds = calibrated_scores(
-            test.reference,
-            logits_of(test.forget[0]),
-            logits_of(test.members[0]),
-            logits_of(test.nonmembers[0]),
-        )
+    folds = test.scores(logits_of)
     position = {int(i): p for p, i in enumerate(test.picked.tolist())}
     rows = [torch.tensor([position[i] for i in part if i in position], dtype=torch.long)
             for part in parts]  # fmt: skip
