@@ -216,7 +216,7 @@ def test_a_worker_killed_mid_run_gives_one_version(service: Service) -> None:
     leader = requests[0]["job"]["id"]
     # The window makes the first job wait for the others; then one run serves all four.
     wait_until(
-        lambda: (j := svc.job(leader))["phase"] == "unlearning" and j["progress"] > 0.1,
+        lambda: (j := svc.job(leader))["phase"] == "retraining" and j["progress"] > 0.1,
         timeout=120, what="the shared retrain under way",
     )  # fmt: skip
     assert all(svc.job(r["job"]["id"])["served_by"] == leader for r in requests[1:])
