@@ -74,32 +74,27 @@ def _setup(http: httpx.Client, fam: Family) -> str:
     return train
 
 
-def _all_requests(http: httpx.Client) -> dict[str, dict[str, Any]]:
+def _listed(http: httpx.Client, path: str, key: str) -> dict[str, dict[str, Any]]:
+    """Every item of a paginated list of the model's requests or jobs, by ``key``."""
     out: dict[str, dict[str, Any]] = {}
     cursor = None
     while True:
         params: dict[str, Any] = {"model": "mlp", "limit": 1000}
         if cursor:
             params["cursor"] = cursor
-        page = http.get("/v1/deletion-requests", params=params).json()
-        out.update({r["id"]: r for r in page["items"]})
+        page = http.get(path, params=params).json()
+        out.update({item[key]: item for item in page["items"]})
         cursor = page.get("next_cursor")
         if not cursor:
             return out
+
+
+def _all_requests(http: httpx.Client) -> dict[str, dict[str, Any]]:
+    return _listed(http, "/v1/deletion-requests", "id")
 
 
 def _all_jobs(http: httpx.Client) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    cursor = None
-    while True:
-        params: dict[str, Any] = {"model": "mlp", "limit": 1000}
-        if cursor:
-            params["cursor"] = cursor
-        page = http.get("/v1/jobs", params=params).json()
-        out.update({j["request_id"]: j for j in page["items"]})
-        cursor = page.get("next_cursor")
-        if not cursor:
-            return out
+    return _listed(http, "/v1/jobs", "request_id")
 
 
 def _wait(http: httpx.Client, ids: set[str], timeout: float) -> dict[str, dict[str, Any]]:
