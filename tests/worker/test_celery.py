@@ -133,7 +133,9 @@ def test_twenty_jobs_over_two_models_run_in_submission_order(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("broker_stack", [{"max_attempts": 10}], indirect=True)
+@pytest.mark.parametrize(
+    "broker_stack", [{"max_attempts": 10, **ONE_JOB_PER_REQUEST}], indirect=True
+)
 def test_sigkill_during_jobs_loses_nothing_and_duplicates_nothing(
     broker_stack: Stack, trained: Trained, worker_log: Path
 ) -> None:
