@@ -24,7 +24,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import update
 from sqlalchemy.orm import Session
@@ -63,6 +63,9 @@ from worker.lease import JobMonitor
 from worker.loading import JobInputs, Loaded, Loader
 from worker.saving import commit_version, finish_activation, write_checkpoint
 
+if TYPE_CHECKING:
+    from worker.imu.set_outputs import SetOutputs
+
 log = logging.getLogger("lethe.worker")
 
 
@@ -83,6 +86,7 @@ class Execution:
         )
         self.timings: dict[str, float] = {}
         self.membership: Any = None  # the request's MembershipTest, built after loading
+        self.outputs: SetOutputs | None = None  # set logits of the last evaluated model state
         self._phase: str | None = None
         self._phase_started = 0.0
         self.written_key: str | None = None
@@ -168,17 +172,33 @@ class Execution:
 
     # Engine ----------------------------------------------------------------------------
     def _evaluate(self, loaded: Loaded) -> dict[str, Any]:
+        from worker.imu.set_outputs import SetOutputs
         from worker.job_metrics import job_metrics
+        from worker.released_outputs import outputs_for
 
         if loaded.lm:
             from worker.lm_job import lm_metrics
 
             return lm_metrics(loaded)
-        return job_metrics(
+        # The first evaluation scores the source version: what this process computed when
+        # it released that version is reused. Later ones score a changed model: new cache.
+        first = self.outputs is None
+        self.outputs = (
+            outputs_for(loaded.source_version_id, loaded.model)
+            if first
+            else SetOutputs(loaded.model)
+        )
+        carried = len(self.outputs)
+        metrics = job_metrics(
             loaded.model, forget=loaded.forget, eval_pair=loaded.eval,
             member_probe=loaded.member_probe, class_wise=loaded.class_wise,
-            membership=self.membership, parts=self._parts(loaded),
+            membership=self.membership, parts=self._parts(loaded), outputs=self.outputs,
+            eval_rows=loaded.eval_rows,
         )  # fmt: skip
+        # What the evaluation cost: passes through the model, and sets carried from the
+        # release of the source version (ALGORITHM.md §6).
+        metrics["forward_passes"], metrics["sets_carried"] = self.outputs.forwards, carried
+        return metrics
 
     def _parts(self, loaded: Loaded) -> list[list[int]] | None:
         """Each served request's records as indices into the run's forget set (its own
@@ -318,6 +338,10 @@ class Execution:
         cleanup_job_checkpoints(self.ctx.storage, self.model_id, self.job_id, keep=stored.key)
         if policy["decision"] == VersionStatus.ACTIVE:
             finish_activation(self.ctx, self.model_id, loaded.dataset_id, loaded.keys)
+            if self.outputs is not None:  # the next job's "before" is this one's "after"
+                from worker.released_outputs import keep
+
+                keep(version_id, self.outputs)
         return version_id
 
     def _book_commit(self, seconds: float, started: float) -> None:

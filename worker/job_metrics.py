@@ -7,6 +7,7 @@ whole eval set, the test the release policy decides on)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -14,10 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from worker.imu import evaluate
-from worker.imu.checks import loss_auc, model_logits
+from worker.imu.checks import loss_auc
 from worker.imu.membership import MembershipTest
 from worker.imu.membership_parts import assess_parts
-from worker.imu.train import accuracy
+from worker.imu.set_outputs import SetOutputs
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 
@@ -39,28 +40,26 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
-def retained_classes_accuracy(model: Any, eval_pair: Pair, forget_labels: Any) -> float | None:
+def retained_classes_accuracy(
+    logits: torch.Tensor, labels: Any, forget_labels: Any
+) -> float | None:
     """Accuracy on the eval records whose class is not being forgotten (None if none are)."""
-    x, y = eval_pair
-    keep = ~torch.isin(torch.as_tensor(y), torch.unique(torch.as_tensor(forget_labels)))
+    y = torch.as_tensor(labels).long()
+    keep = ~torch.isin(y, torch.unique(torch.as_tensor(forget_labels)))
     if not bool(keep.any()):
         return None
-    return float(accuracy(model, x[keep], y[keep]))
+    return float((logits[keep].argmax(1) == y[keep]).double().mean())
 
 
-def per_class_accuracy(model: Any, pair: Pair) -> dict[str, float]:
+def per_class_accuracy(logits: torch.Tensor, labels: Any) -> dict[str, float]:
     """Eval accuracy per class label (the console draws it before and after)."""
-    logits = model_logits(model, pair[0])()
-    y = torch.as_tensor(pair[1]).long().to(logits.device)
+    y = torch.as_tensor(labels).long()
     hit = logits.argmax(1) == y
     return {str(int(c)): float(hit[y == c].double().mean()) for c in torch.unique(y).tolist()}
 
 
-def _losses(model: Any, pair: Pair) -> torch.Tensor:
-    logits = model_logits(model, pair[0])()
-    return F.cross_entropy(
-        logits, torch.as_tensor(pair[1]).long().to(logits.device), reduction="none"
-    )
+def _losses(logits: torch.Tensor, labels: Any) -> torch.Tensor:
+    return F.cross_entropy(logits, torch.as_tensor(labels).long(), reduction="none")
 
 
 def job_metrics(
@@ -72,33 +71,46 @@ def job_metrics(
     class_wise: bool,
     membership: MembershipTest | None = None,
     parts: list[list[int]] | None = None,
+    outputs: SetOutputs | None = None,
+    eval_rows: Sequence[int] | torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """``parts``: for a coalesced run, each request's records (indices into ``forget``),
-    judged on their own as well (``membership_parts``)."""
+    judged on their own as well (``membership_parts``). ``outputs``: the logits cache of this
+    model state (a new one by default; the caller may carry one from the released previous
+    version); ``eval_rows``: where the eval records sit in the membership test's non-members,
+    so that set goes through the model once."""
+    outputs = outputs if outputs is not None else SetOutputs(model)
+    if membership is not None:
+        outputs.derive(membership.forget[0], forget[0], membership.picked)
+        if eval_pair is not None and eval_rows is not None:
+            outputs.derive(eval_pair[0], membership.nonmembers[0], eval_rows)
     result = dict(
         evaluate(
             model,
             forget=forget,
             eval=eval_pair,
             member_probe=member_probe if eval_pair is not None else None,
+            outputs=outputs,
         )
     )
     if eval_pair is not None and int(torch.as_tensor(eval_pair[1]).numel()) > 0:
+        eval_logits = outputs(eval_pair[0])
         if class_wise:
             # Forgetting a whole class necessarily costs its share of eval accuracy; utility
             # kept is judged on the classes that remain (the release policy uses this).
-            retained = retained_classes_accuracy(model, eval_pair, forget[1])
+            retained = retained_classes_accuracy(eval_logits, eval_pair[1], forget[1])
             if retained is not None:
                 result["eval_acc_retained_classes"] = retained
-        result["per_class_acc"] = per_class_accuracy(model, eval_pair)
-        auc, limit = loss_auc(_losses(model, forget), _losses(model, eval_pair))
+        result["per_class_acc"] = per_class_accuracy(eval_logits, eval_pair[1])
+        auc, limit = loss_auc(
+            _losses(outputs(forget[0]), forget[1]), _losses(eval_logits, eval_pair[1])
+        )
         result["forget_loss_auc"], result["forget_loss_auc_limit"] = auc, limit
     if membership is not None:
-        logits_of = lambda x: model_logits(model, x)()  # noqa: E731
-        result["membership"] = membership.assess(logits_of).as_dict()
+        result["membership"] = membership.assess(outputs).as_dict()
         if parts is not None:
             result["membership_parts"] = [
                 None if ev is None else ev.as_dict()
-                for ev in assess_parts(membership, logits_of, parts)
+                for ev in assess_parts(membership, outputs, parts)
             ]
     return jsonable(result)

@@ -86,6 +86,7 @@ class Loaded:
     class_wise: bool = False
     guard: Any | None = None  # eval records the calibration may look at
     nonmembers: Any | None = None  # the whole eval set: the membership test's null
+    eval_rows: list[int] | None = None  # where ``eval`` sits in ``nonmembers``
     members: Any | None = None  # a seeded sample of the retained training records
     eval_split: dict[str, Any] | None = None
     lm: bool = False  # a causal LM (worker/lm_job.py)
@@ -130,7 +131,7 @@ class Loader:
         forget = self._load_rows(inputs.dataset, inputs.keys)
         class_wise = self.whole_class_test(inputs.dataset)(inputs.keys)
         self.progress(Phase.LOADING, 0.6)
-        eval_pair = guard_pair = split = nonmembers = members = None
+        eval_pair = guard_pair = split = nonmembers = members = eval_rows = None
         if inputs.eval:
             eval_keys = inputs.eval_keys
             if eval_keys is None:
@@ -139,6 +140,8 @@ class Loader:
             eval_pair = self._load_rows(inputs.eval, split.policy)
             guard_pair = self._load_rows(inputs.eval, split.guard)
             nonmembers = self._load_rows(inputs.eval, eval_keys)
+            position = {k: i for i, k in enumerate(eval_keys)}
+            eval_rows = [position[k] for k in split.policy]
             member_keys = self._member_keys(inputs)
             if member_keys:
                 members = self._load_rows(inputs.dataset, member_keys)
@@ -149,7 +152,7 @@ class Loader:
             guard=guard_pair, eval_split=split.describe() if split else None,
             kind=inputs.kind, params=inputs.params, keys=inputs.keys,
             dataset_id=inputs.dataset.dataset_id, source_version_id=inputs.version_id,
-            class_wise=class_wise, nonmembers=nonmembers, members=members,
+            class_wise=class_wise, nonmembers=nonmembers, members=members, eval_rows=eval_rows,
             architecture=inputs.architecture, arch_kwargs=inputs.arch_kwargs, served=served,
             **self._exact_route(inputs),
         )  # fmt: skip

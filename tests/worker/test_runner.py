@@ -256,3 +256,31 @@ def test_soft_time_limit_fails_without_retry(stack: Stack, trained: Trained) -> 
     job = stack.job(job_id)
     assert job["attempts"] == 1 and job["error"]["type"].endswith("/time-limit")
     assert _files(stack) == []
+
+
+@pytest.mark.parametrize("stack", [ONE_JOB_PER_REQUEST], indirect=True)
+def test_the_next_jobs_before_reuses_the_released_after(stack: Stack, trained: Trained) -> None:
+    """Job 2 starts from the version job 1 released in this process: its "before" passes only
+    the sets job 1's "after" did not score, with the same numbers a fresh pass gives."""
+    from worker.released_outputs import forget_all
+
+    forget_all()  # nothing carried from other tests in this process
+    model = stack.register(trained, "mlp")
+    ctx = _ctx(stack)
+    first = stack.submit(model, trained.train_ids[:6])
+    assert run_job(ctx, first).outcome == Outcome.SUCCEEDED
+    second = stack.submit(model, trained.train_ids[6:12])
+    assert run_job(ctx, second).outcome == Outcome.SUCCEEDED
+    one, two = stack.job(first)["metrics"], stack.job(second)["metrics"]
+    assert one["before"]["sets_carried"] == 0
+    assert two["before"]["sets_carried"] >= 2  # at least the eval set and the member sample
+    assert two["before"]["forward_passes"] < one["before"]["forward_passes"]
+    assert two["before"]["eval_acc"] == one["after"]["eval_acc"]
+    assert two["before"]["per_class_acc"] == one["after"]["per_class_acc"]
+    # A process that did not release version 2 computes the same "before" from scratch.
+    forget_all()
+    third = stack.submit(model, trained.train_ids[12:18])
+    assert run_job(ctx, third).outcome == Outcome.SUCCEEDED
+    three = stack.job(third)["metrics"]
+    assert three["before"]["sets_carried"] == 0
+    assert three["before"]["eval_acc"] == two["after"]["eval_acc"]

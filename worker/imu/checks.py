@@ -54,8 +54,11 @@ def loss_auc(
 
 
 @torch.no_grad()
-def model_logits(model: nn.Module, inputs: torch.Tensor, batch_size: int = 512) -> LogitsFn:
-    """Logits of ``inputs`` in eval mode, recomputed at each call (the model moves)."""
+def model_logits(
+    model: nn.Module, inputs: torch.Tensor, batch_size: int = 512, *, as_float: bool = True
+) -> LogitsFn:
+    """Logits of ``inputs`` in eval mode, recomputed at each call (the model moves); float32
+    unless ``as_float`` is off (then the model's own dtype)."""
     x = torch.as_tensor(inputs)
 
     @torch.no_grad()
@@ -66,7 +69,8 @@ def model_logits(model: nn.Module, inputs: torch.Tensor, batch_size: int = 512) 
                 model(as_inputs(x[s : s + batch_size], device, dtype))
                 for s in range(0, x.shape[0], batch_size)
             ]
-        return torch.cat(outs).float()
+        out = torch.cat(outs)
+        return out.float() if as_float else out
 
     return logits
 

@@ -10,6 +10,7 @@ the larger one (seeded), so the attack is not biased towards the bigger class.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -111,6 +112,7 @@ def evaluate(
     member_probe: Pair | None = None,
     batch_size: int = 512,
     seed: int = 0,
+    outputs: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Accuracies and SVC-MIA efficacies as plain floats (JSON-ready).
 
@@ -119,6 +121,8 @@ def evaluate(
     ``mia_confidence``, ``mia_entropy``, ``mia_m_entropy``, ``mia_correctness``. Missing sets
     leave their keys out; when the attack cannot be trained its keys are absent and
     ``mia_error`` says why — numbers are never invented. Accuracy of an empty set is absent.
+    ``outputs(x) -> logits``: the caller's (cached) logits of a whole set instead of a pass
+    through ``model`` here.
     """
     result: dict[str, Any] = {}
     probs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -128,7 +132,10 @@ def evaluate(
         x, y = pair
         n = check_pair(x, y, role)
         y = as_labels(y)
-        p = softmax_outputs(model, x, batch_size)
+        if outputs is None:
+            p = softmax_outputs(model, x, batch_size)
+        else:
+            p = torch.softmax(outputs(x).double(), dim=1).cpu() if n else torch.empty((0, 0))
         result[f"n_{role}"] = n
         if n:
             result[f"{role}_acc"] = _accuracy(p, y)
