@@ -18,14 +18,10 @@ from service.api.openapi import install_openapi, operation_id
 from service.api.problems import install_handlers
 from service.ingest.textcheck import check_request_strings
 from service.settings import Settings, get_settings
-from service.storage.db import (
-    add_statement_watchdog,
-    is_postgres,
-    make_engine,
-    make_session_factory,
-)
+from service.storage.db import is_postgres, make_engine, make_session_factory
 from service.storage.migrate import SchemaBehind, check_at_head
 from service.storage.objects import Storage
+from service.storage.watchdog import add_statement_watchdog
 
 log = logging.getLogger("lethe.api")
 

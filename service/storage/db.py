@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import weakref
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -63,58 +62,6 @@ def make_engine(url: str, **kwargs: object) -> Engine:
         return engine
     kwargs.setdefault("pool_pre_ping", True)
     return create_engine(url, **kwargs)
-
-
-def add_statement_watchdog(engine: Engine, seconds: float) -> None:
-    """Bound every PostgreSQL round trip of ``engine`` (statements and the pool's pings) to
-    ``seconds``: past it, the connection's socket is shut down, the blocked call fails with a
-    disconnect error (503 at the API) and the pool drops the connection.
-
-    Why not only TCP settings: keepalives and tcp_user_timeout see a network that drops
-    packets, but not a peer that accepts bytes and never answers (a hung proxy, a stalled
-    server), and a server-side statement_timeout needs the server to hear the statement.
-    Measured before: requests on pooled connections, and /readyz, hung 90 s."""
-    import socket
-
-    def arm(dbapi_connection: Any) -> threading.Timer | None:
-        fd = getattr(getattr(dbapi_connection, "pgconn", None), "socket", None)
-        if not isinstance(fd, int) or fd < 0:
-            return None
-
-        def sever() -> None:
-            with suppress(OSError):
-                socket.socket(fileno=os.dup(fd)).shutdown(socket.SHUT_RDWR)
-
-        timer = threading.Timer(seconds, sever)
-        timer.daemon = True
-        timer.start()
-        return timer
-
-    @event.listens_for(engine, "before_cursor_execute")
-    def _arm(conn: Any, _cursor: Any, *_args: Any) -> None:
-        conn.info["lethe_watchdog"] = arm(conn.connection.dbapi_connection)
-
-    def _disarm(conn: Any) -> None:
-        timer = conn.info.pop("lethe_watchdog", None)
-        if timer is not None:
-            timer.cancel()
-
-    event.listen(engine, "after_cursor_execute", lambda conn, *_a: _disarm(conn))
-    event.listen(
-        engine, "handle_error", lambda ctx: _disarm(ctx.connection) if ctx.connection else None
-    )
-
-    ping = engine.dialect.do_ping
-
-    def guarded_ping(dbapi_connection: Any) -> bool:
-        timer = arm(dbapi_connection)
-        try:
-            return bool(ping(dbapi_connection))
-        finally:
-            if timer is not None:
-                timer.cancel()
-
-    engine.dialect.do_ping = guarded_ping  # type: ignore[method-assign]
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
