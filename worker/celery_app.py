@@ -123,11 +123,11 @@ def _child_init(**_: Any) -> None:
 
 
 def _broker_depth() -> int:
-    """Messages waiting in LETHE_QUEUE_NAME (kombu sums a Redis queue's priority lists)."""
+    """Messages waiting in LETHE_QUEUE_NAME (kombu sums a Redis queue's priority lists).
+    Not passive: on Redis an empty queue has no key, and a passive declare calls it missing;
+    declaring the queue this worker consumes anyway changes nothing."""
     with app.connection_for_read() as conn:
-        declared = conn.default_channel.queue_declare(
-            queue=app.conf.lethe_settings.queue_name, passive=True
-        )
+        declared = conn.default_channel.queue_declare(queue=app.conf.lethe_settings.queue_name)
         return int(declared.message_count)
 
 

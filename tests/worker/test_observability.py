@@ -192,3 +192,64 @@ def test_embedded_executor_json_logs_and_metrics(
     mine = [e for e in entries if e.get("job_id") == job_id]
     assert any("succeeded" in e["message"] and e.get("request_id") == "ops-42" for e in mine)
     assert any(e["logger"] == "lethe.embedded" for e in entries)
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_celery_prefork_children_serve_metrics_and_log_json(
+    lethe_env: Path,
+    postgres_url: str,
+    redis_url: str,
+    storage_dir: Path,
+    trained: Trained,
+    tmp_path: Path,
+) -> None:
+    from service.devtools.localserver import lethe_command
+    from tests.worker.harness import settings_env
+
+    port = _free_port()  # and port + 1: one per pool child (index 0 and 1)
+    settings = stack_settings(
+        database_url=postgres_url,
+        storage_dir=storage_dir,
+        broker_url=redis_url,
+        log_format="json",
+        worker_metrics_port=port,
+        worker_metrics_addr="127.0.0.1",
+    )
+    log_path = tmp_path / "worker.log"
+    argv = lethe_command("worker", "--concurrency", "2", "--loglevel", "INFO")
+    with api_stack(settings) as stack:
+        model = stack.register(trained, "mlp")
+        worker = WorkerProcess(argv, settings_env(settings), log_path).start()
+        try:
+            resp = _submit(stack, model, trained.train_ids[:5], {"X-Request-ID": "celery-7"})
+            job_id = resp.json()["job"]["id"]
+            assert stack.wait([job_id], timeout=240)[job_id]["status"] == "succeeded", (
+                worker.log_text()[-3000:]
+            )
+
+            def scrape_both() -> list[str] | None:
+                texts = []
+                for child in (0, 1):
+                    try:
+                        url = f"http://127.0.0.1:{port + child}/metrics"
+                        texts.append(httpx.get(url, timeout=5).text)
+                    except httpx.TransportError:
+                        return None
+                return texts
+
+            texts = poll(scrape_both, timeout=60, what="both pool children's endpoints")
+        finally:
+            worker.stop()
+    for text in texts:
+        assert 'lethe_jobs{status="succeeded"} 1.0' in text
+        assert f'lethe_queue_depth{{queue="{settings.queue_name}"}} 0.0' in text
+    # The child that ran the job observed its phases; the other has the family, no samples.
+    loading = [float(dict(PHASE_COUNT.findall(t)).get("loading", 0)) for t in texts]
+    assert sorted(loading) == [0.0, 1.0]
+    entries = [
+        json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")
+    ]
+    mine = [e for e in entries if e.get("job_id") == job_id]
+    assert any("succeeded" in e["message"] and e.get("request_id") == "celery-7" for e in mine)
