@@ -250,7 +250,7 @@ class _LocalBackend(_Backend):
 
 
 class _FsspecBackend(_Backend):
-    """S3 (or any fsspec filesystem). An object PUT becomes visible only once complete."""
+    """Any other fsspec filesystem: written under a temporary key, then moved into place."""
 
     def __init__(self, url: str) -> None:
         try:
@@ -268,8 +268,8 @@ class _FsspecBackend(_Backend):
     def write_stream(
         self, key: str, chunks: Iterable[bytes], max_bytes: int | None
     ) -> tuple[str, int]:
-        # Write under a temporary key and move: on S3 a failed upload leaves only the temp key,
-        # which is deleted here; readers of `key` never see partial content.
+        # Write under a temporary key and move: a failed write leaves only the temp key, which
+        # is deleted here; readers of `key` never see partial content.
         tmp = self._path(f"{_TMP_DIR}/{uuid.uuid4().hex}.part")
         try:
             with self.fs.open(tmp, "wb") as out:
