@@ -133,6 +133,21 @@ class Settings(BaseSettings):
     )
 
     log_level: str = Field("INFO")
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="`text` lines, or `json`: one object per line with timestamp, level, "
+        "logger, message and, where known, request_id and job_id (API and worker).",
+    )
+    worker_metrics_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Prometheus endpoint of a worker process (0 = off). A prefork Celery "
+        "worker's pool child N listens on this port + N.",
+    )
+    worker_metrics_addr: str = Field(
+        "0.0.0.0", min_length=1, description="Interface the worker's metrics endpoint binds."
+    )
 
     @field_validator("device")
     @classmethod

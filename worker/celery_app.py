@@ -53,6 +53,17 @@ def enqueue(job_id: str, countdown: float | None = None) -> None:
 _reaper_state: dict[str, Any] = {}
 
 
+@signals.after_setup_logger.connect
+@signals.after_setup_task_logger.connect
+def _log_format(logger: logging.Logger, **_: Any) -> None:
+    # Celery configures its own handlers; Lethe's format (LETHE_LOG_FORMAT) and the job and
+    # request ids (service.logs) go onto them, so the worker's lines look like the API's.
+    from service.logs import use_format
+
+    for handler in logger.handlers:
+        use_format(handler, app.conf.lethe_settings.log_format)
+
+
 @signals.worker_init.connect
 def _preload_engine(**_: Any) -> None:
     # Imported (not initialised) in the parent so forked children skip the import cost.
@@ -108,3 +119,36 @@ def _child_init(**_: Any) -> None:
     from worker.warmup import warm_up
 
     warm_up()  # in the child, after the fork: the parent runs no torch op
+    _start_metrics()
+
+
+def _broker_depth() -> int:
+    """Messages waiting in LETHE_QUEUE_NAME (kombu sums a Redis queue's priority lists).
+    Not passive: on Redis an empty queue has no key, and a passive declare calls it missing;
+    declaring the queue this worker consumes anyway changes nothing."""
+    with app.connection_for_read() as conn:
+        declared = conn.default_channel.queue_declare(queue=app.conf.lethe_settings.queue_name)
+        return int(declared.message_count)
+
+
+def _start_metrics() -> None:
+    """LETHE_WORKER_METRICS_PORT in the process that runs jobs: a prefork child serves on
+    the port + its pool index; the solo pool (index 0) in the main process."""
+    settings: Settings = app.conf.lethe_settings
+    if not settings.worker_metrics_port:
+        return
+    from billiard.process import current_process
+
+    from service.storage.db import make_engine, make_session_factory
+    from worker.metrics_server import start_metrics_server
+
+    offset = int(getattr(current_process(), "index", 0) or 0)
+    sessions = make_session_factory(make_engine(settings.db_url))
+    try:
+        start_metrics_server(settings, sessions, (settings.queue_name, _broker_depth), offset)
+    except OSError as exc:  # a port in use must not stop the worker from running jobs
+        log.error(
+            "worker metrics: cannot listen on port %d: %s",
+            settings.worker_metrics_port + offset,
+            exc,
+        )

@@ -30,9 +30,12 @@ from types import FrameType
 
 from service.domain.backoff import backoff_delay
 from service.domain.queue import get_queue, wake_address
+from service.logs import configure_logging
 from service.settings import Settings, get_settings
 from service.storage.db import transaction
+from service.telemetry import queued_in_database
 from worker.job_queue import runnable_jobs
+from worker.metrics_server import start_metrics_server
 from worker.reaper import Reaper
 from worker.runner import Outcome, RunnerContext, RunResult, run_job
 
@@ -171,15 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     parent = os.getppid()
     settings = get_settings()
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(settings.log_format, settings.log_level)
     from worker.warmup import warm_up
 
     warm_up()  # before the first job, not in it
     executor = EmbeddedExecutor(settings)
+    sessions = executor.ctx.session_factory
+    start_metrics_server(settings, sessions, ("database", queued_in_database(sessions)))
     signals_seen = []
 
     def _on_signal(signum: int, _frame: FrameType | None) -> None:

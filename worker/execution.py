@@ -61,6 +61,7 @@ from worker.job_queue import (
 )
 from worker.lease import JobMonitor
 from worker.loading import JobInputs, Loaded, Loader
+from worker.metrics_server import observe_phases
 from worker.saving import commit_version, finish_activation, write_checkpoint
 
 if TYPE_CHECKING:
@@ -169,6 +170,7 @@ class Execution:
             return self._retry_or_fail(exc)
         finally:
             self.monitor.stop()
+            observe_phases(self.timings)  # the worker's lethe_job_phase_duration_seconds
 
     # Engine ----------------------------------------------------------------------------
     def _evaluate(self, loaded: Loaded) -> dict[str, Any]:

@@ -57,6 +57,7 @@ class Claim:
     model_id: str = ""
     attempt: int = 0
     detail: str = ""
+    http_request_id: str | None = None  # the API request that created the job (for logs)
 
 
 @dataclass(frozen=True)
@@ -392,7 +393,7 @@ def claim_job(ctx: RunnerContext, job_id: str) -> Claim:
             payload={"attempt": job.attempts, "device": device, "source_version_id": source.id,
                      "takeover": takeover},
         )  # fmt: skip
-        return Claim(None, job_id, model_id, job.attempts)
+        return Claim(None, job_id, model_id, job.attempts, http_request_id=job.http_request_id)
 
 
 def wake_next(ctx: RunnerContext, model_id: str) -> None:

@@ -15,6 +15,7 @@ attempt: the fence stops the original holder from saving a second result.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import socket
@@ -110,6 +111,8 @@ class JobMonitor(threading.Thread):
         heartbeat_seconds: float,
     ) -> None:
         super().__init__(name=f"lethe-monitor-{job_id[:8]}", daemon=True)
+        # The creator's log ids (job, request): a new thread starts with an empty context.
+        self._log_context = contextvars.copy_context()
         self._factory = factory
         self.job_id = job_id
         self.worker_id = worker_id
@@ -138,6 +141,9 @@ class JobMonitor(threading.Thread):
             self.join(timeout=10)
 
     def run(self) -> None:
+        self._log_context.run(self._watch)
+
+    def _watch(self) -> None:
         tick = min(PROGRESS_MIN_INTERVAL_S, self.heartbeat_seconds)
         while not self._stop_event.wait(tick):
             try:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 
+from service.logs import log_context
 from worker.context import FINAL_OUTCOMES, Outcome, RunnerContext, RunResult
 from worker.errors import Cancelled, Interrupted, JobError, LeaseLost, SourceChanged
 from worker.execution import Execution
@@ -51,13 +52,17 @@ __all__ = [
 
 def run_job(ctx: RunnerContext, job_id: str) -> RunResult:
     """Claim and run one job; safe to call for any job id, any number of times."""
-    claim = claim_job(ctx, job_id)
-    if claim.outcome is not None:
-        result = RunResult(claim.outcome, job_id, detail=claim.detail)
-    else:
-        log.info("job %s: claimed (attempt %d) by %s", job_id, claim.attempt, ctx.worker_id)
-        result = Execution(ctx, claim).run()
-        log.info("job %s: %s %s", job_id, result.outcome.value, result.detail)
-    if result.outcome in FINAL_OUTCOMES:
-        wake_next(ctx, claim.model_id)
+    # Every line logged for this job carries its id, and once claimed the X-Request-ID of
+    # the API request that created it (service.logs).
+    with log_context(job_id=job_id):
+        claim = claim_job(ctx, job_id)
+        if claim.outcome is not None:
+            result = RunResult(claim.outcome, job_id, detail=claim.detail)
+        else:
+            with log_context(request_id=claim.http_request_id):
+                log.info("job %s: claimed (attempt %d) by %s", job_id, claim.attempt, ctx.worker_id)
+                result = Execution(ctx, claim).run()
+                log.info("job %s: %s %s", job_id, result.outcome.value, result.detail)
+        if result.outcome in FINAL_OUTCOMES:
+            wake_next(ctx, claim.model_id)
     return result

@@ -16,6 +16,7 @@ from service.api.gate import FORM_OVERHEAD_BYTES, RequestGate
 from service.api.observability import Metrics, MetricsMiddleware
 from service.api.openapi import install_openapi, operation_id
 from service.api.problems import install_handlers
+from service.api.request_ids import RequestIdMiddleware
 from service.ingest.textcheck import check_request_strings
 from service.settings import Settings, get_settings
 from service.storage.db import is_postgres, make_engine, make_session_factory
@@ -144,6 +145,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         json_limit=settings.max_json_bytes,
     )
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    # Added last, so outermost: the gate's and the handlers' log lines carry the id too.
+    app.add_middleware(RequestIdMiddleware)
 
     @app.get("/", include_in_schema=False)
     def root() -> dict[str, str]:

@@ -1,51 +1,20 @@
 """Prometheus metrics: request counts and latency by route template, jobs by status.
 
 Each app instance owns its registry, so several apps in one process (tests) never clash.
-Job counts are read from the database at scrape time: they are true for every replica.
+Job counts are read from the database at scrape time (service.telemetry, shared with the
+worker's endpoint): they are true for every replica.
 """
 
 from __future__ import annotations
 
-import logging
 import time
-from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from prometheus_client.registry import Collector
-from sqlalchemy import func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.domain.states import JOB_STATES
-
-log = logging.getLogger("lethe.metrics")
-
-
-class _JobCollector(Collector):
-    def __init__(self, state: Any) -> None:
-        self._state = state
-
-    def describe(self) -> Iterator[GaugeMetricFamily]:
-        # Declared so registering does not run a database query at app creation.
-        yield GaugeMetricFamily("lethe_jobs", "Jobs by status.", labels=["status"])
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        from service.storage.models import Job
-
-        gauge = GaugeMetricFamily("lethe_jobs", "Jobs by status.", labels=["status"])
-        try:
-            with self._state.sessions() as session:
-                counts = dict(
-                    session.execute(select(Job.status, func.count()).group_by(Job.status)).all()
-                )
-        except Exception:  # a scrape must not fail because the database is down
-            log.warning("could not count jobs for /metrics", exc_info=True)
-            return
-        for status in JOB_STATES:
-            gauge.add_metric([status], counts.get(status, 0))
-        yield gauge
+from service.telemetry import JobCollector
 
 
 class Metrics:
@@ -66,7 +35,7 @@ class Metrics:
         )
 
     def watch_jobs(self, state: Any) -> None:
-        self.registry.register(_JobCollector(state))
+        self.registry.register(JobCollector(state.sessions))
 
 
 class MetricsMiddleware:

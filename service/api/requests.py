@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from service.api.auth import Principal
 from service.api.deps import AppState, get_state, require
 from service.api.json_keys import unique_json_keys
+from service.api.request_ids import current_request_id
 from service.api.schemas import (
     COMMON_ERRORS,
     DeletionRequestOut,
@@ -75,6 +76,7 @@ def submit(
         body,
         actor=principal.actor,
         idempotency_key=idempotency_key,
+        http_request_id=current_request_id(),
     )
     headers = {"Location": f"/v1/jobs/{result.job_id}"}
     if result.replayed:

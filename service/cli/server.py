@@ -15,11 +15,12 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from service.cli.common import cli_settings, ensure_schema
+from service.logs import configure_logging, dict_config
 
 log = logging.getLogger("lethe.serve")
 
@@ -143,9 +144,12 @@ def register(app: typer.Typer) -> None:
         import uvicorn
 
         settings = cli_settings()
-        logging.basicConfig(
-            level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-        )
+        configure_logging(settings.log_format, settings.log_level)
+        # JSON: uvicorn's own loggers (access lines too) go through the same handler, in every
+        # worker process (uvicorn applies `log_config` in each); text keeps uvicorn's format.
+        uvicorn_logs: dict[str, Any] = {"log_level": settings.log_level.lower()}
+        if settings.log_format == "json":
+            uvicorn_logs["log_config"] = dict_config(settings.log_format, settings.log_level)
         quiet_alembic(settings.log_level)
         ensure_schema(settings)
         if workers is None:
@@ -166,7 +170,7 @@ def register(app: typer.Typer) -> None:
                     host=host,
                     port=port,
                     workers=workers,
-                    log_level=settings.log_level.lower(),
+                    **uvicorn_logs,
                 )
             else:
                 from service.api.app import create_app
@@ -175,7 +179,7 @@ def register(app: typer.Typer) -> None:
                     create_app(settings),
                     host=host,
                     port=port,
-                    log_level=settings.log_level.lower(),
+                    **uvicorn_logs,
                 )
         finally:
             if supervisor is not None:

@@ -242,6 +242,7 @@ def _record_submission(
     actor: str,
     idempotency_key: str | None,
     fingerprint: str,
+    http_request_id: str | None = None,
 ) -> Submission:
     """The submission's rows, in the caller's (possibly shared) transaction; its audit event
     rides along in the result for the batch's final step (`_append_accepted`)."""
@@ -291,6 +292,7 @@ def _record_submission(
         kind=body.method,
         params=params,
         submitted_seq=seq,
+        http_request_id=http_request_id,
         status=JobStatus.QUEUED,
         progress=0.0,
         attempts=0,
@@ -335,8 +337,13 @@ def submit_deletion_request(
     *,
     actor: str,
     idempotency_key: str | None = None,
+    http_request_id: str | None = None,
 ) -> Submission:
-    """Validate and record a deletion request + its queued job, then enqueue the job."""
+    """Validate and record a deletion request + its queued job, then enqueue the job.
+
+    ``http_request_id`` (the API's X-Request-ID) is stored on the job so that the worker's
+    log lines for it name the request that created it. Passed explicitly: group commit may
+    record this submission on another request's thread."""
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
         raise validation(
             "Idempotency-Key must be 1 to 255 characters",
@@ -364,7 +371,7 @@ def submit_deletion_request(
     def unit(session: Session) -> Submission:
         return _record_submission(
             session, body, params, actor=actor, idempotency_key=idempotency_key,
-            fingerprint=fingerprint,
+            fingerprint=fingerprint, http_request_id=http_request_id,
         )  # fmt: skip
 
     try:
@@ -381,6 +388,7 @@ def submit_deletion_request(
             raise
         return replay
     _enqueue(settings, result.job_id)
+    log.info("deletion request %s accepted: job %s queued", result.request_id, result.job_id)
     return result
 
 

@@ -192,6 +192,8 @@ class Job(Base):
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
     # Position in the model's line (models.job_seq); jobs of one model run in this order.
     submitted_seq: Mapped[int] = mapped_column(BigInteger, index=True)
+    # The API request (X-Request-ID) that created the job; the worker logs it with the job id.
+    http_request_id: Mapped[str | None] = mapped_column(String(128), default=None)
     source_version_id: Mapped[str | None] = mapped_column(
         ForeignKey("model_versions.id"), default=None
     )

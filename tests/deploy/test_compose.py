@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -157,3 +159,55 @@ def test_dockerignore_keeps_state_and_secrets_out() -> None:
         if line.strip() and not line.startswith("#")
     }
     assert {".git", ".venv", ".lethe", ".env"} <= ignored
+
+
+def _dockerfile_runs() -> list[str]:
+    text = (ROOT / "Dockerfile").read_text(encoding="utf-8").replace("\\\n", " ")
+    return re.findall(r"^RUN\s+(.*)$", text, re.MULTILINE)
+
+
+def _shell(command: str, extras: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """Run a RUN line as the build would (sh, ARGs as variables); pip only prints its
+    arguments, and `python` is this interpreter."""
+    text = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    args = dict(re.findall(r"^ARG\s+(\w+)=(\S*)", text, re.MULTILINE))
+    env = {k: v.strip('"') for k, v in args.items()}
+    env["LETHE_EXTRAS"] = extras
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    if not (bin_dir / "python").exists():
+        (bin_dir / "python").symlink_to(sys.executable)
+    env["PATH"] = f"{bin_dir}:/usr/bin:/bin"
+    script = 'pip() { printf "%s\\n" "$@"; }\n' + command
+    return subprocess.run(
+        ["sh", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.parametrize(
+    ("extras", "target", "torchvision"),
+    [("", ".", False), ("s3,lm", ".[s3,lm]", False), ("vision", ".[vision]", True)],
+)
+def test_dockerfile_installs_the_named_extras_through_the_lock(
+    extras: str, target: str, torchvision: bool, tmp_path: Path
+) -> None:
+    text = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    build = text.split("FROM", 2)[1]  # the build stage declares the argument
+    assert re.search(r'^ARG\s+LETHE_EXTRAS=""$', build, re.MULTILINE)
+    assert re.search(r"^COPY\s+.*\brequirements\.lock\b", build, re.MULTILINE)
+    runs = _dockerfile_runs()
+    check = next(r for r in runs if "optional-dependencies" in r)
+    torch = next(r for r in runs if "TORCH_INDEX" in r)
+    lethe = next(r for r in runs if "-c requirements.lock" in r)
+    assert _shell(check, extras, tmp_path).returncode == 0
+    torch_args = _shell(torch, extras, tmp_path).stdout.split()
+    assert ("torchvision==0.28.0" in torch_args) is torchvision
+    assert "torch==2.13.0" in torch_args
+    install = _shell(lethe.split("&&")[0], extras, tmp_path).stdout.split()
+    assert install == ["install", "-c", "requirements.lock", target]
+
+
+def test_dockerfile_refuses_an_unknown_extra(tmp_path: Path) -> None:
+    check = next(r for r in _dockerfile_runs() if "optional-dependencies" in r)
+    done = _shell(check, "s3,nope", tmp_path)
+    assert done.returncode != 0 and "nope" in done.stderr

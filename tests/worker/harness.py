@@ -178,7 +178,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "superseded_retention_s", "policy_max_eval_acc_drop", "policy_max_forget_acc",
         "policy_max_forget_auc_excess", "policy_max_false_release_rate",
         "policy_max_membership_advantage", "policy_membership_band", "escalation", "signing_key",
-        "coalesce_max_records", "coalesce_window_s",
+        "coalesce_max_records", "coalesce_window_s", "log_format", "worker_metrics_port",
+        "worker_metrics_addr",
     ):  # fmt: skip
         env["LETHE_" + name.upper()] = str(getattr(settings, name))
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", LETHE_TORCH_THREADS="1")
