@@ -30,19 +30,18 @@ from service.domain.datasets import resolve_dataset
 from service.domain.lifecycle import REQUEST_MOVES, sources
 from service.domain.models import active_version, get_model
 from service.domain.params import validate_params
+from service.domain.record_holds import check_keys, hold, lock_dataset
 from service.domain.states import (
-    ACTIVE_REQUEST_STATES,
     JobStatus,
-    RecordState,
     RequestStatus,
 )
 from service.domain.views import request_view
 from service.settings import Settings
 from service.storage.db import transaction
-from service.storage.group_commit import group_commit
-from service.storage.models import Dataset, DeletionRequest, Job, Model, Record, new_id, utcnow
-from service.storage.sql import affected_rows, chunked
-from service.trust.audit import append_event, canonical_json
+from service.storage.group_commit import batch_memo, group_commit
+from service.storage.models import Dataset, DeletionRequest, Job, Model, new_id, utcnow
+from service.storage.sql import affected_rows
+from service.trust.audit import append_event, append_events, canonical_json
 
 log = logging.getLogger("lethe.requests")
 
@@ -90,6 +89,7 @@ class Submission:
     request_id: str
     replayed: bool
     event: dict[str, Any] | None = None  # the audit event, appended in the batch's final step
+    job: Job | None = None  # the job row, inserted (with its line position) in the final step
 
 
 class _Replayed(Exception):
@@ -102,20 +102,34 @@ def body_fingerprint(body: DeletionRequestIn) -> str:
     return hashlib.sha256(canonical_json(body.model_dump()).encode()).hexdigest()
 
 
-def _next_seq(session: Session, model_id: str) -> int:
-    """The model's next line position; the row lock it takes lasts until commit."""
+def _take_seqs(session: Session, model_id: str, count: int) -> int:
+    """Take ``count`` line positions of the model; returns the last. The row lock it takes
+    lasts until commit (it is taken in the batch's final step, for a few statements)."""
     value = session.execute(
         update(Model)
         .where(Model.id == model_id)
-        .values(job_seq=Model.job_seq + 1)
+        .values(job_seq=Model.job_seq + count)
         .returning(Model.job_seq)
     ).scalar_one()
     return int(value)
 
 
-def _lock_dataset(session: Session, dataset_id: str) -> None:
-    """Submissions naming one dataset's records (perhaps for several models) serialise here."""
-    session.execute(select(Dataset.id).where(Dataset.id == dataset_id).with_for_update())
+def _key_reused() -> Problem:
+    return conflict(
+        "idempotency-key-reused",
+        "this Idempotency-Key was already used with a different request body",
+        title="Idempotency key reused",
+    )
+
+
+def _earlier_answer(session: Session, key: str, fingerprint: str) -> Submission | None:
+    """The answer this Idempotency-Key already has: in this batch, or committed."""
+    twin = batch_memo(session).get(("idempotency", key))
+    if twin is None:
+        return _replay(session, key, fingerprint)
+    if twin[0] != fingerprint:
+        raise _key_reused()
+    return twin[1]
 
 
 def _replay(session: Session, key: str, fingerprint: str) -> Submission | None:
@@ -127,111 +141,39 @@ def _replay(session: Session, key: str, fingerprint: str) -> Submission | None:
     if req is None:
         return None
     if req.body_sha256 != fingerprint:
-        raise conflict(
-            "idempotency-key-reused",
-            "this Idempotency-Key was already used with a different request body",
-            title="Idempotency key reused",
-        )
+        raise _key_reused()
     job = session.execute(select(Job).where(Job.request_id == req.id)).scalar_one()
     model = session.get(Model, req.model_id)
     assert model is not None
     return Submission(request_view(req, job, model.name, full=False), job.id, req.id, True)
 
 
-def _held(
-    session: Session, dataset_id: str, keys: list[str], holders: dict[str, str]
-) -> tuple[list[str], list[str]]:
-    """(keys named by a queued or running request, keys named by one awaiting review).
-
-    One primary-key lookup per distinct holder: the cost does not grow with the backlog."""
-    status: dict[str, str] = {}
-    ids = sorted(set(holders.values()))
-    for chunk in chunked(ids):
-        status.update(
-            session.execute(
-                select(DeletionRequest.id, DeletionRequest.status).where(
-                    DeletionRequest.id.in_(chunk)
-                )
-            ).all()
-        )
-    # A candidate awaiting review still holds its records (they are forgotten on promotion):
-    # naming them again meanwhile would make two versions race to forget the same records.
-    pending = [k for k in keys if status.get(holders.get(k, "")) in ACTIVE_REQUEST_STATES]
-    in_review = [k for k in keys if status.get(holders.get(k, "")) == RequestStatus.NEEDS_REVIEW]
-    return pending, in_review
-
-
-def _hold(session: Session, dataset_id: str, keys: list[str], request_id: str) -> None:
-    for chunk in chunked(keys):
-        session.execute(
-            update(Record)
-            .where(Record.dataset_id == dataset_id, Record.key.in_(chunk))
-            .values(held_by_request_id=request_id)
-        )
-
-
-def _check_keys(session: Session, dataset_id: str, keys: list[str]) -> None:
-    seen: set[str] = set()
-    dupes = sorted({k for k in keys if k in seen or seen.add(k)})  # type: ignore[func-returns-value]
-    if dupes:
-        raise validation(
-            f"record_keys contains duplicates: {dupes[:10]}",
-            [{"field": "record_keys", "message": "duplicate", "keys": dupes[:1000]}],
-        )
-    states: dict[str, str] = {}
-    holders: dict[str, str] = {}
-    for chunk in chunked(keys):
-        for key, state, holder in session.execute(
-            select(Record.key, Record.state, Record.held_by_request_id).where(
-                Record.dataset_id == dataset_id, Record.key.in_(chunk)
+def _model_and_dataset(session: Session, body: DeletionRequestIn) -> tuple[Model, Dataset]:
+    """The model (with an active version) and the train dataset a submission names, the
+    dataset locked; read and locked once per batch (``batch_memo``)."""
+    memo = batch_memo(session)
+    model = memo.get(("model", body.model))
+    if model is None:
+        model = get_model(session, body.model)
+        if active_version(session, model.id) is None:
+            raise conflict(
+                "no-active-version",
+                f"model {model.name!r} has no active version",
+                title="Model has no active version",
             )
-        ):
-            states[key] = state
-            if holder is not None and state != RecordState.FORGOTTEN:
-                holders[key] = holder
-    missing = [k for k in keys if k not in states]
-    forgotten = [k for k in keys if states.get(k) == RecordState.FORGOTTEN]
-    # Match the submitted keys inside the database (the JSON arrays are expanded there): this
-    # runs under the submission lock, and decoding every queued request's key list made each
-    # POST slower as the backlog grew.
-    pending, in_review = _held(session, dataset_id, keys, holders)
-    errors = (
-        [{"field": "record_keys", "key": k, "message": "not in the dataset"} for k in missing]
-        + [{"field": "record_keys", "key": k, "message": "already forgotten"} for k in forgotten]
-        + [
-            {"field": "record_keys", "key": k, "message": "named by a queued or running request"}
-            for k in pending
-        ]
-        + [
-            {"field": "record_keys", "key": k, "message": "named by a request awaiting review"}
-            for k in in_review
-        ]
-    )
-    if errors:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} not in the dataset ({', '.join(missing[:10])})")
-        if forgotten:
-            parts.append(f"{len(forgotten)} already forgotten ({', '.join(forgotten[:10])})")
-        if pending:
-            parts.append(
-                f"{len(pending)} named by a queued or running request ({', '.join(pending[:10])})"
+        memo[("model", body.model)] = model
+    dataset = memo.get(("dataset", body.dataset))
+    if dataset is None:
+        dataset = resolve_dataset(session, body.dataset)
+        if dataset.role != "train":
+            raise validation(
+                f"dataset {dataset.id!r} has role {dataset.role!r}; only records of a "
+                "train dataset can be forgotten",
+                [{"field": "dataset", "message": "role must be train"}],
             )
-        if in_review:
-            parts.append(
-                f"{len(in_review)} named by a request awaiting review ({', '.join(in_review[:10])})"
-            )
-        raise Problem(
-            422,
-            "invalid-record-keys",
-            "record keys refused: " + "; ".join(parts),
-            title="Invalid record keys",
-            errors=errors[:1000],
-            missing=missing[:1000],
-            forgotten=forgotten[:1000],
-            pending=pending[:1000],
-            in_review=in_review[:1000],
-        )
+        lock_dataset(session, dataset.id)
+        memo[("dataset", body.dataset)] = dataset
+    return model, dataset
 
 
 def _record_submission(
@@ -244,30 +186,15 @@ def _record_submission(
     fingerprint: str,
     http_request_id: str | None = None,
 ) -> Submission:
-    """The submission's rows, in the caller's (possibly shared) transaction; its audit event
-    rides along in the result for the batch's final step (`_append_accepted`)."""
-    model = get_model(session, body.model)
-    seq = _next_seq(session, model.id)
-    if idempotency_key:  # a concurrent twin may have committed while we waited
-        replay = _replay(session, idempotency_key, fingerprint)
+    """The request row and its record holds, in the caller's (possibly shared) transaction;
+    its job row and audit event ride along for the batch's final step (`_finish_batch`),
+    which gives the jobs their line positions and appends the events in bulk."""
+    model, dataset = _model_and_dataset(session, body)
+    if idempotency_key:  # a twin may have committed while we waited, or be in this batch
+        replay = _earlier_answer(session, idempotency_key, fingerprint)
         if replay:
-            raise _Replayed(replay)  # roll back: the counter increment is not used
-    version = active_version(session, model.id)
-    if version is None:
-        raise conflict(
-            "no-active-version",
-            f"model {model.name!r} has no active version",
-            title="Model has no active version",
-        )
-    dataset = resolve_dataset(session, body.dataset)
-    if dataset.role != "train":
-        raise validation(
-            f"dataset {dataset.id!r} has role {dataset.role!r}; only records of a "
-            "train dataset can be forgotten",
-            [{"field": "dataset", "message": "role must be train"}],
-        )
-    _lock_dataset(session, dataset.id)
-    _check_keys(session, dataset.id, body.record_keys)
+            raise _Replayed(replay)
+    check_keys(session, dataset.id, body.record_keys)
     req = DeletionRequest(
         id=new_id(),
         model_id=model.id,
@@ -284,14 +211,13 @@ def _record_submission(
     )
     session.add(req)
     session.flush()
-    _hold(session, dataset.id, body.record_keys, req.id)
+    hold(session, dataset.id, body.record_keys, req.id)
     job = Job(
         id=new_id(),
         request_id=req.id,
         model_id=model.id,
         kind=body.method,
         params=params,
-        submitted_seq=seq,
         http_request_id=http_request_id,
         status=JobStatus.QUEUED,
         progress=0.0,
@@ -300,8 +226,6 @@ def _record_submission(
         metrics={},
         timings={},
     )
-    session.add(job)
-    session.flush()
     event = dict(
         actor=actor,
         action="request.accepted",
@@ -318,16 +242,36 @@ def _record_submission(
             "method": body.method,
             "params": params,
             "subject_ref": body.subject_ref,
-            "submitted_seq": seq,
         },
     )
     view = request_view(req, job, model.name, full=False)
-    return Submission(view, job.id, req.id, False, event)
+    if idempotency_key:
+        twin = Submission(view, job.id, req.id, True)
+        batch_memo(session)[("idempotency", idempotency_key)] = (fingerprint, twin)
+    return Submission(view, job.id, req.id, False, event, job)
 
 
-def _append_accepted(session: Session, submission: Submission) -> None:
-    if submission.event is not None:
-        append_event(session, **submission.event)
+def _finish_batch(session: Session, submissions: list[Submission]) -> None:
+    """Line positions per model (one counter update per model, in id order so batches of
+    other processes lock the rows in the same order), the job rows, then the audit events
+    (one chain-head lock for the batch)."""
+    jobs = [sub.job for sub in submissions if sub.job is not None]
+    by_model: dict[str, list[Job]] = {}
+    for job in jobs:
+        by_model.setdefault(job.model_id, []).append(job)
+    for model_id in sorted(by_model):
+        line = by_model[model_id]
+        last = _take_seqs(session, model_id, len(line))
+        for offset, job in enumerate(line):
+            job.submitted_seq = last - len(line) + 1 + offset
+    session.add_all(jobs)
+    session.flush()
+    events = []
+    for sub in submissions:
+        if sub.event is not None and sub.job is not None:
+            sub.event["payload"]["submitted_seq"] = sub.job.submitted_seq
+            events.append(sub.event)
+    append_events(session, events)
 
 
 def submit_deletion_request(
@@ -375,7 +319,7 @@ def submit_deletion_request(
         )  # fmt: skip
 
     try:
-        result = group_commit(factory).run(unit, final=_append_accepted)
+        result = group_commit(factory).run(unit, final=_finish_batch)
     except _Replayed as replayed:
         return replayed.submission
     except IntegrityError:

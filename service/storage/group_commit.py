@@ -8,9 +8,12 @@ commit for the batch. Nobody waits for a batch to fill: under no load a batch is
 so latency is unchanged; under load the commit is shared. A caller returns only after the
 commit that holds its work, so an answer is never given for work that could still be lost.
 
-A unit may name a `final` step, run for every unit that succeeded after all of them, just
-before the commit: work that takes an installation-wide lock (the audit chain head) goes
-there, so that lock is held for a few statements per batch instead of the whole batch.
+A unit may name a `final` step, run once per batch just before the commit with the results
+of every unit that succeeded with that step: work that takes a lock others wait for (the
+audit chain head, a model's job counter) goes there, in bulk, so the lock is held for a few
+statements per batch instead of the whole batch. Units of one batch may share what they
+read through `batch_memo(session)`; it is emptied when a unit fails, so nothing a rolled-back
+savepoint did (a row lock taken, a row read) is trusted by the units after it.
 """
 
 from __future__ import annotations
@@ -28,12 +31,20 @@ from service.storage.db import transaction
 
 T = TypeVar("T")
 MAX_BATCH = 64  # bounds the time one commit holds the write lock
+MEMO_KEY = "lethe_batch_memo"
+
+
+def batch_memo(session: Session) -> dict[Any, Any]:
+    """What this batch's units have read and locked so far (empty outside a batch's units
+    and after a unit failed)."""
+    memo: dict[Any, Any] = session.info.setdefault(MEMO_KEY, {})
+    return memo
 
 
 @dataclass(eq=False)
 class _Unit:
     work: Callable[[Session], Any]
-    final: Callable[[Session, Any], None] | None = None
+    final: Callable[[Session, list[Any]], None] | None = None
     woken: threading.Event = field(default_factory=threading.Event)
     lead: bool = False  # this unit's thread runs the next batches
     done: bool = False
@@ -53,10 +64,13 @@ class GroupCommit:
         self._leading = False
 
     def run(
-        self, work: Callable[[Session], T], final: Callable[[Session, T], None] | None = None
+        self,
+        work: Callable[[Session], T],
+        final: Callable[[Session, list[T]], None] | None = None,
     ) -> T:
-        """Run ``work(session)`` in a committed transaction, maybe shared with others, then
-        ``final(session, result)`` in the batch's last step (a failure there fails the batch)."""
+        """Run ``work(session)`` in a committed transaction, maybe shared with others; then,
+        once per batch, ``final(session, results)`` with the results of the batch's units that
+        succeeded and named this same step (a failure there fails the batch)."""
         unit = _Unit(work, final)
         with self._lock:
             self._queue.append(unit)
@@ -94,9 +108,14 @@ class GroupCommit:
                             outcomes.append((True, unit.work(session)))
                     except Exception as exc:  # this unit's savepoint is rolled back, not the batch
                         outcomes.append((False, exc))
+                        session.info.pop(MEMO_KEY, None)
+                finals: dict[Callable[[Session, list[Any]], None], list[Any]] = {}
                 for unit, (ok, value) in zip(batch, outcomes, strict=True):
                     if ok and unit.final is not None:
-                        unit.final(session, value)
+                        finals.setdefault(unit.final, []).append(value)
+                for final, values in finals.items():
+                    final(session, values)
+                session.info.pop(MEMO_KEY, None)
         except BaseException as exc:  # the commit (or the lock) failed: nothing is kept
             outcomes = [(False, exc)] * len(batch)
             self._finish(batch, outcomes)

@@ -1,0 +1,116 @@
+"""Which records a deletion request may name, and the holds that keep two queued requests
+from naming the same record (``records.held_by_request_id``, migration 0003)."""
+
+from __future__ import annotations
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from service.api.problems import Problem, validation
+from service.domain.states import ACTIVE_REQUEST_STATES, RecordState, RequestStatus
+from service.storage.models import Dataset, DeletionRequest, Record
+from service.storage.sql import chunked
+
+
+def lock_dataset(session: Session, dataset_id: str) -> None:
+    """Submissions naming one dataset's records (perhaps for several models) serialise here."""
+    session.execute(select(Dataset.id).where(Dataset.id == dataset_id).with_for_update())
+
+
+def _held(
+    session: Session, dataset_id: str, keys: list[str], holders: dict[str, str]
+) -> tuple[list[str], list[str]]:
+    """(keys named by a queued or running request, keys named by one awaiting review).
+
+    One primary-key lookup per distinct holder: the cost does not grow with the backlog."""
+    status: dict[str, str] = {}
+    ids = sorted(set(holders.values()))
+    for chunk in chunked(ids):
+        status.update(
+            session.execute(
+                select(DeletionRequest.id, DeletionRequest.status).where(
+                    DeletionRequest.id.in_(chunk)
+                )
+            ).all()
+        )
+    # A candidate awaiting review still holds its records (they are forgotten on promotion):
+    # naming them again meanwhile would make two versions race to forget the same records.
+    pending = [k for k in keys if status.get(holders.get(k, "")) in ACTIVE_REQUEST_STATES]
+    in_review = [k for k in keys if status.get(holders.get(k, "")) == RequestStatus.NEEDS_REVIEW]
+    return pending, in_review
+
+
+def hold(session: Session, dataset_id: str, keys: list[str], request_id: str) -> None:
+    for chunk in chunked(keys):
+        session.execute(
+            update(Record)
+            .where(Record.dataset_id == dataset_id, Record.key.in_(chunk))
+            .values(held_by_request_id=request_id)
+        )
+
+
+def check_keys(session: Session, dataset_id: str, keys: list[str]) -> None:
+    seen: set[str] = set()
+    dupes = sorted({k for k in keys if k in seen or seen.add(k)})  # type: ignore[func-returns-value]
+    if dupes:
+        raise validation(
+            f"record_keys contains duplicates: {dupes[:10]}",
+            [{"field": "record_keys", "message": "duplicate", "keys": dupes[:1000]}],
+        )
+    states: dict[str, str] = {}
+    holders: dict[str, str] = {}
+    for chunk in chunked(keys):
+        for key, state, holder in session.execute(
+            select(Record.key, Record.state, Record.held_by_request_id).where(
+                Record.dataset_id == dataset_id, Record.key.in_(chunk)
+            )
+        ):
+            states[key] = state
+            if holder is not None and state != RecordState.FORGOTTEN:
+                holders[key] = holder
+    missing = [k for k in keys if k not in states]
+    forgotten = [k for k in keys if states.get(k) == RecordState.FORGOTTEN]
+    # Match the submitted keys inside the database (the JSON arrays are expanded there): this
+    # runs under the submission lock, and decoding every queued request's key list made each
+    # POST slower as the backlog grew.
+    pending, in_review = _held(session, dataset_id, keys, holders)
+    errors = (
+        [{"field": "record_keys", "key": k, "message": "not in the dataset"} for k in missing]
+        + [{"field": "record_keys", "key": k, "message": "already forgotten"} for k in forgotten]
+        + [
+            {"field": "record_keys", "key": k, "message": "named by a queued or running request"}
+            for k in pending
+        ]
+        + [
+            {"field": "record_keys", "key": k, "message": "named by a request awaiting review"}
+            for k in in_review
+        ]
+    )
+    if errors:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} not in the dataset ({', '.join(missing[:10])})")
+        if forgotten:
+            parts.append(f"{len(forgotten)} already forgotten ({', '.join(forgotten[:10])})")
+        if pending:
+            parts.append(
+                f"{len(pending)} named by a queued or running request ({', '.join(pending[:10])})"
+            )
+        if in_review:
+            parts.append(
+                f"{len(in_review)} named by a request awaiting review ({', '.join(in_review[:10])})"
+            )
+        raise Problem(
+            422,
+            "invalid-record-keys",
+            "record keys refused: " + "; ".join(parts),
+            title="Invalid record keys",
+            errors=errors[:1000],
+            missing=missing[:1000],
+            forgotten=forgotten[:1000],
+            pending=pending[:1000],
+            in_review=in_review[:1000],
+        )
+
+
+__all__ = ["check_keys", "hold", "lock_dataset"]

@@ -1,0 +1,94 @@
+"""Submissions that share one commit (service/storage/group_commit.py, `_finish_batch` in
+service/domain/requests.py), on SQLite and PostgreSQL: a batch is held back until a dozen
+submissions wait behind it, then they are recorded together. Line positions stay gapless
+and in queue order, an Idempotency-Key twin inside the batch gets the first answer (a
+different body under the same key is 409), a refused unit fails alone, and the audit chain
+verifies with each `request.accepted` event naming its job's position."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from service.api.problems import Problem
+from service.domain.requests import DeletionRequestIn, submit_deletion_request
+from service.storage.group_commit import group_commit
+from service.storage.models import AuditEvent, DeletionRequest, Job
+from service.trust.audit import verify_chain
+from tests.worker.harness import Stack, Trained, api_stack, stack_settings
+
+
+@pytest.fixture
+def stack(lethe_env: Path, database_url: str, storage_dir: Path) -> Iterator[Stack]:
+    settings = stack_settings(database_url=database_url, storage_dir=storage_dir)
+    with api_stack(settings) as s:
+        yield s
+
+
+def test_one_batch_of_submissions(stack: Stack, trained: Trained) -> None:
+    model = stack.register(trained, "mlp")
+    dataset = stack.models[model]
+    group = group_commit(stack.sessions)
+    go, holding = threading.Event(), threading.Event()
+
+    def hold_the_lead(_session: Any) -> None:
+        holding.set()
+        assert go.wait(30)
+
+    leader = threading.Thread(target=group.run, args=(hold_the_lead,))
+    leader.start()
+    assert holding.wait(10)
+    plan: list[tuple[list[str], str | None]] = [([k], None) for k in trained.train_ids[:8]]
+    plan += [
+        (trained.train_ids[8:10], "twin"), (trained.train_ids[8:10], "twin"),  # same body
+        (trained.train_ids[10:11], "clash"), (trained.train_ids[11:12], "clash"),  # other body
+        (trained.train_ids[:1], None),  # names a key an earlier unit of the batch holds
+    ]  # fmt: skip
+    answers: dict[int, Any] = {}
+
+    def submit(i: int) -> None:
+        keys, idem = plan[i]
+        body = DeletionRequestIn(model=model, dataset=dataset, record_keys=keys, method="imu")
+        try:
+            answers[i] = submit_deletion_request(
+                stack.sessions, stack.settings, body, actor="test", idempotency_key=idem
+            )
+        except Problem as exc:
+            answers[i] = exc
+
+    threads = []
+    for i in range(len(plan)):  # queued one after the other: the batch keeps this order
+        threads.append(threading.Thread(target=submit, args=(i,)))
+        threads[-1].start()
+        deadline = time.monotonic() + 10
+        while len(group._queue) < i + 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+    assert len(group._queue) == len(plan)
+    go.set()
+    for t in [leader, *threads]:
+        t.join(30)
+    for i in range(8):
+        assert not isinstance(answers[i], Exception), answers[i]
+    assert answers[9].replayed and answers[9].job_id == answers[8].job_id
+    assert isinstance(answers[11], Problem) and answers[11].status == 409
+    assert isinstance(answers[12], Problem) and answers[12].status == 422
+    accepted = [answers[i] for i in (*range(9), 10)]
+    with stack.sessions() as session:
+        jobs = {j.id: j for j in session.execute(select(Job)).scalars()}
+        assert set(jobs) == {a.job_id for a in accepted}  # one job per accepted request
+        # Gapless, in the order the submissions queued.
+        assert [jobs[a.job_id].submitted_seq for a in accepted] == list(range(1, 11))
+        n_requests = len(session.execute(select(DeletionRequest.id)).all())
+        assert n_requests == len(accepted)
+        events = session.execute(
+            select(AuditEvent).where(AuditEvent.action == "request.accepted")
+        ).scalars()
+        positions = {e.payload["job_id"]: e.payload["submitted_seq"] for e in events}
+        assert positions == {a.job_id: jobs[a.job_id].submitted_seq for a in accepted}
+        assert verify_chain(session)["ok"]
