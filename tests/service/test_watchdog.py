@@ -59,3 +59,35 @@ def test_a_statement_past_the_bound_fails_and_the_pool_recovers(postgres_url: st
         assert watchdog.pending() == 0
     finally:
         engine.dispose()
+
+
+@pytest.mark.postgres
+def test_idle_connections_are_pinged_and_busy_ones_are_not(postgres_url: str) -> None:
+    from sqlalchemy import event
+
+    from service.storage.db import PING_AFTER_IDLE_S
+
+    engine = make_engine(postgres_url, pool_size=1, max_overflow=0)
+    statements: list[str] = []
+    event.listen(engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    pings = []
+    ping = engine.dialect.do_ping
+    engine.dialect.do_ping = lambda c: pings.append(1) or ping(c)  # type: ignore[method-assign]
+    try:
+        with engine.connect() as conn:
+            pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        with engine.connect() as conn:  # straight back out of the pool: no ping
+            conn.execute(text("SELECT 1"))
+        assert pings == []
+        # The server ends the pooled connection while it sits idle ...
+        admin = make_engine(postgres_url)
+        with admin.connect() as conn:
+            conn.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+        admin.dispose()
+        time.sleep(PING_AFTER_IDLE_S + 0.2)
+        # ... the checkout pings it, finds it dead and hands out a new one: no error.
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT pg_backend_pid()")).scalar_one() != pid
+        assert len(pings) == 1
+    finally:
+        engine.dispose()
