@@ -18,14 +18,13 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.api.problems import Problem, conflict, not_found, validation
 from service.domain.datasets import resolve_dataset
 from service.domain.lifecycle import REQUEST_MOVES, sources
 from service.domain.models import active_version, get_model
@@ -33,16 +32,19 @@ from service.domain.params import validate_params
 from service.domain.states import (
     ACTIVE_REQUEST_STATES,
     JobStatus,
+    Method,
     RecordState,
     RequestStatus,
 )
 from service.domain.views import request_view
+from service.engine import canonical_json
+from service.errors import Invalid, conflict, not_found, validation
 from service.settings import Settings
 from service.storage.db import transaction
 from service.storage.group_commit import group_commit
 from service.storage.models import Dataset, DeletionRequest, Job, Model, Record, new_id, utcnow
 from service.storage.sql import affected_rows, chunked
-from service.trust.audit import append_event, canonical_json
+from service.trust.audit import append_event
 
 log = logging.getLogger("lethe.requests")
 
@@ -57,7 +59,7 @@ class DeletionRequestIn(BaseModel):
     model: str = Field(min_length=1, max_length=200, description="Model name.")
     dataset: str = Field(min_length=1, max_length=200, description="Dataset id (or unique name).")
     record_keys: list[str] = Field(min_length=1, max_length=MAX_KEYS)
-    method: Literal["imu", "ga", "retrain"] = Field(
+    method: Method = Field(
         default="imu",
         description="imu (default; escalates to retrain when the model has a recipe and "
         "forgetting cannot be shown), ga, or retrain (exact: the model's recipe without the "
@@ -221,8 +223,7 @@ def _check_keys(session: Session, dataset_id: str, keys: list[str]) -> None:
             parts.append(
                 f"{len(in_review)} named by a request awaiting review ({', '.join(in_review[:10])})"
             )
-        raise Problem(
-            422,
+        raise Invalid(
             "invalid-record-keys",
             "record keys refused: " + "; ".join(parts),
             title="Invalid record keys",
