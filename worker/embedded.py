@@ -32,9 +32,10 @@ from service.domain.backoff import backoff_delay
 from service.domain.queue import get_queue, wake_address
 from service.settings import Settings, get_settings
 from service.storage.db import transaction
+from worker.context import Outcome, RunnerContext, RunResult
 from worker.job_queue import runnable_jobs
 from worker.reaper import Reaper
-from worker.runner import Outcome, RunnerContext, RunResult, run_job
+from worker.runner import run_job
 
 log = logging.getLogger("lethe.embedded")
 
