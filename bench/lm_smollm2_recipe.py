@@ -150,7 +150,8 @@ def run_recipe(model_dir: Path, out: Path) -> dict[str, Any]:
     import torch
 
     from tests.worker.harness import api_stack, stack_settings
-    from worker.runner import RunnerContext, run_job
+    from worker.context import RunnerContext
+    from worker.runner import run_job
 
     torch.set_num_threads(1)
     started = time.perf_counter()

@@ -10,8 +10,9 @@ from typing import Literal
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.engine import DEVICE_NAMES, DEVICE_RE
+
 ENV_PREFIX = "LETHE_"
-_DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
 class SettingsError(RuntimeError):
@@ -28,7 +29,7 @@ class Settings(BaseSettings):
     broker_url: str = Field("", description="Celery broker (redis://…); empty = embedded executor.")
     result_backend_url: str = Field("", description="Celery result backend; default = broker.")
     storage_url: str = Field("", description="Directory or s3:// URL; default LETHE_HOME/storage.")
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     max_upload_mb: int = Field(2048, gt=0, description="Largest accepted upload, in MiB.")
     db_timeout_s: float = Field(
         4.0, gt=0, le=600,
@@ -152,8 +153,8 @@ class Settings(BaseSettings):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if not _DEVICE_RE.match(v):
-            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        if not DEVICE_RE.match(v):  # the engine's grammar: one definition
+            raise ValueError(f"must be {DEVICE_NAMES}")
         return v
 
     @field_validator("database_url")

@@ -33,11 +33,11 @@ from sqlalchemy.orm import Session
 
 from service.domain.lifecycle import move_job, move_request
 from service.domain.states import JobStatus, RequestStatus
-from service.storage.models import DeletionRequest, Job
-from service.trust.audit import append_events, canonical_json
+from service.storage.models import DeletionRequest, Job, utcnow
+from service.trust.audit import append_events
 from worker.errors import LeaseLost
+from worker.imu.canonical import canonical_json
 from worker.job_queue import Fence, finish_job, lock_claimed
-from worker.lease import utcnow
 
 MAX_CANDIDATES = 5000  # queued jobs looked at per run (the record budget stops it sooner)
 

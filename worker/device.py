@@ -8,9 +8,7 @@ or the embedded executor), never from the Celery main process, the reaper or the
 
 from __future__ import annotations
 
-import re
-
-_CUDA_RE = re.compile(r"^cuda(?::(\d+))?$")
+from worker.imu.devices import DEVICE_NAMES, parse_device
 
 
 class DeviceUnavailable(RuntimeError):
@@ -18,22 +16,27 @@ class DeviceUnavailable(RuntimeError):
 
 
 def resolve_device(setting: str) -> str:
-    """`auto` → `cuda` when a GPU is visible, else `cpu`; `cuda[:N]` must exist."""
+    """`auto` → `cuda` when a GPU is visible, else `cpu`; `cuda[:N]` and `mps` must exist."""
     setting = (setting or "auto").strip().lower()
-    if setting == "cpu":
-        return "cpu"
+    try:
+        kind, index_given = parse_device(setting)
+    except ValueError:
+        raise DeviceUnavailable(f"LETHE_DEVICE={setting!r}: expected {DEVICE_NAMES}") from None
+    if kind == "cpu":
+        return setting
     import torch
 
     from worker.imu.config import resolve_device as engine_device
 
-    if setting == "auto":  # the engine's own rule, as a string for the job row
+    if kind == "auto":  # the engine's own rule, as a string for the job row
         return engine_device("auto").type
-    match = _CUDA_RE.match(setting)
-    if not match:
-        raise DeviceUnavailable(f"LETHE_DEVICE={setting!r}: expected auto, cpu, cuda or cuda:N")
+    if kind == "mps":
+        if not torch.backends.mps.is_available():
+            raise DeviceUnavailable(f"LETHE_DEVICE={setting!r} but MPS is not available here")
+        return setting
     if not torch.cuda.is_available():
         raise DeviceUnavailable(f"LETHE_DEVICE={setting!r} but CUDA is not available here")
-    index = int(match.group(1) or 0)
+    index = index_given or 0
     count = torch.cuda.device_count()
     if index >= count:
         raise DeviceUnavailable(

@@ -34,10 +34,11 @@ from service.logs import configure_logging
 from service.settings import Settings, get_settings
 from service.storage.db import transaction
 from service.telemetry import queued_in_database
+from worker.context import Outcome, RunnerContext, RunResult
 from worker.job_queue import runnable_jobs
 from worker.metrics_server import start_metrics_server
 from worker.reaper import Reaper
-from worker.runner import Outcome, RunnerContext, RunResult, run_job
+from worker.runner import run_job
 
 log = logging.getLogger("lethe.embedded")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import traceback
 from typing import Any
 
-from service.api.problems import problem_dict
+from service.errors import problem_dict
 
 
 class JobError(Exception):
@@ -33,6 +33,19 @@ class JobError(Exception):
 
     def problem(self) -> dict[str, Any]:
         return problem_dict(self.slug, self.title, self.status, self.detail, self.errors)
+
+
+def checkpoint_corrupt(title: str, detail: str) -> JobError:
+    """Stored weights or model files are not what was registered: a storage fault (500)."""
+    return JobError("checkpoint-corrupt", title, detail[:2000], status=500)
+
+
+def unsupported_dataset(name: str, kind: str, needs: str) -> JobError:
+    return JobError(
+        "unsupported-dataset",
+        "Unsupported dataset",
+        f"dataset {name!r} is of kind {kind!r}; {needs}",
+    )
 
 
 class Cancelled(Exception):

@@ -25,7 +25,6 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from service.api.problems import problem_dict
 from service.domain.backoff import backoff_delay
 from service.domain.lifecycle import move_job, move_request
 from service.domain.models import active_version
@@ -38,14 +37,15 @@ from service.domain.states import (
     RequestStatus,
     VersionStatus,
 )
+from service.errors import problem_dict
 from service.storage.db import transaction
-from service.storage.models import DeletionRequest, Job, Model, ModelVersion
+from service.storage.models import DeletionRequest, Job, Model, ModelVersion, utcnow
 from service.storage.objects import Storage
 from service.storage.sql import affected_rows
 from service.trust.audit import append_event
 from worker.context import Outcome, RunnerContext
 from worker.errors import worker_lost_problem
-from worker.lease import holder_is_dead, lease_until, utcnow
+from worker.lease import claim_terms, holder_is_dead, lease_until
 
 log = logging.getLogger("lethe.worker")
 
@@ -71,12 +71,8 @@ class Fence:
 
     def holds(self, job: Job | None) -> bool:
         """The job is still running under this worker and this attempt."""
-        return (
-            job is not None
-            and job.status == JobStatus.RUNNING
-            and job.worker_id == self.worker_id
-            and job.attempts == self.attempt
-        )
+        terms = claim_terms(self.worker_id, self.attempt).items()
+        return job is not None and all(getattr(job, name) == value for name, value in terms)
 
 
 def lock_claimed(session: Session, fence: Fence) -> Job | None:

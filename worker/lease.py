@@ -21,23 +21,20 @@ import os
 import socket
 import threading
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import ColumnElement, select, update
+from sqlalchemy import ColumnElement, and_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.domain.states import JobStatus
 from service.storage.db import transaction
-from service.storage.models import Job
+from service.storage.models import Job, utcnow
 from service.storage.sql import affected_rows
 
 log = logging.getLogger("lethe.worker")
 
 PROGRESS_MIN_INTERVAL_S = 1.0
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def lease_until(seconds: float) -> datetime:
@@ -87,14 +84,16 @@ def _is_zombie(pid: int) -> bool:
         return False
 
 
+def claim_terms(worker_id: str, attempt: int) -> dict[str, Any]:
+    """The fence, defined once: the job is running under this worker and this attempt
+    (`fenced` says it in SQL, `job_queue.Fence.holds` of a loaded row)."""
+    return {"status": JobStatus.RUNNING, "worker_id": worker_id, "attempts": attempt}
+
+
 def fenced(job_id: str, worker_id: str, attempt: int) -> ColumnElement[bool]:
     """WHERE clause: the job is still running under this worker's claim."""
-    return (
-        (Job.id == job_id)
-        & (Job.status == JobStatus.RUNNING)
-        & (Job.worker_id == worker_id)
-        & (Job.attempts == attempt)
-    )
+    terms = claim_terms(worker_id, attempt).items()
+    return and_(Job.id == job_id, *(getattr(Job, name) == value for name, value in terms))
 
 
 class JobMonitor(threading.Thread):

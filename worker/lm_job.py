@@ -29,7 +29,7 @@ import torch
 
 from service.domain.lm_registration import FILE_NAMES, file_key
 from service.domain.states import Phase
-from worker.errors import JobError
+from worker.errors import JobError, checkpoint_corrupt, unsupported_dataset
 
 if TYPE_CHECKING:
     from service.ingest.text_datasets import TextCorpus
@@ -70,11 +70,10 @@ def _model_files(loader: Loader, inputs: JobInputs, model_id: str) -> dict[str, 
         data = loader.read_object(file_key(model_id, name), f"model file {name}")
         want = (digests.get(name) or {}).get("sha256")
         if hashlib.sha256(data).hexdigest() != want:
-            raise JobError(
-                "checkpoint-corrupt", "Model file corrupt",
+            raise checkpoint_corrupt(
+                "Model file corrupt",
                 f"the stored {name} does not have the sha256 recorded at registration",
-                status=500,
-            )  # fmt: skip
+            )
         out[name] = data
     return out
 
@@ -102,11 +101,9 @@ def _batch(
     from worker.imu.lm_data import TextExample, tokenize
 
     if source.kind != "text":
-        raise JobError(
-            "unsupported-dataset", "Unsupported dataset",
-            f"dataset {source.name!r} is of kind {source.kind!r}; a causal_lm needs text "
-            "(JSONL) datasets",
-        )  # fmt: skip
+        raise unsupported_dataset(
+            source.name, source.kind, "a causal_lm needs text (JSONL) datasets"
+        )
     corpus = text_corpus(loader, source)
     try:
         records = corpus.select(keys if keys is not None else corpus.ids)
@@ -146,11 +143,10 @@ def load_lm(loader: Loader, inputs: JobInputs, model_id: str, device: str) -> Lo
         tokenizer = load_tokenizer(files["tokenizer.json"])
         model = load_causal_lm(config, st_load(data))
     except (ValueError, RuntimeError) as exc:
-        raise JobError(
-            "checkpoint-corrupt", "Checkpoint corrupt",
-            f"version {inputs.version_number} cannot be loaded as a causal_lm: {exc}"[:2000],
-            status=500,
-        ) from None  # fmt: skip
+        raise checkpoint_corrupt(
+            "Checkpoint corrupt",
+            f"version {inputs.version_number} cannot be loaded as a causal_lm: {exc}",
+        ) from None
     model.to(device)
     settings = TokenizerSettings.of(config, tokenizer_config)
     loader.progress(Phase.LOADING, 0.4)

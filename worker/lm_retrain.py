@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from service.domain.states import Phase
 from service.storage.db import transaction
 from service.storage.models import ModelVersion
-from worker.errors import JobError
+from worker.errors import JobError, checkpoint_corrupt
 
 if TYPE_CHECKING:
     from worker.imu.lm_data import TokenBatch
@@ -80,11 +80,11 @@ def exact_route(
 
         data = loader.read_object(key, f"checkpoint of the base version {recipe.base_version}")
         if hashlib.sha256(data).hexdigest() != recipe.base_sha256:
-            raise JobError(
-                "checkpoint-corrupt", "Base checkpoint corrupt",
+            raise checkpoint_corrupt(
+                "Base checkpoint corrupt",
                 f"the base version {recipe.base_version} does not have the sha256 its recipe "
-                "pinned", status=500,
-            )  # fmt: skip
+                "pinned",
+            )
         parts = []
         for source, keys in inputs.recipe_sources:
             if source.dataset_id == inputs.dataset.dataset_id:
@@ -135,11 +135,10 @@ def run_lm_retrain(
     try:
         model = load_causal_lm(inputs.config, inputs.base_state)
     except (ValueError, RuntimeError) as exc:
-        raise JobError(
-            "checkpoint-corrupt", "Base checkpoint unusable",
-            f"the base version cannot be loaded into this model's config.json: {exc}"[:2000],
-            status=500,
-        ) from None  # fmt: skip
+        raise checkpoint_corrupt(
+            "Base checkpoint unusable",
+            f"the base version cannot be loaded into this model's config.json: {exc}",
+        ) from None
     del inputs.base_state
     model.to(device)
     load_s = time.perf_counter() - t0

@@ -22,7 +22,7 @@ from service.storage.models import Dataset, DeletionRequest, Job, Model, ModelVe
 from service.storage.sql import chunked
 from worker.context import RunnerContext
 from worker.dataset_cache import DATASETS
-from worker.errors import JobError, SourceChanged
+from worker.errors import JobError, SourceChanged, checkpoint_corrupt, unsupported_dataset
 from worker.heldout import split_eval_keys
 
 Pair = tuple[Any, Any]  # (inputs, labels) tensors
@@ -271,12 +271,10 @@ class Loader:
         try:
             load_safetensors_into(model, data)
         except (ValueError, RuntimeError) as exc:
-            raise JobError(
-                "checkpoint-corrupt",
+            raise checkpoint_corrupt(
                 "Checkpoint corrupt",
                 f"the checkpoint of version {inputs.version_number} cannot be loaded into "
-                f"{inputs.architecture}: {exc}"[:2000],
-                status=500,
+                f"{inputs.architecture}: {exc}",
             ) from None
         return model
 
@@ -300,13 +298,11 @@ class Loader:
             raise
         digest = hashlib.sha256(data).hexdigest()
         if digest != inputs.version_sha256:
-            raise JobError(
-                "checkpoint-corrupt",
+            raise checkpoint_corrupt(
                 "Checkpoint corrupt",
                 f"the {what} ({inputs.version_key}) has sha256 {digest[:16]}…, but "
                 f"{inputs.version_sha256[:16]}… was registered: the stored file was altered or "
                 "damaged",
-                status=500,
             )
         return data
 
@@ -369,11 +365,9 @@ class Loader:
         from service.ingest.datasets_io import DatasetError, select_rows
 
         if source.kind != "tensor":
-            raise JobError(
-                "unsupported-dataset", "Unsupported dataset",
-                f"dataset {source.name!r} is of kind {source.kind!r}; this worker unlearns "
-                "tensor datasets",
-            )  # fmt: skip
+            raise unsupported_dataset(
+                source.name, source.kind, "this worker unlearns tensor datasets"
+            )
         try:
             data = self.dataset(source)
             inputs, labels = select_rows(data, keys if keys is not None else data.ids)

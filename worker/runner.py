@@ -12,7 +12,7 @@ Where each step lives:
 - worker.saving — the checkpoint file and the version, activated through the path shared
   with promotion (service.domain.activation).
 
-This module keeps the entry point and re-exports the names callers have always imported.
+This module is the entry point only: import the other names from their own modules.
 """
 
 from __future__ import annotations
@@ -20,34 +20,13 @@ from __future__ import annotations
 import logging
 
 from service.logs import log_context
-from worker.context import FINAL_OUTCOMES, Outcome, RunnerContext, RunResult
-from worker.errors import Cancelled, Interrupted, JobError, LeaseLost, SourceChanged
+from worker.context import FINAL_OUTCOMES, RunnerContext, RunResult
 from worker.execution import Execution
-from worker.job_queue import Claim, claim_job, runnable_jobs, wake_next
-from worker.loading import Loaded
+from worker.job_queue import claim_job, wake_next
 
 log = logging.getLogger("lethe.worker")
 
-_Execution = Execution  # the name the tests use
-
-__all__ = [
-    "Cancelled",
-    "Claim",
-    "Execution",
-    "Interrupted",
-    "JobError",
-    "LeaseLost",
-    "Loaded",
-    "Outcome",
-    "RunResult",
-    "RunnerContext",
-    "SourceChanged",
-    "_Execution",
-    "claim_job",
-    "run_job",
-    "runnable_jobs",
-    "wake_next",
-]
+__all__ = ["run_job"]
 
 
 def run_job(ctx: RunnerContext, job_id: str) -> RunResult:

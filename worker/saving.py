@@ -23,7 +23,7 @@ from service.domain.activation import RecordsUnavailable, activate, after_activa
 from service.domain.models import active_version
 from service.domain.states import JobStatus, Phase, RequestStatus, VersionStatus
 from service.storage.db import transaction
-from service.storage.models import Dataset, ModelVersion
+from service.storage.models import Dataset, ModelVersion, utcnow
 from service.storage.objects import Storage
 from service.trust.audit import append_event
 from worker.coalescing import finish_served, own_metrics, run_metrics, served_jobs
@@ -31,7 +31,6 @@ from worker.context import RunnerContext
 from worker.dataset_cache import DATASETS
 from worker.errors import Cancelled, JobError, LeaseLost, SourceChanged
 from worker.job_queue import Fence, finish_job, lock_claimed
-from worker.lease import utcnow
 from worker.loading import Loaded
 
 

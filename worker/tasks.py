@@ -16,8 +16,9 @@ from typing import Any
 from service.domain.backoff import backoff_delay
 from service.domain.queue import RUN_JOB_TASK
 from worker.celery_app import app, enqueue
+from worker.context import Outcome, RunnerContext
 from worker.errors import is_transient
-from worker.runner import Outcome, RunnerContext, run_job
+from worker.runner import run_job
 
 log = logging.getLogger("lethe.worker")
 

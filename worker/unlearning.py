@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from service.domain.states import ENGINE_METHODS
 from worker.imu import GAConfig, IMUConfig, gradient_ascent, unlearn
 from worker.imu.unlearn import UnlearnResult
 from worker.job_metrics import jsonable
@@ -20,7 +21,7 @@ class InvalidParams(ValueError):
 def engine_config(method: str, params: dict[str, Any], device: str | None) -> IMUConfig | GAConfig:
     """The run's config; `policy` (release thresholds) is not an engine parameter."""
     engine_params = {k: v for k, v in params.items() if k != "policy"}
-    if method not in ("imu", "ga"):
+    if method not in ENGINE_METHODS:
         raise InvalidParams(f"unknown method {method!r}")
     overrides = {**engine_params, "device": device}
     try:

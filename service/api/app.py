@@ -11,13 +11,12 @@ from fastapi import Depends, FastAPI
 from service import __version__
 from service.api import audit, console_routes, datasets, health, jobs, models, requests
 from service.api.auth import KeyCache, authenticate
-from service.api.deps import AppState
+from service.api.deps import AppState, check_request_strings
 from service.api.gate import FORM_OVERHEAD_BYTES, RequestGate
 from service.api.observability import Metrics, MetricsMiddleware
 from service.api.openapi import install_openapi, operation_id
 from service.api.problems import install_handlers
 from service.api.request_ids import RequestIdMiddleware
-from service.ingest.textcheck import check_request_strings
 from service.settings import Settings, get_settings
 from service.storage.db import is_postgres, make_engine, make_session_factory
 from service.storage.migrate import SchemaBehind, check_at_head

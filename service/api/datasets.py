@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 
@@ -11,7 +11,7 @@ from service.api.deps import AppState, get_state, iter_file, only_form_fields, r
 from service.api.schemas import COMMON_ERRORS, DatasetOut, Page, RecordOut, problems
 from service.domain import datasets as domain
 from service.domain.pagination import DEFAULT_LIMIT, MAX_LIMIT
-from service.domain.states import RecordState
+from service.domain.states import DatasetKind, DatasetRole, RecordState
 from service.ingest.npzread import NpzLimits
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=COMMON_ERRORS)
@@ -43,8 +43,8 @@ Cursor = Annotated[str | None, Query(description="`next_cursor` of the previous 
 def upload_dataset(
     file: Annotated[UploadFile, File(description="The .npz or .jsonl file.")],
     name: Annotated[str, Form(min_length=1, max_length=200)],
-    kind: Annotated[Literal["tensor", "text"], Form()],
-    role: Annotated[Literal["train", "eval", "member_probe"], Form()],
+    kind: Annotated[DatasetKind, Form()],
+    role: Annotated[DatasetRole, Form()],
     principal: Principal = Depends(require("admin")),
     state: AppState = Depends(get_state),
 ) -> dict[str, Any]:
@@ -63,7 +63,7 @@ def upload_dataset(
 
 @router.get("", summary="List datasets (newest first)", response_model=Page[DatasetOut])
 def list_datasets(
-    role: Annotated[Literal["train", "eval", "member_probe"] | None, Query()] = None,
+    role: Annotated[DatasetRole | None, Query()] = None,
     cursor: Cursor = None,
     limit: Limit = DEFAULT_LIMIT,
     _: Principal = Depends(require("read")),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeVar
@@ -11,9 +12,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
 
 from service.api.auth import KeyCache, Principal
 from service.api.problems import Problem
+from service.ingest.textcheck import find_bad, problem
 from service.settings import Settings
 from service.storage.objects import CHUNK, Storage
 
@@ -137,3 +140,33 @@ async def metrics_access(
     private network): job counts and model names are not for anyone who can reach the port."""
     if state.settings.metrics_auth != "open":
         await _read(credentials, state)
+
+
+async def check_request_strings(request: Request) -> None:
+    """App-wide dependency: runs before each route's own dependencies (auth included)."""
+    errors: list[dict[str, Any]] = []
+    for name, value in request.path_params.items():
+        if isinstance(value, str):
+            find_bad(value, name, "path", errors)
+    for name, value in request.query_params.multi_items():
+        find_bad(name, name, "query", errors)
+        find_bad(value, name, "query", errors)
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("application/json"):
+        body = await request.body()  # cached on the request: FastAPI parses the same bytes
+        try:
+            parsed = json.loads(body) if body else None
+        except (ValueError, UnicodeDecodeError):
+            parsed = None  # FastAPI answers malformed JSON itself (422)
+        find_bad(parsed, "", "body", errors)
+    elif content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        form = await request.form()
+        for name, value in form.multi_items():
+            find_bad(name, name, "body", errors)
+            if isinstance(value, UploadFile):
+                if value.filename:
+                    find_bad(value.filename, f"{name}.filename", "body", errors)
+            else:
+                find_bad(value, name, "body", errors)
+    if errors:
+        raise problem(errors)

@@ -12,8 +12,9 @@ from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import AppState, get_state, metrics_access
-from service.api.problems import DB_RETRY_AFTER_S, PROBLEM_MEDIA_TYPE, problem_dict
+from service.api.problems import DB_RETRY_AFTER_S, PROBLEM_MEDIA_TYPE
 from service.api.schemas import HealthOut, ReadyOut, problems
+from service.errors import problem_dict
 from service.storage.migrate import SchemaBehind, check_at_head
 
 log = logging.getLogger("lethe.api")

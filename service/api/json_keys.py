@@ -9,7 +9,7 @@ from typing import Any
 
 from fastapi import Request
 
-from service.api.problems import validation
+from service.errors import validation
 
 
 class _Duplicate(ValueError):

@@ -9,7 +9,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse, Response, StreamingResponse
-from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 
 from service.api.auth import Principal
 from service.api.deps import AppState, get_state, iter_file, only_form_fields, require
@@ -192,28 +191,10 @@ def reject_version(
     return versions_domain.reject(state.sessions, state.storage, version_id, actor=principal.actor)
 
 
-class _CheckpointFile(FileResponse):
-    """A local checkpoint file; an unusable Range is ignored (RFC 9110), not a 400."""
-
-    @classmethod
-    def _parse_range_header(cls, http_range: str, file_size: int) -> list[tuple[int, int]]:
-        try:
-            return super()._parse_range_header(http_range, file_size)
-        except MalformedRangeHeader:
-            return []  # → the whole file
-
-    @classmethod
-    def unsatisfiable(cls, http_range: str, file_size: int) -> bool:
-        try:
-            cls._parse_range_header(http_range, file_size)
-        except RangeNotSatisfiable:
-            return True
-        return False
-
-
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
-    """The S3 path: one `bytes=a-b` range as inclusive (start, end); None means send the
-    whole file. Multiple ranges are answered with the whole file (allowed by RFC 9110)."""
+    """One `bytes=a-b` range as inclusive (start, end); None means send the whole file: an
+    unusable Range is ignored (RFC 9110), not a 400, and several ranges are answered with
+    the whole file (also allowed). The one parser for every storage backend."""
     if not header or "," in header:
         return None
     match = _RANGE_RE.match(header.strip())
@@ -250,8 +231,8 @@ def _unsatisfiable(size: int) -> Problem:
     summary="Download a version's .safetensors checkpoint",
     description=(
         "Streamed. `ETag` is the quoted sha256 hex, `Repr-Digest: sha-256=:<base64>:`, "
-        "`Content-Length`; `Range: bytes=a-b` answers 206 with `Content-Range` (local "
-        "storage also serves several ranges and honours `If-Range`). "
+        "`Content-Length`; `Range: bytes=a-b` answers 206 with `Content-Range` (several "
+        "ranges: the whole file), honouring `If-Range`. "
         "410 when the checkpoint was retired."
     ),
     response_class=Response,
@@ -301,16 +282,6 @@ def download_checkpoint(
     if_range = request.headers.get("if-range")
     if range_header and if_range and if_range.strip() != etag:
         range_header = None  # the client's partial copy is of another representation
-    local = state.storage.local_path(key)
-    if local is not None:
-        # Starlette serves single and multiple ranges and If-Range; only the 416 becomes a
-        # problem document here.
-        stat = local.stat()
-        if range_header and _CheckpointFile.unsatisfiable(range_header, stat.st_size):
-            raise _unsatisfiable(stat.st_size)
-        return _CheckpointFile(
-            local, headers=headers, media_type="application/octet-stream", stat_result=stat
-        )
     byte_range = parse_range(range_header, size)
     start, end = byte_range if byte_range else (0, size - 1)
     length = end - start + 1 if size else 0

@@ -7,10 +7,8 @@ exceptions become a 500 without any internal detail (the traceback goes to the l
 
 from __future__ import annotations
 
-import difflib
 import logging
-from collections.abc import Mapping, Sequence
-from http import HTTPStatus
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -20,7 +18,18 @@ from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-PROBLEM_BASE = "https://lethe.dev/problems/"
+from service.errors import (
+    Conflict,
+    DomainError,
+    Invalid,
+    NotFound,
+    PayloadTooLarge,
+    Unavailable,
+    default_title,
+    problem_dict,
+    type_uri,
+)
+
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 
 log = logging.getLogger("lethe.api")
@@ -45,40 +54,9 @@ _STATUS_SLUGS = {
 }
 
 
-def type_uri(slug: str) -> str:
-    return slug if slug.startswith(("http://", "https://", "about:")) else PROBLEM_BASE + slug
-
-
-def problem_dict(
-    type: str,
-    title: str | None = None,
-    status: int = 400,
-    detail: str = "",
-    errors: list[dict[str, Any]] | None = None,
-    **extra: Any,
-) -> dict[str, Any]:
-    """The JSON body of a problem; the worker stores this shape as a job's `error`."""
-    body: dict[str, Any] = {
-        "type": type_uri(type),
-        "title": title or _default_title(status),
-        "status": status,
-        "detail": detail,
-    }
-    if errors is not None:
-        body["errors"] = errors
-    body.update(extra)
-    return body
-
-
-def _default_title(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Error"
-
-
 class Problem(StarletteHTTPException):
-    """Raise anywhere in request handling to answer with a problem document.
+    """An HTTP-level refusal raised by the API layer itself (auth, size gate, Range): code
+    below the API raises `service.errors.DomainError` instead, mapped by `_handle_domain`.
 
     It subclasses Starlette's HTTPException so that FastAPI re-raises it unchanged when it
     happens while the request body is being read (e.g. the upload size limit).
@@ -98,7 +76,7 @@ class Problem(StarletteHTTPException):
         super().__init__(status_code=status, detail=detail, headers=headers)
         self.status = status
         self.type = type_uri(type)
-        self.title = title or _default_title(status)
+        self.title = title or default_title(status)
         self.errors = errors
         self.extra = extra
 
@@ -106,30 +84,6 @@ class Problem(StarletteHTTPException):
         return problem_dict(
             self.type, self.title, self.status, str(self.detail), self.errors, **self.extra
         )
-
-
-# Convenience constructors for the common cases, so routers stay one-liners.
-def did_you_mean(ident: str, known: Sequence[str]) -> tuple[list[str], str]:
-    """The names closest to ``ident`` and the sentence suggesting them ("" when none)."""
-    close = difflib.get_close_matches(ident, list(known), n=3, cutoff=0.6)
-    return close, (f"; did you mean {', '.join(repr(c) for c in close)}?" if close else "")
-
-
-def not_found(what: str, ident: str, known: Sequence[str] = ()) -> Problem:
-    """404; with ``known`` names, the closest ones are suggested."""
-    close, hint = did_you_mean(ident, known)
-    problem = Problem(404, "not-found", f"{what} {ident!r} does not exist{hint}", title="Not found")
-    if close:
-        problem.extra["suggestions"] = close
-    return problem
-
-
-def validation(detail: str, errors: list[dict[str, Any]] | None = None) -> Problem:
-    return Problem(422, "validation-error", detail, title="Invalid input", errors=errors or [])
-
-
-def conflict(slug: str, detail: str, title: str = "Conflict", **extra: Any) -> Problem:
-    return Problem(409, slug, detail, title=title, **extra)
 
 
 def problem_response(
@@ -156,6 +110,35 @@ async def _handle_problem(_request: Request, exc: Exception) -> JSONResponse:
     return problem_response(exc.to_dict(), exc.headers)
 
 
+# The one place a domain error's kind becomes an HTTP status.
+DOMAIN_STATUS: dict[type[DomainError], int] = {
+    NotFound: 404,
+    Invalid: 422,
+    Conflict: 409,
+    PayloadTooLarge: 413,
+    Unavailable: 503,
+}
+
+
+def domain_status(exc: DomainError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in DOMAIN_STATUS:
+            return DOMAIN_STATUS[cls]
+    return 400
+
+
+def domain_problem(exc: DomainError) -> dict[str, Any]:
+    return problem_dict(
+        exc.code, exc.title, domain_status(exc), exc.detail, exc.errors, **exc.extra
+    )
+
+
+async def _handle_domain(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, DomainError)
+    retry = getattr(exc, "retry_after_s", None)
+    return problem_response(domain_problem(exc), {"Retry-After": str(retry)} if retry else None)
+
+
 async def _handle_validation(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = _validation_errors(exc)
@@ -169,7 +152,7 @@ async def _handle_validation(_request: Request, exc: Exception) -> JSONResponse:
 async def _handle_http(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     status = exc.status_code
-    detail = exc.detail if isinstance(exc.detail, str) else _default_title(status)
+    detail = exc.detail if isinstance(exc.detail, str) else default_title(status)
     body = problem_dict(_STATUS_SLUGS.get(status, f"http-{status}"), None, status, detail)
     headers = dict(getattr(exc, "headers", None) or {})
     if status == 405:
@@ -257,6 +240,7 @@ def install_handlers(app: FastAPI) -> None:
     for exc_type in (sa_exc.DBAPIError, sa_exc.TimeoutError, sa_exc.DisconnectionError):
         app.add_exception_handler(exc_type, _handle_database)
     app.add_exception_handler(Problem, _handle_problem)
+    app.add_exception_handler(DomainError, _handle_domain)
     app.add_exception_handler(RequestValidationError, _handle_validation)
     app.add_exception_handler(StarletteHTTPException, _handle_http)
     app.add_exception_handler(Exception, _handle_unexpected)

@@ -11,7 +11,16 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.domain.states import JobStatus, Phase, RecordState, RequestStatus, VersionStatus
+from service.domain.states import (
+    DatasetKind,
+    DatasetRole,
+    JobStatus,
+    Method,
+    Phase,
+    RecordState,
+    RequestStatus,
+    VersionStatus,
+)
 
 T = TypeVar("T")
 
@@ -28,8 +37,8 @@ class Page(_Out, Generic[T]):
 class DatasetOut(_Out):
     id: str
     name: str
-    kind: Literal["tensor", "text"]
-    role: Literal["train", "eval", "member_probe"]
+    kind: DatasetKind
+    role: DatasetRole
     record_count: int
     sha256: str = Field(description="sha256 of the file as uploaded")
     created_at: str
@@ -194,7 +203,7 @@ class DeletionRequestOut(_Out):
     model: str
     dataset: str
     record_keys: list[str]
-    method: Literal["imu", "ga", "retrain"]
+    method: Method
     params: dict[str, Any]
     subject_ref: str | None
     reason: str | None

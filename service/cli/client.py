@@ -30,6 +30,7 @@ from service.cli.render import err, human_size, metrics_table, out, policy_table
 from service.cli.render import kv as _kv
 from service.cli.render import print_json as _print_json
 from service.cli.render import table as _table
+from service.domain.states import DATASET_ROLES
 
 __all__ = ["JsonOpt", "KeyOpt", "UrlOpt", "_api", "_cell", "_kv", "_print_json", "_table", "err"]
 
@@ -157,7 +158,7 @@ def _register_datasets(app: typer.Typer) -> None:
             ),
         ],
         name: Annotated[str, typer.Option(help="Dataset name.")],
-        role: Annotated[str, typer.Option(help="train | eval | member_probe")] = "train",
+        role: Annotated[str, typer.Option(help=" | ".join(DATASET_ROLES))] = "train",
         kind: Annotated[str, typer.Option(help="tensor (.npz) | text (.jsonl)")] = "",
         url: UrlOpt = DEFAULT_URL,
         api_key: KeyOpt = "",

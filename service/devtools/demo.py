@@ -23,6 +23,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from service import engine
 from service.cli.api_client import LetheAPIError, LetheClient
 from service.devtools.localserver import LocalService
 from service.domain.states import PHASES, Phase, RequestStatus
@@ -152,10 +153,6 @@ def member_probe(train: Split, excluded: set[str], seed: int, size: int) -> Spli
 
 def trained_checkpoint(train: Split, cfg: DemoConfig, log: Callable[[str], None]) -> Path:
     """The demo CNN's weights, trained once per configuration and cached under demo/."""
-    from worker.imu.architectures import build
-    from worker.imu.checkpoints import save_safetensors
-    from worker.imu.train import fit
-
     path = cfg.demo_dir / f"digits-cnn-w{cfg.width}-e{cfg.train_epochs}-s{cfg.seed}.safetensors"
     if path.exists():
         log(f"using the cached trained model {path}")
@@ -164,12 +161,12 @@ def trained_checkpoint(train: Split, cfg: DemoConfig, log: Callable[[str], None]
 
     log(f"training the CNN on {len(train.labels)} records ({cfg.train_epochs} epochs; once)")
     torch.manual_seed(cfg.seed)
-    model = build(ARCHITECTURE, **cfg.arch_kwargs)
+    model = engine.build_model(ARCHITECTURE, **cfg.arch_kwargs)
     started = time.monotonic()
     x, y = torch.from_numpy(train.inputs), torch.from_numpy(train.labels)
-    fit(model, x, y, epochs=cfg.train_epochs, seed=cfg.seed)
+    engine.fit(model, x, y, epochs=cfg.train_epochs, seed=cfg.seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_safetensors(model, path)
+    engine.save_safetensors(model, path)
     log(f"trained the CNN in {time.monotonic() - started:.1f}s, cached at {path}")
     return path
 
@@ -178,13 +175,9 @@ def per_class_accuracy(weights: Path, split: Split, cfg: DemoConfig) -> list[flo
     """Loads a safetensors checkpoint into the registered architecture and scores it."""
     import torch
 
-    from worker.imu.architectures import build
-    from worker.imu.checkpoints import load_safetensors_into
-    from worker.imu.train import predict_per_class_accuracy
-
-    model = build(ARCHITECTURE, **cfg.arch_kwargs)
-    load_safetensors_into(model, weights)
-    acc = predict_per_class_accuracy(
+    model = engine.build_model(ARCHITECTURE, **cfg.arch_kwargs)
+    engine.load_safetensors_into(model, weights)
+    acc = engine.per_class_accuracy(
         model, torch.from_numpy(split.inputs), torch.from_numpy(split.labels), NUM_CLASSES
     )
     return [float("nan") if a is None else float(a) for a in acc]

@@ -19,9 +19,7 @@ def write_sample_data(directory: Path) -> list[Path]:
     import torch
     from sklearn.datasets import load_digits
 
-    from worker.imu.architectures import build
-    from worker.imu.checkpoints import save_safetensors
-    from worker.imu.train import fit
+    from service import engine
 
     directory.mkdir(parents=True, exist_ok=True)
     d = load_digits()
@@ -34,9 +32,9 @@ def write_sample_data(directory: Path) -> list[Path]:
     np.savez(paths[0], ids=ids[:TRAIN], inputs=x[:TRAIN], labels=y[:TRAIN])
     np.savez(paths[1], ids=ids[TRAIN:], inputs=x[TRAIN:], labels=y[TRAIN:])
     torch.manual_seed(0)
-    model = build("mlp", in_features=64, hidden=[64], num_classes=10)
-    fit(model, torch.from_numpy(x[:TRAIN]), torch.from_numpy(y[:TRAIN]), epochs=30, lr=3e-3)
-    save_safetensors(model, paths[2])
+    model = engine.build_model("mlp", in_features=64, hidden=[64], num_classes=10)
+    engine.fit(model, torch.from_numpy(x[:TRAIN]), torch.from_numpy(y[:TRAIN]), epochs=30, lr=3e-3)
+    engine.save_safetensors(model, paths[2])
     return paths
 
 

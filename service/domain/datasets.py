@@ -14,10 +14,10 @@ from typing import Any
 from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.api.problems import Problem, did_you_mean, not_found, validation
 from service.domain.pagination import MAX_LIMIT, decode_cursor, page
-from service.domain.states import RecordState
+from service.domain.states import DATASET_KINDS, DATASET_ROLES, RecordState
 from service.domain.views import dataset_view, iso
+from service.errors import Invalid, PayloadTooLarge, did_you_mean, not_found, validation
 from service.ingest.datasets_io import DatasetError, dataset_meta, load_dataset, record_hashes
 from service.ingest.npzread import NpzLimits
 from service.storage.db import transaction
@@ -25,8 +25,6 @@ from service.storage.models import Dataset, Record, new_id
 from service.storage.objects import Storage, TooLarge
 from service.trust.audit import append_event
 
-KINDS = ("tensor", "text")
-ROLES = ("train", "eval", "member_probe")
 EXTENSIONS = {"tensor": "npz", "text": "jsonl"}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._\-]{0,199}$")
 _INSERT_BATCH = 5000
@@ -43,9 +41,8 @@ def check_name(name: str, what: str = "name") -> str:
     return name
 
 
-def too_large(limit: int) -> Problem:
-    return Problem(
-        413,
+def too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(
         "payload-too-large",
         f"the upload exceeds the limit of {limit // (1024 * 1024)} MiB (LETHE_MAX_UPLOAD_MB)",
         title="Payload too large",
@@ -66,10 +63,10 @@ def register_dataset(
 ) -> dict[str, Any]:
     check_name(name)
     errors = []
-    if kind not in KINDS:
-        errors.append({"field": "kind", "message": f"must be one of {', '.join(KINDS)}"})
-    if role not in ROLES:
-        errors.append({"field": "role", "message": f"must be one of {', '.join(ROLES)}"})
+    if kind not in DATASET_KINDS:
+        errors.append({"field": "kind", "message": f"must be one of {', '.join(DATASET_KINDS)}"})
+    if role not in DATASET_ROLES:
+        errors.append({"field": "role", "message": f"must be one of {', '.join(DATASET_ROLES)}"})
     if errors:
         raise validation("invalid dataset fields: " + ", ".join(e["field"] for e in errors), errors)
 
@@ -130,8 +127,8 @@ def register_dataset(
             view = dataset_view(ds)
     except DatasetError as exc:
         storage.delete(key)
-        raise Problem(
-            422, "invalid-dataset", str(exc), title="Invalid dataset file", errors=exc.errors
+        raise Invalid(
+            "invalid-dataset", str(exc), title="Invalid dataset file", errors=exc.errors
         ) from None
     except BaseException:
         storage.delete(key)

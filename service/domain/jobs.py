@@ -7,11 +7,11 @@ from typing import Any
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.api.problems import not_found, validation
 from service.domain.models import get_model
 from service.domain.pagination import MAX_LIMIT, newest_first, page, time_id_key
 from service.domain.states import JOB_STATES
 from service.domain.views import job_view
+from service.errors import not_found, validation
 from service.storage.db import read_once
 from service.storage.models import Job, Model, ModelVersion
 

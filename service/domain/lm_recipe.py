@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
-from service.api.problems import validation
+from service import engine
 from service.domain.datasets import resolve_dataset
 from service.domain.lm_registration import is_lm
+from service.errors import validation
 from service.storage.models import Model, ModelVersion
 from service.storage.objects import Storage
 
@@ -89,25 +90,14 @@ def _check_lora(recipe: LMRecipeIn, config: bytes) -> None:
         for f in given:
             _refuse(f"spec.recipe.{f}", "only with method lora")
         return
-    import torch
-    from torch import nn
-
-    from worker.imu.language_models import build_causal_lm
-    from worker.imu.lm_lora import DEFAULT_TARGETS
-
-    with torch.device("meta"):
-        model = build_causal_lm(config)
-    linear = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    for i, target in enumerate(recipe.lora_targets or DEFAULT_TARGETS):
+    linear = engine.linear_layer_names(config)
+    for i, target in enumerate(recipe.lora_targets or engine.default_lora_targets()):
         if not any(name == target or name.endswith("." + target) for name in linear):
             field = f"spec.recipe.lora_targets.{i}" if recipe.lora_targets else "spec.recipe"
             _refuse(field, f"no linear layer of the model is named {target!r}")
 
 
 def _check_base(session: Session, storage: Storage, ref: str, files: LMFiles) -> ModelVersion:
-    from worker.imu.checkpoints import read_header
-    from worker.imu.language_models import check_causal_lm
-
     field = "spec.recipe.base_version"
     base = session.get(ModelVersion, ref)
     if base is None:
@@ -124,8 +114,8 @@ def _check_base(session: Session, storage: Storage, ref: str, files: LMFiles) ->
         _refuse(field, f"the base ({model.name!r}) has another tokenizer.json than this model")
     try:
         with storage.open_read(str(base.storage_key)) as fh:
-            header = read_header(fh)
-        result = check_causal_lm(files.config, header)
+            header = engine.read_header(fh)
+        result = engine.check_causal_lm(files.config, header)
     except (OSError, ValueError) as exc:
         _refuse(field, f"the base checkpoint cannot be read: {exc}")
     if not result.ok:
@@ -147,8 +137,6 @@ def resolve_lm_recipe(
 ) -> dict[str, Any]:
     """The recipe as stored (worker.imu.lm_recipe.LMRecipe as JSON): the base pinned by its
     sha256, the LoRA defaults filled in, the datasets resolved to ids (text train sets)."""
-    from worker.imu.lm_recipe import LMRecipe
-
     _check_lora(recipe, files.config)
     _check_length(recipe, files.config)
     base = _check_base(session, storage, recipe.base_version, files)
@@ -162,7 +150,7 @@ def resolve_lm_recipe(
         ids.append(ds.id)
     values = recipe.model_dump(exclude_none=True)
     values.update(base_version=base.id, base_sha256=base.sha256, datasets=ids)
-    return LMRecipe.from_dict(values).to_dict()
+    return engine.stored_lm_recipe(values)
 
 
 __all__ = ["LMRecipeIn", "resolve_lm_recipe"]

@@ -20,7 +20,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.api.problems import Problem, not_found, validation
+from service import engine
+from service.errors import Invalid, NotFound, not_found, validation
 from service.storage.objects import Storage
 
 ARCHITECTURE = "causal_lm"
@@ -42,7 +43,7 @@ def is_lm(architecture: str) -> bool:
 
 
 def _limits() -> dict[str, int]:
-    from worker.imu import language_models as lm
+    lm = engine.language_models()
 
     return {
         "config": lm.MAX_CONFIG_BYTES,
@@ -51,9 +52,8 @@ def _limits() -> dict[str, int]:
     }
 
 
-def _invalid(field: str, message: str, slug: str = "invalid-model-file") -> Problem:
-    return Problem(
-        422,
+def _invalid(field: str, message: str, slug: str = "invalid-model-file") -> Invalid:
+    return Invalid(
         slug,
         f"{field}: {message}",
         title="Invalid model file",
@@ -110,7 +110,7 @@ def read_lm_files(
             f"missing: {', '.join(missing)}",
             [{"field": f, "message": "required for causal_lm"} for f in missing],
         )
-    from worker.imu import language_models as lm
+    lm = engine.language_models()
 
     limits = _limits()
     raw = {field: _read(field, uploads[field] or (), limits[field]) for field in FORM_FILES}
@@ -133,10 +133,9 @@ def read_lm_files(
 
 def check_lm_weights(files: LMFiles, header: Mapping[str, Any]) -> Any:
     """The StateDictCheck of the weights against the model config.json describes (meta)."""
-    from worker.imu.language_models import check_causal_lm
 
     try:
-        return check_causal_lm(files.config, header)
+        return engine.check_causal_lm(files.config, header)
     except ValueError as exc:
         raise _invalid("config", str(exc)) from None
 
@@ -187,8 +186,7 @@ def model_file(
         model_id, architecture = model.id, model.architecture
         digests = dict((model.arch_kwargs or {}).get("files") or {})
     if name not in FILE_NAMES or not is_lm(architecture) or name not in digests:
-        raise Problem(
-            404,
+        raise NotFound(
             "not-found",
             f"version {version_id} has no file {name!r}"
             + (f"; a {ARCHITECTURE} version has {', '.join(FILE_NAMES)}" if is_lm(architecture)
@@ -197,5 +195,5 @@ def model_file(
         )  # fmt: skip
     key = file_key(model_id, name)
     if not storage.exists(key):
-        raise Problem(404, "not-found", f"the stored {name} is missing", title="Not found")
+        raise NotFound("not-found", f"the stored {name} is missing", title="Not found")
     return StoredFile(key, str(digests[name]["sha256"]), storage.local_path(key), storage)

@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.api.problems import Problem, conflict, not_found, validation
+from service import engine
 from service.domain.datasets import resolve_dataset, too_large
 from service.domain.lm_recipe import LMRecipeIn, resolve_lm_recipe
 from service.domain.lm_registration import (
@@ -32,6 +32,7 @@ from service.domain.lm_registration import (
 from service.domain.pagination import MAX_LIMIT, decode_cursor, page
 from service.domain.states import VersionStatus
 from service.domain.views import model_view, version_view
+from service.errors import Invalid, conflict, not_found, validation
 from service.ingest.textcheck import check_json
 from service.storage.db import transaction
 from service.storage.models import Model, ModelVersion, new_id
@@ -127,15 +128,11 @@ def parse_spec(raw: str) -> ModelSpec:
 def _check_weights(
     storage: Storage, key: str, spec: ModelSpec, lm_files: LMFiles | None = None
 ) -> dict[str, Any]:
-    from worker.imu.architectures import check_state_dict
-    from worker.imu.checkpoints import read_header
-
     try:
         with storage.open_read(key) as fh:
-            header = read_header(fh)
+            header = engine.read_header(fh)
     except ValueError as exc:
-        raise Problem(
-            422,
+        raise Invalid(
             "invalid-checkpoint",
             f"weights must be a .safetensors file ({exc}); pickled checkpoints are refused",
             title="Invalid checkpoint",
@@ -145,14 +142,12 @@ def _check_weights(
         result = check_lm_weights(lm_files, header)
     else:
         try:
-            result = check_state_dict(spec.architecture, spec.arch_kwargs, header)
+            result = engine.check_state_dict(spec.architecture, spec.arch_kwargs, header)
         except (ValueError, KeyError) as exc:  # unknown architecture or bad kwargs
             field = "spec.architecture" if isinstance(exc, KeyError) else "spec.arch_kwargs"
             message = str(exc.args[0]) if exc.args else str(exc)
             if isinstance(exc, KeyError):  # causal_lm is registered here, not by the engine
-                from worker.imu.architectures import available
-
-                names = ", ".join([*available(), "causal_lm"])
+                names = ", ".join([*engine.architectures(), "causal_lm"])
                 message = f"unknown architecture {spec.architecture!r}; available: {names}"
             raise validation(message, [{"field": field, "message": message}]) from None
     if not result.ok:
@@ -164,8 +159,7 @@ def _check_weights(
                 for m in result.mismatched
             ]
         )
-        raise Problem(
-            422,
+        raise Invalid(
             "architecture-mismatch",
             f"the weights do not match architecture {spec.architecture!r}: {result.describe()}",
             title="Checkpoint does not match the architecture",

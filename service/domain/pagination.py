@@ -7,7 +7,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from service.api.problems import Problem
+from service.errors import Invalid
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 1000
@@ -31,9 +31,8 @@ def decode_cursor(cursor: str | None, arity: int) -> list[Any] | None:
     return values
 
 
-def _malformed() -> Problem:
-    return Problem(
-        422,
+def _malformed() -> Invalid:
+    return Invalid(
         "invalid-cursor",
         "the cursor is not one this list produced",
         title="Invalid cursor",

@@ -19,8 +19,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, create_model
 
-from service.api.problems import validation
+from service import engine
 from service.domain.lm_registration import is_lm
+from service.errors import validation
 
 # Engine fields the server controls (device placement is an operator decision).
 SERVER_ONLY_PARAMS = ("device",)
@@ -178,21 +179,21 @@ class RetrainParams(BaseModel):
 def param_models() -> dict[str, type[BaseModel]]:
     """`{"imu": IMUParams, "ga": GAParams, "lm": LMParams}`, built once from the engine
     configs (LMParams: either method on a `causal_lm` model)."""
-    from worker.imu import GAConfig, IMUConfig
-    from worker.imu.lm_unlearn import LMUnlearnConfig
-
+    configs = engine.param_configs()
     return {
         "imu": _derived(
-            "IMUParams", IMUConfig, "Overrides of the IMU settings (method `imu`); all optional."
+            "IMUParams",
+            configs["imu"],
+            "Overrides of the IMU settings (method `imu`); all optional.",
         ),
         "ga": _derived(
-            "GAParams", GAConfig, "Overrides of the gradient-ascent settings (method `ga`)."
+            "GAParams", configs["ga"], "Overrides of the gradient-ascent settings (method `ga`)."
         ),
         "retrain": RetrainParams,
         # `method` is the request's own field; `ascent_term` is the classifier loss (unused here).
         "lm": _derived(
             "LMParams",
-            LMUnlearnConfig,
+            configs["lm"],
             "Overrides of the language-model settings (architecture `causal_lm`).",
             exclude=("method", "ascent_term"),
         ),  # fmt: skip
@@ -246,15 +247,11 @@ def validate_params(method: str, params: Any, architecture: str | None = None) -
 
 def _check_engine(method: str, overrides: dict[str, Any], *, lm: bool = False) -> None:
     """What one field alone cannot say (e.g. `lr` is the calibration's unless it is off)."""
-    from worker.imu import GAConfig, IMUConfig
-    from worker.imu.lm_unlearn import config_for
-
-    config_cls = IMUConfig if method == "imu" else GAConfig
     try:
         if lm:
-            config_for(method, overrides)
+            engine.lm_config_for(method, overrides)
         else:
-            config_cls.from_overrides(overrides)
+            engine.param_configs()[method].from_overrides(overrides)  # type: ignore[attr-defined]
     except (ValueError, TypeError) as exc:
         head = str(exc).split(" ", 1)[0]
         field = head if head in overrides else None
@@ -262,17 +259,3 @@ def _check_engine(method: str, overrides: dict[str, Any], *, lm: bool = False) -
             f"invalid {method} params: {exc}",
             [{"field": f"params.{field}" if field else "params", "message": str(exc)}],
         ) from None
-
-
-def validate_policy(policy: Any) -> dict[str, Any]:
-    """A request's `params.policy` alone (what submission stores); 422 naming the field."""
-    try:
-        parsed = PolicyOverrides.model_validate(policy)
-    except ValidationError as exc:
-        errors = [
-            {"field": "params.policy." + ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
-            for e in exc.errors()
-        ]
-        raise validation("invalid release policy: " + ", ".join(e["field"] for e in errors),
-                         errors) from None  # fmt: skip
-    return parsed.model_dump(exclude_none=True)

@@ -6,8 +6,8 @@ from __future__ import annotations
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from service.api.problems import Problem, validation
 from service.domain.states import ACTIVE_REQUEST_STATES, RecordState, RequestStatus
+from service.errors import Invalid, validation
 from service.storage.models import Dataset, DeletionRequest, Record
 from service.storage.sql import chunked
 
@@ -100,8 +100,7 @@ def check_keys(session: Session, dataset_id: str, keys: list[str]) -> None:
             parts.append(
                 f"{len(in_review)} named by a request awaiting review ({', '.join(in_review[:10])})"
             )
-        raise Problem(
-            422,
+        raise Invalid(
             "invalid-record-keys",
             "record keys refused: " + "; ".join(parts),
             title="Invalid record keys",

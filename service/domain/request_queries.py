@@ -12,10 +12,10 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
-from service.api.problems import not_found
 from service.domain.models import get_model
 from service.domain.pagination import MAX_LIMIT, newest_first, page, time_id_key
 from service.domain.views import request_view
+from service.errors import not_found
 from service.storage.models import DeletionRequest, Job, Model, ModelVersion
 
 

@@ -18,14 +18,13 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.api.problems import Problem, conflict, not_found, validation
 from service.domain.datasets import resolve_dataset
 from service.domain.lifecycle import REQUEST_MOVES, sources
 from service.domain.models import active_version, get_model
@@ -33,15 +32,18 @@ from service.domain.params import validate_params
 from service.domain.record_holds import check_keys, hold, lock_dataset
 from service.domain.states import (
     JobStatus,
+    Method,
     RequestStatus,
 )
 from service.domain.views import request_view
+from service.engine import canonical_json
+from service.errors import Conflict, conflict, not_found, validation
 from service.settings import Settings
 from service.storage.db import transaction
 from service.storage.group_commit import batch_memo, group_commit
 from service.storage.models import Dataset, DeletionRequest, Job, Model, new_id, utcnow
 from service.storage.sql import affected_rows
-from service.trust.audit import append_event, append_events, canonical_json
+from service.trust.audit import append_event, append_events
 
 log = logging.getLogger("lethe.requests")
 
@@ -56,7 +58,7 @@ class DeletionRequestIn(BaseModel):
     model: str = Field(min_length=1, max_length=200, description="Model name.")
     dataset: str = Field(min_length=1, max_length=200, description="Dataset id (or unique name).")
     record_keys: list[str] = Field(min_length=1, max_length=MAX_KEYS)
-    method: Literal["imu", "ga", "retrain"] = Field(
+    method: Method = Field(
         default="imu",
         description="imu (default; escalates to retrain when the model has a recipe and "
         "forgetting cannot be shown), ga, or retrain (exact: the model's recipe without the "
@@ -114,7 +116,7 @@ def _take_seqs(session: Session, model_id: str, count: int) -> int:
     return int(value)
 
 
-def _key_reused() -> Problem:
+def _key_reused() -> Conflict:
     return conflict(
         "idempotency-key-reused",
         "this Idempotency-Key was already used with a different request body",

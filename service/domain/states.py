@@ -1,4 +1,4 @@
-"""The lifecycle vocabulary shared by the API, the CLI and the worker: one definition each.
+"""The vocabulary shared by the API, the CLI and the worker: one definition each.
 
 `StrEnum` members compare equal to their strings, so stored values and JSON need no casts.
 """
@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import enum
+from typing import Literal, get_args
 
 
 class JobStatus(enum.StrEnum):
@@ -64,3 +65,13 @@ REQUEST_STATUS_OF_JOB = {
     JobStatus.FAILED: RequestStatus.FAILED,
     JobStatus.CANCELLED: RequestStatus.CANCELLED,
 }
+
+# Datasets and request methods. Literal types (not enums) so that the OpenAPI document keeps
+# its inline enums; the tuples are the same values for checks and help texts.
+DatasetKind = Literal["tensor", "text"]
+DatasetRole = Literal["train", "eval", "member_probe"]
+Method = Literal["imu", "ga", "retrain"]
+DATASET_KINDS: tuple[str, ...] = get_args(DatasetKind)
+DATASET_ROLES: tuple[str, ...] = get_args(DatasetRole)
+METHODS: tuple[str, ...] = get_args(Method)
+ENGINE_METHODS = ("imu", "ga")  # approximate, run by the engine; retrain is exact

@@ -15,12 +15,12 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.api.problems import Problem, conflict
 from service.domain.activation import RecordsUnavailable, activate, after_activation
 from service.domain.lifecycle import move_request, move_version
 from service.domain.models import active_version, get_version
 from service.domain.states import RequestStatus, VersionStatus
 from service.domain.views import iso, version_view
+from service.errors import DomainError, conflict
 from service.settings import Settings
 from service.storage.db import transaction
 from service.storage.models import DeletionRequest, Job, Model, ModelVersion, utcnow
@@ -96,7 +96,7 @@ def _locked(session: Session, version_id: str) -> tuple[ModelVersion, Model]:
     return locked, model
 
 
-def _not_candidate(version: ModelVersion, action: str) -> Problem:
+def _not_candidate(version: ModelVersion, action: str) -> DomainError:
     return conflict(
         "version-not-candidate",
         f"version {version.number} is {version.status}; only a candidate can be {action}",

@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import Row
 
+from service import engine
 from service.storage.models import Dataset, DeletionRequest, Job, Model, ModelVersion
 
 
@@ -69,12 +70,7 @@ def recipe_sha256(recipe: dict[str, Any] | None) -> str | None:
     """The identity receipts cite for a recipe (worker.imu.recipe.Recipe.sha256)."""
     if not recipe:
         return None
-    from worker.imu.lm_recipe import LMRecipe, is_lm_recipe
-    from worker.imu.recipe import Recipe
-
-    if is_lm_recipe(recipe):
-        return LMRecipe.from_dict(recipe).sha256()
-    return Recipe.from_dict(recipe).sha256()
+    return engine.recipe_sha256(recipe)
 
 
 def policy_view(metrics: dict[str, Any] | None) -> dict[str, Any] | None:

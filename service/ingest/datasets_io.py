@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import zipfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -40,16 +39,6 @@ class TensorData:
     ids: list[str]
     inputs: np.ndarray
     labels: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-
-@dataclass
-class TextData:
-    ids: list[str]
-    texts: list[str]
-    labels: list[int | None] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -198,52 +187,6 @@ def load_tensor_npz(src: Source, limits: NpzLimits | None = None) -> TensorData:
     return TensorData(ids=ids, inputs=inputs, labels=labels.astype(np.int64))
 
 
-def load_text_jsonl(src: Source) -> TextData:
-    """Load and validate a JSONL text dataset: one object per line with `id` and `text`."""
-    fh = _as_fileobj(src)
-    close = False
-    if isinstance(fh, str | os.PathLike):
-        fh = open(fh, "rb")  # noqa: SIM115 - closed below
-        close = True
-    ids: list[str] = []
-    texts: list[str] = []
-    labels: list[int | None] = []
-    try:
-        for lineno, raw in enumerate(fh, start=1):
-            try:
-                line = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-            except UnicodeDecodeError:
-                raise DatasetError(f"line {lineno}: not valid UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DatasetError(f"line {lineno}: invalid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise DatasetError(f"line {lineno}: expected a JSON object")
-            unknown = sorted(set(obj) - {"id", "text", "label"})
-            if unknown:
-                raise DatasetError(f"line {lineno}: unknown fields {unknown}")
-            key = obj.get("id")
-            if isinstance(key, bool) or not isinstance(key, str | int):
-                raise DatasetError(f"line {lineno}: 'id' must be a string")
-            text = obj.get("text")
-            if not isinstance(text, str):
-                raise DatasetError(f"line {lineno}: 'text' must be a string")
-            label = obj.get("label")
-            if label is not None and (isinstance(label, bool) or not isinstance(label, int)):
-                raise DatasetError(f"line {lineno}: 'label' must be an integer")
-            ids.append(str(key))
-            texts.append(text)
-            labels.append(label)
-    finally:
-        if close:
-            fh.close()
-    _check_ids(ids)
-    return TextData(ids=ids, texts=texts, labels=labels)
-
-
 def load_dataset(kind: str, src: Source, limits: NpzLimits | None = None) -> Any:
     """TensorData for `tensor`; a TextCorpus (service.ingest.text_datasets) for `text`."""
     if kind == "tensor":
@@ -274,24 +217,19 @@ def record_sha256(content: np.ndarray | str, label: int | None = None) -> str:
 def record_hashes(data: Any) -> list[str]:
     if hasattr(data, "records"):  # a TextCorpus
         return [r.sha256() for r in data.records]
-    if isinstance(data, TensorData):
-        return [record_sha256(data.inputs[i], int(data.labels[i])) for i in range(len(data))]
-    return [record_sha256(text, label) for text, label in zip(data.texts, data.labels, strict=True)]
+    return [record_sha256(data.inputs[i], int(data.labels[i])) for i in range(len(data))]
 
 
 def dataset_meta(data: Any) -> dict[str, Any]:
     if hasattr(data, "records"):  # a TextCorpus
         return dict(data.meta())
-    if isinstance(data, TensorData):
-        classes = np.unique(data.labels)
-        return {
-            "input_shape": list(data.inputs.shape[1:]),
-            "input_dtype": str(data.inputs.dtype),
-            "num_classes": int(classes.max()) + 1 if classes.size else 0,
-            "labels": [int(c) for c in classes[:1000]],
-        }
-    labelled = [label for label in data.labels if label is not None]
-    return {"labelled": len(labelled), "labels": sorted(set(labelled))[:1000]}
+    classes = np.unique(data.labels)
+    return {
+        "input_shape": list(data.inputs.shape[1:]),
+        "input_dtype": str(data.inputs.dtype),
+        "num_classes": int(classes.max()) + 1 if classes.size else 0,
+        "labels": [int(c) for c in classes[:1000]],
+    }
 
 
 def select_rows(data: TensorData, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

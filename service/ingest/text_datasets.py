@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from service.engine import canonical_json
 from service.ingest.datasets_io import MAX_KEY_LENGTH, DatasetError
 
 MAX_FILE_BYTES = 256 << 20
@@ -44,8 +45,7 @@ class TextRecord:
         body: dict[str, Any] = {k: getattr(self, k) for k in SHAPES[self.shape] if k != "id"}
         if self.label is not None:
             body["label"] = self.label
-        canonical = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-        return hashlib.sha256(f"{self.shape}\x00{canonical}".encode()).hexdigest()
+        return hashlib.sha256(f"{self.shape}\x00{canonical_json(body)}".encode()).hexdigest()
 
 
 def _error(line: int, field: str, message: str) -> DatasetError:

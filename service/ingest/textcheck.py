@@ -4,19 +4,16 @@ PostgreSQL's `text` and `jsonb` reject U+0000, and lone surrogates (U+D800–U+D
 `\\ud800` escapes decode to) cannot be encoded as UTF-8 by any driver. SQLite stores both,
 so without this check the same request would succeed on one database and be a 500 on the
 other. One dependency on the application checks path, query, JSON and form values of every
-route; nested JSON (the `spec` form field) is checked where it is parsed.
+route (`service.api.deps.check_request_strings`); nested JSON (the `spec` form field) is
+checked where it is parsed.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
-from fastapi import Request
-from starlette.datastructures import UploadFile
-
-from service.api.problems import Problem
+from service.errors import Invalid
 
 _BAD = re.compile("[\x00\ud800-\udfff]")
 _MAX_REPORTED = 20
@@ -50,10 +47,9 @@ def find_bad(value: Any, field: str, where: str, out: list[dict[str, Any]]) -> N
             find_bad(item, f"{field}.{i}" if field else str(i), where, out)
 
 
-def problem(errors: list[dict[str, Any]]) -> Problem:
+def problem(errors: list[dict[str, Any]]) -> Invalid:
     fields = ", ".join(dict.fromkeys(e["field"] for e in errors))
-    return Problem(
-        422,
+    return Invalid(
         "validation-error",
         f"unstorable characters (NUL or lone surrogates) in: {fields}",
         title="Invalid input",
@@ -64,35 +60,5 @@ def problem(errors: list[dict[str, Any]]) -> Problem:
 def check_json(value: Any, field: str, where: str = "body") -> None:
     errors: list[dict[str, Any]] = []
     find_bad(value, field, where, errors)
-    if errors:
-        raise problem(errors)
-
-
-async def check_request_strings(request: Request) -> None:
-    """App-wide dependency: runs before each route's own dependencies (auth included)."""
-    errors: list[dict[str, Any]] = []
-    for name, value in request.path_params.items():
-        if isinstance(value, str):
-            find_bad(value, name, "path", errors)
-    for name, value in request.query_params.multi_items():
-        find_bad(name, name, "query", errors)
-        find_bad(value, name, "query", errors)
-    content_type = request.headers.get("content-type", "")
-    if content_type.startswith("application/json"):
-        body = await request.body()  # cached on the request: FastAPI parses the same bytes
-        try:
-            parsed = json.loads(body) if body else None
-        except (ValueError, UnicodeDecodeError):
-            parsed = None  # FastAPI answers malformed JSON itself (422)
-        find_bad(parsed, "", "body", errors)
-    elif content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
-        form = await request.form()
-        for name, value in form.multi_items():
-            find_bad(name, name, "body", errors)
-            if isinstance(value, UploadFile):
-                if value.filename:
-                    find_bad(value.filename, f"{name}.filename", "body", errors)
-            else:
-                find_bad(value, name, "body", errors)
     if errors:
         raise problem(errors)

@@ -97,10 +97,6 @@ class Storage:
     def write_bytes(self, key: str, data: bytes) -> tuple[str, int]:
         return self.write_stream(key, [data])
 
-    def put_file(self, key: str, local_path: str | os.PathLike[str]) -> tuple[str, int]:
-        with open(local_path, "rb") as fh:
-            return self.write_stream(key, iter(lambda: fh.read(CHUNK), b""))
-
     def open_read(self, key: str) -> BinaryIO:
         return self._backend.open_read(validate_key(key))
 

@@ -15,14 +15,11 @@ from typing import Any
 from sqlalchemy import Row, select
 from sqlalchemy.orm import Session
 
+from service.engine import canonical_json
 from service.storage.models import AuditEvent, AuditHead, utcnow
 
 GENESIS_HASH = "0" * 64
 HEAD_ID = 1
-
-
-def canonical_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def format_time(value: datetime) -> str:

@@ -18,9 +18,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import __version__
-from service.api.problems import Problem, conflict, not_found
 from service.domain.states import RecordState, RequestStatus
 from service.domain.views import iso
+from service.errors import Unavailable, conflict, not_found
 from service.settings import Settings
 from service.storage.models import (
     AuditEvent,
@@ -203,12 +203,11 @@ def _document(factory: sessionmaker[Session], request_id: str) -> dict[str, Any]
         if not_purged or len(records) != len(set(keys)):
             # `completed` is set with the activation; the purge follows in its own step (the
             # reaper finishes it if the worker died). Not a conflict: retry shortly.
-            raise Problem(
-                503, "erasure-pending",
+            raise Unavailable(
+                "erasure-pending",
                 f"{len(not_purged)} of the request's records are not yet purged from the "
                 f"dataset store; retry after {PURGE_RETRY_AFTER_S} s",
                 title="Erasure still in progress",
-                headers={"Retry-After": str(PURGE_RETRY_AFTER_S)},
                 retry_after_s=PURGE_RETRY_AFTER_S,
             )  # fmt: skip
         seqs = _audit_range(session, request, job, [result.id])

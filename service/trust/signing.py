@@ -25,6 +25,8 @@ from joserfc import jws
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet, OKPKey
 
+from service.engine import canonical_json
+
 log = logging.getLogger("lethe.signing")
 
 ALG = "EdDSA"
@@ -88,7 +90,7 @@ class Signer:
 
     def sign(self, payload: dict[str, Any], typ: str) -> str:
         header = {"alg": ALG, "kid": self.kid, "typ": typ}
-        body = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode("utf-8")
+        body = canonical_json(payload).encode("utf-8")
         # joserfc warns that RFC 9864 prefers "Ed25519"; RFC 8037 "EdDSA" is what every JOSE
         # library verifies today.
         with warnings.catch_warnings():

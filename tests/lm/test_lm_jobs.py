@@ -13,7 +13,7 @@ import pytest
 from tests.lm.lm_files import LMFiles, spec
 from tests.trust.conftest import get, post, run
 from tests.worker.harness import Stack, api_stack, stack_settings
-from worker.runner import Outcome
+from worker.context import Outcome
 
 PRODUCTION = {
     "policy_max_eval_acc_drop": 0.05,

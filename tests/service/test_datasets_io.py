@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import json
 import pickle
 
 import numpy as np
@@ -13,7 +11,6 @@ from service.ingest.datasets_io import (
     DatasetError,
     TensorData,
     load_tensor_npz,
-    load_text_jsonl,
     record_hashes,
     record_sha256,
     save_tensor_npz,
@@ -94,19 +91,6 @@ def test_pickle_is_never_loaded(tmp_path) -> None:
     with pytest.raises(DatasetError):
         load_tensor_npz(pickle.dumps(Evil()))
     assert not canary.exists()
-
-
-def test_jsonl() -> None:
-    lines = [{"id": "a", "text": "hello", "label": 1}, {"id": "b", "text": "world"}]
-    data = load_text_jsonl(("\n".join(json.dumps(x) for x in lines) + "\n\n").encode())
-    assert data.ids == ["a", "b"] and data.labels == [1, None]
-    assert len(set(record_hashes(data))) == 2
-    with pytest.raises(DatasetError, match="line 2: 'text' must be a string"):
-        load_text_jsonl(b'{"id":"a","text":"x"}\n{"id":"b","text":3}\n')
-    with pytest.raises(DatasetError, match="duplicate ids: 'a'"):
-        load_text_jsonl(b'{"id":"a","text":"x"}\n{"id":"a","text":"y"}\n')
-    with pytest.raises(DatasetError, match="line 1: invalid JSON"):
-        load_text_jsonl(io.BytesIO(b"{nope\n"))
 
 
 def test_tensor_data_len() -> None:

@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from service.api.problems import Problem
 from service.domain.params import PolicyOverrides, param_keys, param_models, validate_params
+from service.errors import Invalid
 from worker.imu import GAConfig, IMUConfig
 
 
@@ -43,9 +43,8 @@ def test_models_follow_the_engine_config(method: str, config: type) -> None:
     ],
 )
 def test_invalid_params_name_their_field(method: str, params: dict, field: str) -> None:
-    with pytest.raises(Problem) as problem:
+    with pytest.raises(Invalid) as problem:
         validate_params(method, params)
-    assert problem.value.status == 422
     assert [e["field"] for e in problem.value.errors or []] == [field]
 
 

@@ -39,11 +39,9 @@ def test_too_large_leaves_nothing(storage: Storage) -> None:
     assert list(storage.iter_keys()) == []
 
 
-def test_overwrite_replaces_and_delete_is_idempotent(storage: Storage, tmp_path: Path) -> None:
+def test_overwrite_replaces_and_delete_is_idempotent(storage: Storage) -> None:
     storage.write_bytes("checkpoints/m/1.safetensors", b"old")
-    src = tmp_path / "new.bin"
-    src.write_bytes(b"new content")
-    sha, size = storage.put_file("checkpoints/m/1.safetensors", src)
+    sha, size = storage.write_bytes("checkpoints/m/1.safetensors", b"new content")
     assert (sha, size) == (hashlib.sha256(b"new content").hexdigest(), 11)
     assert storage.open_read("checkpoints/m/1.safetensors").read() == b"new content"
     storage.delete("checkpoints/m/1.safetensors")

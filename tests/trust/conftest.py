@@ -17,7 +17,8 @@ from tests.worker.harness import (
     stack_settings,
     train_models,
 )
-from worker.runner import Outcome, RunnerContext, run_job
+from worker.context import Outcome, RunnerContext
+from worker.runner import run_job
 
 # The release policy a deployment runs with no LETHE_POLICY_* set.
 PRODUCTION_POLICY = production_policy()

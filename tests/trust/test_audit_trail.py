@@ -17,7 +17,7 @@ from service.storage.models import AuditEvent
 from service.trust.audit import append_event, verify_chain
 from tests.trust.conftest import get, post, run
 from tests.worker.harness import Stack, Trained
-from worker.runner import Outcome
+from worker.context import Outcome
 
 
 def _all_events(stack: Stack) -> list[dict]:

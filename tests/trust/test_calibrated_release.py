@@ -25,10 +25,10 @@ from tests.worker.harness import (
     npz,
     train_models,
 )
+from worker.context import Outcome
 from worker.imu.architectures import build
 from worker.imu.checkpoints import load_state_dict, to_bytes
 from worker.imu.train import accuracy, fit
-from worker.runner import Outcome
 
 
 @pytest.fixture(scope="module")

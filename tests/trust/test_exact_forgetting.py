@@ -151,7 +151,7 @@ def test_without_a_recipe_nothing_escalates_and_retrain_is_refused(
     )  # fmt: skip
     assert resp.status_code == 422 and resp.json()["errors"][0]["field"] == "method"
     job = stack.submit(model, keys)
-    from worker.runner import Outcome
+    from worker.context import Outcome
 
     assert run(stack, job) == Outcome.SUCCEEDED
     request = _request(stack, job)

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from service.api.problems import Problem
-from service.domain.params import validate_policy
+from service.domain.params import validate_params
+from service.errors import Invalid
 from service.settings import Settings
 from service.trust.lm_policy import decide_lm
 from service.trust.policy import effective_policy
@@ -44,16 +44,27 @@ def test_released_only_when_forgotten_and_useful() -> None:
 
 
 def test_a_destroyed_model_is_never_released() -> None:
-    loosest = validate_policy({"max_forget_recall": 1, "max_heldout_ppl_rise": 1,
-                               "max_probe_recall_drop": 1, "max_forget_auc_excess": 1})  # fmt: skip
+    loosest = _policy(
+        {
+            "max_forget_recall": 1,
+            "max_heldout_ppl_rise": 1,
+            "max_probe_recall_drop": 1,
+            "max_forget_auc_excess": 1,
+        }
+    )
     policy = {**DEFAULTS, **loosest}
     # Guards off on the fixture: recall 0, perplexity ×47.
     destroyed = decide_lm(policy, BEFORE, _metrics(0.0, 0.41, 1664.0, 0.0))
     assert destroyed["decision"] == "candidate" and destroyed["failed"] == ["heldout_ppl_rise"]
     nan = decide_lm(policy, BEFORE, _metrics(0.0, 0.41, float("nan"), 1.0))
     assert nan["failed"] == ["heldout_ppl_rise"] and "not measured" in nan["reasons"][0]
-    with pytest.raises(Problem):
-        validate_policy({"max_heldout_ppl_rise": 5})
+    with pytest.raises(Invalid):
+        _policy({"max_heldout_ppl_rise": 5})
+
+
+def _policy(overrides: dict) -> dict:
+    """A request's `params.policy` as submission validates and stores it."""
+    return validate_params("retrain", {"policy": overrides})["policy"]
 
 
 def test_missing_evidence_fails_safe() -> None:

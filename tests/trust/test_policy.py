@@ -9,7 +9,7 @@ import pytest
 
 from tests.trust.conftest import get, post, request_id_of, run
 from tests.worker.harness import Stack, Trained
-from worker.runner import Outcome
+from worker.context import Outcome
 
 
 def _sha(key: str) -> str:

@@ -20,9 +20,9 @@ from service.trust.audit import verify_chain
 from service.trust.purge import purge_dataset, purge_pending
 from tests.trust.conftest import get, run
 from tests.worker.harness import Stack, Trained
+from worker.context import Outcome
 from worker.dataset_cache import DATASETS
 from worker.reaper import Reaper
-from worker.runner import Outcome
 
 
 def _files(root: Path) -> list[Path]:

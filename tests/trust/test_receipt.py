@@ -21,7 +21,7 @@ from service.trust.receipts import ReceiptError, verify
 from service.trust.signing import KEY_FILE, OKPKey
 from tests.trust.conftest import get, request_id_of, run
 from tests.worker.harness import Stack, Trained
-from worker.runner import Outcome
+from worker.context import Outcome
 
 cli = CliRunner()
 

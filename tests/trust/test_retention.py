@@ -10,13 +10,12 @@ import pytest
 from sqlalchemy import update
 
 from service.storage.db import transaction
-from service.storage.models import ModelVersion
+from service.storage.models import ModelVersion, utcnow
 from service.storage.objects import Storage
 from tests.trust.conftest import get, run
 from tests.worker.harness import Stack, Trained
-from worker.lease import utcnow
+from worker.context import Outcome
 from worker.reaper import Reaper
-from worker.runner import Outcome
 
 
 def _checkpoint_files(stack: Stack) -> list[str]:

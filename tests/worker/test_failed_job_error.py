@@ -11,11 +11,12 @@ import pytest
 from sqlalchemy import update
 
 from service.storage.db import transaction
-from service.storage.models import Job
+from service.storage.models import Job, utcnow
 from tests.worker.harness import Stack, Trained, api_stack, stack_settings
-from worker.lease import utcnow
+from worker.context import Outcome, RunnerContext
+from worker.job_queue import claim_job
 from worker.reaper import Reaper
-from worker.runner import Outcome, RunnerContext, claim_job, run_job
+from worker.runner import run_job
 
 
 @pytest.fixture

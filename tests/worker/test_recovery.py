@@ -16,7 +16,7 @@ from sqlalchemy.engine import make_url
 
 from service.devtools.localserver import free_port
 from service.storage.db import transaction
-from service.storage.models import Job
+from service.storage.models import Job, utcnow
 from tests.conftest import PG_ADMIN_URL
 from tests.worker.harness import (
     ONE_JOB_PER_REQUEST,
@@ -29,9 +29,9 @@ from tests.worker.harness import (
     stack_settings,
     wait_until,
 )
-from worker.lease import utcnow
+from worker.context import Outcome, RunnerContext
 from worker.reaper import Reaper
-from worker.runner import Outcome, RunnerContext, run_job
+from worker.runner import run_job
 
 pytestmark = [pytest.mark.postgres]
 

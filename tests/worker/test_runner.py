@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import update
 
 from service.storage.db import transaction
-from service.storage.models import Job, Record
+from service.storage.models import Job, Record, utcnow
 from tests.worker.harness import (
     ONE_JOB_PER_REQUEST,
     Stack,
@@ -24,9 +24,12 @@ from tests.worker.harness import (
     job_checkpoint_files,
     stack_settings,
 )
-from worker.lease import utcnow, worker_identity
+from worker.context import Outcome, RunnerContext
+from worker.execution import Execution
+from worker.job_queue import claim_job
+from worker.lease import worker_identity
 from worker.reaper import Reaper
-from worker.runner import Outcome, RunnerContext, _Execution, claim_job, run_job
+from worker.runner import run_job
 
 
 @pytest.fixture
@@ -68,7 +71,7 @@ def test_duplicate_deliveries_ordering_and_takeover_fence(stack: Stack, trained:
     result_b = run_job(b, first)
     assert result_b.outcome == Outcome.SUCCEEDED
     # A wakes up and tries to finish its stale attempt: the fence stops it, no second version.
-    stale = _Execution(a, claim_a).run()
+    stale = Execution(a, claim_a).run()
     assert stale.outcome == Outcome.LOST
     assert run_job(a, first).outcome == Outcome.FINISHED
     assert run_job(a, second).outcome == Outcome.SUCCEEDED

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from service.api.problems import Problem
 from service.domain.requests import DeletionRequestIn, submit_deletion_request
+from service.errors import Conflict, DomainError, Invalid
 from service.storage.group_commit import group_commit
 from service.storage.models import AuditEvent, DeletionRequest, Job
 from service.trust.audit import verify_chain
@@ -59,7 +59,7 @@ def test_one_batch_of_submissions(stack: Stack, trained: Trained) -> None:
             answers[i] = submit_deletion_request(
                 stack.sessions, stack.settings, body, actor="test", idempotency_key=idem
             )
-        except Problem as exc:
+        except DomainError as exc:
             answers[i] = exc
 
     threads = []
@@ -76,8 +76,8 @@ def test_one_batch_of_submissions(stack: Stack, trained: Trained) -> None:
     for i in range(8):
         assert not isinstance(answers[i], Exception), answers[i]
     assert answers[9].replayed and answers[9].job_id == answers[8].job_id
-    assert isinstance(answers[11], Problem) and answers[11].status == 409
-    assert isinstance(answers[12], Problem) and answers[12].status == 422
+    assert isinstance(answers[11], Conflict) and answers[11].code == "idempotency-key-reused"
+    assert isinstance(answers[12], Invalid) and answers[12].code == "invalid-record-keys"
     accepted = [answers[i] for i in (*range(9), 10)]
     with stack.sessions() as session:
         jobs = {j.id: j for j in session.execute(select(Job)).scalars()}

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
 import torch
+
+from worker.imu.devices import DEVICE_NAMES, DEVICE_RE
 
 BACKBONE_MODES = ("train", "eval")
 CALIBRATION_MODES = ("auto", "off")
@@ -22,7 +23,6 @@ GUARD_DROP_CLASS_WISE = 0.03
 GUARD_DROP_OTHER = 0.02
 OPTIONAL_FLOATS = ("guard_max_drop", "top_data")  # None = chosen per request / mode
 PAPER_TOP_DATA = 0.1  # the authors' released value (calibration off)
-_DEVICE_RE = re.compile(r"^(cpu|cuda|mps)(:\d{1,3})?$")
 
 Bounds = dict[str, tuple[float, float, bool, bool]]  # (low, high, low inclusive, high incl.)
 
@@ -138,12 +138,9 @@ class StepConfig:
                 )
             self.params = [p.strip() for p in self.params]
         if self.device is not None and (
-            not isinstance(self.device, str)
-            or (self.device != "auto" and not _DEVICE_RE.match(self.device))
+            not isinstance(self.device, str) or not DEVICE_RE.match(self.device)
         ):
-            raise ValueError(
-                f"device must be null, 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}"
-            )
+            raise ValueError(f"device must be null or {DEVICE_NAMES}, got {self.device!r}")
 
     @classmethod
     def field_names(cls) -> list[str]:

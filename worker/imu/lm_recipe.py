@@ -17,7 +17,6 @@ The loss is the mean token NLL of each record (its completion, or every token wi
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from worker.imu.canonical import canonical_json
 from worker.imu.lm_data import TokenBatch, record_losses
 
 METHODS = ("full", "lora")
@@ -90,8 +90,7 @@ class LMRecipe:
     def sha256(self) -> str:
         """The recipe's identity, as receipts cite it: sha256 of its canonical JSON (the
         base's sha256 included, so it pins the base weights too)."""
-        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()
+        return hashlib.sha256(canonical_json(self.to_dict()).encode()).hexdigest()
 
 
 def is_lm_recipe(recipe: dict[str, Any] | None) -> bool:

@@ -11,7 +11,6 @@ approximate method can only be measured against.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from worker.imu.architectures import build
+from worker.imu.canonical import canonical_json
 from worker.imu.train import fit
 
 TRAINERS = ("adam",)
@@ -60,8 +60,7 @@ class Recipe:
 
     def sha256(self) -> str:
         """The recipe's identity, as receipts cite it: sha256 of its canonical JSON."""
-        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()
+        return hashlib.sha256(canonical_json(self.to_dict()).encode()).hexdigest()
 
 
 def retrain(
