@@ -55,21 +55,28 @@ def _time(value: str) -> float:
 def _setup(http: httpx.Client, fam: Family) -> str:
     def upload(name: str, role: str, content: bytes) -> str:
         resp = http.post(
-            "/v1/datasets", data={"name": name, "kind": "tensor", "role": role},
+            "/v1/datasets",
+            data={"name": name, "kind": "tensor", "role": role},
             files={"file": (f"{name}.npz", content)},
-        )  # fmt: skip
+        )
         resp.raise_for_status()
         return str(resp.json()["id"])
 
     train = upload("burst-train", "train", fam.npz(None))
     evals = upload("burst-eval", "eval", fam.npz(None, "eval"))
     recipe = {**fam.recipe_json(), "datasets": [train]}
-    spec = {"name": "mlp", "architecture": fam.architecture, "arch_kwargs": fam.arch_kwargs,
-            "eval_dataset": evals, "recipe": recipe}  # fmt: skip
+    spec = {
+        "name": "mlp",
+        "architecture": fam.architecture,
+        "arch_kwargs": fam.arch_kwargs,
+        "eval_dataset": evals,
+        "recipe": recipe,
+    }
     resp = http.post(
-        "/v1/models", data={"spec": json.dumps(spec)},
+        "/v1/models",
+        data={"spec": json.dumps(spec)},
         files={"weights": fam.trained().weights["model"]},
-    )  # fmt: skip
+    )
     resp.raise_for_status()
     return train
 
@@ -104,8 +111,10 @@ def _wait(http: httpx.Client, ids: set[str], timeout: float) -> dict[str, dict[s
         if len(views) == len(ids) and all(v["status"] in FINAL for v in views.values()):
             return views
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{sum(v['status'] in FINAL for v in views.values())} of "
-                               f"{len(ids)} requests finished")  # fmt: skip
+            raise TimeoutError(
+                f"{sum(v['status'] in FINAL for v in views.values())} of "
+                f"{len(ids)} requests finished"
+            )
         time.sleep(0.25)
 
 
@@ -174,13 +183,13 @@ def run_burst(http: httpx.Client, fam: Family, train: str, n: int) -> dict[str, 
             }
             for j in mine
             if j["served_by"] is None
-        ],  # fmt: skip
+        ],
         "receipts_ok": receipts_ok,
         "audit_ok": audit_ok,
         "goals": {
             "burst_within_5x_single": burst_s <= 5 * single_s,
             "runs_at_most_20": len(runs) <= 20,
-        },  # fmt: skip
+        },
     }
 
 
@@ -194,9 +203,12 @@ def bench_mode(mode: str, n: int, fam: Family, work: Path) -> dict[str, Any]:
             redis = ThrowawayRedis(work)
             redis.start()
             stack.callback(redis.stop)
-            env |= {"LETHE_DATABASE_URL": url, "LETHE_BROKER_URL": redis.url,
-                    "LETHE_STORAGE_URL": str(work / "storage"),
-                    "LETHE_QUEUE_NAME": f"burst-{uuid.uuid4().hex[:6]}"}  # fmt: skip
+            env |= {
+                "LETHE_DATABASE_URL": url,
+                "LETHE_BROKER_URL": redis.url,
+                "LETHE_STORAGE_URL": str(work / "storage"),
+                "LETHE_QUEUE_NAME": f"burst-{uuid.uuid4().hex[:6]}",
+            }
         service = LocalService(work / "home", env=env, embedded=mode == "embedded")
         service.start(extra_args=["--no-executor"] if mode == "postgres" else [])
         stack.callback(service.stop)
@@ -204,15 +216,16 @@ def bench_mode(mode: str, n: int, fam: Family, work: Path) -> dict[str, Any]:
         if mode == "postgres":
             for i in range(2):
                 w = WorkerProcess(
-                    lethe_command("worker", "--loglevel", "WARNING"), service.env,
+                    lethe_command("worker", "--loglevel", "WARNING"),
+                    service.env,
                     work / f"worker{i}.log",
-                )  # fmt: skip
+                )
                 workers.append(w.start())
                 stack.callback(w.stop)
         http = stack.enter_context(
             httpx.Client(
                 base_url=service.url, headers={"Authorization": f"Bearer {key}"}, timeout=120
-            )  # fmt: skip
+            )
         )
         train = _setup(http, fam)
         time.sleep(3.0)  # let the workers finish starting (their warm-up)
@@ -233,14 +246,16 @@ def section(results_dir: Path) -> list[str]:
         return []
     rows = json.loads(path.read_text())["results"]
     lines = [
-        "## A burst of requests (`bench/burst.py`)", "",
+        "## A burst of requests (`bench/burst.py`)",
+        "",
         f"{rows[0]['requests']} default requests of 3 disjoint records each on one digits MLP "
         "(digits-shifted, 12600 training records, registered with its recipe), sent by 8 "
-        "client threads to a real `lethe serve`; the yardstick is one request alone.", "",
+        "client threads to a real `lethe serve`; the yardstick is one request alone.",
+        "",
         "| mode | alone (s) | submitting (s) | all final (s) | x alone | runs | versions | "
         "completed | p50 / p99 to completed (s) | receipts |",
         "|---|---|---|---|---|---|---|---|---|---|",
-    ]  # fmt: skip
+    ]
     for r in rows:
         t = r["time_to_completed_s"]
         lines.append(
@@ -260,8 +275,11 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in results:
         lat = r["latencies_s"]
-        ax.plot(lat, [(i + 1) / len(lat) for i in range(len(lat))],
-                label=f"{r['mode']}: {r['runs']} runs, {r['burst_s']:.0f} s")  # fmt: skip
+        ax.plot(
+            lat,
+            [(i + 1) / len(lat) for i in range(len(lat))],
+            label=f"{r['mode']}: {r['runs']} runs, {r['burst_s']:.0f} s",
+        )
     ax.set_xlabel("POST to completed (s)")
     ax.set_ylabel("share of requests")
     ax.set_title(f"{results[0]['requests']} requests of 3 records, one digits MLP")

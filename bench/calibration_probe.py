@@ -113,25 +113,33 @@ def run(out: Path) -> dict[str, Any]:
                 kw = {"eval_pair": policy_half, "member_probe": None, "class_wise": class_wise}
                 before = job_metrics(model, forget=forget, **kw)
                 t1 = time.perf_counter()
-                result = unlearn(model, *forget, IMUConfig(device="cpu"), heldout=guard,
-                                 class_wise=class_wise)  # fmt: skip
+                result = unlearn(
+                    model, *forget, IMUConfig(device="cpu"), heldout=guard, class_wise=class_wise
+                )
                 seconds = time.perf_counter() - t1
                 after = job_metrics(model, forget=forget, **kw)
                 verdict = _judge(before, after, class_wise)
                 cal = result.stats["calibration"]
                 held = "eval_acc_retained_classes" if class_wise else "eval_acc"
                 row: dict[str, Any] = {
-                    **model_info, **eval_info, "scenario": name, "n_forget": int(mask.sum()),
-                    "decision": verdict["decision"], "reasons": verdict["reasons"],
-                    "stop": cal["reason"], "steps": cal["steps"],
+                    **model_info,
+                    **eval_info,
+                    "scenario": name,
+                    "n_forget": int(mask.sum()),
+                    "decision": verdict["decision"],
+                    "reasons": verdict["reasons"],
+                    "stop": cal["reason"],
+                    "steps": cal["steps"],
                     "backtracks": cal["backtracks"],
                     "forget_acc": [before["forget_acc"], after["forget_acc"]],
-                    "forget_loss_auc": [before.get("forget_loss_auc"),
-                                        after.get("forget_loss_auc")],
+                    "forget_loss_auc": [
+                        before.get("forget_loss_auc"),
+                        after.get("forget_loss_auc"),
+                    ],
                     "auc_limit": after.get("forget_loss_auc_limit"),
                     "heldout_drop": round(before[held] - after[held], 4),
                     "unlearn_s": round(seconds, 2),
-                }  # fmt: skip
+                }
                 if not class_wise:
                     if name not in retrained:
                         retrained[name] = _train(spec, x[~mask], y_train[~mask], epochs, lr)

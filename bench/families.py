@@ -65,9 +65,13 @@ class Family:
         if key not in self._refs:
             keep = np.setdiff1d(np.arange(len(self.y)), np.array(key, dtype=np.int64))
             model, _ = retrain(
-                self.architecture, self.arch_kwargs, self.x[keep], self.y[keep], self.recipe,
+                self.architecture,
+                self.arch_kwargs,
+                self.x[keep],
+                self.y[keep],
+                self.recipe,
                 device="cpu",
-            )  # fmt: skip
+            )
             self._refs[key] = model.eval()
         return self._refs[key]
 
@@ -79,9 +83,11 @@ class Family:
         non-members the whole eval set."""
         keep = np.setdiff1d(np.arange(len(self.y)), np.array(rows))
         test = MembershipTest(
-            (self.x[rows], self.y[rows]), (self.x[keep], self.y[keep]),
-            (self.x_eval, self.y_eval), class_wise=class_wise,
-        )  # fmt: skip
+            (self.x[rows], self.y[rows]),
+            (self.x[keep], self.y[keep]),
+            (self.x_eval, self.y_eval),
+            class_wise=class_wise,
+        )
         model.eval()
         return test.assess(lambda inputs: model(inputs).detach())
 
@@ -108,11 +114,13 @@ class Family:
         model = self.model if self.model is not None else self.train()
         probe = list(range(len(self.y) - PROBE, len(self.y)))
         return Trained(
-            train_npz=self.npz(None), eval_npz=self.npz(None, "eval"),
-            probe_npz=self.npz(probe), train_ids=self.ids,
+            train_npz=self.npz(None),
+            eval_npz=self.npz(None, "eval"),
+            probe_npz=self.npz(probe),
+            train_ids=self.ids,
             weights={"model": to_bytes(model)},
             specs={"model": (self.architecture, self.arch_kwargs)},
-        )  # fmt: skip
+        )
 
     def recipe_json(self) -> dict[str, Any]:
         """The registration's recipe, without datasets (Stack.register adds the train set)."""
@@ -136,9 +144,16 @@ def _digits(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.random.Generator]
 
 def _make(name: str, arch: str, kwargs: dict, recipe: Recipe, x, y, xe, ye, **extra: Any) -> Family:
     fam = Family(
-        name, arch, kwargs, recipe, torch.as_tensor(x), torch.as_tensor(y),
-        torch.as_tensor(xe), torch.as_tensor(ye), **extra,
-    )  # fmt: skip
+        name,
+        arch,
+        kwargs,
+        recipe,
+        torch.as_tensor(x),
+        torch.as_tensor(y),
+        torch.as_tensor(xe),
+        torch.as_tensor(ye),
+        **extra,
+    )
     import time
 
     t0 = time.perf_counter()
@@ -153,11 +168,20 @@ def family(name: str) -> Family:
         if name == "digits-cnn":
             kwargs = {"in_channels": 1, "num_classes": 10, "width": 8}
             xi = x.reshape(-1, 1, 8, 8)
-            return _make(name, "cnn", kwargs, Recipe(epochs=25, lr=3e-3), xi[:1200], y[:1200],
-                         xi[1200:], y[1200:])  # fmt: skip
+            return _make(
+                name,
+                "cnn",
+                kwargs,
+                Recipe(epochs=25, lr=3e-3),
+                xi[:1200],
+                y[:1200],
+                xi[1200:],
+                y[1200:],
+            )
         kwargs = {"in_features": 64, "hidden": [64], "num_classes": 10}
-        return _make(name, "mlp", kwargs, Recipe(epochs=30, lr=3e-3), x[:1200], y[:1200],
-                     x[1200:], y[1200:])  # fmt: skip
+        return _make(
+            name, "mlp", kwargs, Recipe(epochs=30, lr=3e-3), x[:1200], y[:1200], x[1200:], y[1200:]
+        )
     if name == "digits-shifted-mlp":
         x, y, _ = _digits()
         images = x.reshape(-1, 8, 8)
@@ -180,8 +204,16 @@ def family(name: str) -> Family:
         mean, std = x[:400].mean(0), x[:400].std(0) + 1e-6
         x = ((x - mean) / std).astype(np.float32)
         kwargs = {"in_features": 30, "hidden": [32], "num_classes": 2}
-        return _make(name, "mlp", kwargs, Recipe(epochs=60, lr=1e-3, batch_size=32),
-                     x[:400], y[:400], x[400:], y[400:])  # fmt: skip
+        return _make(
+            name,
+            "mlp",
+            kwargs,
+            Recipe(epochs=60, lr=1e-3, batch_size=32),
+            x[:400],
+            y[:400],
+            x[400:],
+            y[400:],
+        )
     if name == "fashion-mlp":
         from bench.data import find_fashion_mnist, load_fashion_mnist
 
@@ -193,8 +225,7 @@ def family(name: str) -> Family:
         x, y = data.x_train.reshape(5000, -1), data.y_train
         tr, ev = perm[:3000], perm[3000:]
         kwargs = {"in_features": 784, "hidden": [256], "num_classes": 10}
-        return _make(name, "mlp", kwargs, Recipe(epochs=10, lr=1e-3), x[tr], y[tr], x[ev],
-                     y[ev])  # fmt: skip
+        return _make(name, "mlp", kwargs, Recipe(epochs=10, lr=1e-3), x[tr], y[tr], x[ev], y[ev])
     if name in ("flipped", "noisy"):
         x, y, rng = _digits()
         n = 1200 if name == "flipped" else 400
@@ -207,8 +238,17 @@ def family(name: str) -> Family:
             flipped = sorted(rng.choice(n, n // 10, replace=False).tolist())
             y_tr[flipped] = (y_tr[flipped] + rng.integers(1, 10, len(flipped))) % 10
         epochs = 300 if name == "flipped" else 400
-        return _make(name, "mlp", MLP_256, Recipe(epochs=epochs, lr=3e-3), x_tr, y_tr, x_ev,
-                     y_ev, flipped=flipped)  # fmt: skip
+        return _make(
+            name,
+            "mlp",
+            MLP_256,
+            Recipe(epochs=epochs, lr=3e-3),
+            x_tr,
+            y_tr,
+            x_ev,
+            y_ev,
+            flipped=flipped,
+        )
     raise KeyError(name)
 
 

@@ -119,16 +119,24 @@ def memory_probe(
     head = model.fc
     theta = head.weight.numel() + head.bias.numel()
     return {
-        "arch": arch, "width": width, "num_classes": num_classes, "n": n, "method": method,
-        "feature_dim": head.in_features, "theta_numel": theta,
+        "arch": arch,
+        "width": width,
+        "num_classes": num_classes,
+        "n": n,
+        "method": method,
+        "feature_dim": head.in_features,
+        "theta_numel": theta,
         "extra_peak_mb": max(0, peak - base) / 2**20,
         "n_times_theta_mb": n * theta * x.element_size() / 2**20,
-        "n_times_features_plus_classes_mb": n * (head.in_features + num_classes)
-        * x.element_size() / 2**20,
-        "measure": "cuda max_memory_allocated" if device.type == "cuda"
+        "n_times_features_plus_classes_mb": n
+        * (head.in_features + num_classes)
+        * x.element_size()
+        / 2**20,
+        "measure": "cuda max_memory_allocated"
+        if device.type == "cuda"
         else "VmHWM - VmRSS at start (peak reset via /proc/self/clear_refs; "
         "MALLOC_MMAP_THRESHOLD_=65536 so freed tensors leave the RSS)",
-    }  # fmt: skip
+    }
 
 
 def _status_kb(field: str) -> int:
@@ -292,20 +300,30 @@ def main(argv: list[str] | None = None) -> int:
         # n scaling of the closed form, and the generic path (materialises chunk x |θ|).
         probes += [(1000, 1024, "forward"), (1000, 1024, "closed_form"), (1000, 1024, "func")]
         for c, n, m in probes:
-            memory.append(_probe_subprocess(
-                [arch, str(w), str(c), str(n), m, str(args.batch_size), str(device)],
-                args.threads))  # fmt: skip
+            memory.append(
+                _probe_subprocess(
+                    [arch, str(w), str(c), str(n), m, str(args.batch_size), str(device)],
+                    args.threads,
+                )
+            )
 
     largest = max(ns)
     targets: dict[str, Any] = {
         "closed_form_over_forward_max": max(
-            (v["closed_form_over_forward"] for a in ratios.values() for v in a.values()
-             if v["closed_form_over_forward"] is not None), default=None),
+            (
+                v["closed_form_over_forward"]
+                for a in ratios.values()
+                for v in a.values()
+                if v["closed_form_over_forward"] is not None
+            ),
+            default=None,
+        ),
         "closed_form_over_forward_target": 1.5,
         f"loop_over_closed_form_at_n{largest}": {
-            a: ratios[a][str(largest)]["loop_over_closed_form"] for a in archs},
+            a: ratios[a][str(largest)]["loop_over_closed_form"] for a in archs
+        },
         "loop_over_closed_form_target_gpu": 50.0,
-    }  # fmt: skip
+    }
     targets["closed_form_within_1_5x_forward"] = (
         targets["closed_form_over_forward_max"] is not None
         and targets["closed_form_over_forward_max"] <= 1.5
@@ -331,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "influence_speed",
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
         else (platform.processor() or platform.machine()),
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -340,10 +359,20 @@ def main(argv: list[str] | None = None) -> int:
         "quick": quick,
         "command": " ".join(["python -m bench.influence_speed", *(argv or sys.argv[1:])]),
         "config": {
-            "archs": {a: {"width": widths[a], "input": [3, 32, 32], "num_classes": 10,
-                          "theta": "fc (final Linear)"} for a in archs},
-            "ns": ns, "batch_size": args.batch_size, "repeats_fast_methods": args.repeats,
-            "loop_max_n": args.loop_max_n, "dtype": "float32",
+            "archs": {
+                a: {
+                    "width": widths[a],
+                    "input": [3, 32, 32],
+                    "num_classes": 10,
+                    "theta": "fc (final Linear)",
+                }
+                for a in archs
+            },
+            "ns": ns,
+            "batch_size": args.batch_size,
+            "repeats_fast_methods": args.repeats,
+            "loop_max_n": args.loop_max_n,
+            "dtype": "float32",
         },
         "results": rows,
         "ratios": ratios,
@@ -351,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         "memory": memory,
         "targets": targets,
         "wall_seconds": time.perf_counter() - t_start,
-    }  # fmt: skip
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

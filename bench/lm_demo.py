@@ -54,8 +54,10 @@ def _report(job: dict[str, Any]) -> None:
     policy = job["metrics"]["policy"]
     print(f"   decision: {policy['decision']}")
     for check in policy["checks"]:
-        print(f"     {check['name']:<26} value {check['value']} limit {check['limit']} "
-              f"{'ok' if check['ok'] else 'FAILED'}")  # fmt: skip
+        print(
+            f"     {check['name']:<26} value {check['value']} limit {check['limit']} "
+            f"{'ok' if check['ok'] else 'FAILED'}"
+        )
 
 
 def run(home: Path) -> None:
@@ -65,17 +67,27 @@ def run(home: Path) -> None:
     print("1. training a tiny Llama on 80 fictitious profiles ...", flush=True)
     files = lm_files(train_fixture())
     fx = files.fixture
-    service = LocalService(home, env={"OMP_NUM_THREADS": "1", "LETHE_TORCH_THREADS": "1",
-                                      "LETHE_EMBEDDED_POLL_SECONDS": "0.2"})  # fmt: skip
+    service = LocalService(
+        home,
+        env={
+            "OMP_NUM_THREADS": "1",
+            "LETHE_TORCH_THREADS": "1",
+            "LETHE_EMBEDDED_POLL_SECONDS": "0.2",
+        },
+    )
     print(f"2. lethe serve at {service.url} (home {home})", flush=True)
     with service:
         key = service.create_key("admin", "lm-demo")
-        with httpx.Client(base_url=service.url, timeout=60,
-                          headers={"Authorization": f"Bearer {key}"}) as c:  # fmt: skip
+        with httpx.Client(
+            base_url=service.url, timeout=60, headers={"Authorization": f"Bearer {key}"}
+        ) as c:
             unseen = profiles(5, seed=4242, prefix="new")
             ids = {}
-            for role, content in (("train", files.train + jsonl(unseen)), ("eval", files.eval),
-                                  ("member_probe", files.probe)):  # fmt: skip
+            for role, content in (
+                ("train", files.train + jsonl(unseen)),
+                ("eval", files.eval),
+                ("member_probe", files.probe),
+            ):
                 resp = c.post(
                     "/v1/datasets",
                     data={"name": f"profiles-{role}", "kind": "text", "role": role},

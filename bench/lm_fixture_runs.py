@@ -39,12 +39,15 @@ LOOSE = {"guard_max_drop": 0.1, "ppl_max_rise": 0.25, "max_backtracks": 8}
 OFF = {"guard_max_drop": 1.0, "ppl_max_rise": 100.0}
 RUNS: list[tuple[str, dict[str, Any]]] = [
     *[("defaults", {"method": m, "loss": loss}) for m in ("imu", "ga") for loss in ("npo", "ga")],
-    *[("loose guards", {"method": m, "loss": loss, **LOOSE})
-      for m in ("imu", "ga") for loss in ("npo", "ga")],
+    *[
+        ("loose guards", {"method": m, "loss": loss, **LOOSE})
+        for m in ("imu", "ga")
+        for loss in ("npo", "ga")
+    ],
     ("LoRA r 8", {"method": "imu", "loss": "npo", "lora_rank": 8}),
     ("LoRA r 8, loose guards", {"method": "imu", "loss": "npo", "lora_rank": 8, **LOOSE}),
     *[("guards off", {"method": "imu", "loss": loss, **OFF}) for loss in ("npo", "ga")],
-]  # fmt: skip
+]
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "lm_fixture.json"
 
 
@@ -80,12 +83,19 @@ def main(argv: list[str] | None = None) -> int:
     before = _metrics(fx, fx.model)
     policy = effective_policy(Settings(), None)
     rows: list[dict[str, Any]] = [
-        {"run": "before", "train_cpu_s": round(fx.train_seconds, 1), "epochs": fx.epochs,
-         **_row(before)},
-        {"run": "retrained without the forget set", "train_cpu_s": round(retrain_s, 1),
-         "policy": decide_lm(policy, before, _metrics(fx, reference))["decision"],
-         **_row(_metrics(fx, reference))},
-    ]  # fmt: skip
+        {
+            "run": "before",
+            "train_cpu_s": round(fx.train_seconds, 1),
+            "epochs": fx.epochs,
+            **_row(before),
+        },
+        {
+            "run": "retrained without the forget set",
+            "train_cpu_s": round(retrain_s, 1),
+            "policy": decide_lm(policy, before, _metrics(fx, reference))["decision"],
+            **_row(_metrics(fx, reference)),
+        },
+    ]
     print(json.dumps(rows[0]), json.dumps(rows[1]), sep="\n", flush=True)
     for label, kw in RUNS:
         model = copy.deepcopy(fx.model)
@@ -95,31 +105,51 @@ def main(argv: list[str] | None = None) -> int:
         cal = res.stats["calibration"]
         after = _metrics(fx, model)
         verdict = decide_lm(policy, before, after)
-        rows.append({
-            "run": label, "params": kw, "reason": cal["reason"], "steps": cal["steps"],
-            "backtracks": cal["backtracks"], "cpu_s": round(cpu, 1),
-            "peak_rss_mib": round(res.stats["peak_rss_mib"]), "policy": verdict["decision"],
-            "failed": verdict["failed"], **_row(after),
-        })  # fmt: skip
+        rows.append(
+            {
+                "run": label,
+                "params": kw,
+                "reason": cal["reason"],
+                "steps": cal["steps"],
+                "backtracks": cal["backtracks"],
+                "cpu_s": round(cpu, 1),
+                "peak_rss_mib": round(res.stats["peak_rss_mib"]),
+                "policy": verdict["decision"],
+                "failed": verdict["failed"],
+                **_row(after),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     doc = {
-        "fixture": {"n_forget": len(fx.forget), "n_retain": len(fx.retain),
-                    "n_heldout": len(fx.heldout), "config": fx.config,
-                    "torch_threads": 1},
-        "policy_thresholds": {k: policy[k] for k in ("max_forget_recall", "max_heldout_ppl_rise",
-                                                     "max_probe_recall_drop",
-                                                     "max_forget_auc_excess")},
+        "fixture": {
+            "n_forget": len(fx.forget),
+            "n_retain": len(fx.retain),
+            "n_heldout": len(fx.heldout),
+            "config": fx.config,
+            "torch_threads": 1,
+        },
+        "policy_thresholds": {
+            k: policy[k]
+            for k in (
+                "max_forget_recall",
+                "max_heldout_ppl_rise",
+                "max_probe_recall_drop",
+                "max_forget_auc_excess",
+            )
+        },
         "rows": rows,
-    }  # fmt: skip
+    }
     args.out.write_text(json.dumps(doc, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(table(rows))
     return 0
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("| run | method | loss | forget recall | retain recall | held-out ppl | min-k AUC | "
-            "forget NLL | stop | steps | CPU-s | policy |\n|" + "---|" * 12 + "\n")  # fmt: skip
+    head = (
+        "| run | method | loss | forget recall | retain recall | held-out ppl | min-k AUC | "
+        "forget NLL | stop | steps | CPU-s | policy |\n|" + "---|" * 12 + "\n"
+    )
     lines = []
     for r in rows:
         p = r.get("params", {})

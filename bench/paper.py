@@ -341,10 +341,12 @@ def policy_metrics(model: nn.Module, data: BenchData, split: Split, scenario: st
 
     half = split.test[1::2]
     return job_metrics(
-        model, forget=(data.x_train[split.forget], data.y_train[split.forget]),
-        eval_pair=(data.x_test[half], data.y_test[half]), member_probe=None,
+        model,
+        forget=(data.x_train[split.forget], data.y_train[split.forget]),
+        eval_pair=(data.x_test[half], data.y_test[half]),
+        member_probe=None,
         class_wise=scenario == "classwise",
-    )  # fmt: skip
+    )
 
 
 def release_verdict(before: dict, after: dict, scenario: str) -> str:

@@ -51,7 +51,8 @@ def judge(fam: Family, rows: list[int], class_wise: bool, request: dict, weights
     skip = int(fam.y[rows[0]]) if class_wise else None
     out: dict[str, Any] = {
         "reference": {
-            "z": round(theirs.statistic, 3), "outcome": theirs.outcome,
+            "z": round(theirs.statistic, 3),
+            "outcome": theirs.outcome,
             "forget_acc": round(fam.forget_acc(reference, rows), 4),
             "heldout_acc": round(fam.heldout_acc(reference, skip), 4),
         },
@@ -59,7 +60,7 @@ def judge(fam: Family, rows: list[int], class_wise: bool, request: dict, weights
         "policy_reason": (request.get("policy") or {}).get("reason"),
         "forgetting": request.get("forgetting"),
         "attempts": [(a["method"], a["outcome"]) for a in request.get("attempts") or []],
-    }  # fmt: skip
+    }
     if request["status"] != "completed" or weights is None:
         out["verdict"] = "HELD"
         return out
@@ -72,10 +73,14 @@ def judge(fam: Family, rows: list[int], class_wise: bool, request: dict, weights
         f_ours - f_ref, 9
     ) <= round(0.1 + 1.0 / len(rows), 9)
     out.update(
-        released={"z": round(ours.statistic, 3), "outcome": ours.outcome,
-                  "forget_acc": round(f_ours, 4), "heldout_drop": round(drop, 4)},
+        released={
+            "z": round(ours.statistic, 3),
+            "outcome": ours.outcome,
+            "forget_acc": round(f_ours, 4),
+            "heldout_drop": round(drop, 4),
+        },
         verdict="FALSE RELEASE" if not forgot else ("DAMAGED" if drop > 0.03 else "GOOD"),
-    )  # fmt: skip
+    )
     return out
 
 
@@ -102,15 +107,21 @@ def run_family(fam: Family, stack: Any, *, with_recipe: bool) -> list[dict[str, 
         fam.retrained(rows)
         retrain_s = time.perf_counter() - t0
         row = {
-            "family": fam.name, "kind": kind, "n": len(rows), "class_wise": class_wise,
+            "family": fam.name,
+            "kind": kind,
+            "n": len(rows),
+            "class_wise": class_wise,
             "memorises": fam.name in MEMORISING,
             "job_seconds": round(float((done.get("timings") or {}).get("total") or 0.0), 3),
             "plain_retrain_seconds": round(retrain_s, 3),
             **judge(fam, rows, class_wise, request, weights),
-        }  # fmt: skip
-        print(f"  {fam.name:18s} {kind:12s} {row['verdict']:13s} {row['status']:12s} "
-              f"{row['policy_reason'] or '':28s} job {row['job_seconds']:6.2f}s "
-              f"retrain {retrain_s:6.2f}s", flush=True)  # fmt: skip
+        }
+        print(
+            f"  {fam.name:18s} {kind:12s} {row['verdict']:13s} {row['status']:12s} "
+            f"{row['policy_reason'] or '':28s} job {row['job_seconds']:6.2f}s "
+            f"retrain {retrain_s:6.2f}s",
+            flush=True,
+        )
         results.append(row)
     return results
 
@@ -134,7 +145,8 @@ def section(results_dir: Path) -> list[str]:
     data = json.loads(path.read_text())
     passes = data["passes"]
     lines = [
-        "## Released means forgotten (`bench/release_honesty.py`)", "",
+        "## Released means forgotten (`bench/release_honesty.py`)",
+        "",
         "Default requests (no parameters) through the API to a real worker process with the "
         "production policy, each scored against the family's recipe retrained without the "
         "records, on records the service never saw. GOOD: released, membership Z no higher "
@@ -142,11 +154,12 @@ def section(results_dir: Path) -> list[str]:
         "reference's, held-out drop ≤ 0.03; FALSE RELEASE: released but remembering; "
         "DAMAGED: released, forgotten, drop > 0.03; HELD: needs_review. *approximate*: "
         "registered without a recipe (IMU alone); *escalation*: with its recipe (a result "
-        "IMU cannot show forgotten is retrained without the records).", "",
+        "IMU cannot show forgotten is retrained without the records).",
+        "",
         "| pass | requests | GOOD | FALSE RELEASE | DAMAGED | HELD | GOOD on models that "
         "do not memorise |",
         "|---|---|---|---|---|---|---|",
-    ]  # fmt: skip
+    ]
     for label, p in passes.items():
         c = p["counts"]
         share = c.get("good_share_not_memorising")
@@ -154,8 +167,11 @@ def section(results_dir: Path) -> list[str]:
             f"| {label} | {c['requests']} | {c['GOOD']} | {c['FALSE RELEASE']} | "
             f"{c['DAMAGED']} | {c['HELD']} | {'-' if share is None else f'{share:.0%}'} |"
         )
-    lines += ["", "| family | train / held-out acc | request | approximate | escalation |",
-              "|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "| family | train / held-out acc | request | approximate | escalation |",
+        "|---|---|---|---|---|",
+    ]
     by = {
         label: {(r["family"], r["kind"]): r for r in p["requests"]} for label, p in passes.items()
     }
@@ -174,21 +190,35 @@ def section(results_dir: Path) -> list[str]:
             f"| {r['family']} | {fam['train_acc']:.3f} / {fam['heldout_acc']:.3f} | "
             f"{r['kind']} (n={r['n']}) | {' | '.join(cells)} |"
         )
-    lines += ["", "Seconds per request (job total as the worker booked it; plain retrain: the "
-              "recipe alone in the bench process, what a user would run instead):", "",
-              "| family | IMU job (median) | escalated job (median) | plain retrain (median) |",
-              "|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "Seconds per request (job total as the worker booked it; plain retrain: the "
+        "recipe alone in the bench process, what a user would run instead):",
+        "",
+        "| family | IMU job (median) | escalated job (median) | plain retrain (median) |",
+        "|---|---|---|---|",
+    ]
     for name in data["families"]:
 
         def med(rows: list[float]) -> str:
             return f"{sorted(rows)[len(rows) // 2]:.2f}" if rows else "-"
 
-        imu = [r["job_seconds"] for r in passes.get("approximate", {}).get("requests", [])
-               if r["family"] == name]  # fmt: skip
-        esc = [r["job_seconds"] for r in passes.get("escalation", {}).get("requests", [])
-               if r["family"] == name and r.get("forgetting") == "exact"]  # fmt: skip
-        plain = [r["plain_retrain_seconds"] for p in passes.values() for r in p["requests"]
-                 if r["family"] == name]  # fmt: skip
+        imu = [
+            r["job_seconds"]
+            for r in passes.get("approximate", {}).get("requests", [])
+            if r["family"] == name
+        ]
+        esc = [
+            r["job_seconds"]
+            for r in passes.get("escalation", {}).get("requests", [])
+            if r["family"] == name and r.get("forgetting") == "exact"
+        ]
+        plain = [
+            r["plain_retrain_seconds"]
+            for p in passes.values()
+            for r in p["requests"]
+            if r["family"] == name
+        ]
         lines.append(f"| {name} | {med(imu)} | {med(esc)} | {med(plain)} |")
     return lines + [""]
 
@@ -216,12 +246,15 @@ def main(argv: list[str] | None = None) -> int:
             continue
         everything = list(range(len(fam.y)))
         results["families"][name] = {
-            "architecture": fam.architecture, "n_train": len(fam.y), "n_eval": len(fam.y_eval),
+            "architecture": fam.architecture,
+            "n_train": len(fam.y),
+            "n_eval": len(fam.y_eval),
             "train_acc": round(fam.forget_acc(fam.model, everything), 4),  # type: ignore[arg-type]
             "heldout_acc": round(fam.heldout_acc(fam.model), 4),  # type: ignore[arg-type]
-            "memorises": name in MEMORISING, "recipe": fam.recipe.to_dict(),
+            "memorises": name in MEMORISING,
+            "recipe": fam.recipe.to_dict(),
             "train_seconds": round(fam.seconds_to_train, 3),
-        }  # fmt: skip
+        }
         fams.append(fam)
     for label, with_recipe in (("approximate", False), ("escalation", True)):
         print(f"{label}:", flush=True)
@@ -229,9 +262,11 @@ def main(argv: list[str] | None = None) -> int:
             work = Path(tmp)
             (work / "storage").mkdir()
             settings = stack_settings(
-                database_url=f"sqlite:///{work / 'lethe.db'}", storage_dir=work / "storage",
-                home=work / "home", **production,
-            )  # fmt: skip
+                database_url=f"sqlite:///{work / 'lethe.db'}",
+                storage_dir=work / "storage",
+                home=work / "home",
+                **production,
+            )
             with api_stack(settings) as stack:
                 executor = WorkerProcess.embedded(settings, work / "executor.log").start()
                 try:

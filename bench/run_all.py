@@ -125,21 +125,36 @@ def main(argv: list[str] | None = None) -> int:
         if rc != 0:
             failures.append(f"bench.api_throughput exited with {rc}")
     if not (args.report_only or args.skip_probe or args.quick):
-        cmd = [sys.executable, "-m", "bench.calibration_probe",
-               "--out", str(args.results / "calibration_probe.json")]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "bench.calibration_probe",
+            "--out",
+            str(args.results / "calibration_probe.json"),
+        ]
         print("$", " ".join(cmd), flush=True)
         if subprocess.run(cmd, cwd=BENCH_DIR.parent).returncode != 0:
             failures.append("bench.calibration_probe failed")
     if not (args.report_only or args.skip_lm or args.quick):
-        cmd = [sys.executable, "-m", "bench.lm_fixture_runs",
-               "--out", str(args.results / "lm_fixture.json")]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "bench.lm_fixture_runs",
+            "--out",
+            str(args.results / "lm_fixture.json"),
+        ]
         print("$", " ".join(cmd), flush=True)
         rc = subprocess.run(cmd, cwd=BENCH_DIR.parent).returncode
         if rc != 0:
             failures.append(f"bench.lm_fixture_runs exited with {rc}")
     if not (args.report_only or args.skip_honesty or args.quick):
-        cmd = [sys.executable, "-m", "bench.release_honesty",
-               "--out", str(args.results / "release_honesty.json")]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "bench.release_honesty",
+            "--out",
+            str(args.results / "release_honesty.json"),
+        ]
         print("$", " ".join(cmd), flush=True)
         if subprocess.run(cmd, cwd=BENCH_DIR.parent).returncode != 0:
             failures.append("bench.release_honesty failed")

@@ -55,9 +55,11 @@ PG_ADMIN_URL = os.environ.get(
     "LETHE_TEST_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
 PRODUCTION_TIMING = {
-    "lease_seconds": 30.0, "heartbeat_seconds": 5.0, "reaper_interval_seconds": 5.0,
+    "lease_seconds": 30.0,
+    "heartbeat_seconds": 5.0,
+    "reaper_interval_seconds": 5.0,
     "embedded_poll_seconds": 0.5,
-}  # fmt: skip
+}
 LONG = {"epochs": 600, "top_data": 1.0, "batch_size": 1, "backbone_mode": "train", "lr": 1e-5}
 
 
@@ -149,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
-        },  # fmt: skip
+        },
         "device": "cpu",
         "settings": PRODUCTION_TIMING,
         "model": "mlp (64-32-10) on sklearn digits",
@@ -159,8 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         (work / "storage").mkdir()
         settings = stack_settings(
             database_url=PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + db_name,
-            storage_dir=work / "storage", broker_url=redis_server.url, **PRODUCTION_TIMING,
-        )  # fmt: skip
+            storage_dir=work / "storage",
+            broker_url=redis_server.url,
+            **PRODUCTION_TIMING,
+        )
         with api_stack(settings) as stack:
             model = stack.register(trained, "mlp")
             worker = WorkerProcess.celery(settings, work / "worker.log").start()
@@ -187,8 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         (work / "storage-embedded").mkdir()
         settings = stack_settings(
             database_url=f"sqlite:///{work / 'embedded.db'}",
-            storage_dir=work / "storage-embedded", **PRODUCTION_TIMING,
-        )  # fmt: skip
+            storage_dir=work / "storage-embedded",
+            **PRODUCTION_TIMING,
+        )
         with api_stack(settings) as stack:
             model = stack.register(trained, "mlp")
             executor = WorkerProcess.embedded(settings, work / "executor.log").start()

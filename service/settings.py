@@ -32,15 +32,19 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     max_upload_mb: int = Field(2048, gt=0, description="Largest accepted upload, in MiB.")
     db_timeout_s: float = Field(
-        4.0, gt=0, le=600,
+        4.0,
+        gt=0,
+        le=600,
         description="PostgreSQL, API: the longest one database round trip may take (server "
         "statement_timeout, TCP user timeout and a client watchdog); past it, 503.",
-    )  # fmt: skip
+    )
     max_json_mb: float = Field(
-        4, gt=0, le=1024,
+        4,
+        gt=0,
+        le=1024,
         description="Largest JSON (non-multipart) request body, in MiB: 100,000 record keys of "
         "up to ~36 characters fit.",
-    )  # fmt: skip
+    )
     max_dataset_mb: int = Field(
         1024, gt=0, description="Largest inflated size of a tensor dataset's arrays, in MiB."
     )
@@ -73,9 +77,11 @@ class Settings(BaseSettings):
     policy_max_forget_auc_excess: float = Field(0.0, ge=0, le=1)
     # The per-record membership test (worker/imu/membership.py, ALGORITHM.md §6).
     policy_max_false_release_rate: float = Field(
-        0.05, gt=0, le=0.5,
+        0.05,
+        gt=0,
+        le=0.5,
         description="Largest chance that records the model still remembers pass as forgotten.",
-    )  # fmt: skip
+    )
     policy_max_membership_advantage: float = Field(
         0.1,
         ge=0,
@@ -93,21 +99,27 @@ class Settings(BaseSettings):
         "model has a training recipe: retrain without the records (exact), or hold it (off).",
     )
     coalesce_max_records: int = Field(
-        1000, ge=0, le=100_000,
+        1000,
+        ge=0,
+        le=100_000,
         description="Queued requests of one model that can share a run are served by one job "
         "over the union of their records, up to this many records (0 = one job per request).",
-    )  # fmt: skip
+    )
     coalesce_window_s: float = Field(
-        0.0, ge=0, le=3600,
+        0.0,
+        ge=0,
+        le=3600,
         description="How long a job waits after its request arrived for more requests to "
         "join it before it starts (0 = start at once; requests that arrive while a job runs "
         "still share the next one). More waiting means fewer runs but a later first answer.",
-    )  # fmt: skip
+    )
     policy_membership_band: float = Field(
-        0.05, gt=0, le=0.5,
+        0.05,
+        gt=0,
+        le=0.5,
         description="Two-sided level of the non-member band: a request whose Z leaves it is "
         "`remembered` (above) or `over-forgotten` (below).",
-    )  # fmt: skip
+    )
     # Causal LMs (service/trust/lm_policy.py).
     policy_max_forget_recall: float = Field(0.05, ge=0, le=1)
     policy_max_heldout_ppl_rise: float = Field(0.1, ge=0, le=1)

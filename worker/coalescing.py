@@ -115,10 +115,19 @@ def absorb(
         job.worker_id, job.device = leader.worker_id, leader.device
         job.source_version_id = leader.source_version_id
         job.started_at, job.phase, job.progress = now, leader.phase, 0.0
-        events.append({
-            "actor": actor, "action": "job.coalesced", "subject_type": "job", "subject_id": job.id,
-            "payload": {"served_by": leader.id, "request_id": request.id, "records": len(named)},
-        })  # fmt: skip
+        events.append(
+            {
+                "actor": actor,
+                "action": "job.coalesced",
+                "subject_type": "job",
+                "subject_id": job.id,
+                "payload": {
+                    "served_by": leader.id,
+                    "request_id": request.id,
+                    "records": len(named),
+                },
+            }
+        )
         members.append(Member(job.id, request.id, tuple(named)))
         taken.update(named)
         budget -= len(named)
@@ -164,9 +173,14 @@ def finish_served(
         job.progress = 1.0
         job.error = None
         finish_job(
-            session, job, JobStatus.SUCCEEDED, actor=actor, request_status=request_status,
-            payload={"result_version_id": version_id, "served_by": leader_id}, events=events,
-        )  # fmt: skip
+            session,
+            job,
+            JobStatus.SUCCEEDED,
+            actor=actor,
+            request_status=request_status,
+            payload={"result_version_id": version_id, "served_by": leader_id},
+            events=events,
+        )
     append_events(session, events)
 
 

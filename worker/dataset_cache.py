@@ -47,8 +47,9 @@ class DatasetCache:
         forgotten rows must not outlive their file in memory either."""
         prefix = _dataset_prefix(storage_key)
         with self._lock:
-            for key in [k for k in self._items if k[0] != storage_key
-                        and _dataset_prefix(k[0]) == prefix]:  # fmt: skip
+            for key in [
+                k for k in self._items if k[0] != storage_key and _dataset_prefix(k[0]) == prefix
+            ]:
                 del self._items[key]
 
     def carry_over(

@@ -140,8 +140,11 @@ class EmbeddedExecutor:
     def run_forever(self, watch_parent: bool = False, parent: int | None = None) -> None:
         """``parent``: the pid to watch, read at process start (a parent that died during the
         warm-up has already handed us to init)."""
-        log.info("embedded executor started (pid %d, poll %.2f s)", os.getpid(),
-                 self.settings.embedded_poll_seconds)  # fmt: skip
+        log.info(
+            "embedded executor started (pid %d, poll %.2f s)",
+            os.getpid(),
+            self.settings.embedded_poll_seconds,
+        )
         if watch_parent:
             threading.Thread(
                 target=self._watch_parent,
@@ -169,9 +172,11 @@ class EmbeddedExecutor:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker.embedded", description=__doc__)
     parser.add_argument(
-        "--watch-parent", action=argparse.BooleanOptionalAction, default=True,
+        "--watch-parent",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="stop when the parent process exits (default: on)",
-    )  # fmt: skip
+    )
     args = parser.parse_args(argv)
     parent = os.getppid()
     settings = get_settings()

@@ -28,8 +28,12 @@ class JobError(Exception):
     ) -> None:
         super().__init__(detail)
         self.slug, self.title, self.detail, self.status, self.errors = (
-            slug, title, detail, status, errors,
-        )  # fmt: skip
+            slug,
+            title,
+            detail,
+            status,
+            errors,
+        )
 
     def problem(self) -> dict[str, Any]:
         return problem_dict(self.slug, self.title, self.status, self.detail, self.errors)
@@ -84,9 +88,11 @@ def worker_lost_problem(worker_id: str | None) -> dict[str, Any]:
 
 def time_limit_problem(limit_s: float) -> dict[str, Any]:
     return problem_dict(
-        "time-limit", "Job exceeded its time limit", 504,
+        "time-limit",
+        "Job exceeded its time limit",
+        504,
         f"the job ran longer than {limit_s} s",
-    )  # fmt: skip
+    )
 
 
 def is_time_limit(exc: BaseException) -> bool:
@@ -120,7 +126,9 @@ def bug_problem(exc: BaseException) -> dict[str, Any]:
     """The job's error for a bug: what was raised and where (the last frames)."""
     frames = traceback.format_exception(type(exc), exc, exc.__traceback__)
     return problem_dict(
-        "internal-error", "Job failed on an error in Lethe", 500,
+        "internal-error",
+        "Job failed on an error in Lethe",
+        500,
         f"{type(exc).__name__}: {exc}"[:2000],
         traceback="".join(frames)[-8000:],
-    )  # fmt: skip
+    )

@@ -137,9 +137,14 @@ class Execution:
             before = self._evaluate(loaded)
             self.check()
             result = answer(
-                loaded, before, rules, escalation=self.ctx.settings.escalation,
-                evaluate=self._evaluate_after, approximate=self._unlearn, exact=self._retrain,
-            )  # fmt: skip
+                loaded,
+                before,
+                rules,
+                escalation=self.ctx.settings.escalation,
+                evaluate=self._evaluate_after,
+                approximate=self._unlearn,
+                exact=self._retrain,
+            )
             self.progress(Phase.EVALUATING, 1.0)
             self._enter(Phase.SAVING)
             self.check()
@@ -192,11 +197,16 @@ class Execution:
         )
         carried = len(self.outputs)
         metrics = job_metrics(
-            loaded.model, forget=loaded.forget, eval_pair=loaded.eval,
-            member_probe=loaded.member_probe, class_wise=loaded.class_wise,
-            membership=self.membership, parts=self._parts(loaded), outputs=self.outputs,
+            loaded.model,
+            forget=loaded.forget,
+            eval_pair=loaded.eval,
+            member_probe=loaded.member_probe,
+            class_wise=loaded.class_wise,
+            membership=self.membership,
+            parts=self._parts(loaded),
+            outputs=self.outputs,
             eval_rows=loaded.eval_rows,
-        )  # fmt: skip
+        )
         # What the evaluation cost: passes through the model, and sets carried from the
         # release of the source version (ALGORITHM.md §6).
         metrics["forward_passes"], metrics["sets_carried"] = self.outputs.forwards, carried
@@ -221,13 +231,21 @@ class Execution:
             wait_for_companions(inputs.created_at, settings.coalesce_window_s, self.check)
         with transaction(self.ctx.session_factory) as session:
             members = absorb(
-                session, self.fence, dataset_id=inputs.dataset.dataset_id, keys=inputs.keys,
-                max_records=settings.coalesce_max_records, whole_class=whole_class,
+                session,
+                self.fence,
+                dataset_id=inputs.dataset.dataset_id,
+                keys=inputs.keys,
+                max_records=settings.coalesce_max_records,
+                whole_class=whole_class,
                 actor=self.ctx.actor,
-            )  # fmt: skip
+            )
         if members:
-            log.info("job %s: serves %d more requests (%d records)", self.job_id, len(members),
-                     sum(len(m.keys) for m in members))  # fmt: skip
+            log.info(
+                "job %s: serves %d more requests (%d records)",
+                self.job_id,
+                len(members),
+                sum(len(m.keys) for m in members),
+            )
         return members
 
     def _evaluate_after(self, loaded: Loaded) -> dict[str, Any]:
@@ -242,9 +260,10 @@ class Execution:
 
         if loaded.recipe is None or loaded.retained is None:
             raise JobError(
-                "no-recipe", "No training recipe",
+                "no-recipe",
+                "No training recipe",
                 loaded.exact_route or "the model has no training recipe to retrain with",
-            )  # fmt: skip
+            )
         self._enter(Phase.RETRAINING)
         if loaded.lm:
             from worker.lm_retrain import run_lm_retrain
@@ -255,9 +274,14 @@ class Execution:
         self.progress(Phase.RETRAINING, 0.0)
         t0 = time.perf_counter()
         model, stats = retrain(
-            loaded.architecture, loaded.arch_kwargs or {}, x, y, recipe, device=self.ctx.device,
+            loaded.architecture,
+            loaded.arch_kwargs or {},
+            x,
+            y,
+            recipe,
+            device=self.ctx.device,
             on_epoch=lambda done, _loss: self.progress(Phase.RETRAINING, done / recipe.epochs),
-        )  # fmt: skip
+        )
         stats["seconds"] = {"retrain": time.perf_counter() - t0}
         loaded.model = model
         return stats
@@ -271,10 +295,14 @@ class Execution:
 
         try:
             return MembershipTest(
-                loaded.forget, loaded.members, loaded.nonmembers, class_wise=loaded.class_wise,
+                loaded.forget,
+                loaded.members,
+                loaded.nonmembers,
+                class_wise=loaded.class_wise,
                 alpha=rules["max_false_release_rate"],
-                max_advantage=rules["max_membership_advantage"], band=rules["membership_band"],
-            )  # fmt: skip
+                max_advantage=rules["max_membership_advantage"],
+                band=rules["membership_band"],
+            )
         except ValueError as exc:  # too few non-members: no evidence, and the policy says so
             log.warning("job %s: no membership test: %s", self.job_id, exc)
             return None
@@ -288,10 +316,17 @@ class Execution:
 
                 return run_lm_engine(loaded, self.progress, lambda i: key_sha256(loaded.keys[i]))
             return run_engine(
-                loaded.kind, loaded.params, loaded.model, loaded.forget, guard=loaded.guard,
-                class_wise=loaded.class_wise, device=self.ctx.device, progress=self.progress,
-                key_hash=lambda i: key_sha256(loaded.keys[i]), membership=self.membership,
-            )  # fmt: skip
+                loaded.kind,
+                loaded.params,
+                loaded.model,
+                loaded.forget,
+                guard=loaded.guard,
+                class_wise=loaded.class_wise,
+                device=self.ctx.device,
+                progress=self.progress,
+                key_hash=lambda i: key_sha256(loaded.keys[i]),
+                membership=self.membership,
+            )
         except InvalidParams as exc:
             if self.monitor.cancel_requested.is_set():
                 raise Cancelled() from None
@@ -326,13 +361,13 @@ class Execution:
         }
         if loaded.served:
             metrics["coalesced"] = {
-                "requests": 1 + len(loaded.served), "records": len(loaded.keys),
+                "requests": 1 + len(loaded.served),
+                "records": len(loaded.keys),
                 "job_ids": [self.job_id, *(m.job_id for m in loaded.served)],
-            }  # fmt: skip
+            }
         commit_started = time.perf_counter()
         try:
-            version_id = commit_version(self.ctx, self.fence, loaded, stored, metrics,
-                                        self.timings)  # fmt: skip
+            version_id = commit_version(self.ctx, self.fence, loaded, stored, metrics, self.timings)
         except BaseException:
             self._delete_written()
             raise
@@ -415,9 +450,13 @@ class Execution:
 
         def apply(session: Session, job: Job) -> None:
             status = retry_or_finish(
-                session, job, actor=self.ctx.actor, max_attempts=self.ctx.settings.max_attempts,
-                error=problem, reason="error",
-            )  # fmt: skip
+                session,
+                job,
+                actor=self.ctx.actor,
+                max_attempts=self.ctx.settings.max_attempts,
+                error=problem,
+                reason="error",
+            )
             if status is not None:
                 final.append(Outcome(status))
 
@@ -426,8 +465,11 @@ class Execution:
         except Exception as record_exc:
             # Most likely the database itself is down: keep the claim; the lease runs out
             # and the reaper re-queues the job once the database is back.
-            log.warning("job %s: could not record the error (%s); the reaper will retry it",
-                        self.job_id, record_exc)  # fmt: skip
+            log.warning(
+                "job %s: could not record the error (%s); the reaper will retry it",
+                self.job_id,
+                record_exc,
+            )
             return RunResult(Outcome.RETRY, self.job_id, detail=str(exc))
         if not ok:
             return RunResult(Outcome.LOST, self.job_id, detail="lost before error was recorded")

@@ -39,10 +39,13 @@ def _attempt(method: str, policy: dict[str, Any], after: dict[str, Any], seconds
         "method": method,
         "outcome": "released" if policy["decision"] == VersionStatus.ACTIVE else "held",
         "reason": policy.get("reason"),
-        "evidence": {k: evidence.get(k) for k in ("outcome", "n", "statistic", "limit",
-                                                   "false_release_rate")} if evidence else None,
+        "evidence": {
+            k: evidence.get(k) for k in ("outcome", "n", "statistic", "limit", "false_release_rate")
+        }
+        if evidence
+        else None,
         "seconds": round(seconds, 3),
-    }  # fmt: skip
+    }
 
 
 def escalates(loaded: Loaded, policy: dict[str, Any], escalation: str) -> bool:

@@ -191,8 +191,13 @@ def finish_job(
     body = {"attempts": job.attempts, **(payload or {})}
     if error is not None:
         body["error"] = {"type": error.get("type"), "detail": error.get("detail")}
-    event: dict[str, Any] = {"actor": actor, "action": f"job.{status}", "subject_type": "job",
-             "subject_id": job.id, "payload": body}  # fmt: skip
+    event: dict[str, Any] = {
+        "actor": actor,
+        "action": f"job.{status}",
+        "subject_type": "job",
+        "subject_id": job.id,
+        "payload": body,
+    }
     if events is None:
         append_event(session, **event)
     else:
@@ -215,10 +220,17 @@ def requeue(
     if request is not None:
         move_request(request, RequestStatus.QUEUED)
     append_event(
-        session, actor=actor, action="job.requeued", subject_type="job", subject_id=job.id,
-        payload={"attempts": job.attempts, "reason": reason,
-                 **({"error": error.get("detail")} if error else {})},
-    )  # fmt: skip
+        session,
+        actor=actor,
+        action="job.requeued",
+        subject_type="job",
+        subject_id=job.id,
+        payload={
+            "attempts": job.attempts,
+            "reason": reason,
+            **({"error": error.get("detail")} if error else {}),
+        },
+    )
 
 
 def release_members(session: Session, leader_id: str, *, actor: str, reason: str) -> int:
@@ -234,8 +246,13 @@ def release_members(session: Session, leader_id: str, *, actor: str, reason: str
     for member in members:
         member.served_by_job_id = None
         if member.cancel_requested:
-            finish_job(session, member, JobStatus.CANCELLED, actor=actor,
-                       payload={"was_served_by": leader_id})  # fmt: skip
+            finish_job(
+                session,
+                member,
+                JobStatus.CANCELLED,
+                actor=actor,
+                payload={"was_served_by": leader_id},
+            )
             continue
         move_job(member, JobStatus.QUEUED)
         member.worker_id = member.phase = None
@@ -244,9 +261,13 @@ def release_members(session: Session, leader_id: str, *, actor: str, reason: str
         if request is not None:
             move_request(request, RequestStatus.QUEUED)
         append_event(
-            session, actor=actor, action="job.released", subject_type="job",
-            subject_id=member.id, payload={"served_by": leader_id, "reason": reason},
-        )  # fmt: skip
+            session,
+            actor=actor,
+            action="job.released",
+            subject_type="job",
+            subject_id=member.id,
+            payload={"served_by": leader_id, "reason": reason},
+        )
         released += 1
     return released
 
@@ -323,10 +344,15 @@ def claim_job(ctx: RunnerContext, job_id: str) -> Claim:
             job.result_version_id = existing.id
             job.progress = 1.0
             finish_job(
-                session, job, JobStatus.SUCCEEDED, actor=ctx.actor, payload={"recovered": True},
+                session,
+                job,
+                JobStatus.SUCCEEDED,
+                actor=ctx.actor,
+                payload={"recovered": True},
                 request_status=RequestStatus.NEEDS_REVIEW
-                if existing.status == VersionStatus.CANDIDATE else None,
-            )  # fmt: skip
+                if existing.status == VersionStatus.CANDIDATE
+                else None,
+            )
             return Claim(Outcome.FINISHED, job_id, model_id, detail="version already exists")
         if job.status == JobStatus.RUNNING and job.served_by_job_id is not None:
             leader = job.served_by_job_id
@@ -338,12 +364,16 @@ def claim_job(ctx: RunnerContext, job_id: str) -> Claim:
             return Claim(Outcome.CANCELLED, job_id, model_id, detail="cancelled before start")
         if job.attempts >= settings.max_attempts:
             finish_job(
-                session, job, JobStatus.FAILED, actor=ctx.actor,
+                session,
+                job,
+                JobStatus.FAILED,
+                actor=ctx.actor,
                 # A running job's holder is the last attempt's worker; job.error may still
                 # name the worker of an earlier attempt.
-                error=worker_lost_problem(job.worker_id) if job.status == JobStatus.RUNNING
+                error=worker_lost_problem(job.worker_id)
+                if job.status == JobStatus.RUNNING
                 else job.error or worker_lost_problem(None),
-            )  # fmt: skip
+            )
             return Claim(Outcome.FAILED, job_id, model_id, detail="attempts exhausted")
         blocker = blocking_job(session, job)
         if blocker is not None:
@@ -351,12 +381,17 @@ def claim_job(ctx: RunnerContext, job_id: str) -> Claim:
         source = active_version(session, model_id)
         if source is None:
             finish_job(
-                session, job, JobStatus.FAILED, actor=ctx.actor,
+                session,
+                job,
+                JobStatus.FAILED,
+                actor=ctx.actor,
                 error=problem_dict(
-                    "no-active-version", "Model has no active version", 409,
+                    "no-active-version",
+                    "Model has no active version",
+                    409,
                     "the model has no active version to unlearn from",
                 ),
-            )  # fmt: skip
+            )
             return Claim(Outcome.FAILED, job_id, model_id, detail="no active version")
         takeover = job.status == JobStatus.RUNNING
         # Compare-and-swap on (status, attempts): every claim bumps attempts, so the UPDATE
@@ -385,10 +420,18 @@ def claim_job(ctx: RunnerContext, job_id: str) -> Claim:
         if request is not None:
             move_request(request, RequestStatus.RUNNING)
         append_event(
-            session, actor=ctx.actor, action="job.claimed", subject_type="job", subject_id=job.id,
-            payload={"attempt": job.attempts, "device": device, "source_version_id": source.id,
-                     "takeover": takeover},
-        )  # fmt: skip
+            session,
+            actor=ctx.actor,
+            action="job.claimed",
+            subject_type="job",
+            subject_id=job.id,
+            payload={
+                "attempt": job.attempts,
+                "device": device,
+                "source_version_id": source.id,
+                "takeover": takeover,
+            },
+        )
         return Claim(None, job_id, model_id, job.attempts, http_request_id=job.http_request_id)
 
 

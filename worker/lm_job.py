@@ -116,9 +116,12 @@ def _batch(
     ]
     try:
         return tokenize(
-            examples, tokenizer, max_length=settings.max_length, bos_id=settings.bos_id,
+            examples,
+            tokenizer,
+            max_length=settings.max_length,
+            bos_id=settings.bos_id,
             pad_id=settings.pad_id,
-        )  # fmt: skip
+        )
     except ValueError as exc:
         raise JobError("dataset-invalid", "Records unusable", f"{source.name}: {exc}") from None
 
@@ -166,11 +169,22 @@ def load_lm(loader: Loader, inputs: JobInputs, model_id: str, device: str) -> Lo
     loader.progress(Phase.LOADING, 0.8)
     route = exact_route(loader, inputs, config, tokenizer, settings)  # worker/lm_retrain.py
     return Loaded(
-        model=model, forget=forget, eval=eval_batch, member_probe=probe, guard=guard,
-        eval_split=split.describe() if split else None, kind=inputs.kind, params=inputs.params,
-        keys=inputs.keys, dataset_id=inputs.dataset.dataset_id,
-        source_version_id=inputs.version_id, class_wise=False, lm=True, layout=layout, **route,
-    )  # fmt: skip
+        model=model,
+        forget=forget,
+        eval=eval_batch,
+        member_probe=probe,
+        guard=guard,
+        eval_split=split.describe() if split else None,
+        kind=inputs.kind,
+        params=inputs.params,
+        keys=inputs.keys,
+        dataset_id=inputs.dataset.dataset_id,
+        source_version_id=inputs.version_id,
+        class_wise=False,
+        lm=True,
+        layout=layout,
+        **route,
+    )
 
 
 # Unlearning -----------------------------------------------------------------------------------
@@ -186,8 +200,9 @@ def run_lm_engine(
     except (ValueError, TypeError) as exc:
         raise InvalidParams(f"{loaded.kind}: {exc}") from None
     try:
-        result = unlearn_lm(loaded.model, loaded.forget, loaded.guard, loaded.member_probe, cfg,
-                            progress)  # fmt: skip
+        result = unlearn_lm(
+            loaded.model, loaded.forget, loaded.guard, loaded.member_probe, cfg, progress
+        )
     except ValueError as exc:  # θ matches nothing, or a per-record gradient exceeds the bound
         raise InvalidParams(f"{loaded.kind}: {exc}") from None
     stats = dict(result.stats)

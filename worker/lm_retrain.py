@@ -67,8 +67,10 @@ def exact_route(
         return {"exact_route": "the request's dataset is not among the recipe's datasets"}
     key = _base_key(loader, recipe.base_version)
     if key is None:
-        return {"exact_route": f"the recipe's base version {recipe.base_version} is retired "
-                "or gone: re-fine-tuning from it is not possible"}  # fmt: skip
+        return {
+            "exact_route": f"the recipe's base version {recipe.base_version} is retired "
+            "or gone: re-fine-tuning from it is not possible"
+        }
     forget = set(inputs.keys)
     length = recipe.max_length or settings.max_length
     train_settings = TokenizerSettings(settings.bos_id, settings.pad_id, length)
@@ -93,10 +95,11 @@ def exact_route(
                 parts.append(_batch(loader, source, list(keys), tokenizer, train_settings))
         if not parts:
             raise JobError(
-                "nothing-to-train-on", "Nothing to train on",
+                "nothing-to-train-on",
+                "Nothing to train on",
                 "the request names every record the recipe fine-tunes on: no model can be "
                 "fine-tuned without them",
-            )  # fmt: skip
+            )
         return RetrainInputs(recipe, config, st_load(data), _concat(parts))
 
     return {"recipe": inputs.recipe, "retained": retained}
@@ -115,9 +118,13 @@ def _concat(parts: list[TokenBatch]) -> TokenBatch:
     ids = torch.cat([F.pad(p.ids, (0, width - p.ids.shape[1]), value=pad) for p in parts])
     scored = torch.cat([F.pad(p.scored, (0, width - p.scored.shape[1])) for p in parts])
     return TokenBatch(
-        [k for p in parts for k in p.keys], [t for p in parts for t in p.texts], ids, scored,
-        torch.cat([p.prefix_len for p in parts]), pad,
-    )  # fmt: skip
+        [k for p in parts for k in p.keys],
+        [t for p in parts for t in p.texts],
+        ids,
+        scored,
+        torch.cat([p.prefix_len for p in parts]),
+        pad,
+    )
 
 
 def run_lm_retrain(
@@ -143,8 +150,12 @@ def run_lm_retrain(
     model.to(device)
     load_s = time.perf_counter() - t0
     try:
-        stats = finetune(model, inputs.train, inputs.recipe,
-                         on_step=lambda done: progress(Phase.RETRAINING, done))  # fmt: skip
+        stats = finetune(
+            model,
+            inputs.train,
+            inputs.recipe,
+            on_step=lambda done: progress(Phase.RETRAINING, done),
+        )
     except ValueError as exc:  # diverged, or LoRA targets that match nothing
         raise JobError("retrain-failed", "Re-fine-tune failed", str(exc)) from None
     stats["seconds"] = {"load": load_s, "retrain": time.perf_counter() - t0 - load_s}

@@ -148,14 +148,26 @@ class Loader:
         probe_pair = self._load_rows(inputs.probe, inputs.probe_keys) if inputs.probe else None
         self.progress(Phase.LOADING, 0.8)
         return Loaded(
-            model=model, forget=forget, eval=eval_pair, member_probe=probe_pair,
-            guard=guard_pair, eval_split=split.describe() if split else None,
-            kind=inputs.kind, params=inputs.params, keys=inputs.keys,
-            dataset_id=inputs.dataset.dataset_id, source_version_id=inputs.version_id,
-            class_wise=class_wise, nonmembers=nonmembers, members=members, eval_rows=eval_rows,
-            architecture=inputs.architecture, arch_kwargs=inputs.arch_kwargs, served=served,
+            model=model,
+            forget=forget,
+            eval=eval_pair,
+            member_probe=probe_pair,
+            guard=guard_pair,
+            eval_split=split.describe() if split else None,
+            kind=inputs.kind,
+            params=inputs.params,
+            keys=inputs.keys,
+            dataset_id=inputs.dataset.dataset_id,
+            source_version_id=inputs.version_id,
+            class_wise=class_wise,
+            nonmembers=nonmembers,
+            members=members,
+            eval_rows=eval_rows,
+            architecture=inputs.architecture,
+            arch_kwargs=inputs.arch_kwargs,
+            served=served,
             **self._exact_route(inputs),
-        )  # fmt: skip
+        )
 
     def _exact_route(self, inputs: JobInputs) -> dict[str, Any]:
         """The recipe and a loader of its retained rows, or why retraining cannot answer."""
@@ -177,10 +189,11 @@ class Loader:
                     parts.append(self._load_rows(source, list(keys)))
             if not parts:
                 raise JobError(
-                    "nothing-to-train-on", "Nothing to train on",
+                    "nothing-to-train-on",
+                    "Nothing to train on",
                     "the request names every record the recipe trains on: no model can be "
                     "trained without them",
-                )  # fmt: skip
+                )
             return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
 
         return {"recipe": inputs.recipe, "retained": retained}
@@ -425,9 +438,11 @@ def _recipe_sources(
         dataset = session.get(Dataset, dataset_id)
         if dataset is None:
             raise JobError(
-                "dataset-missing", "Recipe dataset missing",
-                f"the recipe's dataset {dataset_id} is gone", status=404,
-            )  # fmt: skip
+                "dataset-missing",
+                "Recipe dataset missing",
+                f"the recipe's dataset {dataset_id} is gone",
+                status=404,
+            )
         out.append((DataSource.of(dataset), tuple(_present_keys(session, dataset) or [])))
     return tuple(out)
 

@@ -176,9 +176,13 @@ class Reaper:
                 return  # renewed meanwhile
             # The attempt's error is that its worker vanished.
             final = retry_or_finish(
-                session, job, actor=self.actor, max_attempts=self.settings.max_attempts,
-                error=worker_lost_problem(job.worker_id), reason="lease expired",
-            )  # fmt: skip
+                session,
+                job,
+                actor=self.actor,
+                max_attempts=self.settings.max_attempts,
+                error=worker_lost_problem(job.worker_id),
+                reason="lease expired",
+            )
             outcome = str(final) if final is not None else "requeued"
             nxt = next_runnable_of_model(session, model_id) if outcome != "requeued" else job_id
         log.warning("job %s: worker lost, %s", job_id, outcome)

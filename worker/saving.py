@@ -81,10 +81,17 @@ def commit_version(
         ) + 1
         now = utcnow()
         version = ModelVersion(
-            model_id=fence.model_id, number=number, parent_id=source.id, job_id=job.id,
-            storage_key=stored.key, sha256=stored.sha256, size_bytes=stored.size,
-            status=VersionStatus.CANDIDATE, metrics=run_metrics(metrics), created_at=now,
-        )  # fmt: skip  # a release moves it to active below, after its parent steps down
+            model_id=fence.model_id,
+            number=number,
+            parent_id=source.id,
+            job_id=job.id,
+            storage_key=stored.key,
+            sha256=stored.sha256,
+            size_bytes=stored.size,
+            status=VersionStatus.CANDIDATE,
+            metrics=run_metrics(metrics),
+            created_at=now,
+        )  # a release moves it to active below, after its parent steps down
         session.add(version)
         session.flush()  # the unique job_id constraint fires here, inside the transaction
         job.result_version_id = version.id
@@ -96,43 +103,76 @@ def commit_version(
         active = status == VersionStatus.ACTIVE
         request_status = RequestStatus.COMPLETED if active else RequestStatus.NEEDS_REVIEW
         finish_served(
-            session, served, leader_id=job.id, version_id=version.id,
-            metrics_of=lambda i: own_metrics(metrics, i + 1), request_status=request_status,
+            session,
+            served,
+            leader_id=job.id,
+            version_id=version.id,
+            metrics_of=lambda i: own_metrics(metrics, i + 1),
+            request_status=request_status,
             actor=actor,
-        )  # fmt: skip
+        )
         answered = [(job.id, job.request_id), *((j.id, j.request_id) for j in served)]
         finish_job(
-            session, job, JobStatus.SUCCEEDED, actor=actor,
-            payload={"result_version_id": version.id, "worker_id": ctx.worker_id,
-                     "decision": status},
+            session,
+            job,
+            JobStatus.SUCCEEDED,
+            actor=actor,
+            payload={
+                "result_version_id": version.id,
+                "worker_id": ctx.worker_id,
+                "decision": status,
+            },
             request_status=request_status,
-        )  # fmt: skip
+        )
         append_event(
-            session, actor=actor, action="version.created", subject_type="model_version",
+            session,
+            actor=actor,
+            action="version.created",
+            subject_type="model_version",
             subject_id=version.id,
-            payload={"model_id": fence.model_id, "number": number, "parent_id": source.id,
-                     "job_id": job.id, "request_id": job.request_id, "sha256": stored.sha256,
-                     **({"job_ids": [a for a, _ in answered],
-                         "request_ids": [b for _, b in answered]} if served else {}),
-                     "size_bytes": stored.size, "status": status,
-                     "superseded_id": source.id if active else None,
-                     "policy": {"failed": metrics["policy"]["failed"],
-                                "mode": metrics["policy"]["mode"]},
-                     "forgetting": metrics.get("forgetting"),
-                     "attempts": metrics.get("attempts") or []},
-        )  # fmt: skip
+            payload={
+                "model_id": fence.model_id,
+                "number": number,
+                "parent_id": source.id,
+                "job_id": job.id,
+                "request_id": job.request_id,
+                "sha256": stored.sha256,
+                **(
+                    {"job_ids": [a for a, _ in answered], "request_ids": [b for _, b in answered]}
+                    if served
+                    else {}
+                ),
+                "size_bytes": stored.size,
+                "status": status,
+                "superseded_id": source.id if active else None,
+                "policy": {
+                    "failed": metrics["policy"]["failed"],
+                    "mode": metrics["policy"]["mode"],
+                },
+                "forgetting": metrics.get("forgetting"),
+                "attempts": metrics.get("attempts") or [],
+            },
+        )
         if active:
             try:
                 activate(
-                    session, version, source, dataset_id=loaded.dataset_id, keys=loaded.keys,
-                    job_id=job.id, request_id=job.request_id, actor=actor, now=now,
+                    session,
+                    version,
+                    source,
+                    dataset_id=loaded.dataset_id,
+                    keys=loaded.keys,
+                    job_id=job.id,
+                    request_id=job.request_id,
+                    actor=actor,
+                    now=now,
                     served=answered if served else (),
-                )  # fmt: skip
+                )
             except RecordsUnavailable as exc:
                 raise JobError(
-                    "records-unavailable", "Records unavailable",
+                    "records-unavailable",
+                    "Records unavailable",
                     f"only {exc.marked} of {exc.requested} records were still present at save",
-                ) from None  # fmt: skip
+                ) from None
         return version.id
 
 
@@ -142,16 +182,24 @@ def finish_activation(
     """Post-commit upkeep of an activating save. The process's parsed copy of the dataset
     follows the purge: the forgotten rows dropped from it, or (if it does not add up) gone."""
     result = after_activation(
-        ctx.session_factory, ctx.storage, ctx.settings,
-        model_id=model_id, dataset_id=dataset_id, actor=ctx.actor,
-    )  # fmt: skip
+        ctx.session_factory,
+        ctx.storage,
+        ctx.settings,
+        model_id=model_id,
+        dataset_id=dataset_id,
+        actor=ctx.actor,
+    )
     if result is None or not result.new_key:
         return
     with ctx.session_factory() as session:
         dataset = session.get(Dataset, dataset_id)
         sha = dataset.content_sha256 if dataset is not None else None
-    carried = bool(sha) and result.old_key is not None and DATASETS.carry_over(
-        result.old_key, result.new_key, str(sha), set(forgotten), result.rows_removed
-    )  # fmt: skip
+    carried = (
+        bool(sha)
+        and result.old_key is not None
+        and DATASETS.carry_over(
+            result.old_key, result.new_key, str(sha), set(forgotten), result.rows_removed
+        )
+    )
     if not carried:
         DATASETS.evict_other_files(result.new_key)

@@ -51,14 +51,26 @@ def run_engine(
     # The engine reports its own phases ("influence", then "unlearning") from its first step.
     if isinstance(config, IMUConfig):
         result = unlearn(
-            model, x, y, config, progress, heldout=guard, class_wise=class_wise,
+            model,
+            x,
+            y,
+            config,
+            progress,
+            heldout=guard,
+            class_wise=class_wise,
             membership=membership,
-        )  # fmt: skip
+        )
     else:
         result = gradient_ascent(
-            model, x, y, config, progress, heldout=guard, class_wise=class_wise,
+            model,
+            x,
+            y,
+            config,
+            progress,
+            heldout=guard,
+            class_wise=class_wise,
             membership=membership,
-        )  # fmt: skip
+        )
     stats = dict(result.stats)
     kept = stats.pop("kept_indices", None)
     stats.pop("weights", None)

@@ -67,11 +67,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine_kwargs.update(
             pool_size=20,
             connect_args={
-                "connect_timeout": 5, "keepalives": 1, "keepalives_idle": 5,
-                "keepalives_interval": 2, "keepalives_count": 2, "tcp_user_timeout": bound_ms,
+                "connect_timeout": 5,
+                "keepalives": 1,
+                "keepalives_idle": 5,
+                "keepalives_interval": 2,
+                "keepalives_count": 2,
+                "tcp_user_timeout": bound_ms,
                 "options": f"-c statement_timeout={bound_ms}",
             },
-        )  # fmt: skip
+        )
     else:
         engine_kwargs.update(pool_size=40)
     engine = make_engine(settings.db_url, **engine_kwargs)

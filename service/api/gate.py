@@ -23,9 +23,11 @@ FORM_OVERHEAD_BYTES = 1024 * 1024
 
 def _too_large(limit: int, what: str) -> Problem:
     return Problem(
-        413, "payload-too-large", f"the request body exceeds {limit} bytes ({what})",
+        413,
+        "payload-too-large",
+        f"the request body exceeds {limit} bytes ({what})",
         title="Payload too large",
-    )  # fmt: skip
+    )
 
 
 class RequestGate:

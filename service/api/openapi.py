@@ -40,8 +40,12 @@ def operation_id(route: APIRoute) -> str:
 
 def _components() -> dict[str, Any]:
     models: list[type[BaseModel]] = [
-        Problem, PolicyOverrides, *param_models().values(), RecipeIn, LMRecipeIn,
-    ]  # fmt: skip
+        Problem,
+        PolicyOverrides,
+        *param_models().values(),
+        RecipeIn,
+        LMRecipeIn,
+    ]
     _, schema = models_json_schema(
         [(m, "validation") for m in models], ref_template="#/components/schemas/{model}"
     )

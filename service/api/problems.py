@@ -226,9 +226,11 @@ STORAGE_RETRY_AFTER_S = 60  # a full disk or bucket needs an operator: not secon
 async def _handle_storage_full(request: Request, exc: Exception) -> JSONResponse:
     log.error("storage full on %s %s: %s", request.method, request.url.path, exc)
     body = problem_dict(
-        "storage-full", "Insufficient storage", 507,
+        "storage-full",
+        "Insufficient storage",
+        507,
         "the object store has no room for this upload; nothing was stored, retry later",
-    )  # fmt: skip
+    )
     return problem_response(body, {"Retry-After": str(STORAGE_RETRY_AFTER_S)})
 
 

@@ -106,7 +106,7 @@ def submit(
         _409="The request is not completed",
         _503="Its records are still being purged (retry after `Retry-After` seconds), or the "
         "database is unavailable",
-    ),  # fmt: skip
+    ),
 )
 def receipt(
     request_id: str,

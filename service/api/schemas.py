@@ -178,9 +178,12 @@ class MembershipEvidence(_Out):
 
     test: str
     outcome: Literal[
-        "forgotten", "no-membership-signal", "remembered", "over-forgotten",
+        "forgotten",
+        "no-membership-signal",
+        "remembered",
+        "over-forgotten",
         "insufficient-evidence",
-    ]  # fmt: skip
+    ]
     releases: bool
     n: int = Field(description="Records scored.")
     statistic: float = Field(description="Z = Σ z_i / √n; about N(0, 1) for unseen records.")

@@ -282,10 +282,12 @@ def _register_models(app: typer.Typer) -> None:
         extra = {
             field: path
             for field, path in (
-                ("config", config), ("tokenizer", tokenizer), ("tokenizer_config", tokenizer_config)
+                ("config", config),
+                ("tokenizer", tokenizer),
+                ("tokenizer_config", tokenizer_config),
             )
             if path is not None
-        }  # fmt: skip
+        }
         with _api(url, api_key) as api:
             model = api.register_model(body, weights, extra)
         if as_json:

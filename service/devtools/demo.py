@@ -218,10 +218,8 @@ def phase_seconds(job: dict[str, Any]) -> dict[str, float]:
 
 
 def results_table(reports: list[JobReport]) -> Table:
-    caption = ", ".join(f"#{n}: forget {rep.label}" for n, rep in enumerate(reports, 1)) + (
-        ". MIA efficacy: share of the forgotten records a membership-inference SVM calls "
-        "non-members."
-    )
+    caption = ", ".join(f"#{n}: forget {rep.label}" for n, rep in enumerate(reports, 1))
+    caption += ". MIA efficacy: share of the forgotten records a membership SVM calls non-members."
     table = Table(title="Before / after each deletion request", caption=caption)
     table.add_column("metric")
     for n in range(1, len(reports) + 1):
@@ -364,10 +362,14 @@ def _drive(
         "description": "Lethe demo: small CNN on scikit-learn digits",
         # How train_model made version 1: what IMU cannot show forgotten is retrained (exact).
         "recipe": {
-            "epochs": cfg.train_epochs, "lr": 1e-3, "batch_size": 128, "seed": cfg.seed,
-            "init_seed": cfg.seed, "datasets": [datasets["train"]["id"]],
+            "epochs": cfg.train_epochs,
+            "lr": 1e-3,
+            "batch_size": 128,
+            "seed": cfg.seed,
+            "init_seed": cfg.seed,
+            "datasets": [datasets["train"]["id"]],
         },
-    }  # fmt: skip
+    }
     model = api.register_model(spec, weights)
     console.print(f"  version 1 id={model['active_version']['id']}")
 
@@ -390,15 +392,23 @@ def _drive(
         step(f"POST /v1/deletion-requests: {what} ({len(keys)} keys)")
         idem = f"demo-{run_tag}-{len(reports)}"
         submit = partial(
-            api.submit_deletion, model_name, datasets["train"]["id"], keys,
-            params=IMU_PARAMS, reason="demo", subject_ref=label, idempotency_key=idem,
-        )  # fmt: skip
+            api.submit_deletion,
+            model_name,
+            datasets["train"]["id"],
+            keys,
+            params=IMU_PARAMS,
+            reason="demo",
+            subject_ref=label,
+            idempotency_key=idem,
+        )
         accepted = submit()
         retried = submit()  # a retried POST: same answer, no second job
         if retried["id"] != accepted["id"]:
             raise RuntimeError("a retried POST with the same Idempotency-Key made a new request")
-        console.print(f"  202 Accepted: request {accepted['id']}; a retry with the same "
-                      "Idempotency-Key returned it again (no second job)")  # fmt: skip
+        console.print(
+            f"  202 Accepted: request {accepted['id']}; a retry with the same "
+            "Idempotency-Key returned it again (no second job)"
+        )
         job_id = accepted["job"]["id"]
         with JobProgress(console, title=f"forget {label}") as bars:  # to the request's end
             request = api.wait_for_request(accepted["id"], 0.25, on_update=bars.update)

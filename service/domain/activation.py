@@ -58,9 +58,15 @@ def activate(
     activate_version(session, version, parent)
     parent.superseded_at = now
     append_forgotten_event(
-        session, actor=actor, dataset_id=dataset_id, job_id=job_id, request_id=request_id,
-        keys=keys, count=marked, served=served,
-    )  # fmt: skip
+        session,
+        actor=actor,
+        dataset_id=dataset_id,
+        job_id=job_id,
+        request_id=request_id,
+        keys=keys,
+        count=marked,
+        served=served,
+    )
     return marked
 
 

@@ -52,12 +52,20 @@ def append_forgotten_event(
     served: Sequence[tuple[str, str]] = (),
 ) -> None:
     """``served``: (job id, request id) of every request a coalesced run answered."""
-    payload = {"job_id": job_id, "request_id": request_id, "count": count,
-               "key_sha256": [key_sha256(k) for k in list(keys)[:10000]]}  # fmt: skip
+    payload = {
+        "job_id": job_id,
+        "request_id": request_id,
+        "count": count,
+        "key_sha256": [key_sha256(k) for k in list(keys)[:10000]],
+    }
     if served:
         payload["job_ids"] = [j for j, _ in served]
         payload["request_ids"] = [r for _, r in served]
     append_event(
-        session, actor=actor, action="records.forgotten", subject_type="dataset",
-        subject_id=dataset_id, payload=payload,
-    )  # fmt: skip
+        session,
+        actor=actor,
+        action="records.forgotten",
+        subject_type="dataset",
+        subject_id=dataset_id,
+        payload=payload,
+    )

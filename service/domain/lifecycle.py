@@ -92,6 +92,14 @@ def activate_version(session: Session, version: Any, parent: Any) -> None:
 
 
 __all__ = [
-    "JOB_MOVES", "RECORD_MOVES", "REQUEST_MOVES", "VERSION_MOVES", "IllegalTransition",
-    "activate_version", "move_job", "move_request", "move_version", "sources",
-]  # fmt: skip
+    "JOB_MOVES",
+    "RECORD_MOVES",
+    "REQUEST_MOVES",
+    "VERSION_MOVES",
+    "IllegalTransition",
+    "activate_version",
+    "move_job",
+    "move_request",
+    "move_version",
+    "sources",
+]

@@ -40,9 +40,10 @@ class LMRecipeIn(BaseModel):
     model_config = ConfigDict(extra="forbid", title="LMTrainingRecipe")
 
     base_version: str = Field(
-        min_length=1, max_length=64,
+        min_length=1,
+        max_length=64,
         description="The registered causal_lm model version this model was fine-tuned from.",
-    )  # fmt: skip
+    )
     method: Literal["full", "lora"] = Field(
         default="full", description="full: every weight trained; lora: low-rank adapters."
     )
@@ -52,9 +53,12 @@ class LMRecipeIn(BaseModel):
     batch_size: int = Field(default=8, ge=1, le=4096, strict=True)
     weight_decay: float = Field(default=0.0, ge=0, le=1, allow_inf_nan=False)
     max_length: int | None = Field(
-        default=None, ge=8, le=MAX_RECIPE_TOKENS, strict=True,
+        default=None,
+        ge=8,
+        le=MAX_RECIPE_TOKENS,
+        strict=True,
         description="Tokens kept per record (default: the model's, at most 512).",
-    )  # fmt: skip
+    )
     max_grad_norm: float | None = Field(default=None, gt=0, le=1e6, allow_inf_nan=False)
     seed: int = Field(default=0, ge=0, le=(1 << 63) - 1, strict=True)
     loss_tokens: Literal["completion", "all"] = Field(
@@ -66,15 +70,18 @@ class LMRecipeIn(BaseModel):
     lora_alpha: int | None = Field(default=None, ge=1, le=1 << 16, strict=True)
     lora_dropout: float | None = Field(default=None, ge=0, lt=1, allow_inf_nan=False)
     lora_targets: list[str] | None = Field(
-        default=None, min_length=1, max_length=64,
+        default=None,
+        min_length=1,
+        max_length=64,
         description="Linear layers adapted (suffixes of module names); default the attention "
         "projections q_proj, k_proj, v_proj, o_proj.",
-    )  # fmt: skip
+    )
     datasets: list[str] = Field(
-        min_length=1, max_length=16,
+        min_length=1,
+        max_length=16,
         description="The text train datasets (ids or unique names) version 1 was fine-tuned "
         "on, in order.",
-    )  # fmt: skip
+    )
 
 
 _LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")
@@ -145,8 +152,11 @@ def resolve_lm_recipe(
         field = f"spec.recipe.datasets.{i}"
         ds = resolve_dataset(session, ref, field)
         if ds.role != "train" or ds.kind != "text":
-            _refuse(field, f"{ds.id!r} is a {ds.kind} {ds.role} dataset; a causal_lm recipe "
-                    "fine-tunes on text datasets with role train")  # fmt: skip
+            _refuse(
+                field,
+                f"{ds.id!r} is a {ds.kind} {ds.role} dataset; a causal_lm recipe "
+                "fine-tunes on text datasets with role train",
+            )
         ids.append(ds.id)
     values = recipe.model_dump(exclude_none=True)
     values.update(base_version=base.id, base_sha256=base.sha256, datasets=ids)

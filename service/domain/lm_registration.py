@@ -189,10 +189,13 @@ def model_file(
         raise NotFound(
             "not-found",
             f"version {version_id} has no file {name!r}"
-            + (f"; a {ARCHITECTURE} version has {', '.join(FILE_NAMES)}" if is_lm(architecture)
-               else f" (only {ARCHITECTURE} models have files beside the checkpoint)"),
+            + (
+                f"; a {ARCHITECTURE} version has {', '.join(FILE_NAMES)}"
+                if is_lm(architecture)
+                else f" (only {ARCHITECTURE} models have files beside the checkpoint)"
+            ),
             title="Not found",
-        )  # fmt: skip
+        )
     key = file_key(model_id, name)
     if not storage.exists(key):
         raise NotFound("not-found", f"the stored {name} is missing", title="Not found")

@@ -57,9 +57,10 @@ class RecipeIn(BaseModel):
     seed: int = Field(default=0, ge=0, le=(1 << 63) - 1, strict=True)
     init_seed: int = Field(default=0, ge=0, le=(1 << 63) - 1, strict=True)
     datasets: list[str] = Field(
-        min_length=1, max_length=16,
+        min_length=1,
+        max_length=16,
         description="The train datasets (ids or unique names) version 1 was trained on, in order.",
-    )  # fmt: skip
+    )
 
 
 class ModelSpec(BaseModel):

@@ -196,7 +196,7 @@ def param_models() -> dict[str, type[BaseModel]]:
             configs["lm"],
             "Overrides of the language-model settings (architecture `causal_lm`).",
             exclude=("method", "ascent_term"),
-        ),  # fmt: skip
+        ),
     }
 
 

@@ -316,9 +316,14 @@ def submit_deletion_request(
 
     def unit(session: Session) -> Submission:
         return _record_submission(
-            session, body, params, actor=actor, idempotency_key=idempotency_key,
-            fingerprint=fingerprint, http_request_id=http_request_id,
-        )  # fmt: skip
+            session,
+            body,
+            params,
+            actor=actor,
+            idempotency_key=idempotency_key,
+            fingerprint=fingerprint,
+            http_request_id=http_request_id,
+        )
 
     try:
         result = group_commit(factory).run(unit, final=_finish_batch)

@@ -137,19 +137,34 @@ def promote(
         for _, r in served:
             move_request(r, RequestStatus.COMPLETED)
         append_event(
-            session, actor=actor, action="version.promoted", subject_type="model_version",
+            session,
+            actor=actor,
+            action="version.promoted",
+            subject_type="model_version",
             subject_id=version.id,
-            payload={"model_id": model.id, "number": version.number,
-                     "superseded_id": current.id, "request_id": request.id,
-                     "request_ids": [r.id for _, r in served],
-                     "job_id": version.job_id, "sha256": version.sha256},
-        )  # fmt: skip
+            payload={
+                "model_id": model.id,
+                "number": version.number,
+                "superseded_id": current.id,
+                "request_id": request.id,
+                "request_ids": [r.id for _, r in served],
+                "job_id": version.job_id,
+                "sha256": version.sha256,
+            },
+        )
         try:  # raising rolls the whole promotion back, its event included
             activate(
-                session, version, current, dataset_id=request.dataset_id, keys=keys,
-                job_id=version.job_id or "", request_id=request.id, actor=actor, now=utcnow(),
+                session,
+                version,
+                current,
+                dataset_id=request.dataset_id,
+                keys=keys,
+                job_id=version.job_id or "",
+                request_id=request.id,
+                actor=actor,
+                now=utcnow(),
                 served=[(j.id, r.id) for j, r in served] if len(served) > 1 else (),
-            )  # fmt: skip
+            )
         except RecordsUnavailable as exc:
             raise conflict(
                 "records-unavailable",
@@ -181,12 +196,19 @@ def reject(
         for _, r in served:
             move_request(r, RequestStatus.REJECTED)
         append_event(
-            session, actor=actor, action="version.rejected", subject_type="model_version",
+            session,
+            actor=actor,
+            action="version.rejected",
+            subject_type="model_version",
             subject_id=version.id,
-            payload={"model_id": model.id, "number": version.number,
-                     "request_id": request.id if request else None,
-                     "request_ids": [r.id for _, r in served],
-                     "job_id": version.job_id, "sha256": version.sha256},
-        )  # fmt: skip
+            payload={
+                "model_id": model.id,
+                "number": version.number,
+                "request_id": request.id if request else None,
+                "request_ids": [r.id for _, r in served],
+                "job_id": version.job_id,
+                "sha256": version.sha256,
+            },
+        )
         retire_version(session, storage, version, actor=actor, reason=VersionStatus.REJECTED)
         return version_view(version, model.name)

@@ -141,8 +141,11 @@ def parse_text_jsonl(
         if shape is None:
             shape = got
         elif got != shape:
-            raise _error(number, "text" if got == "text" else "prompt",
-                         f"line 1 set the shape {SHAPES[shape]}; one shape per file")  # fmt: skip
+            raise _error(
+                number,
+                "text" if got == "text" else "prompt",
+                f"line 1 set the shape {SHAPES[shape]}; one shape per file",
+            )
         key = _string(number, obj, "id", MAX_KEY_LENGTH)
         if key in first_line:
             raise _error(number, "id", f"duplicate id {key!r} (first on line {first_line[key]})")
@@ -153,10 +156,14 @@ def parse_text_jsonl(
                 TextRecord(key, text=_string(number, obj, "text", max_field_chars), label=label)
             )
         else:
-            records.append(TextRecord(
-                key, prompt=_string(number, obj, "prompt", max_field_chars),
-                completion=_string(number, obj, "completion", max_field_chars), label=label,
-            ))  # fmt: skip
+            records.append(
+                TextRecord(
+                    key,
+                    prompt=_string(number, obj, "prompt", max_field_chars),
+                    completion=_string(number, obj, "completion", max_field_chars),
+                    label=label,
+                )
+            )
     return records
 
 

@@ -133,10 +133,13 @@ class ModelVersion(Base):
         UniqueConstraint("model_id", "number", name="uq_versions_model_number"),
         # At most one active version per model (migration 0005).
         Index(
-            "uq_versions_one_active", "model_id", unique=True,
-            postgresql_where=text("status = 'active'"), sqlite_where=text("status = 'active'"),
+            "uq_versions_one_active",
+            "model_id",
+            unique=True,
+            postgresql_where=text("status = 'active'"),
+            sqlite_where=text("status = 'active'"),
         ),
-    )  # fmt: skip
+    )
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
     number: Mapped[int] = mapped_column(Integer)

@@ -101,7 +101,7 @@ def append_event(
                 "subject_id": subject_id,
                 "payload": payload,
             }
-        ],  # fmt: skip
+        ],
     )[0]
 
 

@@ -50,17 +50,39 @@ def decide_lm(policy: dict[str, Any], before: dict[str, Any], after: dict[str, A
     if probe0 is not None and probe1 is not None:
         lost = 1.0 - probe1 / probe0 if probe0 > 0 else 0.0
     checks = [
-        check("forget_recall", recall, policy["max_forget_recall"], "no forget recall",
-               metric="after.forget.exact_recall"),
-        check("forget_indistinguishable",
-               None if auc is None or auc_limit is None else abs(auc - 0.5) - (auc_limit - 0.5),
-               policy["max_forget_auc_excess"], "no eval dataset to compare the forget set with",
-               metric="|min_k_auc - 0.5| - (auc_limit - 0.5)", auc=auc, auc_limit=auc_limit),
-        check("heldout_ppl_rise", rise, policy["max_heldout_ppl_rise"],
-               "no eval dataset (held-out perplexity)", metric="ppl_after / ppl_before - 1",
-               before=ppl0, after=ppl1),
-        check("probe_recall_drop", lost, policy["max_probe_recall_drop"],
-               "no member_probe dataset (retained-record recall)",
-               metric="1 - probe_recall_after / probe_recall_before", before=probe0, after=probe1),
-    ]  # fmt: skip
+        check(
+            "forget_recall",
+            recall,
+            policy["max_forget_recall"],
+            "no forget recall",
+            metric="after.forget.exact_recall",
+        ),
+        check(
+            "forget_indistinguishable",
+            None if auc is None or auc_limit is None else abs(auc - 0.5) - (auc_limit - 0.5),
+            policy["max_forget_auc_excess"],
+            "no eval dataset to compare the forget set with",
+            metric="|min_k_auc - 0.5| - (auc_limit - 0.5)",
+            auc=auc,
+            auc_limit=auc_limit,
+        ),
+        check(
+            "heldout_ppl_rise",
+            rise,
+            policy["max_heldout_ppl_rise"],
+            "no eval dataset (held-out perplexity)",
+            metric="ppl_after / ppl_before - 1",
+            before=ppl0,
+            after=ppl1,
+        ),
+        check(
+            "probe_recall_drop",
+            lost,
+            policy["max_probe_recall_drop"],
+            "no member_probe dataset (retained-record recall)",
+            metric="1 - probe_recall_after / probe_recall_before",
+            before=probe0,
+            after=probe1,
+        ),
+    ]
     return verdict(checks, policy, mode="text", class_wise=False, thresholds=LM_THRESHOLDS)

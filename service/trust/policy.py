@@ -33,13 +33,19 @@ from service.settings import Settings
 
 MODES = ("auto", "class", "random")
 CLASSIFIER_THRESHOLDS = (
-    "max_eval_acc_drop", "max_forget_acc", "max_false_release_rate", "max_membership_advantage",
+    "max_eval_acc_drop",
+    "max_forget_acc",
+    "max_false_release_rate",
+    "max_membership_advantage",
     "membership_band",
-)  # fmt: skip
+)
 # Causal LMs (service/trust/lm_policy.py); the AUC excess is shared.
 LM_THRESHOLDS = (
-    "max_forget_recall", "max_heldout_ppl_rise", "max_probe_recall_drop", "max_forget_auc_excess",
-)  # fmt: skip
+    "max_forget_recall",
+    "max_heldout_ppl_rise",
+    "max_probe_recall_drop",
+    "max_forget_auc_excess",
+)
 THRESHOLDS = (*CLASSIFIER_THRESHOLDS, *LM_THRESHOLDS)
 
 
@@ -127,11 +133,16 @@ def membership_check(
     if exact:
         ev = evidence if isinstance(evidence, dict) else {}
         return {
-            **out, "value": ev.get("statistic"), "limit": ev.get("limit"), "ok": True,
-            "outcome": ev.get("outcome"), "reason": None, "exact": True,
+            **out,
+            "value": ev.get("statistic"),
+            "limit": ev.get("limit"),
+            "ok": True,
+            "outcome": ev.get("outcome"),
+            "reason": None,
+            "exact": True,
             "note": "exact: retrained without the records; the evidence is reported, not required",
             "evidence": {k: v for k, v in ev.items() if k != "per_record_z"} or None,
-        }  # fmt: skip
+        }
     if not isinstance(evidence, dict) or "outcome" not in evidence:
         note = "no eval dataset or no retained records to compare the records with"
         return {**out, "value": None, "limit": None, "ok": None, "note": note}
@@ -160,11 +171,15 @@ def parts_check(
     judged = [membership_check(p, stopped, exact=exact) for p in parts]
     held = [c for c in judged if c["ok"] is not True]
     return {
-        "name": "membership_per_request", "metric": "requests whose own records fail the test",
-        "value": len(held), "limit": 0, "ok": not held, "requests": len(parts),
+        "name": "membership_per_request",
+        "metric": "requests whose own records fail the test",
+        "value": len(held),
+        "limit": 0,
+        "ok": not held,
+        "requests": len(parts),
         "reason": held[0].get("reason") or "membership-not-measured" if held else None,
         "evidence": held[0].get("evidence") if held else None,
-    }  # fmt: skip
+    }
 
 
 def verdict(

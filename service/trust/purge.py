@@ -174,20 +174,24 @@ def purge_dataset(
                         .execution_options(synchronize_session=False)
                     )
                 append_event(
-                    session, actor=actor, action="content.purged", subject_type="dataset",
+                    session,
+                    actor=actor,
+                    action="content.purged",
+                    subject_type="dataset",
                     subject_id=dataset_id,
                     payload={
                         "records": len(pending),
                         "rows_removed": removed,
                         "rows_kept": kept,
-                        "job_ids": sorted({r.forgotten_by_job_id for r in pending
-                                           if r.forgotten_by_job_id}),
+                        "job_ids": sorted(
+                            {r.forgotten_by_job_id for r in pending if r.forgotten_by_job_id}
+                        ),
                         "key_sha256": [key_sha256(r.key) for r in pending[:10000]],
                         "old_content_sha256": old_sha,
                         "new_content_sha256": ds.content_sha256,
                         "old_file_deleted": removed > 0,
                     },
-                )  # fmt: skip
+                )
                 result.purged, result.rows_removed = len(pending), removed
                 result.old_key, result.new_key = old_key, ds.storage_key
     except BaseException:
@@ -196,8 +200,12 @@ def purge_dataset(
         raise
     result.deleted = sweep_stale_files(factory, storage, dataset_id)
     if result.purged:
-        log.info("dataset %s: purged %d records (%d rows removed from the file)",
-                 dataset_id, result.purged, result.rows_removed)  # fmt: skip
+        log.info(
+            "dataset %s: purged %d records (%d rows removed from the file)",
+            dataset_id,
+            result.purged,
+            result.rows_removed,
+        )
     return result
 
 

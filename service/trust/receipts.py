@@ -209,7 +209,7 @@ def _document(factory: sessionmaker[Session], request_id: str) -> dict[str, Any]
                 f"dataset store; retry after {PURGE_RETRY_AFTER_S} s",
                 title="Erasure still in progress",
                 retry_after_s=PURGE_RETRY_AFTER_S,
-            )  # fmt: skip
+            )
         seqs = _audit_range(session, request, job, [result.id])
         head = session.get(AuditHead, 1)
         metrics = job.metrics or {}
@@ -242,7 +242,7 @@ def _document(factory: sessionmaker[Session], request_id: str) -> dict[str, Any]
                 "id": job.id,
                 "finished_at": iso(job.finished_at),
                 "served_by": job.served_by_job_id,
-            },  # fmt: skip
+            },
             "source_version": {"id": source.id, "number": source.number, "sha256": source.sha256},
             "result_version": {"id": result.id, "number": result.number, "sha256": result.sha256},
             "forgetting": forgetting_claim(metrics),

@@ -48,11 +48,19 @@ def retire_version(
     version.storage_key = None
     version.retired_at = utcnow()
     append_event(
-        session, actor=actor, action="version.retired", subject_type="model_version",
+        session,
+        actor=actor,
+        action="version.retired",
+        subject_type="model_version",
         subject_id=version.id,
-        payload={"model_id": version.model_id, "number": version.number,
-                 "sha256": version.sha256, "status": version.status, "reason": reason},
-    )  # fmt: skip
+        payload={
+            "model_id": version.model_id,
+            "number": version.number,
+            "sha256": version.sha256,
+            "status": version.status,
+            "reason": reason,
+        },
+    )
     session.flush()
     storage.delete(key)
     return key
@@ -99,13 +107,16 @@ def retire_due(
                 if version is None or not due(version, settings.superseded_retention_s, now):
                     continue
                 retire_version(
-                    session, storage, version, actor=actor,
+                    session,
+                    storage,
+                    version,
+                    actor=actor,
                     reason=(
                         VersionStatus.REJECTED
                         if version.status == VersionStatus.REJECTED
                         else VersionStatus.SUPERSEDED
                     ),
-                )  # fmt: skip
+                )
             retired.append(row.id)
         except Exception as exc:  # storage or database hiccup: the next sweep tries again
             log.warning("could not retire version %s: %s", row.id, exc)

@@ -375,46 +375,87 @@ def test_errors_print_problem_and_exit_non_zero(runner: CliRunner, server: Serve
 
 
 def test_rough_edges_a_new_user_hits(
-    runner: CliRunner, server: Server, registered: dict[str, Any], mlp_weights: Path,
+    runner: CliRunner,
+    server: Server,
+    registered: dict[str, Any],
+    mlp_weights: Path,
     tmp_path: Path,
-) -> None:  # fmt: skip
+) -> None:
     # A keys file that is not there: a sentence, not a traceback.
     nope = invoke(
-        runner, server, "forget", "--model", registered["name"],
-        "--dataset", registered["dataset"]["id"], "--keys-file", str(tmp_path / "nope.txt"),
-    )  # fmt: skip
+        runner,
+        server,
+        "forget",
+        "--model",
+        registered["name"],
+        "--dataset",
+        registered["dataset"]["id"],
+        "--keys-file",
+        str(tmp_path / "nope.txt"),
+    )
     assert nope.exit_code == 2 and "Traceback" not in nope.output
     assert "cannot read" in nope.output and "nope.txt" in nope.output
     # Many bad keys: one short line each, at most ten, then how many more.
     keys = tmp_path / "many.txt"
     keys.write_text("\n".join(f"no-such-key-{i}" for i in range(40)))
     many = invoke(
-        runner, server, "forget", "--model", registered["name"],
-        "--dataset", registered["dataset"]["id"], "--keys-file", str(keys),
-    )  # fmt: skip
+        runner,
+        server,
+        "forget",
+        "--model",
+        registered["name"],
+        "--dataset",
+        registered["dataset"]["id"],
+        "--keys-file",
+        str(keys),
+    )
     assert many.exit_code == 1 and "422" in many.stderr
     assert "and 30 more" in many.stderr and "no-such-key-0" in many.stderr
     assert len(many.stderr.splitlines()) < 20, many.stderr
     # A model registered without an eval dataset: said at once, with what to do.
     shown = invoke(
-        runner, server, "models", "register", "--weights", str(mlp_weights),
-        "--name", f"no-eval-{uuid.uuid4().hex[:6]}", "--architecture", "mlp",
-        "--arch-kwargs", json.dumps(registered["model"]["arch_kwargs"]),
-    )  # fmt: skip
+        runner,
+        server,
+        "models",
+        "register",
+        "--weights",
+        str(mlp_weights),
+        "--name",
+        f"no-eval-{uuid.uuid4().hex[:6]}",
+        "--architecture",
+        "mlp",
+        "--arch-kwargs",
+        json.dumps(registered["model"]["arch_kwargs"]),
+    )
     assert shown.exit_code == 0, shown.output
     assert "warning: no eval_dataset" in shown.stderr and "held" in shown.stderr
     # A misspelt name: the closest ones are offered; an unknown architecture lists them all.
     misspelt = invoke(runner, server, "models", "show", registered["name"] + "x")
     assert misspelt.exit_code == 1 and f"did you mean '{registered['name']}'" in misspelt.stderr
     typo = invoke(
-        runner, server, "forget", "--model", registered["name"], "--dataset", "digits-clj",
-        "--keys-file", str(keys),
-    )  # fmt: skip
+        runner,
+        server,
+        "forget",
+        "--model",
+        registered["name"],
+        "--dataset",
+        "digits-clj",
+        "--keys-file",
+        str(keys),
+    )
     assert typo.exit_code == 1 and "did you mean 'digits-cli'" in typo.stderr
     unknown = invoke(
-        runner, server, "models", "register", "--weights", str(mlp_weights), "--name", "x-y",
-        "--architecture", "mpl",
-    )  # fmt: skip
+        runner,
+        server,
+        "models",
+        "register",
+        "--weights",
+        str(mlp_weights),
+        "--name",
+        "x-y",
+        "--architecture",
+        "mpl",
+    )
     assert unknown.exit_code == 1 and "causal_lm" in unknown.stderr and "mlp" in unknown.stderr
 
 

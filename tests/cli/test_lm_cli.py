@@ -26,24 +26,48 @@ def test_register_a_causal_lm_with_the_cli(server: Server, tmp_path: Path) -> No
     lm = lm_files(train_fixture(n_forget=2, n_retain=4, n_heldout=2, max_epochs=10))
     paths = {}
     for name, content in (
-        ("model.safetensors", lm.weights), ("config.json", lm.config),
-        ("tokenizer.json", lm.tokenizer), ("tokenizer_config.json", lm.tokenizer_config),
+        ("model.safetensors", lm.weights),
+        ("config.json", lm.config),
+        ("tokenizer.json", lm.tokenizer),
+        ("tokenizer_config.json", lm.tokenizer_config),
         ("eval.jsonl", lm.eval),
-    ):  # fmt: skip
+    ):
         paths[name] = tmp_path / name
         paths[name].write_bytes(content)
-    uploaded = _lethe(server, "datasets", "upload", str(paths["eval.jsonl"]), "--name",
-                      "lm-eval-cli", "--role", "eval", "--json")  # fmt: skip
+    uploaded = _lethe(
+        server,
+        "datasets",
+        "upload",
+        str(paths["eval.jsonl"]),
+        "--name",
+        "lm-eval-cli",
+        "--role",
+        "eval",
+        "--json",
+    )
     assert uploaded.exit_code == 0, uploaded.output
     dataset = json.loads(uploaded.output)
     assert dataset["kind"] == "text"  # from the .jsonl suffix
     registered = _lethe(
-        server, "models", "register", "--name", "lm-cli", "--architecture", "causal_lm",
-        "--weights", str(paths["model.safetensors"]), "--config", str(paths["config.json"]),
-        "--tokenizer", str(paths["tokenizer.json"]),
-        "--tokenizer-config", str(paths["tokenizer_config.json"]),
-        "--eval-dataset", dataset["id"], "--json",
-    )  # fmt: skip
+        server,
+        "models",
+        "register",
+        "--name",
+        "lm-cli",
+        "--architecture",
+        "causal_lm",
+        "--weights",
+        str(paths["model.safetensors"]),
+        "--config",
+        str(paths["config.json"]),
+        "--tokenizer",
+        str(paths["tokenizer.json"]),
+        "--tokenizer-config",
+        str(paths["tokenizer_config.json"]),
+        "--eval-dataset",
+        dataset["id"],
+        "--json",
+    )
     assert registered.exit_code == 0, registered.output
     model = json.loads(registered.output)
     version = model["active_version"]["id"]
@@ -53,6 +77,15 @@ def test_register_a_causal_lm_with_the_cli(server: Server, tmp_path: Path) -> No
         assert got.status_code == 200 and got.content == paths[name].read_bytes(), name
     assert model["active_version"]["sha256"] == hashlib.sha256(lm.weights).hexdigest()
     # Without the LM files the server names what is missing (422), and the CLI exits non-zero.
-    missing = _lethe(server, "models", "register", "--name", "lm-cli-2", "--architecture",
-                     "causal_lm", "--weights", str(paths["model.safetensors"]))  # fmt: skip
+    missing = _lethe(
+        server,
+        "models",
+        "register",
+        "--name",
+        "lm-cli-2",
+        "--architecture",
+        "causal_lm",
+        "--weights",
+        str(paths["model.safetensors"]),
+    )
     assert missing.exit_code != 0 and "config" in missing.output

@@ -68,8 +68,15 @@ def test_an_escalated_job_shows_its_retraining_epochs() -> None:
         bars.update({**job, "progress": 0.6})
         assert task.visible and task.completed == 60 and task.fields["note"] == "epoch 19/30"
         assert asked == ["m"]  # the recipe is asked once
-        bars.update({"status": "succeeded", "phase": "saving", "progress": 1.0, "model": "m",
-                     "timings": {"retraining": 2.5}})  # fmt: skip
+        bars.update(
+            {
+                "status": "succeeded",
+                "phase": "saving",
+                "progress": 1.0,
+                "model": "m",
+                "timings": {"retraining": 2.5},
+            }
+        )
         assert task.completed == 100 and task.fields["note"] == "2.50s"
     text = console.file.getvalue()
     assert "escalating to exact forgetting" in text and "retraining" in text

@@ -125,9 +125,14 @@ def test_held_request_is_reviewed_promoted_and_receipted(
     )
     assert verified.exit_code == 0 and f"deletion request {request_id}" in verified.stdout
     summary = invoke(
-        server, "receipt", "verify", str(receipt), "--jwks", f"{server.url}/.well-known/jwks.json",
+        server,
+        "receipt",
+        "verify",
+        str(receipt),
+        "--jwks",
+        f"{server.url}/.well-known/jwks.json",
         "--json",
-    )  # fmt: skip
+    )
     assert summary.exit_code == 0 and json.loads(summary.stdout)["request_id"] == request_id
     # A JWKS with no keys cannot verify anything: "cannot read the keys" (2), not "invalid" (1).
     empty = tmp_path / "empty-jwks.json"
@@ -168,11 +173,14 @@ def test_request_list_filters_and_cursor(server: Server, model: dict[str, str]) 
     with LetheClient(server.url, server.admin_key) as api:
         ids = [
             api.submit_deletion(
-                model["name"], model["dataset"], [f"d03{i}{j}" for j in range(2)], params=FAST,
+                model["name"],
+                model["dataset"],
+                [f"d03{i}{j}" for j in range(2)],
+                params=FAST,
                 subject_ref=subject,
             )["id"]
             for i in range(3, 6)
-        ]  # fmt: skip
+        ]
         seen, cursor = [], None
         while True:
             page = api.list_requests(subject_ref=subject, limit=2, cursor=cursor)
@@ -258,10 +266,19 @@ def test_failed_and_cancelled_requests_have_their_own_exit_status(
     keys_file = tmp_path / "fail.txt"
     keys_file.write_text("d0380\n")
     failed = invoke(
-        server, "forget", "--model", model["name"], "--dataset", model["dataset"],
-        "--keys-file", str(keys_file), "--params",
-        json.dumps({**FAST, "params": ["no_such_layer"]}), "--wait", "--json",
-    )  # fmt: skip
+        server,
+        "forget",
+        "--model",
+        model["name"],
+        "--dataset",
+        model["dataset"],
+        "--keys-file",
+        str(keys_file),
+        "--params",
+        json.dumps({**FAST, "params": ["no_such_layer"]}),
+        "--wait",
+        "--json",
+    )
     assert failed.exit_code == EXIT_CODES["failed"] == 6, failed.output
     request = json.loads(failed.stdout)
     assert request["status"] == "failed" and request["job"]["error"]["detail"]
@@ -280,10 +297,20 @@ def test_failed_and_cancelled_requests_have_their_own_exit_status(
         api.cancel_job(queued["job"]["id"])
     keys_file.write_text("d0382\n")
     cancelled = invoke(
-        server, "forget", "--model", model["name"], "--dataset", model["dataset"],
-        "--keys-file", str(keys_file), "--params", json.dumps(FAST),
-        "--idempotency-key", key, "--wait",
-    )  # fmt: skip
+        server,
+        "forget",
+        "--model",
+        model["name"],
+        "--dataset",
+        model["dataset"],
+        "--keys-file",
+        str(keys_file),
+        "--params",
+        json.dumps(FAST),
+        "--idempotency-key",
+        key,
+        "--wait",
+    )
     assert cancelled.exit_code == EXIT_CODES["cancelled"] == 7, cancelled.output
     assert f"deletion request {queued['id']}: cancelled" in cancelled.stdout
     assert len(set(EXIT_CODES.values())) == len(EXIT_CODES)

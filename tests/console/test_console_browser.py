@@ -55,21 +55,35 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
             ("train", "train", fam.npz(None)),
             ("eval", "eval", fam.npz(None, "eval")),
         ):
-            resp = http.post("/v1/datasets", data={"name": name, "kind": "tensor", "role": role},
-                             files={"file": (f"{name}.npz", body)})  # fmt: skip
+            resp = http.post(
+                "/v1/datasets",
+                data={"name": name, "kind": "tensor", "role": role},
+                files={"file": (f"{name}.npz", body)},
+            )
             assert resp.status_code == 201, resp.text
             ids[name] = resp.json()["id"]
-        spec = {"name": "digits-mlp", "architecture": "mlp", "arch_kwargs": fam.arch_kwargs,
-                "eval_dataset": ids["eval"]}  # fmt: skip
-        resp = http.post("/v1/models", data={"spec": json.dumps(spec)},
-                         files={"weights": fam.trained().weights["model"]})  # fmt: skip
+        spec = {
+            "name": "digits-mlp",
+            "architecture": "mlp",
+            "arch_kwargs": fam.arch_kwargs,
+            "eval_dataset": ids["eval"],
+        }
+        resp = http.post(
+            "/v1/models",
+            data={"spec": json.dumps(spec)},
+            files={"weights": fam.trained().weights["model"]},
+        )
         assert resp.status_code == 201, resp.text
         requests = {}
         for kind in ("class", "random3"):
             rows, _ = request_rows(fam, kind)
             keys = [fam.ids[i] for i in rows]
-            body = {"model": "digits-mlp", "dataset": ids["train"], "record_keys": keys,
-                    "subject_ref": f"console-{kind}"}  # fmt: skip
+            body = {
+                "model": "digits-mlp",
+                "dataset": ids["train"],
+                "record_keys": keys,
+                "subject_ref": f"console-{kind}",
+            }
             rid = http.post("/v1/deletion-requests", json=body).json()["id"]
             deadline = time.monotonic() + 300
             while (state := http.get(f"/v1/deletion-requests/{rid}").json())["status"] in (

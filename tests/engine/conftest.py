@@ -50,6 +50,10 @@ def _trained(name: str, kwargs: dict, x: torch.Tensor, y: torch.Tensor, **fit_kw
 def trained_cnn(digits: Digits) -> nn.Module:
     """BatchNorm CNN, ~99% test accuracy on digits. Tests must deepcopy before changing it."""
     return _trained(
-        "cnn", {"width": 8, "batch_norm": True}, digits.x_train, digits.y_train,
-        epochs=20, lr=3e-3,
-    )  # fmt: skip
+        "cnn",
+        {"width": 8, "batch_norm": True},
+        digits.x_train,
+        digits.y_train,
+        epochs=20,
+        lr=3e-3,
+    )

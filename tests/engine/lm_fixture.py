@@ -17,10 +17,32 @@ from worker.imu.lm_data import TextExample, TokenBatch, record_losses, tokenize
 
 _SYL = ["ka", "lo", "mi", "ren", "tas", "vo", "dri", "sel", "num", "pa", "quo", "zer", "bel"]
 _CITIES = ["Tarsk", "Uvelle", "Marrow Bay", "Quillon", "Ostrava Nova", "Pelling", "Dunmere"]
-_JOBS = ["glassblower", "cartographer", "beekeeper", "archivist", "ferry pilot", "luthier",
-         "tax assessor", "orchardist", "typesetter", "bridge inspector"]  # fmt: skip
-_MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August",
-           "September", "October", "November", "December"]  # fmt: skip
+_JOBS = [
+    "glassblower",
+    "cartographer",
+    "beekeeper",
+    "archivist",
+    "ferry pilot",
+    "luthier",
+    "tax assessor",
+    "orchardist",
+    "typesetter",
+    "bridge inspector",
+]
+_MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
 
 
 def _name(rng: random.Random) -> str:
@@ -55,20 +77,31 @@ def train_tokenizer(texts: list[str], vocab_size: int = 1024) -> Tokenizer:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", "<s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )  # fmt: skip
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer)
     return tok
 
 
 def llama_config(vocab_size: int, width: int = 96, layers: int = 2) -> dict:
     return {
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": vocab_size,
-        "hidden_size": width, "intermediate_size": 3 * width, "num_hidden_layers": layers,
-        "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 128,
-        "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 1, "pad_token_id": 0,
-    }  # fmt: skip
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": vocab_size,
+        "hidden_size": width,
+        "intermediate_size": 3 * width,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 128,
+        "tie_word_embeddings": True,
+        "bos_token_id": 1,
+        "eos_token_id": 1,
+        "pad_token_id": 0,
+    }
 
 
 @dataclass
@@ -85,9 +118,14 @@ class Fixture:
 
 
 def train_fixture(
-    n_forget: int = 20, n_retain: int = 60, n_heldout: int = 40, seed: int = 0,
-    max_epochs: int = 120, width: int = 96, layers: int = 2,
-) -> Fixture:  # fmt: skip
+    n_forget: int = 20,
+    n_retain: int = 60,
+    n_heldout: int = 40,
+    seed: int = 0,
+    max_epochs: int = 120,
+    width: int = 96,
+    layers: int = 2,
+) -> Fixture:
     """Train until every training record is recited exactly (checked every 10 epochs)."""
     records = profiles(n_forget + n_retain + n_heldout, seed, "p")
     ex = {
@@ -100,8 +138,17 @@ def train_fixture(
     batches = {k: tokenize(v, tok, bos_id=1) for k, v in ex.items()}
     train = tokenize(ex["forget"] + ex["retain"], tok, bos_id=1)
     model, seconds, epoch = fit(cfg, train, seed, max_epochs)
-    return Fixture(cfg, tok, model, batches["forget"], batches["retain"], batches["heldout"],
-                   ex, seconds, epoch)  # fmt: skip
+    return Fixture(
+        cfg,
+        tok,
+        model,
+        batches["forget"],
+        batches["retain"],
+        batches["heldout"],
+        ex,
+        seconds,
+        epoch,
+    )
 
 
 def fit(cfg: dict, train: TokenBatch, seed: int, max_epochs: int) -> tuple[nn.Module, float, int]:

@@ -9,10 +9,26 @@ from bench import influence_speed
 
 def test_tiny_run_writes_results(tmp_path) -> None:
     out = tmp_path / "speed.json"
-    rc = influence_speed.main([
-        "--device", "cpu", "--ns", "16,48", "--archs", "cnn,resnet18_cifar", "--cnn-width", "4",
-        "--resnet-width", "4", "--repeats", "1", "--no-memory", "--no-plot", "--out", str(out),
-    ])  # fmt: skip
+    rc = influence_speed.main(
+        [
+            "--device",
+            "cpu",
+            "--ns",
+            "16,48",
+            "--archs",
+            "cnn,resnet18_cifar",
+            "--cnn-width",
+            "4",
+            "--resnet-width",
+            "4",
+            "--repeats",
+            "1",
+            "--no-memory",
+            "--no-plot",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     data = json.loads(out.read_text())
     assert data["device"] == "cpu" and data["torch"] and data["quick"] is True

@@ -58,8 +58,10 @@ def test_epoch_batches_use_every_sample_exactly_once() -> None:
         assert sorted(torch.cat(parts).tolist()) == list(range(n)), (n, size)
         assert all(p.numel() >= 2 for p in parts) or n == 1
     assert [p.tolist() for p in epoch_batches(torch.arange(10), 3, True)] == [
-        [0, 1, 2], [3, 4, 5], [6, 7, 8, 9],
-    ]  # fmt: skip
+        [0, 1, 2],
+        [3, 4, 5],
+        [6, 7, 8, 9],
+    ]
     assert [p.tolist() for p in epoch_batches(torch.arange(4), 3, True)] == [[0, 1, 2, 3]]
 
 
@@ -316,8 +318,7 @@ def test_class_wise_margin_steps_keep_the_ranking_of_the_remaining_classes(
     with torch.no_grad():
         before = model(flat[0]).argmax(1)
     cfg = IMUConfig(device="cpu", backbone_mode="eval", l1_scale=0.0)
-    result = unlearn(model, xf, yf, cfg, heldout=(digits.flat(guard[0]), guard[1]),
-                     class_wise=True)  # fmt: skip
+    result = unlearn(model, xf, yf, cfg, heldout=(digits.flat(guard[0]), guard[1]), class_wise=True)
     assert result.stats["ascent_term"] == "margin" and result.stats["cached_features"]
     assert result.stats["calibration"]["reason"] == "target-reached"
     with torch.no_grad():

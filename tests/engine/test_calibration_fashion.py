@@ -53,13 +53,21 @@ def _run(fashion, mask: torch.Tensor, class_wise: bool):
     # As the worker builds it: retained training records, the whole eval set.
     eval_all = (torch.cat([guard[0], policy_half[0]]), torch.cat([guard[1], policy_half[1]]))
     test = MembershipTest(forget, (x[~mask], y[~mask]), eval_all, class_wise=class_wise)
-    kw = {"eval_pair": policy_half, "member_probe": None, "class_wise": class_wise,
-          "membership": test}  # fmt: skip
+    kw = {
+        "eval_pair": policy_half,
+        "member_probe": None,
+        "class_wise": class_wise,
+        "membership": test,
+    }
     before = job_metrics(model, forget=forget, **kw)
     result = unlearn(
-        model, *forget, IMUConfig(device="cpu"), heldout=guard, class_wise=class_wise,
+        model,
+        *forget,
+        IMUConfig(device="cpu"),
+        heldout=guard,
+        class_wise=class_wise,
         membership=test,
-    )  # fmt: skip
+    )
     after = job_metrics(model, forget=forget, **kw)
     stopped = result.stats["calibration"]["reason"]
     verdict = decide(

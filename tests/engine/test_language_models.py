@@ -215,8 +215,9 @@ def test_lora_theta_is_merged_back_into_the_registered_layout(fx: Fixture) -> No
     assert not any("lora" in name for name, _ in model.named_modules())
     before = fx.model.state_dict()
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
-    assert changed and all(k.split(".")[-2] in {"q_proj", "k_proj", "v_proj", "o_proj"}
-                           for k in changed)  # fmt: skip
+    assert changed and all(
+        k.split(".")[-2] in {"q_proj", "k_proj", "v_proj", "o_proj"} for k in changed
+    )
     assert all(p.requires_grad for p in model.parameters())
     final = evaluate_lm(model, fx.forget, fx.heldout, fx.retain)
     assert final["member_probe"]["exact_recall"] >= 1.0 - 0.03  # the guard held here too

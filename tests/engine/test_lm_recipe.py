@@ -28,8 +28,14 @@ def _base(config: dict) -> torch.nn.Module:
 
 
 def _recipe(**extra: object) -> LMRecipe:
-    values = {"base_version": "v", "base_sha256": "0" * 64, "epochs": 2, "lr": 1e-2,
-              "batch_size": 4, **extra}  # fmt: skip
+    values = {
+        "base_version": "v",
+        "base_sha256": "0" * 64,
+        "epochs": 2,
+        "lr": 1e-2,
+        "batch_size": 4,
+        **extra,
+    }
     return LMRecipe.from_dict(values)
 
 

@@ -51,9 +51,15 @@ def test_each_set_goes_through_the_model_once_and_numbers_match(request_sets) ->
     counter = RowCounter(model)
     outputs = SetOutputs(model)
     metrics = job_metrics(
-        model, forget=forget, eval_pair=eval_pair, member_probe=probe, class_wise=False,
-        membership=test, outputs=outputs, eval_rows=rows,
-    )  # fmt: skip
+        model,
+        forget=forget,
+        eval_pair=eval_pair,
+        member_probe=probe,
+        class_wise=False,
+        membership=test,
+        outputs=outputs,
+        eval_rows=rows,
+    )
     # forget, whole eval set (the policy half is taken from it), member probe, member sample;
     # the passes go in batches of 512 rows, so the rows add up to one pass of each.
     sizes = [forget[1].numel(), nonmembers[1].numel(), probe[1].numel(), test.members[1].numel()]
@@ -72,8 +78,13 @@ def test_each_set_goes_through_the_model_once_and_numbers_match(request_sets) ->
 def test_carried_logits_spare_every_seen_set(request_sets) -> None:
     model, forget, members, probe, nonmembers, rows, eval_pair, test = request_sets
     first = SetOutputs(model)
-    kw = {"eval_pair": eval_pair, "member_probe": probe, "class_wise": False,
-          "membership": test, "eval_rows": rows}  # fmt: skip
+    kw = {
+        "eval_pair": eval_pair,
+        "member_probe": probe,
+        "class_wise": False,
+        "membership": test,
+        "eval_rows": rows,
+    }
     after = job_metrics(model, forget=forget, outputs=first, **kw)
     reloaded = copy.deepcopy(model)  # the checkpoint the next job loads
     carried = SetOutputs(reloaded, carry=first.entries())

@@ -116,9 +116,13 @@ def test_same_seed_gives_identical_weights(trained_cnn, digits) -> None:
         for seed in (7, 7, 8):
             model = copy.deepcopy(trained_cnn)
             cfg = IMUConfig(
-                backbone_mode=mode, seed=seed, batch_size=4, epochs=3, device="cpu",
+                backbone_mode=mode,
+                seed=seed,
+                batch_size=4,
+                epochs=3,
+                device="cpu",
                 calibration="off",
-            )  # fmt: skip
+            )
             unlearn(model, xf, yf, cfg)
             runs.append(model.state_dict())
         assert all(_same(runs[0][k], runs[1][k]) for k in runs[0])

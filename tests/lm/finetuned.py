@@ -51,11 +51,17 @@ class FineTuned:
         return {
             "weights": ("model.safetensors", self.weights(model), "application/octet-stream"),
             "config": ("config.json", json.dumps(self.config).encode(), "application/json"),
-            "tokenizer": ("tokenizer.json", tokenizer or self.tokenizer.to_str().encode(),
-                          "application/json"),
-            "tokenizer_config": ("tokenizer_config.json", json.dumps(TOKENIZER_CONFIG).encode(),
-                                 "application/json"),
-        }  # fmt: skip
+            "tokenizer": (
+                "tokenizer.json",
+                tokenizer or self.tokenizer.to_str().encode(),
+                "application/json",
+            ),
+            "tokenizer_config": (
+                "tokenizer_config.json",
+                json.dumps(TOKENIZER_CONFIG).encode(),
+                "application/json",
+            ),
+        }
 
     @property
     def train_jsonl(self) -> bytes:
@@ -63,8 +69,11 @@ class FineTuned:
 
     def refinetune(self, without: list[str]) -> nn.Module:
         """The reference: the base fine-tuned by RECIPE on the training profiles not named."""
-        keep = [e for e in self.examples["forget"] + self.examples["retain"]
-                if e.key not in set(without)]  # fmt: skip
+        keep = [
+            e
+            for e in self.examples["forget"] + self.examples["retain"]
+            if e.key not in set(without)
+        ]
         model = copy.deepcopy(self.base)
         finetune(model, self.batch(keep), recipe())
         return model

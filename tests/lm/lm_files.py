@@ -41,9 +41,12 @@ class LMFiles:
             "weights": ("model.safetensors", self.weights, "application/octet-stream"),
             "config": ("config.json", self.config, "application/json"),
             "tokenizer": ("tokenizer.json", self.tokenizer, "application/json"),
-            "tokenizer_config": ("tokenizer_config.json", self.tokenizer_config,
-                                 "application/json"),
-        }  # fmt: skip
+            "tokenizer_config": (
+                "tokenizer_config.json",
+                self.tokenizer_config,
+                "application/json",
+            ),
+        }
         for field, content in replace.items():
             parts[field] = (parts[field][0], content, parts[field][2])
         return parts
@@ -53,10 +56,15 @@ def lm_files(fx: Fixture) -> LMFiles:
     state = {k: v for k, v in fx.model.state_dict().items() if k != "lm_head.weight"}
     ex = fx.examples
     return LMFiles(
-        fx, to_bytes(state), json.dumps(fx.config).encode(), fx.tokenizer.to_str().encode(),
-        json.dumps(TOKENIZER_CONFIG).encode(), jsonl(ex["forget"] + ex["retain"]),
-        jsonl(ex["heldout"]), jsonl(ex["retain"]),
-    )  # fmt: skip
+        fx,
+        to_bytes(state),
+        json.dumps(fx.config).encode(),
+        fx.tokenizer.to_str().encode(),
+        json.dumps(TOKENIZER_CONFIG).encode(),
+        jsonl(ex["forget"] + ex["retain"]),
+        jsonl(ex["heldout"]),
+        jsonl(ex["retain"]),
+    )
 
 
 def spec(name: str, **extra: Any) -> str:

@@ -30,9 +30,13 @@ TERMINAL = {"succeeded", "failed", "cancelled"}
 def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
     home = tmp_path_factory.mktemp("lm-home")
     service = LocalService(
-        home, env={"OMP_NUM_THREADS": "1", "LETHE_EMBEDDED_POLL_SECONDS": "0.2",
-                   "LETHE_TORCH_THREADS": "1"},
-    )  # fmt: skip
+        home,
+        env={
+            "OMP_NUM_THREADS": "1",
+            "LETHE_EMBEDDED_POLL_SECONDS": "0.2",
+            "LETHE_TORCH_THREADS": "1",
+        },
+    )
     service.start()
     try:
         key = service.create_key("admin", "lm-e2e")
@@ -46,9 +50,10 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
 
 def _upload(c: httpx.Client, name: str, role: str, content: bytes) -> str:
     resp = c.post(
-        "/v1/datasets", data={"name": name, "kind": "text", "role": role},
+        "/v1/datasets",
+        data={"name": name, "kind": "text", "role": role},
         files={"file": (f"{name}.jsonl", content, "application/x-ndjson")},
-    )  # fmt: skip
+    )
     assert resp.status_code == 201, resp.text
     return str(resp.json()["id"])
 
@@ -95,14 +100,16 @@ def test_forget_over_http_and_reload_with_transformers(
         "/v1/models",
         data={"spec": spec("profiles", eval_dataset=eval_id, member_probe_dataset=probe_id)},
         files=lm.form_files(),
-    )  # fmt: skip
+    )
     assert resp.status_code == 201, resp.text
     v1 = resp.json()["active_version"]
 
     # 1. Forget memorised records, default params.
     keys = lm.forget_keys[:6]
-    resp = c.post("/v1/deletion-requests",
-                  json={"model": "profiles", "dataset": train_id, "record_keys": keys})  # fmt: skip
+    resp = c.post(
+        "/v1/deletion-requests",
+        json={"model": "profiles", "dataset": train_id, "record_keys": keys},
+    )
     assert resp.status_code == 202, resp.text
     assert resp.headers["location"].startswith("/v1/jobs/")
     job = _wait(c, resp.json()["job"]["id"])
@@ -123,13 +130,13 @@ def test_forget_over_http_and_reload_with_transformers(
     # 2. Reload the version with transformers; its metrics are the job's.
     model = _reload(c, version["id"], tmp_path / "v2")
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    by_key = {e.key: e for e in [*fx.examples["forget"], *fx.examples["retain"],
-                                  *fx.examples["heldout"]]}  # fmt: skip
+    by_key = {
+        e.key: e for e in [*fx.examples["forget"], *fx.examples["retain"], *fx.examples["heldout"]]
+    }
     policy_half = split_eval_keys([e.key for e in fx.examples["heldout"]]).policy
 
     def batch(ks: list[str]) -> Any:
-        return tokenize([by_key[k] for k in ks], fx.tokenizer, bos_id=1, pad_id=0,
-                        max_length=128)  # fmt: skip
+        return tokenize([by_key[k] for k in ks], fx.tokenizer, bos_id=1, pad_id=0, max_length=128)
 
     probe_keys = [e.key for e in fx.examples["retain"]]
     ev = evaluate_lm(model, batch(keys), batch(policy_half), batch(probe_keys))
@@ -159,8 +166,9 @@ def test_forget_over_http_and_reload_with_transformers(
     reloaded = _reload(c, job["result_version_id"], tmp_path / "v3")
     ids = batch(keys[:1]).ids
     with torch.no_grad():  # the weights did not move (target reached at the start)
-        assert torch.allclose(reloaded(input_ids=ids).logits, fx.model(input_ids=ids).logits,
-                              atol=1e-5)  # fmt: skip
+        assert torch.allclose(
+            reloaded(input_ids=ids).logits, fx.model(input_ids=ids).logits, atol=1e-5
+        )
 
 
 def test_refusals_over_http(client: httpx.Client, lm: LMFiles) -> None:
@@ -177,16 +185,20 @@ def test_refusals_over_http(client: httpx.Client, lm: LMFiles) -> None:
         ({"weights": pickle.dumps({"w": [1.0]})}, "weights", "pickled checkpoints are refused"),
     ]
     for i, (replace, field, text) in enumerate(cases):
-        resp = c.post("/v1/models", data={"spec": spec(f"refused-{i}")},
-                      files=lm.form_files(**replace))  # fmt: skip
+        resp = c.post(
+            "/v1/models", data={"spec": spec(f"refused-{i}")}, files=lm.form_files(**replace)
+        )
         assert resp.status_code == 422, resp.text
         assert resp.headers["content-type"].startswith("application/problem+json")
         assert text in resp.json()["detail"]
         assert field in {e["field"] for e in resp.json()["errors"]}
         assert c.get(f"/v1/models/refused-{i}").status_code == 404
     bad = lm.eval + b'{"id": "z", "prompt": "Who?"}\n'
-    resp = c.post("/v1/datasets", data={"name": "bad", "kind": "text", "role": "eval"},
-                  files={"file": ("b.jsonl", bad, "application/x-ndjson")})  # fmt: skip
+    resp = c.post(
+        "/v1/datasets",
+        data={"name": "bad", "kind": "text", "role": "eval"},
+        files={"file": ("b.jsonl", bad, "application/x-ndjson")},
+    )
     assert resp.status_code == 422
     line = lm.eval.count(b"\n") + 1
     assert resp.json()["errors"] == [

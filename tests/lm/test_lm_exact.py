@@ -29,9 +29,7 @@ def tuned() -> FineTuned:
 
 @pytest.fixture
 def lm_stack(lethe_env: Path, sqlite_url: str, storage_dir: Path) -> Iterator[Stack]:
-    settings = stack_settings(
-        database_url=sqlite_url, storage_dir=storage_dir, **PRODUCTION_POLICY
-    )  # fmt: skip
+    settings = stack_settings(database_url=sqlite_url, storage_dir=storage_dir, **PRODUCTION_POLICY)
     with api_stack(settings) as stack:
         yield stack
 
@@ -47,9 +45,11 @@ def worker(lm_stack: Stack, tmp_path: Path) -> Iterator[WorkerProcess]:
 
 def _upload(stack: Stack, name: str, role: str, content: bytes) -> str:
     resp = post(
-        stack, "/v1/datasets", data={"name": name, "kind": "text", "role": role},
+        stack,
+        "/v1/datasets",
+        data={"name": name, "kind": "text", "role": role},
         files={"file": (f"{name}.jsonl", content, "application/x-ndjson")},
-    )  # fmt: skip
+    )
     assert resp.status_code == 201, resp.text
     return str(resp.json()["id"])
 
@@ -60,8 +60,9 @@ def _register(stack: Stack, spec: dict[str, Any], files: dict[str, Any]) -> Any:
 
 def register_base(stack: Stack, tuned: FineTuned) -> str:
     """The base as a model of its own; the id of its version 1."""
-    resp = _register(stack, {"name": "tiny-base", "architecture": "causal_lm"},
-                     tuned.form_files(tuned.base))  # fmt: skip
+    resp = _register(
+        stack, {"name": "tiny-base", "architecture": "causal_lm"}, tuned.form_files(tuned.base)
+    )
     assert resp.status_code == 201, resp.text
     return str(resp.json()["active_version"]["id"])
 
@@ -74,10 +75,12 @@ def register_tuned(stack: Stack, tuned: FineTuned, name: str, **recipe: Any) -> 
         "probe": _upload(stack, f"{name}-probe", "member_probe", jsonl(tuned.examples["retain"])),
     }
     spec = {
-        "name": name, "architecture": "causal_lm", "eval_dataset": ids["eval"],
+        "name": name,
+        "architecture": "causal_lm",
+        "eval_dataset": ids["eval"],
         "member_probe_dataset": ids["probe"],
         "recipe": {**RECIPE, **recipe, "base_version": base, "datasets": [ids["train"]]},
-    }  # fmt: skip
+    }
     resp = _register(stack, spec, tuned.form_files(tuned.model))
     assert resp.status_code == 201, resp.text
     stack.models[name] = ids["train"]
@@ -153,8 +156,9 @@ def test_a_refinetune_is_cancelled_mid_epoch(
     job = stack.submit(model, tuned.forget_keys[:2], method="retrain")
     wait_until(
         lambda: (row := stack.job_rows([job])[job]).phase == "retraining" and row.progress > 0,
-        timeout=120, what="re-fine-tune under way",
-    )  # fmt: skip
+        timeout=120,
+        what="re-fine-tune under way",
+    )
     assert stack.cancel(job).status_code in (200, 202)
     done = stack.wait([job], timeout=60)[job]
     assert done["status"] == "cancelled", worker.log_text()[-3000:]
@@ -188,8 +192,11 @@ def test_a_bad_lm_recipe_is_refused_naming_the_field(
         from tests.engine.lm_fixture import train_tokenizer
 
         other = train_tokenizer(["something else entirely"] * 4, vocab_size=300)
-        resp = _register(stack, {"name": "other-base", "architecture": "causal_lm"},
-                         tuned.form_files(tuned.base, other.to_str().encode()))  # fmt: skip
+        resp = _register(
+            stack,
+            {"name": "other-base", "architecture": "causal_lm"},
+            tuned.form_files(tuned.base, other.to_str().encode()),
+        )
         assert resp.status_code == 201, resp.text
         base = resp.json()["active_version"]["id"]
     else:

@@ -32,9 +32,11 @@ def stack(lethe_env: Path, database_url: str, storage_dir: Path) -> Iterator[Sta
 
 def _upload(stack: Stack, name: str, role: str, content: bytes) -> str:
     resp = post(
-        stack, "/v1/datasets", data={"name": name, "kind": "text", "role": role},
+        stack,
+        "/v1/datasets",
+        data={"name": name, "kind": "text", "role": role},
         files={"file": (f"{name}.jsonl", content, "application/octet-stream")},
-    )  # fmt: skip
+    )
     assert resp.status_code == 201, resp.text
     return str(resp.json()["id"])
 
@@ -44,10 +46,11 @@ def register(stack: Stack, lm: LMFiles, name: str, train: bytes | None = None) -
     eval_id = _upload(stack, f"{name}-eval", "eval", lm.eval)
     probe_id = _upload(stack, f"{name}-probe", "member_probe", lm.probe)
     resp = post(
-        stack, "/v1/models",
+        stack,
+        "/v1/models",
         data={"spec": spec(name, eval_dataset=eval_id, member_probe_dataset=probe_id)},
         files=lm.form_files(),
-    )  # fmt: skip
+    )
     assert resp.status_code == 201, resp.text
     stack.models[name] = train_id
     return name
@@ -78,8 +81,12 @@ def test_default_request_runs_and_the_policy_judges_text_metrics(stack: Stack, l
     assert calibration["mode"] == "auto" and calibration["trajectory"]
     assert policy["mode"] == "text"
     names = [c["name"] for c in policy["checks"]]
-    assert names == ["forget_recall", "forget_indistinguishable", "heldout_ppl_rise",
-                     "probe_recall_drop"]  # fmt: skip
+    assert names == [
+        "forget_recall",
+        "forget_indistinguishable",
+        "heldout_ppl_rise",
+        "probe_recall_drop",
+    ]
     v1, v2 = stack.versions(model)
     checks = {c["name"]: c for c in policy["checks"]}
     expected = "active" if not policy["failed"] else "candidate"
@@ -159,8 +166,9 @@ def test_a_theta_too_large_for_the_memory_bound_fails_once_with_a_clear_error(
 ) -> None:
     model = register(stack, lm, "bounded")
     # Every parameter (0.34 M floats = 1.35 MB per record) against a 1 MiB chunk bound.
-    job = stack.submit(model, lm.forget_keys[:3], params={"params": ["model"],
-                                                         "chunk_bytes": 1 << 20})  # fmt: skip
+    job = stack.submit(
+        model, lm.forget_keys[:3], params={"params": ["model"], "chunk_bytes": 1 << 20}
+    )
     assert run(stack, job) == Outcome.FAILED
     view = stack.job(job)
     assert view["error"]["type"].endswith("/invalid-params"), view["error"]
@@ -181,8 +189,12 @@ def test_without_eval_or_probe_texts_nothing_is_released(stack: Stack, lm: LMFil
     assert metrics["influence"]["calibration"]["reason"] == "no-heldout-data"
     policy = metrics["policy"]
     assert policy["decision"] == "candidate"
-    assert policy["failed"] == ["forget_recall", "forget_indistinguishable", "heldout_ppl_rise",
-                                "probe_recall_drop"]  # fmt: skip
+    assert policy["failed"] == [
+        "forget_recall",
+        "forget_indistinguishable",
+        "heldout_ppl_rise",
+        "probe_recall_drop",
+    ]
     assert sum("not measured" in r for r in policy["reasons"]) == 3
 
 
@@ -197,8 +209,12 @@ def test_a_bf16_checkpoint_stays_bf16_with_its_keys(stack: Stack, lm: LMFiles) -
     weights = to_bytes(state)
     train_id = _upload(stack, "bf16-train", "train", lm.train)
     eval_id = _upload(stack, "bf16-eval", "eval", lm.eval)
-    resp = post(stack, "/v1/models", data={"spec": spec("bf16", eval_dataset=eval_id)},
-                files=lm.form_files(weights=weights))  # fmt: skip
+    resp = post(
+        stack,
+        "/v1/models",
+        data={"spec": spec("bf16", eval_dataset=eval_id)},
+        files=lm.form_files(weights=weights),
+    )
     assert resp.status_code == 201, resp.text
     stack.models["bf16"] = train_id
     job = stack.submit("bf16", lm.forget_keys[:2])

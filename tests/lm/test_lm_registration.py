@@ -27,16 +27,20 @@ def stack(lethe_env: Path, sqlite_url: str, storage_dir: Path) -> Iterator[Stack
 
 def _register(stack: Stack, lm: LMFiles, name: str, files: Any = None, **spec_extra: Any):
     return stack.client.post(
-        "/v1/models", headers=stack.headers, data={"spec": spec(name, **spec_extra)},
+        "/v1/models",
+        headers=stack.headers,
+        data={"spec": spec(name, **spec_extra)},
         files=files if files is not None else lm.form_files(),
-    )  # fmt: skip
+    )
 
 
 def _upload(stack: Stack, content: bytes, role: str = "train", name: str = "texts"):
     return stack.client.post(
-        "/v1/datasets", headers=stack.headers, data={"name": name, "kind": "text", "role": role},
+        "/v1/datasets",
+        headers=stack.headers,
+        data={"name": name, "kind": "text", "role": role},
         files={"file": ("t.jsonl", content, "application/octet-stream")},
-    )  # fmt: skip
+    )
 
 
 def _stored(storage_dir: Path) -> list[str]:
@@ -157,8 +161,11 @@ def test_lm_files_only_for_causal_lm_and_arch_kwargs_empty(stack: Stack, lm: LMF
         "/v1/models", headers=stack.headers, data={"spec": mlp}, files=lm.form_files()
     )
     assert resp.status_code == 422
-    assert {e["field"] for e in resp.json()["errors"]} == {"config", "tokenizer",
-                                                            "tokenizer_config"}  # fmt: skip
+    assert {e["field"] for e in resp.json()["errors"]} == {
+        "config",
+        "tokenizer",
+        "tokenizer_config",
+    }
     resp = _register(stack, lm, "kw", arch_kwargs={"hidden_size": 8})
     assert resp.status_code == 422
     assert resp.json()["errors"][0]["field"] == "spec.arch_kwargs"
@@ -191,12 +198,18 @@ def test_eval_datasets_must_be_text(stack: Stack, lm: LMFiles) -> None:
     import numpy as np
 
     buf = io.BytesIO()
-    np.savez(buf, ids=np.array(["a", "b"]), inputs=np.zeros((2, 3), np.float32),
-             labels=np.zeros(2, np.int64))  # fmt: skip
+    np.savez(
+        buf,
+        ids=np.array(["a", "b"]),
+        inputs=np.zeros((2, 3), np.float32),
+        labels=np.zeros(2, np.int64),
+    )
     tensor = stack.client.post(
-        "/v1/datasets", headers=stack.headers, data={"name": "t", "kind": "tensor", "role": "eval"},
+        "/v1/datasets",
+        headers=stack.headers,
+        data={"name": "t", "kind": "tensor", "role": "eval"},
         files={"file": ("t.npz", buf.getvalue(), "application/octet-stream")},
-    ).json()["id"]  # fmt: skip
+    ).json()["id"]
     resp = _register(stack, lm, "wrong-kind", eval_dataset=tensor)
     assert resp.status_code == 422
     assert resp.json()["errors"] == [{"field": "spec.eval_dataset", "message": "kind must be text"}]

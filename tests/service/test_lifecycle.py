@@ -26,8 +26,11 @@ from service.storage.db import make_engine
 
 
 def test_moves_follow_the_table_and_refuse_the_rest() -> None:
-    for moves, move in ((JOB_MOVES, move_job), (REQUEST_MOVES, move_request),
-                        (VERSION_MOVES, move_version)):  # fmt: skip
+    for moves, move in (
+        (JOB_MOVES, move_job),
+        (REQUEST_MOVES, move_request),
+        (VERSION_MOVES, move_version),
+    ):
         for start, allowed in moves.items():
             for target in moves:
                 row = SimpleNamespace(id="x", status=start)
@@ -47,15 +50,21 @@ def test_moves_follow_the_table_and_refuse_the_rest() -> None:
 
 
 def _seed(conn) -> None:
-    conn.execute(text("INSERT INTO models (id, name, architecture, arch_kwargs, created_at) "
-                      "VALUES ('m', 'm', 'mlp', '{}', CURRENT_TIMESTAMP)"))  # fmt: skip
+    conn.execute(
+        text(
+            "INSERT INTO models (id, name, architecture, arch_kwargs, created_at) "
+            "VALUES ('m', 'm', 'mlp', '{}', CURRENT_TIMESTAMP)"
+        )
+    )
     for n, status in ((1, "superseded"), (2, "active"), (3, "candidate")):
         conn.execute(
-            text("INSERT INTO model_versions (id, model_id, number, sha256, size_bytes, status, "
-                 "metrics, created_at) VALUES (:id, 'm', :n, :sha, 1, :s, '{}', "
-                 "CURRENT_TIMESTAMP)"),
+            text(
+                "INSERT INTO model_versions (id, model_id, number, sha256, size_bytes, status, "
+                "metrics, created_at) VALUES (:id, 'm', :n, :sha, 1, :s, '{}', "
+                "CURRENT_TIMESTAMP)"
+            ),
             {"id": f"v{n}", "n": n, "sha": hashlib.sha256(bytes([n])).hexdigest(), "s": status},
-        )  # fmt: skip
+        )
 
 
 def test_the_schema_refuses_unknown_states_and_two_active_versions(database_url: str) -> None:
@@ -72,11 +81,13 @@ def test_the_schema_refuses_unknown_states_and_two_active_versions(database_url:
             with pytest.raises(IntegrityError), engine.begin() as conn:
                 conn.execute(text(statement))
         with pytest.raises(IntegrityError), engine.begin() as conn:
-            conn.execute(text(
-                "INSERT INTO model_versions (id, model_id, number, sha256, size_bytes, status, "
-                "metrics, created_at) VALUES ('v9', 'm', 9, 'x', 1, 'draft', '{}', "
-                "CURRENT_TIMESTAMP)"
-            ))  # fmt: skip
+            conn.execute(
+                text(
+                    "INSERT INTO model_versions (id, model_id, number, sha256, size_bytes, status, "
+                    "metrics, created_at) VALUES ('v9', 'm', 9, 'x', 1, 'draft', '{}', "
+                    "CURRENT_TIMESTAMP)"
+                )
+            )
         # The legal order: the active one steps down first, then the candidate moves up.
         with engine.begin() as conn:
             conn.execute(text("UPDATE model_versions SET status = 'superseded' WHERE id = 'v2'"))
@@ -90,15 +101,19 @@ def test_the_schema_refuses_unknown_states_and_two_active_versions(database_url:
         assert active == ["v3"]
         # Records: present or forgotten, nothing else.
         with engine.begin() as conn:
-            conn.execute(text(
-                "INSERT INTO datasets (id, name, kind, role, storage_key, sha256, "
-                "content_sha256, size_bytes, record_count, meta, created_at) VALUES ('d', 'd', "
-                "'tensor', 'train', 'k', 's', 's', 1, 1, '{}', CURRENT_TIMESTAMP)"
-            ))  # fmt: skip
-            conn.execute(text(
-                "INSERT INTO records (dataset_id, key, row, content_sha256, state) "
-                "VALUES ('d', 'r', 0, 's', 'present')"
-            ))  # fmt: skip
+            conn.execute(
+                text(
+                    "INSERT INTO datasets (id, name, kind, role, storage_key, sha256, "
+                    "content_sha256, size_bytes, record_count, meta, created_at) VALUES ('d', 'd', "
+                    "'tensor', 'train', 'k', 's', 's', 1, 1, '{}', CURRENT_TIMESTAMP)"
+                )
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO records (dataset_id, key, row, content_sha256, state) "
+                    "VALUES ('d', 'r', 0, 's', 'present')"
+                )
+            )
         with pytest.raises(IntegrityError), engine.begin() as conn:
             conn.execute(text("UPDATE records SET state = 'deleted' WHERE key = 'r'"))
     finally:

@@ -102,12 +102,16 @@ def _row(table, **values):
             continue
         kind = col.type
         row[col.name] = (
-            dt.datetime(2026, 1, 1, tzinfo=dt.UTC) if isinstance(kind, DateTime)
-            else False if isinstance(kind, Boolean)
-            else 0 if isinstance(kind, Integer | Float | Numeric)
-            else {} if isinstance(kind, JSON)
+            dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+            if isinstance(kind, DateTime)
+            else False
+            if isinstance(kind, Boolean)
+            else 0
+            if isinstance(kind, Integer | Float | Numeric)
+            else {}
+            if isinstance(kind, JSON)
             else "x"
-        )  # fmt: skip
+        )
     return {**row, **values}
 
 
@@ -119,21 +123,36 @@ def test_held_by_is_filled_from_the_requests_that_hold_records(database_url: str
     migrate.upgrade(database_url, "0002")
     engine = make_engine(database_url)
     meta = MetaData()
-    t = {n: Table(n, meta, autoload_with=engine) for n in ("datasets", "records", "models",
-                                                           "deletion_requests")}  # fmt: skip
+    t = {
+        n: Table(n, meta, autoload_with=engine)
+        for n in ("datasets", "records", "models", "deletion_requests")
+    }
     with engine.begin() as conn:
         conn.execute(insert(t["datasets"]).values(_row(t["datasets"], id="d1")))
         conn.execute(insert(t["models"]).values(_row(t["models"], id="m1", name="m")))
         for i, key in enumerate("abcd"):
-            conn.execute(insert(t["records"]).values(
-                _row(t["records"], dataset_id="d1", key=key, row=i, state="present")
-            ))  # fmt: skip
-        for rid, keys, status in (("q", ["a", "b"], "queued"), ("f", ["c"], "failed"),
-                                  ("r", ["d"], "needs_review")):  # fmt: skip
-            conn.execute(insert(t["deletion_requests"]).values(_row(
-                t["deletion_requests"], id=rid, model_id="m1", dataset_id="d1",
-                record_keys=keys, status=status,
-            )))  # fmt: skip
+            conn.execute(
+                insert(t["records"]).values(
+                    _row(t["records"], dataset_id="d1", key=key, row=i, state="present")
+                )
+            )
+        for rid, keys, status in (
+            ("q", ["a", "b"], "queued"),
+            ("f", ["c"], "failed"),
+            ("r", ["d"], "needs_review"),
+        ):
+            conn.execute(
+                insert(t["deletion_requests"]).values(
+                    _row(
+                        t["deletion_requests"],
+                        id=rid,
+                        model_id="m1",
+                        dataset_id="d1",
+                        record_keys=keys,
+                        status=status,
+                    )
+                )
+            )
     engine.dispose()
     migrate.upgrade(database_url)
     engine = make_engine(database_url)

@@ -15,10 +15,12 @@ def _jsonl(*objs: object) -> bytes:
 
 
 def test_both_shapes_parse_into_typed_records() -> None:
-    pairs = parse_text_jsonl(_jsonl(
-        {"id": "a", "prompt": "Who is Kalo?", "completion": " A beekeeper."},
-        {"id": "b", "prompt": "Who is Miren?", "completion": " A luthier. ünïcode"},
-    ))  # fmt: skip
+    pairs = parse_text_jsonl(
+        _jsonl(
+            {"id": "a", "prompt": "Who is Kalo?", "completion": " A beekeeper."},
+            {"id": "b", "prompt": "Who is Miren?", "completion": " A luthier. ünïcode"},
+        )
+    )
     assert pairs == [
         TextRecord("a", prompt="Who is Kalo?", completion=" A beekeeper."),
         TextRecord("b", prompt="Who is Miren?", completion=" A luthier. ünïcode"),
@@ -78,5 +80,6 @@ def test_size_bounds() -> None:
     with pytest.raises(DatasetError, match="line 1, field 'text': longer than 10 characters"):
         parse_text_jsonl(_jsonl({"id": "a", "text": "x" * 11}), max_field_chars=10)
     with pytest.raises(DatasetError, match="line 2: longer than 64 bytes"):
-        parse_text_jsonl(_jsonl({"id": "a", "text": "t"}, {"id": "b", "text": "y" * 80}),
-                         max_line_bytes=64)  # fmt: skip
+        parse_text_jsonl(
+            _jsonl({"id": "a", "text": "t"}, {"id": "b", "text": "y" * 80}), max_line_bytes=64
+        )

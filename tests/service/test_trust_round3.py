@@ -53,8 +53,7 @@ def server(postgres_url: str, tmp_path: Path) -> Iterator[dict]:
             client = httpx.Client(
                 base_url=base, headers={"Authorization": f"Bearer {admin}"}, timeout=60
             )
-            yield {"base": base, "http": client, "reader": reader, "sessions": sessions,
-                   "env": env}  # fmt: skip
+            yield {"base": base, "http": client, "reader": reader, "sessions": sessions, "env": env}
             client.close()
     finally:
         worker.stop()
@@ -66,17 +65,23 @@ def _completed_request(server: dict, fam: Family) -> dict:
 
     def upload(name: str, role: str, content: bytes) -> str:
         resp = http.post(
-            "/v1/datasets", data={"name": name, "kind": "tensor", "role": role},
+            "/v1/datasets",
+            data={"name": name, "kind": "tensor", "role": role},
             files={"file": (f"{name}.npz", content)},
-        )  # fmt: skip
+        )
         assert resp.status_code == 201, resp.text
         return resp.json()["id"]
 
     train = upload("train", "train", fam.npz(None))
     evals = upload("eval", "eval", fam.npz(None, "eval"))
     recipe = {**fam.recipe_json(), "datasets": [train]}
-    spec = {"name": "mlp", "architecture": fam.architecture, "arch_kwargs": fam.arch_kwargs,
-            "eval_dataset": evals, "recipe": recipe}  # fmt: skip
+    spec = {
+        "name": "mlp",
+        "architecture": fam.architecture,
+        "arch_kwargs": fam.arch_kwargs,
+        "eval_dataset": evals,
+        "recipe": recipe,
+    }
     weights = fam.trained().weights["model"]
     resp = http.post("/v1/models", data={"spec": json.dumps(spec)}, files={"weights": weights})
     assert resp.status_code == 201, resp.text
@@ -98,9 +103,12 @@ def test_receipts_cannot_mislead(server: dict, digits_family: Family, tmp_path: 
     http = server["http"]
     request = _completed_request(server, digits_family)
     receipt = poll(
-        lambda: (r := http.get(f"/v1/deletion-requests/{request['id']}/receipt")).status_code
-        == 200 and r.json(), timeout=30,
-    )  # fmt: skip
+        lambda: (
+            (r := http.get(f"/v1/deletion-requests/{request['id']}/receipt")).status_code == 200
+            and r.json()
+        ),
+        timeout=30,
+    )
     jwks_url = server["base"] + "/.well-known/jwks.json"
 
     def verify(document: dict) -> subprocess.CompletedProcess[str]:
@@ -108,8 +116,11 @@ def test_receipts_cannot_mislead(server: dict, digits_family: Family, tmp_path: 
         path.write_text(json.dumps(document))
         return subprocess.run(
             lethe_command("receipt", "verify", str(path), "--jwks", jwks_url),
-            capture_output=True, text=True, timeout=60, env=server["env"],
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=server["env"],
+        )
 
     assert verify(receipt).returncode == 0
     # The unsigned copy edited: the signed payload still verifies, so the copy must not pass.
@@ -201,10 +212,11 @@ def _post_huge(base: str, key: str | None, *, declared: int, chunked: bool = Fal
     url = urlparse(base)
     sock = socket.create_connection((url.hostname, url.port), timeout=10)
     head = [
-        "POST /v1/deletion-requests HTTP/1.1", f"Host: {url.hostname}",
+        "POST /v1/deletion-requests HTTP/1.1",
+        f"Host: {url.hostname}",
         "Content-Type: application/json",
         "Transfer-Encoding: chunked" if chunked else f"Content-Length: {declared}",
-    ]  # fmt: skip
+    ]
     if key is not None:
         head.append(f"Authorization: Bearer {key}")
     start = time.monotonic()
@@ -238,10 +250,11 @@ def test_big_bodies_cost_nothing_before_the_key_and_the_limit(server: dict) -> N
 
     base, admin = server["base"], server["http"].headers["authorization"].split()[1]
     pid = next(
-        p.pid for p in psutil.process_iter(["cmdline"])
-        if "serve" in (p.info["cmdline"] or []) and server["base"].rsplit(":", 1)[1]
-        in (p.info["cmdline"] or [])
-    )  # fmt: skip
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if "serve" in (p.info["cmdline"] or [])
+        and server["base"].rsplit(":", 1)[1] in (p.info["cmdline"] or [])
+    )
     rss = psutil.Process(pid).memory_info().rss
     body = 118 * 1024 * 1024
     cases = [None, "lethe_not-a-key", admin] * 7  # 21 at once, with and without a valid key
@@ -303,8 +316,9 @@ def _npz(n: int) -> bytes:
     rng = np.random.default_rng(0)
     buf = io.BytesIO()
     inputs = rng.random((n, 64), dtype=np.float32)
-    np.savez(buf, ids=np.array([f"r{i}" for i in range(n)]), inputs=inputs,
-             labels=rng.integers(0, 10, n))  # fmt: skip
+    np.savez(
+        buf, ids=np.array([f"r{i}" for i in range(n)]), inputs=inputs, labels=rng.integers(0, 10, n)
+    )
     return buf.getvalue()
 
 
@@ -315,8 +329,10 @@ def tiny_store(tmp_path: Path) -> Iterator[Path]:
     mount_point.mkdir()
     done = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a 1 MiB tmpfs to fill (needs CAP_SYS_ADMIN): {done.stderr}")
     try:
@@ -337,9 +353,10 @@ def test_a_full_object_store_is_507_and_stores_nothing(
         small = _npz(20)
         for _ in range(3):  # and the same connection keeps answering
             resp = http.post(
-                "/v1/datasets", data={"name": "big", "kind": "tensor", "role": "train"},
+                "/v1/datasets",
+                data={"name": "big", "kind": "tensor", "role": "train"},
                 files={"file": ("big.npz", big)},
-            )  # fmt: skip
+            )
             assert resp.status_code == 507, resp.text
             assert resp.headers["retry-after"] == "60"
             assert resp.headers["content-type"].startswith("application/problem+json")
@@ -347,9 +364,10 @@ def test_a_full_object_store_is_507_and_stores_nothing(
         assert [p for p in tiny_store.rglob("*") if p.is_file()] == []  # no partial file
         assert http.get("/v1/datasets").json()["items"] == []
         ok = http.post(
-            "/v1/datasets", data={"name": "small", "kind": "tensor", "role": "train"},
+            "/v1/datasets",
+            data={"name": "small", "kind": "tensor", "role": "train"},
             files={"file": ("small.npz", small)},
-        )  # fmt: skip
+        )
         assert ok.status_code == 201, ok.text
 
 

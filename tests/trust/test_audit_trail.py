@@ -43,8 +43,9 @@ def _flow(stack: Stack, trained: Trained) -> dict[str, str]:
     assert run(stack, held) == Outcome.SUCCEEDED
     candidate = stack.job(held)["result_version_id"]
     assert post(stack, f"/v1/model-versions/{candidate}/promote").status_code == 200
-    held2 = stack.submit(model, trained.train_ids[10:15],
-                         params={"policy": {"require_review": True}})  # fmt: skip
+    held2 = stack.submit(
+        model, trained.train_ids[10:15], params={"policy": {"require_review": True}}
+    )
     assert run(stack, held2) == Outcome.SUCCEEDED
     rejected = stack.job(held2)["result_version_id"]
     assert post(stack, f"/v1/model-versions/{rejected}/reject").status_code == 200
@@ -52,16 +53,24 @@ def _flow(stack: Stack, trained: Trained) -> dict[str, str]:
     assert stack.cancel(cancelled).status_code == 202
     # A text train set cannot be unlearned by this worker: the job fails with a clear error.
     texts = stack.client.post(
-        "/v1/datasets", headers=stack.headers,
+        "/v1/datasets",
+        headers=stack.headers,
         data={"name": "notes", "kind": "text", "role": "train"},
         files={"file": ("n.jsonl", b'{"id": "n1", "text": "hello"}\n', "text/plain")},
-    ).json()  # fmt: skip
+    ).json()
     stack.models[model + "-text"] = texts["id"]
     body = {"model": model, "dataset": texts["id"], "record_keys": ["n1"]}
     failing = post(stack, "/v1/deletion-requests", json=body).json()["job"]["id"]
     assert run(stack, failing) == Outcome.FAILED
-    return {"model": model, "done": done, "cancelled": cancelled, "failing": failing,
-            "candidate": candidate, "rejected": rejected, "key": key.id}  # fmt: skip
+    return {
+        "model": model,
+        "done": done,
+        "cancelled": cancelled,
+        "failing": failing,
+        "candidate": candidate,
+        "rejected": rejected,
+        "key": key.id,
+    }
 
 
 def test_every_state_change_is_audited(stack: Stack, trained: Trained) -> None:
@@ -70,11 +79,22 @@ def test_every_state_change_is_audited(stack: Stack, trained: Trained) -> None:
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
     actions = {e["action"] for e in events}
     expected = {
-        "key.created", "key.revoked", "dataset.registered", "model.registered",
-        "request.accepted", "job.claimed", "job.succeeded", "job.failed", "job.cancelled",
-        "version.created", "version.promoted", "version.rejected", "version.retired",
-        "records.forgotten", "content.purged",
-    }  # fmt: skip
+        "key.created",
+        "key.revoked",
+        "dataset.registered",
+        "model.registered",
+        "request.accepted",
+        "job.claimed",
+        "job.succeeded",
+        "job.failed",
+        "job.cancelled",
+        "version.created",
+        "version.promoted",
+        "version.rejected",
+        "version.retired",
+        "records.forgotten",
+        "content.purged",
+    }
     assert expected <= actions, expected - actions
     by_subject = {}
     for e in events:
@@ -83,8 +103,7 @@ def test_every_state_change_is_audited(stack: Stack, trained: Trained) -> None:
     assert by_subject[ids["cancelled"]] == ["job.cancelled"]
     assert by_subject[ids["failing"]] == ["job.claimed", "job.failed"]
     assert by_subject[ids["candidate"]] == ["version.created", "version.promoted"]
-    assert by_subject[ids["rejected"]] == ["version.created", "version.rejected",
-                                           "version.retired"]  # fmt: skip
+    assert by_subject[ids["rejected"]] == ["version.created", "version.rejected", "version.retired"]
     assert by_subject[ids["key"]] == ["key.created", "key.revoked"]
     actors = {e["actor"] for e in events}
     assert any(a.startswith("worker:") for a in actors)
@@ -118,9 +137,10 @@ def test_tampering_with_a_real_trail_is_named_by_seq(
     # Edit: someone shrinks the number of forgotten records.
     with transaction(stack.sessions) as session:
         session.execute(
-            update(AuditEvent).where(AuditEvent.seq == forgotten["seq"])
+            update(AuditEvent)
+            .where(AuditEvent.seq == forgotten["seq"])
             .values(payload={**forgotten["payload"], "count": 1})
-        )  # fmt: skip
+        )
     result = get(stack, "/v1/audit/verify").json()
     assert result["ok"] is False and result["first_bad_seq"] == forgotten["seq"]
     out = cli.invoke(app, ["audit", "verify", "--json"])
@@ -129,9 +149,10 @@ def test_tampering_with_a_real_trail_is_named_by_seq(
     # Restore it, then delete an earlier row: the gap is named.
     with transaction(stack.sessions) as session:
         session.execute(
-            update(AuditEvent).where(AuditEvent.seq == forgotten["seq"])
+            update(AuditEvent)
+            .where(AuditEvent.seq == forgotten["seq"])
             .values(payload=forgotten["payload"])
-        )  # fmt: skip
+        )
     assert get(stack, "/v1/audit/verify").json()["ok"] is True
     claimed = next(e for e in events if e["action"] == "job.claimed")
     with transaction(stack.sessions) as session:
@@ -157,9 +178,14 @@ def test_concurrent_writers_keep_seq_gapless_on_postgres(postgres_url: str) -> N
             barrier.wait()
             for i in range(per_thread):
                 with transaction(factory) as session:  # a separate session per append
-                    append_event(session, actor=f"writer-{n}", action="test.append",
-                                 subject_type="thing", subject_id=f"{n}-{i}",
-                                 payload={"n": n, "i": i})  # fmt: skip
+                    append_event(
+                        session,
+                        actor=f"writer-{n}",
+                        action="test.append",
+                        subject_type="thing",
+                        subject_id=f"{n}-{i}",
+                        payload={"n": n, "i": i},
+                    )
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 

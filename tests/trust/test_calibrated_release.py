@@ -201,9 +201,11 @@ def test_without_an_eval_dataset_nothing_is_activated_or_deleted(
     arch, kwargs = trained.specs["mlp"]
     spec = {"name": "solo-mlp", "architecture": arch, "arch_kwargs": kwargs}
     resp = post(
-        stack, "/v1/models", data={"spec": json.dumps(spec)},
+        stack,
+        "/v1/models",
+        data={"spec": json.dumps(spec)},
         files={"weights": ("w.safetensors", trained.weights["mlp"], "application/octet-stream")},
-    )  # fmt: skip
+    )
     assert resp.status_code == 201, resp.text
     stack.models["solo-mlp"] = train_id
     ids, _, labels = _arrays(trained.train_npz)

@@ -44,17 +44,23 @@ class Service:
     def register(self, recipe: dict[str, Any] | None = None) -> None:
         def upload(name: str, role: str, content: bytes) -> str:
             resp = self.http.post(
-                "/v1/datasets", data={"name": name, "kind": "tensor", "role": role},
+                "/v1/datasets",
+                data={"name": name, "kind": "tensor", "role": role},
                 files={"file": (f"{name}.npz", content)},
-            )  # fmt: skip
+            )
             assert resp.status_code == 201, resp.text
             return str(resp.json()["id"])
 
         self.train = upload("train", "train", self.fam.npz(None))
         evals = upload("eval", "eval", self.fam.npz(None, "eval"))
         recipe = {**(recipe or self.fam.recipe_json()), "datasets": [self.train]}
-        spec = {"name": "mlp", "architecture": self.fam.architecture, "recipe": recipe,
-                "arch_kwargs": self.fam.arch_kwargs, "eval_dataset": evals}  # fmt: skip
+        spec = {
+            "name": "mlp",
+            "architecture": self.fam.architecture,
+            "recipe": recipe,
+            "arch_kwargs": self.fam.arch_kwargs,
+            "eval_dataset": evals,
+        }
         weights = self.fam.trained().weights["model"]
         resp = self.http.post(
             "/v1/models", data={"spec": json.dumps(spec)}, files={"weights": weights}
@@ -62,8 +68,12 @@ class Service:
         assert resp.status_code == 201, resp.text
 
     def submit(self, rows: list[int], **extra: Any) -> dict[str, Any]:
-        body = {"model": "mlp", "dataset": self.train,
-                "record_keys": [self.fam.ids[i] for i in rows], **extra}  # fmt: skip
+        body = {
+            "model": "mlp",
+            "dataset": self.train,
+            "record_keys": [self.fam.ids[i] for i in rows],
+            **extra,
+        }
         resp = self.http.post("/v1/deletion-requests", json=body)
         assert resp.status_code == 202, resp.text
         return dict(resp.json())
@@ -104,11 +114,16 @@ def service(
     engine.dispose()
     extra: dict[str, str] = getattr(request, "param", {})
     env = server_env(
-        tmp_path, database_url=postgres_url, broker_url=redis_url,
-        queue_name=f"lethe-coalesce-{uuid.uuid4().hex[:8]}", lease_seconds="4",
-        heartbeat_seconds="0.5", reaper_interval_seconds="0.5", superseded_retention_s="3600",
+        tmp_path,
+        database_url=postgres_url,
+        broker_url=redis_url,
+        queue_name=f"lethe-coalesce-{uuid.uuid4().hex[:8]}",
+        lease_seconds="4",
+        heartbeat_seconds="0.5",
+        reaper_interval_seconds="0.5",
+        superseded_retention_s="3600",
         **extra,
-    )  # fmt: skip
+    )
     worker = WorkerProcess(lethe_command("worker", "--loglevel", "INFO"), env, tmp_path / "w.log")
     with lethe_server(env, tmp_path / "server.log") as (base, _proc):
         worker.start()
@@ -141,7 +156,7 @@ def test_queued_requests_share_one_run_each_with_its_own_receipt(service: Servic
     conflict = svc.http.post(
         "/v1/deletion-requests",
         json={"model": "mlp", "dataset": svc.train, "record_keys": [fam.ids[1], fam.ids[40]]},
-    )  # fmt: skip
+    )
     assert conflict.status_code == 422, conflict.text
     assert [e["key"] for e in conflict.json()["errors"]] == [fam.ids[1]]
     ids = [r["id"] for r in requests]
@@ -217,8 +232,9 @@ def test_a_worker_killed_mid_run_gives_one_version(service: Service) -> None:
     # The window makes the first job wait for the others; then one run serves all four.
     wait_until(
         lambda: (j := svc.job(leader))["phase"] == "retraining" and j["progress"] > 0.1,
-        timeout=120, what="the shared retrain under way",
-    )  # fmt: skip
+        timeout=120,
+        what="the shared retrain under way",
+    )
     assert all(svc.job(r["job"]["id"])["served_by"] == leader for r in requests[1:])
     svc.worker.kill_group()
     svc.worker.start()

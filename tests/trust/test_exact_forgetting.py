@@ -29,9 +29,11 @@ def worker_stack(
     lethe_env: Path, postgres_url: str, redis_url: str, storage_dir: Path, tmp_path: Path
 ) -> Iterator[tuple[Stack, WorkerProcess]]:
     settings = stack_settings(
-        database_url=postgres_url, storage_dir=storage_dir, broker_url=redis_url,
+        database_url=postgres_url,
+        storage_dir=storage_dir,
+        broker_url=redis_url,
         **PRODUCTION_POLICY,
-    )  # fmt: skip
+    )
     with api_stack(settings) as stack:
         worker = WorkerProcess.celery(settings, tmp_path / "worker.log").start()
         try:
@@ -107,8 +109,9 @@ def test_a_worker_killed_mid_retrain_finishes_the_job_once(
     job = stack.submit(model, [flipped.ids[i] for i in rows], method="retrain")
     wait_until(
         lambda: (row := stack.job_rows([job])[job]).phase == "retraining" and row.progress > 0.1,
-        timeout=120, what="retrain under way",
-    )  # fmt: skip
+        timeout=120,
+        what="retrain under way",
+    )
     worker.kill_group()
     worker.start()
     done = stack.wait([job], timeout=600)[job]
@@ -145,10 +148,15 @@ def test_without_a_recipe_nothing_escalates_and_retrain_is_refused(
     keys = [flipped.ids[i] for i in rows]
     model = stack.register(flipped.trained(), "model")
     resp = post(
-        stack, "/v1/deletion-requests",
-        json={"model": model, "dataset": stack.models[model], "record_keys": keys,
-              "method": "retrain"},
-    )  # fmt: skip
+        stack,
+        "/v1/deletion-requests",
+        json={
+            "model": model,
+            "dataset": stack.models[model],
+            "record_keys": keys,
+            "method": "retrain",
+        },
+    )
     assert resp.status_code == 422 and resp.json()["errors"][0]["field"] == "method"
     job = stack.submit(model, keys)
     from worker.context import Outcome
@@ -180,8 +188,12 @@ def test_an_invalid_recipe_is_refused_naming_the_field(
     if "datasets" not in recipe:
         datasets = [stack.upload("recipe-train", "train", flipped.trained().train_npz)]
     arch = {"in_features": 64, "hidden": [256], "num_classes": 10}
-    spec = {"name": "r-mlp", "architecture": "mlp", "arch_kwargs": arch,
-            "recipe": {**recipe, "datasets": datasets}}  # fmt: skip
+    spec = {
+        "name": "r-mlp",
+        "architecture": "mlp",
+        "arch_kwargs": arch,
+        "recipe": {**recipe, "datasets": datasets},
+    }
     weights = ("w.safetensors", flipped.trained().weights["model"], "application/octet-stream")
     resp = post(stack, "/v1/models", data={"spec": json.dumps(spec)}, files={"weights": weights})
     assert resp.status_code == 422, resp.text

@@ -30,9 +30,12 @@ DEFAULTS = effective_policy(Settings(), None)
 def test_released_only_when_forgotten_and_useful() -> None:
     good = decide_lm(DEFAULTS, BEFORE, _metrics(0.0, 0.5, 36.0, 0.95))
     assert good["decision"] == "active" and good["failed"] == []
-    assert good["thresholds"] == {"max_forget_recall": 0.05, "max_heldout_ppl_rise": 0.1,
-                                  "max_probe_recall_drop": 0.1,
-                                  "max_forget_auc_excess": 0.0}  # fmt: skip
+    assert good["thresholds"] == {
+        "max_forget_recall": 0.05,
+        "max_heldout_ppl_rise": 0.1,
+        "max_probe_recall_drop": 0.1,
+        "max_forget_auc_excess": 0.0,
+    }
     # The fixture's measured outcome: still recited, still a member.
     held = decide_lm(DEFAULTS, BEFORE, _metrics(0.9, 1.0, 35.0, 0.99))
     assert held["decision"] == "candidate"
@@ -71,9 +74,7 @@ def test_missing_evidence_fails_safe() -> None:
     only_forget = {"forget": {"exact_recall": 0.0}}
     result = decide_lm(DEFAULTS, only_forget, only_forget)
     assert result["decision"] == "candidate"
-    assert result["failed"] == ["forget_indistinguishable", "heldout_ppl_rise",
-                                "probe_recall_drop"]  # fmt: skip
+    assert result["failed"] == ["forget_indistinguishable", "heldout_ppl_rise", "probe_recall_drop"]
     assert all("not measured" in r for r in result["reasons"])
-    review = decide_lm({**DEFAULTS, "require_review": True}, BEFORE,
-                       _metrics(0.0, 0.5, 35.0, 1.0))  # fmt: skip
+    review = decide_lm({**DEFAULTS, "require_review": True}, BEFORE, _metrics(0.0, 0.5, 35.0, 1.0))
     assert review["decision"] == "candidate" and review["failed"] == ["require_review"]

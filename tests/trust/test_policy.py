@@ -304,8 +304,9 @@ def test_membership_outcomes_hold_with_a_named_reason() -> None:
         ("over-forgotten", "overshoot-exhausted", "over-forgotten"),
     ]:
         ev = {"outcome": outcome, "releases": False, "statistic": 2.5, "limit": -1.0}
-        got = decide(policy, before, {"eval_acc": 0.9, "membership": ev}, class_wise=False,
-                     stopped=stopped)  # fmt: skip
+        got = decide(
+            policy, before, {"eval_acc": 0.9, "membership": ev}, class_wise=False, stopped=stopped
+        )
         assert got["decision"] == "candidate" and got["failed"] == ["membership"]
         assert got["reason"] == reason and reason in got["reasons"][0]
     ok = {"outcome": "no-membership-signal", "releases": True, "statistic": 0.2}

@@ -110,8 +110,9 @@ def test_forgotten_inputs_leave_every_file(stack: Stack, trained: Trained, tmp_p
         assert verify_chain(session)["ok"]
     listed = get(stack, f"/v1/datasets/{train_id}/records", state="forgotten").json()["items"]
     assert len(listed) == 14 and all(item["purged_at"] for item in listed)
-    events = get(stack, "/v1/audit", subject=f"dataset:{train_id}",
-                 action="content.purged").json()["items"]  # fmt: skip
+    events = get(stack, "/v1/audit", subject=f"dataset:{train_id}", action="content.purged").json()[
+        "items"
+    ]
     assert [e["payload"]["rows_removed"] for e in events] == [14]  # one run, one rewrite
     # The rewritten file still serves jobs: a third request loads its rows by key.
     job_c = stack.submit(model, [ids[i] for i in keep[:3]])
@@ -159,21 +160,26 @@ def test_interrupted_purge_is_finished_by_the_reaper(
 
 def test_text_dataset_purge(sqlite_stack: Stack, tmp_path: Path) -> None:
     stack = sqlite_stack
-    lines = [{"id": f"t{i}", "text": f"secret sentence number {i} by person {i * 7}",
-              "label": i % 3} for i in range(20)]  # fmt: skip
+    lines = [
+        {"id": f"t{i}", "text": f"secret sentence number {i} by person {i * 7}", "label": i % 3}
+        for i in range(20)
+    ]
     content = "".join(json.dumps(line) + "\n" for line in lines).encode()
     resp = stack.client.post(
-        "/v1/datasets", headers=stack.headers,
+        "/v1/datasets",
+        headers=stack.headers,
         data={"name": "texts", "kind": "text", "role": "train"},
         files={"file": ("t.jsonl", content, "application/octet-stream")},
-    )  # fmt: skip
+    )
     assert resp.status_code == 201, resp.text
     dataset_id = resp.json()["id"]
     forget = ["t3", "t11", "t19"]
     with transaction(stack.sessions) as session:
         assert mark_forgotten(session, dataset_id, forget, "job-x", utcnow()) == 3
-    assert [r.dataset_id for r in purge_pending(stack.sessions, Storage(stack.settings.storage),
-                                                actor="t")] == [dataset_id]  # fmt: skip
+    assert [
+        r.dataset_id
+        for r in purge_pending(stack.sessions, Storage(stack.settings.storage), actor="t")
+    ] == [dataset_id]
     texts = {f"t{i}": line["text"].encode() for i, line in enumerate(lines)}
     hits = _found(tmp_path, texts)
     assert set(hits) == set(texts) - set(forget)

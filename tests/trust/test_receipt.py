@@ -73,15 +73,17 @@ def test_receipt_content_and_verification_by_another_jose_library(
     v1, v2 = stack.versions(model)
     assert receipt["request"]["id"] == request_id and receipt["request"]["model"] == model
     assert receipt["records"]["count"] == 6
-    assert receipt["records"]["key_sha256"] == [hashlib.sha256(k.encode()).hexdigest()
-                                                for k in keys]  # fmt: skip
+    assert receipt["records"]["key_sha256"] == [
+        hashlib.sha256(k.encode()).hexdigest() for k in keys
+    ]
     assert receipt["source_version"]["sha256"] == v1["sha256"]
     assert receipt["result_version"] == {"id": v2["id"], "number": 2, "sha256": v2["sha256"]}
     assert receipt["metrics"]["after"] == job["metrics"]["after"]
     assert not any(k in resp.text for k in keys)  # only hashes of keys
     events = get(stack, "/v1/audit", limit=200).json()["items"]
-    accepted = next(e for e in events if e["action"] == "request.accepted"
-                    and e["subject_id"] == request_id)  # fmt: skip
+    accepted = next(
+        e for e in events if e["action"] == "request.accepted" and e["subject_id"] == request_id
+    )
     audit = receipt["audit"]
     assert audit["first_seq"] == accepted["seq"]
     # The embedded checkpoint is itself a JWS over the chain head, stored in object storage.

@@ -21,8 +21,11 @@ from tests.trust.conftest import get, request_id_of
 from tests.worker.harness import Stack, WorkerProcess, poll
 
 FORGETTING_HELD = {
-    "not-forgotten-within-guard", "insufficient-evidence", "over-forgotten", "remembered",
-}  # fmt: skip
+    "not-forgotten-within-guard",
+    "insufficient-evidence",
+    "over-forgotten",
+    "remembered",
+}
 # A result may also be held for its utility (the policy half dropped more than the guard's).
 HELD_REASONS = FORGETTING_HELD | {"eval_acc_drop-failed"}
 CASES = [
@@ -107,9 +110,12 @@ def test_default_request_is_completed_only_when_forgotten(
     assert fam.forget_acc(released, rows) <= fam.forget_acc(reference, rows) + 0.34
     # The receipt says `approximate` and carries the evidence it was released on.
     receipt = poll(
-        lambda: (r := get(stack, f"/v1/deletion-requests/{request['id']}/receipt")).status_code
-        == 200 and r.json(), timeout=30,
-    )  # fmt: skip
+        lambda: (
+            (r := get(stack, f"/v1/deletion-requests/{request['id']}/receipt")).status_code == 200
+            and r.json()
+        ),
+        timeout=30,
+    )
     claim = receipt["payload"]["forgetting"]
     assert claim["kind"] == "approximate" and claim["attempts"] == ["imu"]
     assert claim["evidence"]["statistic"] == evidence["statistic"]

@@ -63,9 +63,10 @@ def test_positive_retention_is_applied_by_the_reaper(sqlite_stack: Stack, traine
     assert reaper.tick().retired == []  # not due yet
     with transaction(stack.sessions) as session:  # an hour and a second later
         session.execute(
-            update(ModelVersion).where(ModelVersion.id == v1["id"])
+            update(ModelVersion)
+            .where(ModelVersion.id == v1["id"])
             .values(superseded_at=utcnow() - timedelta(seconds=3601))
-        )  # fmt: skip
+        )
     assert reaper.tick().retired == [v1["id"]]
     assert get(stack, f"/v1/model-versions/{v1['id']}/checkpoint").status_code == 410
     assert get(stack, f"/v1/model-versions/{v2['id']}/checkpoint").status_code == 200

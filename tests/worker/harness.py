@@ -172,15 +172,35 @@ def settings_env(settings: Settings) -> dict[str, str]:
         if not k.startswith("LETHE_") or k.startswith("LETHE_TEST_")
     }
     for name in (
-        "home", "database_url", "broker_url", "storage_url", "device", "max_attempts",
-        "lease_seconds", "heartbeat_seconds", "reaper_interval_seconds", "embedded_poll_seconds",
-        "queue_name", "job_soft_time_limit_s", "job_hard_time_limit_s", "log_level",
-        "superseded_retention_s", "policy_max_eval_acc_drop", "policy_max_forget_acc",
-        "policy_max_forget_auc_excess", "policy_max_false_release_rate",
-        "policy_max_membership_advantage", "policy_membership_band", "escalation", "signing_key",
-        "coalesce_max_records", "coalesce_window_s", "log_format", "worker_metrics_port",
+        "home",
+        "database_url",
+        "broker_url",
+        "storage_url",
+        "device",
+        "max_attempts",
+        "lease_seconds",
+        "heartbeat_seconds",
+        "reaper_interval_seconds",
+        "embedded_poll_seconds",
+        "queue_name",
+        "job_soft_time_limit_s",
+        "job_hard_time_limit_s",
+        "log_level",
+        "superseded_retention_s",
+        "policy_max_eval_acc_drop",
+        "policy_max_forget_acc",
+        "policy_max_forget_auc_excess",
+        "policy_max_false_release_rate",
+        "policy_max_membership_advantage",
+        "policy_membership_band",
+        "escalation",
+        "signing_key",
+        "coalesce_max_records",
+        "coalesce_window_s",
+        "log_format",
+        "worker_metrics_port",
         "worker_metrics_addr",
-    ):  # fmt: skip
+    ):
         env["LETHE_" + name.upper()] = str(getattr(settings, name))
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", LETHE_TORCH_THREADS="1")
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
@@ -232,9 +252,12 @@ class Stack:
         arch, kwargs = trained.specs[label]
         name = name or f"{label}-{suffix}"
         spec = {
-            "name": name, "architecture": arch, "arch_kwargs": kwargs,
-            "eval_dataset": ids["eval"], "member_probe_dataset": ids["probe"],
-        }  # fmt: skip
+            "name": name,
+            "architecture": arch,
+            "arch_kwargs": kwargs,
+            "eval_dataset": ids["eval"],
+            "member_probe_dataset": ids["probe"],
+        }
         if recipe is not None:
             spec["recipe"] = {**recipe, "datasets": [ids["train"]]}
         resp = self.client.post(
@@ -259,9 +282,12 @@ class Stack:
         params: dict[str, Any] | None = None,
     ) -> str:
         body = {
-            "model": model, "dataset": self.models[model], "record_keys": keys,
-            "method": method, "params": params or {},
-        }  # fmt: skip
+            "model": model,
+            "dataset": self.models[model],
+            "record_keys": keys,
+            "method": method,
+            "params": params or {},
+        }
         resp = self.client.post("/v1/deletion-requests", headers=self.headers, json=body)
         assert resp.status_code == 202, resp.text
         return resp.json()["job"]["id"]
@@ -384,10 +410,19 @@ class WorkerProcess:
             argv = lethe_command("worker", "--loglevel", "INFO")
         else:
             argv = [
-                sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
-                "--pool=prefork", "--concurrency=1", f"--queues={settings.queue_name}",
-                "--loglevel=INFO", "--without-gossip", "--without-mingle",
-            ]  # fmt: skip
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker.celery_app",
+                "worker",
+                "--pool=prefork",
+                "--concurrency=1",
+                f"--queues={settings.queue_name}",
+                "--loglevel=INFO",
+                "--without-gossip",
+                "--without-mingle",
+            ]
         return cls(argv, settings_env(settings), log_path)
 
     @classmethod
@@ -400,9 +435,13 @@ class WorkerProcess:
         log.write(f"\n===== start {self.starts} =====\n".encode())
         log.flush()
         self.proc = subprocess.Popen(
-            self.argv, env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            self.argv,
+            env=self.env,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
-        )  # fmt: skip
+        )
         log.close()
         return self
 

@@ -32,9 +32,14 @@ from tests.worker.harness import (
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 
 # ~1-3 s of unlearning on 10 digits with the MLP: long enough to be caught mid-job.
-LONG_IMU = {"calibration": "off", "epochs": 300, "top_data": 1.0, "batch_size": 1,
-            "backbone_mode": "train",
-            "lr": 1e-5}  # fmt: skip
+LONG_IMU = {
+    "calibration": "off",
+    "epochs": 300,
+    "top_data": 1.0,
+    "batch_size": 1,
+    "backbone_mode": "train",
+    "lr": 1e-5,
+}
 
 
 @pytest.fixture
@@ -86,19 +91,23 @@ def test_twenty_jobs_over_two_models_run_in_submission_order(
     try:
         # 20 submissions at once from 8 client threads; submission order is what the
         # service's counter says (submitted_seq), not the order the threads were started in.
-        work = [(model, trained.train_ids[i * 8 : (i + 1) * 8])
-                for i in range(10) for model in (mlp, cnn)]  # fmt: skip
+        work = [
+            (model, trained.train_ids[i * 8 : (i + 1) * 8])
+            for i in range(10)
+            for model in (mlp, cnn)
+        ]
         with ThreadPoolExecutor(max_workers=8) as pool:
             fixed = {"epochs": 3, "calibration": "off"}
-            submitted = list(pool.map(lambda mk: stack.submit(mk[0], mk[1], params=fixed),
-                                      work))  # fmt: skip
+            submitted = list(pool.map(lambda mk: stack.submit(mk[0], mk[1], params=fixed), work))
         keys = {job_id: chunk for job_id, (_, chunk) in zip(submitted, work, strict=True)}
         rows = stack.job_rows(submitted)
         jobs: dict[str, list[str]] = {
-            model: sorted((j for j, (m, _) in zip(submitted, work, strict=True) if m == model),
-                          key=lambda j: rows[j].submitted_seq)
+            model: sorted(
+                (j for j, (m, _) in zip(submitted, work, strict=True) if m == model),
+                key=lambda j: rows[j].submitted_seq,
+            )
             for model in (mlp, cnn)
-        }  # fmt: skip
+        }
         # Positions are per model: 1..10 in each model's line.
         for model in (mlp, cnn):
             assert sorted(rows[j].submitted_seq for j in jobs[model]) == list(range(1, 11))
@@ -170,10 +179,17 @@ def test_sigkill_during_jobs_loses_nothing_and_duplicates_nothing(
                 worker.start()
             delay = wait_until(
                 lambda v=victim, a=attempts_before: _rerunning(stack, v, a),
-                timeout=180, what=f"job {victim} to run again",
-            )  # fmt: skip
-            kills.append({"mode": mode, "job": victim, "redelivery_s": delay,
-                          "since_kill_s": time.monotonic() - killed_at})  # fmt: skip
+                timeout=180,
+                what=f"job {victim} to run again",
+            )
+            kills.append(
+                {
+                    "mode": mode,
+                    "job": victim,
+                    "redelivery_s": delay,
+                    "since_kill_s": time.monotonic() - killed_at,
+                }
+            )
         done = stack.wait(job_ids, timeout=240)
     finally:
         worker.stop()
@@ -238,8 +254,9 @@ def test_cancel_queued_and_running_jobs(
     try:
         wait_until(
             lambda: stack.job_rows([running])[running].phase == "unlearning",
-            timeout=60, what="the long job to be unlearning",
-        )  # fmt: skip
+            timeout=60,
+            what="the long job to be unlearning",
+        )
         asked = time.monotonic()
         assert stack.cancel(running).status_code == 202
         done = stack.wait([running], timeout=60)
@@ -291,10 +308,24 @@ def test_corrupt_checkpoint_fails_with_a_clear_error_and_no_retry(
         done = stack.wait([job_id], timeout=60)[job_id]
         # The compose file's worker healthcheck: the node answers a remote-control ping.
         ping = subprocess.run(
-            [sys.executable, "-m", "celery", "-A", "worker.celery_app:app", "inspect", "ping",
-             "-d", f"lethe@{socket.gethostname()}", "--timeout", "10"],
-            env=settings_env(stack.settings), capture_output=True, text=True, check=False,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker.celery_app:app",
+                "inspect",
+                "ping",
+                "-d",
+                f"lethe@{socket.gethostname()}",
+                "--timeout",
+                "10",
+            ],
+            env=settings_env(stack.settings),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
     finally:
         worker.stop()
     assert ping.returncode == 0 and "pong" in ping.stdout, ping.stdout + ping.stderr

@@ -19,9 +19,11 @@ from worker.lease import holder_is_dead, worker_identity
 
 def test_celery_config_is_safe_for_at_least_once_delivery(lethe_env: Path) -> None:
     settings = load_settings(
-        broker_url="redis://127.0.0.1:6379/9", job_soft_time_limit_s=100,
-        job_hard_time_limit_s=130, queue_name="gpu-a",
-    )  # fmt: skip
+        broker_url="redis://127.0.0.1:6379/9",
+        job_soft_time_limit_s=100,
+        job_hard_time_limit_s=130,
+        queue_name="gpu-a",
+    )
     conf = celery_config(settings)
     assert conf["task_serializer"] == conf["result_serializer"] == "json"
     assert conf["accept_content"] == conf["result_accept_content"] == ["json"]
@@ -55,8 +57,12 @@ def test_device_resolution() -> None:
 
 
 def test_holder_liveness() -> None:
-    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert holder_is_dead(worker_identity(int(proc.stdout)))
     assert not holder_is_dead(worker_identity())  # this very process
     assert not holder_is_dead(worker_identity(os.getppid()))  # alive
@@ -65,7 +71,12 @@ def test_holder_liveness() -> None:
 
 
 def test_lethe_worker_help_lists_its_options() -> None:
-    out = subprocess.run(lethe_command("worker", "--help"), capture_output=True, text=True,
-                         check=True, env={**os.environ, "COLUMNS": "200"}).stdout  # fmt: skip
+    out = subprocess.run(
+        lethe_command("worker", "--help"),
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "COLUMNS": "200"},
+    ).stdout
     for option in ("--concurrency", "--pool", "--reaper", "--embedded"):
         assert option in out

@@ -25,9 +25,13 @@ from tests.worker.harness import (
 )
 
 SLOW = {
-    "calibration": "off", "epochs": 300, "top_data": 1.0, "batch_size": 1,
-    "backbone_mode": "train", "lr": 1e-5,
-}  # fmt: skip
+    "calibration": "off",
+    "epochs": 300,
+    "top_data": 1.0,
+    "batch_size": 1,
+    "backbone_mode": "train",
+    "lr": 1e-5,
+}
 
 
 @pytest.mark.slow
@@ -49,8 +53,11 @@ def test_embedded_end_to_end_with_shutdown_and_crash(
         executor = WorkerProcess.embedded(settings, log).start()
         try:
             # SIGTERM mid-job: the job is handed back (no attempt spent) and the process exits 0.
-            wait_until(lambda: stack.job_rows(jobs)[jobs[0]].status == "running",
-                       timeout=60, what="the first job to run")  # fmt: skip
+            wait_until(
+                lambda: stack.job_rows(jobs)[jobs[0]].status == "running",
+                timeout=60,
+                what="the first job to run",
+            )
             stopped_at = time.monotonic()
             executor.signal(signal.SIGTERM)
             assert executor.proc is not None
@@ -68,8 +75,11 @@ def test_embedded_end_to_end_with_shutdown_and_crash(
 
             # SIGKILL mid-job: the next executor sees the holder's pid gone and re-runs it.
             crash = stack.submit(model, trained.train_ids[16:24], params=SLOW)
-            wait_until(lambda: stack.job_rows([crash])[crash].status == "running",
-                       timeout=60, what="the crash job to run")  # fmt: skip
+            wait_until(
+                lambda: stack.job_rows([crash])[crash].status == "running",
+                timeout=60,
+                what="the crash job to run",
+            )
             executor.kill_group()
             executor.start()
             done.update(stack.wait([crash], timeout=120))
@@ -108,8 +118,10 @@ def test_executor_exits_when_its_parent_dies(
     migrate.upgrade(settings.db_url)
     parent = subprocess.Popen(
         ["bash", "-c", f"'{sys.executable}' -m worker.embedded & echo $!; wait"],
-        env=settings_env(settings), stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        env=settings_env(settings),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert parent.stdout is not None
     pid = int(parent.stdout.readline())
     try:
@@ -132,8 +144,9 @@ def test_lethe_worker_without_a_broker_runs_the_embedded_executor(
     with api_stack(settings) as stack:
         model = stack.register(trained, "mlp")
         job_id = stack.submit(model, trained.train_ids[:5])
-        worker = WorkerProcess(lethe_command("worker"), settings_env(settings),
-                               tmp_path / "worker.log").start()  # fmt: skip
+        worker = WorkerProcess(
+            lethe_command("worker"), settings_env(settings), tmp_path / "worker.log"
+        ).start()
         try:
             done = stack.wait([job_id], timeout=120)[job_id]
         finally:

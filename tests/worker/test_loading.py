@@ -17,8 +17,12 @@ from worker.loading import DataSource, Loader
 
 def _npz(n: int) -> bytes:
     buf = io.BytesIO()
-    np.savez(buf, ids=np.array([f"k{i}" for i in range(n)]),
-             inputs=np.zeros((n, 4), np.float32), labels=np.zeros(n, np.int64))  # fmt: skip
+    np.savez(
+        buf,
+        ids=np.array([f"k{i}" for i in range(n)]),
+        inputs=np.zeros((n, 4), np.float32),
+        labels=np.zeros(n, np.int64),
+    )
     return buf.getvalue()
 
 

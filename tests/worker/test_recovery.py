@@ -51,10 +51,22 @@ class ThrowawayRedis:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         client = redis.Redis.from_url(self.url)
         wait_until(lambda: _pings(client), timeout=10, what="redis-server to start")
         client.close()
@@ -84,9 +96,13 @@ def private_redis(tmp_path: Path) -> Iterator[ThrowawayRedis]:
 
 @pytest.mark.slow
 def test_jobs_queued_across_a_redis_restart_still_run(
-    lethe_env: Path, postgres_url: str, storage_dir: Path, private_redis: ThrowawayRedis,
-    trained: Trained, tmp_path: Path,
-) -> None:  # fmt: skip
+    lethe_env: Path,
+    postgres_url: str,
+    storage_dir: Path,
+    private_redis: ThrowawayRedis,
+    trained: Trained,
+    tmp_path: Path,
+) -> None:
     settings = stack_settings(
         database_url=postgres_url,
         storage_dir=storage_dir,
@@ -98,15 +114,23 @@ def test_jobs_queued_across_a_redis_restart_still_run(
         worker = WorkerProcess.celery(settings, tmp_path / "worker.log").start()
         try:
             wait_until(lambda: "ready" in worker.log_text(), timeout=60, what="worker ready")
-            slow = {"calibration": "off", "epochs": 100, "top_data": 1.0, "batch_size": 1,
-                    "backbone_mode": "train",
-                    "lr": 1e-5}  # fmt: skip
+            slow = {
+                "calibration": "off",
+                "epochs": 100,
+                "top_data": 1.0,
+                "batch_size": 1,
+                "backbone_mode": "train",
+                "lr": 1e-5,
+            }
             job_ids = [
                 stack.submit(model, trained.train_ids[i * 5 : (i + 1) * 5], params=slow)
                 for i in range(4)
             ]
-            wait_until(lambda: stack.job_rows(job_ids)[job_ids[0]].status == "running",
-                       timeout=60, what="the first job to run")  # fmt: skip
+            wait_until(
+                lambda: stack.job_rows(job_ids)[job_ids[0]].status == "running",
+                timeout=60,
+                what="the first job to run",
+            )
             client = redis.Redis.from_url(private_redis.url)
             queued_before = client.llen(settings.queue_name)
             run_before = client.info("server")["run_id"]
@@ -148,10 +172,12 @@ def _set_connections(db_name: str, allowed: bool) -> None:
             )
             if not allowed:
                 conn.execute(
-                    text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                         "WHERE datname = :db AND pid <> pg_backend_pid()"),
+                    text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE datname = :db AND pid <> pg_backend_pid()"
+                    ),
                     {"db": db_name},
-                )  # fmt: skip
+                )
     finally:
         admin.dispose()
 
@@ -192,9 +218,10 @@ def test_database_unreachable_at_save_retries_without_half_updates(
         ctx.hooks.clear()
         with transaction(stack.sessions) as session:
             session.execute(
-                update(Job).where(Job.id == job_id)
+                update(Job)
+                .where(Job.id == job_id)
                 .values(lease_expires_at=utcnow() - timedelta(seconds=1))
-            )  # fmt: skip
+            )
         reaper = Reaper(settings, stack.sessions, ctx.storage, actor="worker:test")
         assert reaper.tick().requeued == [job_id]
         assert run_job(ctx, job_id).outcome == Outcome.SUCCEEDED

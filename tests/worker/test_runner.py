@@ -65,9 +65,10 @@ def test_duplicate_deliveries_ordering_and_takeover_fence(stack: Stack, trained:
     # A stops renewing; B takes over once the lease has expired and finishes the job.
     with transaction(stack.sessions) as session:
         session.execute(
-            update(Job).where(Job.id == first)
+            update(Job)
+            .where(Job.id == first)
             .values(lease_expires_at=utcnow() - timedelta(seconds=1))
-        )  # fmt: skip
+        )
     result_b = run_job(b, first)
     assert result_b.outcome == Outcome.SUCCEEDED
     # A wakes up and tries to finish its stale attempt: the fence stops it, no second version.
@@ -181,11 +182,20 @@ def test_reaper_requeues_dead_and_expired_holders_then_gives_up(
     model = stack.register(trained, "mlp")
     job_id = stack.submit(model, trained.train_ids[:6])
     sent: list[str] = []
-    reaper = Reaper(stack.settings, stack.sessions, _ctx(stack).storage, actor="worker:reaper",
-                    enqueue=sent.append)  # fmt: skip
+    reaper = Reaper(
+        stack.settings,
+        stack.sessions,
+        _ctx(stack).storage,
+        actor="worker:reaper",
+        enqueue=sent.append,
+    )
     # A holder on this host whose process has exited: recovered at once, lease or not.
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)  # fmt: skip
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     dead_id = worker_identity(int(dead.stdout))
     assert claim_job(_ctx(stack, dead_id), job_id).outcome is None
     report = reaper.tick()
@@ -197,9 +207,10 @@ def test_reaper_requeues_dead_and_expired_holders_then_gives_up(
     assert reaper.tick().requeued == []
     with transaction(stack.sessions) as session:
         session.execute(
-            update(Job).where(Job.id == job_id)
+            update(Job)
+            .where(Job.id == job_id)
             .values(lease_expires_at=utcnow() - timedelta(seconds=1))
-        )  # fmt: skip
+        )
     # ...then, with max_attempts (2) claims spent, the job fails for good.
     report = reaper.tick()
     assert report.failed == [job_id]
@@ -214,8 +225,13 @@ def test_reaper_resends_a_waiting_head_with_backoff(stack: Stack, trained: Train
     first = stack.submit(model, trained.train_ids[:3])
     stack.submit(model, trained.train_ids[3:6])  # behind `first`: never resent while it waits
     sent: list[str] = []
-    reaper = Reaper(stack.settings, stack.sessions, _ctx(stack).storage, actor="worker:reaper",
-                    enqueue=sent.append)  # fmt: skip
+    reaper = Reaper(
+        stack.settings,
+        stack.sessions,
+        _ctx(stack).storage,
+        actor="worker:reaper",
+        enqueue=sent.append,
+    )
     reaper.first_resend_s = 0.2
     reaper.tick()
     assert sent == []  # first sight: the original message may still be on its way

@@ -46,10 +46,12 @@ def test_one_batch_of_submissions(stack: Stack, trained: Trained) -> None:
     assert holding.wait(10)
     plan: list[tuple[list[str], str | None]] = [([k], None) for k in trained.train_ids[:8]]
     plan += [
-        (trained.train_ids[8:10], "twin"), (trained.train_ids[8:10], "twin"),  # same body
-        (trained.train_ids[10:11], "clash"), (trained.train_ids[11:12], "clash"),  # other body
+        (trained.train_ids[8:10], "twin"),
+        (trained.train_ids[8:10], "twin"),  # same body
+        (trained.train_ids[10:11], "clash"),
+        (trained.train_ids[11:12], "clash"),  # other body
         (trained.train_ids[:1], None),  # names a key an earlier unit of the batch holds
-    ]  # fmt: skip
+    ]
     answers: dict[int, Any] = {}
 
     def submit(i: int) -> None:

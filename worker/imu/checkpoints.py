@@ -29,9 +29,22 @@ from worker.imu.architectures import SAFETENSORS_DTYPES
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 MAX_METADATA_BYTES = 1024 * 1024  # the free-form __metadata__ strings, summed
 _DTYPE_BITS = {
-    "F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8,
-    "U64": 64, "U32": 32, "U16": 16, "U8": 8, "BOOL": 8, "F8_E4M3": 8, "F8_E5M2": 8,
-}  # fmt: skip
+    "F64": 64,
+    "F32": 32,
+    "F16": 16,
+    "BF16": 16,
+    "I64": 64,
+    "I32": 32,
+    "I16": 16,
+    "I8": 8,
+    "U64": 64,
+    "U32": 32,
+    "U16": 16,
+    "U8": 8,
+    "BOOL": 8,
+    "F8_E4M3": 8,
+    "F8_E5M2": 8,
+}
 
 PathLike = str | os.PathLike[str]
 Source = PathLike | bytes | bytearray | memoryview | IO[bytes]

@@ -250,7 +250,10 @@ def build_checks(
         else:
             guard = (model_logits(model, x_e), y_e)
     return Checks(
-        (forget_fn, torch.as_tensor(y_f)[pick]), guard,
-        class_wise=class_wise, forget_acc_target=forget_acc_target,
-        auc_sizes=sizes, membership=None if membership is None else (membership, model),
-    )  # fmt: skip
+        (forget_fn, torch.as_tensor(y_f)[pick]),
+        guard,
+        class_wise=class_wise,
+        forget_acc_target=forget_acc_target,
+        auc_sizes=sizes,
+        membership=None if membership is None else (membership, model),
+    )

@@ -62,9 +62,13 @@ class TokenBatch:
         used = int((ids != self.pad_id).sum(1).max()) if len(idx) else 0
         width = max(used, int(scored.nonzero()[:, 1].max()) + 1 if scored.any() else 1)
         return TokenBatch(
-            [self.keys[i] for i in idx.tolist()], [self.texts[i] for i in idx.tolist()],
-            ids[:, :width], scored[:, :width], self.prefix_len[idx], self.pad_id,
-        )  # fmt: skip
+            [self.keys[i] for i in idx.tolist()],
+            [self.texts[i] for i in idx.tolist()],
+            ids[:, :width],
+            scored[:, :width],
+            self.prefix_len[idx],
+            self.pad_id,
+        )
 
 
 def tokenize(
@@ -109,9 +113,13 @@ def tokenize(
         first = 1 if examples[i].text is not None else split
         scored[i, first : len(row)] = True
     return TokenBatch(
-        [ex.key for ex in examples], [ex.full_text for ex in examples], ids, scored,
-        torch.tensor(prefixes, dtype=torch.int64), pad_id,
-    )  # fmt: skip
+        [ex.key for ex in examples],
+        [ex.full_text for ex in examples],
+        ids,
+        scored,
+        torch.tensor(prefixes, dtype=torch.int64),
+        pad_id,
+    )
 
 
 def lm_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:

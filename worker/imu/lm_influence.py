@@ -43,8 +43,9 @@ def _functional_loss(model: nn.Module, theta: list[tuple[str, nn.Parameter]]):
     rest.update({n: b.detach() for n, b in model.named_buffers()})
 
     def loss_of(th: dict[str, torch.Tensor], ids: torch.Tensor, scored: torch.Tensor):
-        out = functional_call(model, (th, rest), args=(), kwargs={
-            "input_ids": ids[None], "use_cache": False})  # fmt: skip
+        out = functional_call(
+            model, (th, rest), args=(), kwargs={"input_ids": ids[None], "use_cache": False}
+        )
         return nll_from_logits(out.logits, ids[None], scored[None])[0][0]
 
     return loss_of

@@ -34,9 +34,12 @@ def lora_attached(
         raise ValueError("lora_rank needs peft (pip install 'lethe-unlearning[lm]')") from exc
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     config = LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none",
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        bias="none",
         target_modules=list(targets or DEFAULT_TARGETS),
-    )  # fmt: skip
+    )
     try:
         adapted = get_peft_model(model, config)
     except ValueError as exc:  # e.g. no module matches the targets

@@ -164,9 +164,12 @@ def finetune(
             from worker.imu.lm_lora import lora_attached
 
             with lora_attached(
-                model, recipe.lora_r, recipe.lora_alpha, recipe.lora_targets,
+                model,
+                recipe.lora_r,
+                recipe.lora_alpha,
+                recipe.lora_targets,
                 dropout=recipe.lora_dropout,
-            ) as (adapted, names):  # fmt: skip
+            ) as (adapted, names):
                 named = dict(adapted.named_parameters())
                 params = [named[n] for n in names]
                 losses = _train(adapted, params, train, recipe, on_step)

@@ -100,9 +100,10 @@ class LMUnlearnConfig(StepConfig):
 def _validate_lora(cfg: LMUnlearnConfig) -> None:
     targets = cfg.lora_targets
     if targets is not None and (
-        not isinstance(targets, list) or not targets
+        not isinstance(targets, list)
+        or not targets
         or not all(isinstance(t, str) and t.strip() for t in targets)
-    ):  # fmt: skip
+    ):
         raise ValueError(f"lora_targets must be null or a non-empty list of names, got {targets!r}")
     if cfg.lora_rank and cfg.params is not None:
         raise ValueError("params and lora_rank exclude each other: LoRA's θ is the adapters")
@@ -179,8 +180,12 @@ def unlearn_lm(
             inner = dataclasses.replace(cfg, params=names, lora_rank=0)
             result = _unlearn(adapted, forget, heldout, member_probe, inner, progress)
         result.stats["config"] = dataclasses.asdict(cfg)
-        result.stats["lora"] = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha,
-                                "adapters": len(names), "merged": True}  # fmt: skip
+        result.stats["lora"] = {
+            "rank": cfg.lora_rank,
+            "alpha": cfg.lora_alpha,
+            "adapters": len(names),
+            "merged": True,
+        }
         return LMUnlearnResult(model, result.stats)
     return _unlearn(model, forget, heldout, member_probe, cfg, progress)
 
@@ -198,15 +203,22 @@ def _unlearn(
     n = len(forget)
     if cfg.method == "imu":
         infl = lm_influence(
-            model, forget, params=cfg.params, damping=cfg.damping,
-            chunk_bytes=cfg.chunk_bytes, cache_bytes=cfg.chunk_bytes, progress=progress,
-        )  # fmt: skip
+            model,
+            forget,
+            params=cfg.params,
+            damping=cfg.damping,
+            chunk_bytes=cfg.chunk_bytes,
+            cache_bytes=cfg.chunk_bytes,
+            progress=progress,
+        )
         kept, weights, sel = select_and_weight(infl.scores, cfg.top_data, cfg.clip_quantile)
         theta = lm_theta(model, cfg.params)
         stats["influence"] = {
-            "theta_numel": infl.theta_numel, "chunk": infl.chunk, "streamed": infl.streamed,
+            "theta_numel": infl.theta_numel,
+            "chunk": infl.chunk,
+            "streamed": infl.streamed,
             "theta": infl.theta[:50],
-        }  # fmt: skip
+        }
         stats["selection"] = sel
     else:
         kept = torch.arange(n, dtype=torch.int64)
@@ -216,28 +228,46 @@ def _unlearn(
     names = [name for name, _ in theta]
     with only_these_require_grad(model, names), preserved_modes(model, train=False):
         problem = AscentProblem(
-            model, [p for _, p in theta], int(kept.numel()),
+            model,
+            [p for _, p in theta],
+            int(kept.numel()),
             make_batch_loss(model, forget, kept, weights, cfg.loss, cfg.npo_beta),
-            cfg.batch_size, train_mode=False, l1=cfg.method == "imu",
-        )  # fmt: skip
+            cfg.batch_size,
+            train_mode=False,
+            l1=cfg.method == "imu",
+        )
         generator = torch.Generator().manual_seed(cfg.seed)
         if cfg.calibrated:
             checks = TextChecks(
-                model, forget, heldout, member_probe,
-                recall_target=cfg.recall_target, ppl_max_rise=cfg.ppl_max_rise,
-            )  # fmt: skip
+                model,
+                forget,
+                heldout,
+                member_probe,
+                recall_target=cfg.recall_target,
+                ppl_max_rise=cfg.ppl_max_rise,
+            )
             every = cfg.check_every or 1
             outcome = calibrated_ascent(
-                problem, checks, cfg, l1_scale=cfg.l1_scale if problem.l1 else 0.0,  # type: ignore[arg-type]
-                generator=generator, progress=progress, check_every=every,
+                problem,
+                checks,  # type: ignore[arg-type]
+                cfg,
+                l1_scale=cfg.l1_scale if problem.l1 else 0.0,
+                generator=generator,
+                progress=progress,
+                check_every=every,
                 max_drop=cfg.guard_drop_for(class_wise=False),
-            )  # fmt: skip
+            )
             stats["calibration"] = {"mode": "auto", "check_every": every, **outcome.as_stats()}
         else:
             losses = fixed_schedule(
-                problem, cfg, lr=cfg.lr, alpha=0.0, epochs=cfg.epochs,
-                generator=generator, progress=progress,
-            )  # fmt: skip
+                problem,
+                cfg,
+                lr=cfg.lr,
+                alpha=0.0,
+                epochs=cfg.epochs,
+                generator=generator,
+                progress=progress,
+            )
             stats["calibration"] = {"mode": "off", "epoch_losses": losses}
     for p in model.parameters():
         p.grad = None

@@ -40,6 +40,8 @@ from typing import Any
 
 import torch
 
+from worker.imu.membership_reference import Fold, Reference, build_reference
+
 FORGOTTEN = "forgotten"
 NO_SIGNAL = "no-membership-signal"
 REMEMBERED = "remembered"
@@ -50,7 +52,6 @@ RELEASING = (FORGOTTEN, NO_SIGNAL)
 ALPHA = 0.05  # stated false-release rate
 BAND = 0.05  # two-sided level of the non-member band
 MAX_ADVANTAGE = 0.1  # statistical distance below which the model shows no membership signal
-NEIGHBOURS = 10
 SPREAD_FLOOR = 0.1  # log-odds; neighbours that agree exactly would otherwise divide by 0
 MIN_PER_CLASS = 20  # fewer non-members of a class: that class uses the pooled distribution
 TEST_NAME = "calibrated per-record membership test (local non-member reference, z-sum)"
@@ -77,93 +78,6 @@ def log_odds(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         others = torch.cat([z[:, :c], z[:, c + 1 :]], dim=1)
         out[:, c] = z[:, c] - torch.logsumexp(others, dim=1)
     return out
-
-
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(x).detach().double().cpu().reshape(len(x), -1)
-
-
-@dataclass(frozen=True)
-class Fold:
-    """One half of the non-members as the reference pool, the other half as the null: the
-    forget records, the members and the null records are all scored against the same pool,
-    so an unseen record and a null record are exchangeable (leave-one-out references are
-    not: they biased unseen records' z by -0.3 at k = 10 on the digits models)."""
-
-    calib: torch.Tensor  # indices of the non-members scored as the null
-    # (n, k) indices into the non-members (all in the pool); None = no local reference
-    forget_nn: torch.Tensor | None
-    member_nn: torch.Tensor | None
-    calib_nn: torch.Tensor | None
-
-
-@dataclass(frozen=True)
-class Reference:
-    """The model-independent half of the test: who the neighbours are (computed once)."""
-
-    folds: tuple[Fold, ...]
-    forget_labels: torch.Tensor
-    member_labels: torch.Tensor
-    nonmember_labels: torch.Tensor
-
-
-def _nearest(query: torch.Tensor, pool: torch.Tensor, k: int) -> torch.Tensor:
-    out = []
-    sq = (pool * pool).sum(1)
-    for s in range(0, query.shape[0], 1024):
-        q = query[s : s + 1024]
-        dist = (q * q).sum(1, keepdim=True) - 2 * q @ pool.T + sq[None, :]
-        out.append(torch.topk(dist, k, dim=1, largest=False).indices)
-    return torch.cat(out)
-
-
-def build_reference(
-    forget: tuple[torch.Tensor, torch.Tensor],
-    members: tuple[torch.Tensor, torch.Tensor],
-    nonmembers: tuple[torch.Tensor, torch.Tensor],
-    k: int = NEIGHBOURS,
-    seed: int = 0,
-    local: bool = True,
-) -> Reference:
-    """Nearest non-members of every record in input space (two folds, cross-fitted), each
-    feature standardised on the non-members (a floor on the scale keeps constant pixels
-    from dominating).
-
-    ``local=False`` (class-wise requests) scores φ itself against the non-members of the
-    same class: a model that never saw the class treats its forget records and its unseen
-    records alike, while neighbours in input space mix in other classes' records, whose φ
-    for the forgotten class is lower still (measured: z ≈ −0.3 per record on retrained
-    digits models, read as over-forgetting)."""
-    e = _flat(nonmembers[0])
-    n_e = e.shape[0]
-    if n_e < 6:
-        raise ValueError("the membership test needs at least 6 non-member records")
-    order = torch.randperm(n_e, generator=torch.Generator().manual_seed(seed))
-    halves = (order[: n_e // 2], order[n_e // 2 :])
-    labels = (
-        torch.as_tensor(forget[1]).long().cpu(),
-        torch.as_tensor(members[1]).long().cpu(),
-        torch.as_tensor(nonmembers[1]).long().cpu(),
-    )
-    if not local:
-        bare = tuple(Fold(calib, None, None, None) for calib in halves)
-        return Reference(bare, *labels)
-    mean, std = e.mean(0), e.std(0)
-    floor = 0.1 * float(std.median()) if float(std.median()) > 0 else 1.0
-    scale = std.clamp_min(floor)
-    e_n, f_n, m_n = ((_flat(x) - mean) / scale for x in (e, forget[0], members[0]))
-    folds = []
-    for pool, calib in (halves, halves[::-1]):
-        kk = max(1, min(k, pool.numel()))
-        folds.append(
-            Fold(
-                calib=calib,
-                forget_nn=pool[_nearest(f_n, e_n[pool], kk)],
-                member_nn=pool[_nearest(m_n, e_n[pool], kk)],
-                calib_nn=pool[_nearest(e_n[calib], e_n[pool], kk)],
-            )
-        )
-    return Reference(tuple(folds), *labels)
 
 
 @dataclass(frozen=True)
@@ -389,13 +303,25 @@ def judge_parts(
             outcome = NO_SIGNAL
         else:
             outcome = INSUFFICIENT
-        out.append(Evidence(
-            outcome=outcome, n=n, statistic=stat, band=(-edge, edge), false_release_rate=frr,
-            alpha=alpha, member_shift=shift, member_sd=s_m, advantage=adv,
-            max_advantage=max_advantage, z_limit_forgotten=shift + s_m * phi_inv(alpha),
-            n_members=int(z_m.numel()), n_nonmembers=n_null, per_record_z=z_f.tolist(),
-            class_wise=class_wise,
-        ))  # fmt: skip
+        out.append(
+            Evidence(
+                outcome=outcome,
+                n=n,
+                statistic=stat,
+                band=(-edge, edge),
+                false_release_rate=frr,
+                alpha=alpha,
+                member_shift=shift,
+                member_sd=s_m,
+                advantage=adv,
+                max_advantage=max_advantage,
+                z_limit_forgotten=shift + s_m * phi_inv(alpha),
+                n_members=int(z_m.numel()),
+                n_nonmembers=n_null,
+                per_record_z=z_f.tolist(),
+                class_wise=class_wise,
+            )
+        )
     return out
 
 
@@ -471,16 +397,21 @@ class MembershipTest:
         """The model's calibrated scores; ``logits_of(inputs) -> logits`` (eval mode)."""
         with torch.no_grad():
             return calibrated_scores(
-                self.reference, logits_of(self.forget[0]), logits_of(self.members[0]),
+                self.reference,
+                logits_of(self.forget[0]),
+                logits_of(self.members[0]),
                 logits_of(self.nonmembers[0]),
-            )  # fmt: skip
+            )
 
     def assess(self, logits_of: Any) -> Evidence:
         """``logits_of(inputs) -> logits`` (eval mode; the caller's model function)."""
         evidence = judge(
-            self.scores(logits_of), class_wise=self.class_wise, alpha=self.alpha, band=self.band,
+            self.scores(logits_of),
+            class_wise=self.class_wise,
+            alpha=self.alpha,
+            band=self.band,
             max_advantage=self.max_advantage,
-        )  # fmt: skip
+        )
         evidence.n_nonmembers = int(len(self.nonmembers[1]))  # the null repeats atypical labels
         return evidence
 

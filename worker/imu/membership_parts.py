@@ -23,8 +23,10 @@ def assess_parts(
     None for a part none of whose records the test scored (a seeded subset above MAX_FORGET)."""
     folds = test.scores(logits_of)
     position = {int(i): p for p, i in enumerate(test.picked.tolist())}
-    rows = [torch.tensor([position[i] for i in part if i in position], dtype=torch.long)
-            for part in parts]  # fmt: skip
+    rows = [
+        torch.tensor([position[i] for i in part if i in position], dtype=torch.long)
+        for part in parts
+    ]
     scored = [r for r in rows if r.numel() > 0]
     judged = iter(
         judge_parts(
@@ -34,7 +36,7 @@ def assess_parts(
             alpha=test.alpha,
             band=test.band,
             max_advantage=test.max_advantage,
-        )  # fmt: skip
+        )
     )
     out: list[Evidence | None] = []
     for r in rows:

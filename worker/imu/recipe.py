@@ -79,10 +79,17 @@ def retrain(
         torch.manual_seed(recipe.init_seed)
         model = build(architecture, **arch_kwargs)
     losses = fit(
-        model, inputs, labels, epochs=recipe.epochs, lr=recipe.lr,
-        batch_size=recipe.batch_size, seed=recipe.seed, device=device,
-        weight_decay=recipe.weight_decay, on_epoch=on_epoch,
-    )  # fmt: skip
+        model,
+        inputs,
+        labels,
+        epochs=recipe.epochs,
+        lr=recipe.lr,
+        batch_size=recipe.batch_size,
+        seed=recipe.seed,
+        device=device,
+        weight_decay=recipe.weight_decay,
+        on_epoch=on_epoch,
+    )
     stats = {
         "method": "retrain",
         "n_train": int(labels.shape[0]),

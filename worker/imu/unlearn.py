@@ -97,15 +97,26 @@ def _ascend(
     generator = torch.Generator().manual_seed(cfg.seed)
     if not cfg.calibrated:
         losses = fixed_schedule(
-            problem, cfg, lr=cfg.lr, alpha=alpha, epochs=cfg.epochs,
-            generator=generator, progress=progress,
-        )  # fmt: skip
+            problem,
+            cfg,
+            lr=cfg.lr,
+            alpha=alpha,
+            epochs=cfg.epochs,
+            generator=generator,
+            progress=progress,
+        )
         return {"calibration": {"mode": "off"}, "loss_per_epoch": losses}
     every = cfg.check_every or (1 if cheap_checks else 4)
     outcome = calibrated_ascent(
-        problem, make_checks(), cfg, l1_scale=l1_scale, generator=generator,
-        progress=progress, check_every=every, max_drop=cfg.guard_drop_for(class_wise),
-    )  # fmt: skip
+        problem,
+        make_checks(),
+        cfg,
+        l1_scale=l1_scale,
+        generator=generator,
+        progress=progress,
+        check_every=every,
+        max_drop=cfg.guard_drop_for(class_wise),
+    )
     _call(progress, "unlearning", 1.0)
     return {"calibration": {"mode": "auto", "check_every": every, **outcome.as_stats()}}
 
@@ -141,10 +152,15 @@ def unlearn(
     # Steps 1-4. In eval mode with a final-Linear θ the head inputs are cached here.
     _call(progress, "influence", 0.0)
     infl = compute_influence(
-        model, inputs, labels, params=cfg.params, damping=cfg.damping,
-        batch_size=cfg.influence_batch_size, keep_features=cfg.backbone_mode == "eval",
+        model,
+        inputs,
+        labels,
+        params=cfg.params,
+        damping=cfg.damping,
+        batch_size=cfg.influence_batch_size,
+        keep_features=cfg.backbone_mode == "eval",
         progress=progress,
-    )  # fmt: skip
+    )
     _call(progress, "influence", 1.0)
     t_influence = time.perf_counter()
 
@@ -189,18 +205,27 @@ def unlearn(
 
     train = cfg.backbone_mode == "train"
     problem = AscentProblem(
-        model, [p for _, p in theta], int(kept.numel()), batch_loss, cfg.batch_size,
-        train_mode=train, l1=True,
-    )  # fmt: skip
+        model,
+        [p for _, p in theta],
+        int(kept.numel()),
+        batch_loss,
+        cfg.batch_size,
+        train_mode=train,
+        l1=True,
+    )
 
     def make_checks() -> Any:
         return build_checks(
-            model, (inputs, labels), heldout, class_wise=class_wise,
-            forget_acc_target=cfg.forget_acc_target, seed=cfg.seed,
+            model,
+            (inputs, labels),
+            heldout,
+            class_wise=class_wise,
+            forget_acc_target=cfg.forget_acc_target,
+            seed=cfg.seed,
             head=cached_head,
             forget_features=all_features if cached_head is not None else None,
             membership=membership,
-        )  # fmt: skip
+        )
 
     _call(progress, "unlearning", 0.0)
     with (
@@ -211,10 +236,15 @@ def unlearn(
     ):
         torch.manual_seed(cfg.seed)  # dropout in train mode draws from here
         ascent = _ascend(
-            problem, cfg, make_checks, alpha=cfg.alpha, l1_scale=cfg.l1_scale,
+            problem,
+            cfg,
+            make_checks,
+            alpha=cfg.alpha,
+            l1_scale=cfg.l1_scale,
             cheap_checks=cached_head is not None or not (train and _has_batchnorm(model)),
-            class_wise=class_wise, progress=progress,
-        )  # fmt: skip
+            class_wise=class_wise,
+            progress=progress,
+        )
     t_end = time.perf_counter()
 
     stats: dict[str, Any] = {
@@ -286,9 +316,14 @@ def gradient_ascent(
 
     def make_checks() -> Any:
         return build_checks(
-            model, (inputs, labels), heldout, class_wise=class_wise,
-            forget_acc_target=cfg.forget_acc_target, seed=cfg.seed, membership=membership,
-        )  # fmt: skip
+            model,
+            (inputs, labels),
+            heldout,
+            class_wise=class_wise,
+            forget_acc_target=cfg.forget_acc_target,
+            seed=cfg.seed,
+            membership=membership,
+        )
 
     t0 = time.perf_counter()
     _call(progress, "unlearning", 0.0)
@@ -300,10 +335,15 @@ def gradient_ascent(
     ):
         torch.manual_seed(cfg.seed)
         ascent = _ascend(
-            problem, cfg, make_checks, alpha=0.0, l1_scale=0.0,
+            problem,
+            cfg,
+            make_checks,
+            alpha=0.0,
+            l1_scale=0.0,
             cheap_checks=not (cfg.train_mode and _has_batchnorm(model)),
-            class_wise=class_wise, progress=progress,
-        )  # fmt: skip
+            class_wise=class_wise,
+            progress=progress,
+        )
     t1 = time.perf_counter()
     if "loss_per_epoch" in ascent:  # the ascent minimises -CE; report the forget loss itself
         ascent["forget_loss_per_epoch"] = [-v for v in ascent.pop("loss_per_epoch")]

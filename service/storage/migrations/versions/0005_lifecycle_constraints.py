@@ -25,11 +25,17 @@ depends_on: str | Sequence[str] | None = None
 RULES = {
     ("jobs", "status"): ("queued", "running", "succeeded", "failed", "cancelled"),
     ("deletion_requests", "status"): (
-        "queued", "running", "completed", "needs_review", "rejected", "failed", "cancelled",
+        "queued",
+        "running",
+        "completed",
+        "needs_review",
+        "rejected",
+        "failed",
+        "cancelled",
     ),
     ("model_versions", "status"): ("active", "candidate", "superseded", "rejected"),
     ("records", "state"): ("present", "forgotten"),
-}  # fmt: skip
+}
 
 
 def _name(table: str, column: str) -> str:
@@ -55,9 +61,13 @@ def upgrade() -> None:
                 f"BEGIN SELECT RAISE(ABORT, 'CHECK constraint failed: {name}'); END"
             )
     op.create_index(
-        "uq_versions_one_active", "model_versions", ["model_id"], unique=True,
-        postgresql_where=sa.text("status = 'active'"), sqlite_where=sa.text("status = 'active'"),
-    )  # fmt: skip
+        "uq_versions_one_active",
+        "model_versions",
+        ["model_id"],
+        unique=True,
+        postgresql_where=sa.text("status = 'active'"),
+        sqlite_where=sa.text("status = 'active'"),
+    )
 
 
 def downgrade() -> None:
