@@ -28,7 +28,8 @@ import threading
 import time
 from types import FrameType
 
-from service.domain.backoff import backoff_delay
+from tenacity import Retrying, wait_exponential_jitter
+
 from service.domain.queue import get_queue, wake_address
 from service.logs import configure_logging
 from service.settings import Settings, get_settings
@@ -137,6 +138,9 @@ class EmbeddedExecutor:
                 log.info("parent process %d is gone; stopping", parent)
                 self.request_stop()
 
+    def _pause(self, seconds: float) -> None:
+        self.stop_event.wait(seconds)
+
     def run_forever(self, watch_parent: bool = False, parent: int | None = None) -> None:
         """``parent``: the pid to watch, read at process start (a parent that died during the
         warm-up has already handed us to init)."""
@@ -152,16 +156,22 @@ class EmbeddedExecutor:
                 name="parent-watch",
                 daemon=True,
             ).start()
-        failures = 0
+        poll = self.settings.embedded_poll_seconds
+        # Database not reachable or not migrated yet: retried with jittered exponential waits
+        # that a stop cuts short (and a stop ends the retrying).
+        retrying = Retrying(
+            wait=wait_exponential_jitter(initial=poll, max=30.0, jitter=poll),
+            sleep=self._pause,
+            stop=lambda _state: self.stop_event.is_set(),
+            before_sleep=lambda state: log.warning(
+                "executor loop failed (%s); retrying", state.outcome and state.outcome.exception()
+            ),
+            reraise=True,
+        )
         while not self.stop_event.is_set():
             try:
-                result = self.run_once()
-                failures = 0
-            except Exception as exc:  # database not reachable or not migrated yet
-                failures += 1
-                log.warning("executor loop failed (%s); retrying", exc)
-                delay = backoff_delay(failures, base=self.settings.embedded_poll_seconds, cap=30.0)
-                self.stop_event.wait(delay)
+                result = retrying(self.run_once)
+            except Exception:  # only when stopping: the loop ends below
                 continue
             if result is None:
                 self.wakeups.wait(self.stop_event, self.settings.embedded_poll_seconds)

@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from service.domain.backoff import backoff_delay
+from service.domain.backoff import JITTER, backoff_delay
 from service.domain.lifecycle import move_job, move_request
 from service.domain.models import active_version
 from service.domain.states import (
@@ -84,7 +84,7 @@ def lock_claimed(session: Session, fence: Fence) -> Job | None:
 
 def retry_delay(attempt: int) -> float:
     """How long a job waits before its next attempt after a transient failure."""
-    return backoff_delay(attempt)
+    return backoff_delay(attempt, jitter=JITTER)
 
 
 # --------------------------------------------------------------------------- locks and lines

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
-from service.domain.backoff import backoff_delay
+from service.domain.backoff import JITTER, backoff_delay
 from service.domain.states import JobStatus
 from service.settings import Settings
 from service.storage.db import transaction
@@ -227,7 +227,10 @@ class Reaper:
             elif now >= waiting.due:
                 waiting.sent += 1
                 waiting.due = now + backoff_delay(
-                    waiting.sent, base=self.first_resend_s, cap=MAX_RESEND_INTERVAL_S
+                    waiting.sent,
+                    base=self.first_resend_s,
+                    cap=MAX_RESEND_INTERVAL_S,
+                    jitter=JITTER,
                 )
                 self._send(job_id, report)
 

@@ -24,8 +24,9 @@ from tests.worker.harness import (
     poll,
     stack_settings,
 )
+from worker.context import Outcome, RunnerContext
 from worker.metrics_server import start_metrics_server
-from worker.runner import Outcome, RunnerContext, run_job
+from worker.runner import run_job
 
 PHASE_COUNT = re.compile(r'^lethe_job_phase_duration_seconds_count\{phase="(\w+)"\} (\S+)$', re.M)
 
