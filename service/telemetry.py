@@ -30,7 +30,7 @@ PHASE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 60
 
 
 def job_counts(sessions: Callable[[], Any]) -> dict[str, int]:
-    from service.storage.models import Job
+    from service.storage.tables import Job
 
     with sessions() as session:
         rows = session.execute(select(Job.status, func.count()).group_by(Job.status)).all()

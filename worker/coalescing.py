@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 
 from service.domain.lifecycle import move_job, move_request
 from service.domain.states import JobStatus, RequestStatus
-from service.storage.models import DeletionRequest, Job, utcnow
+from service.storage.tables import DeletionRequest, Job, utcnow
 from service.trust.audit import append_events
 from worker.errors import LeaseLost
 from worker.imu.canonical import canonical_json

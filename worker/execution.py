@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 
 from service.domain.states import PHASES, JobStatus, Phase, VersionStatus
 from service.storage.db import transaction
-from service.storage.models import Job
+from service.storage.tables import Job
 from service.trust.policy import effective_policy
 from service.trust.purge import key_sha256
 from worker.coalescing import Member, MembersChanged, absorb, wait_for_companions

@@ -39,9 +39,9 @@ from service.domain.states import (
 )
 from service.errors import problem_dict
 from service.storage.db import transaction
-from service.storage.models import DeletionRequest, Job, Model, ModelVersion, utcnow
 from service.storage.objects import Storage
 from service.storage.sql import affected_rows
+from service.storage.tables import DeletionRequest, Job, Model, ModelVersion, utcnow
 from service.trust.audit import append_event
 from worker.context import Outcome, RunnerContext
 from worker.errors import worker_lost_problem

@@ -29,8 +29,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.domain.states import JobStatus
 from service.storage.db import transaction
-from service.storage.models import Job, utcnow
 from service.storage.sql import affected_rows
+from service.storage.tables import Job, utcnow
 
 log = logging.getLogger("lethe.worker")
 

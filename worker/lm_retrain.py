@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from service.domain.states import Phase
 from service.storage.db import transaction
-from service.storage.models import ModelVersion
+from service.storage.tables import ModelVersion
 from worker.errors import JobError, checkpoint_corrupt
 
 if TYPE_CHECKING:

@@ -18,8 +18,8 @@ from sqlalchemy.orm import Session
 from service.domain.states import Phase, VersionStatus
 from service.ingest.datasets_io import TensorData
 from service.storage.db import transaction
-from service.storage.models import Dataset, DeletionRequest, Job, Model, ModelVersion, Record
 from service.storage.sql import chunked
+from service.storage.tables import Dataset, DeletionRequest, Job, Model, ModelVersion, Record
 from worker.context import RunnerContext
 from worker.dataset_cache import DATASETS
 from worker.errors import JobError, SourceChanged, checkpoint_corrupt, unsupported_dataset

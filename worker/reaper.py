@@ -38,8 +38,8 @@ from service.domain.backoff import JITTER, backoff_delay
 from service.domain.states import JobStatus
 from service.settings import Settings
 from service.storage.db import transaction
-from service.storage.models import Job
 from service.storage.objects import Storage
+from service.storage.tables import Job
 from worker.errors import worker_lost_problem
 from worker.job_queue import (
     cleanup_job_checkpoints,
@@ -121,7 +121,7 @@ class Reaper:
     def _checkpoint(self, report: ReapReport) -> None:
         """A signed audit checkpoint every `checkpoint_interval_s` (the first on the first
         tick), so truncating the log is detectable even when no receipt was issued."""
-        from service.trust.checkpoints import write_checkpoint
+        from service.trust.audit_checkpoints import write_checkpoint
         from service.trust.signing import load_signer
 
         now = time.monotonic()

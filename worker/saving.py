@@ -23,8 +23,8 @@ from service.domain.activation import RecordsUnavailable, activate, after_activa
 from service.domain.models import active_version
 from service.domain.states import JobStatus, Phase, RequestStatus, VersionStatus
 from service.storage.db import transaction
-from service.storage.models import Dataset, ModelVersion, utcnow
 from service.storage.objects import Storage
+from service.storage.tables import Dataset, ModelVersion, utcnow
 from service.trust.audit import append_event
 from worker.coalescing import finish_served, own_metrics, run_metrics, served_jobs
 from worker.context import RunnerContext

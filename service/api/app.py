@@ -9,7 +9,15 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 
 from service import __version__
-from service.api import audit, console_routes, datasets, health, jobs, models, requests
+from service.api import (
+    audit_routes,
+    console_routes,
+    dataset_routes,
+    health,
+    job_routes,
+    model_routes,
+    request_routes,
+)
 from service.api.auth import KeyCache, authenticate
 from service.api.deps import AppState, check_request_strings
 from service.api.gate import FORM_OVERHEAD_BYTES, RequestGate
@@ -131,13 +139,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_handlers(app)
     install_openapi(app)
     for router in (
-        datasets.router,
-        models.router,
-        requests.router,
-        jobs.router,
-        audit.router,
+        dataset_routes.router,
+        model_routes.router,
+        request_routes.router,
+        job_routes.router,
+        audit_routes.router,
         health.router,
-        audit.jwks_router,
+        audit_routes.jwks_router,
         console_routes.router,
     ):
         app.include_router(router)

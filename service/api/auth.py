@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.storage.models import ApiKey, utcnow
+from service.storage.tables import ApiKey, utcnow
 from service.trust.audit import append_event
 
 SCOPES = ("read", "submit", "admin")

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from service.cli import admin, client, server, workers
+from service.cli import admin, client_commands, server, workers
 
 app = typer.Typer(
     name="lethe",
@@ -42,5 +42,5 @@ def _root(
     """Lethe: make trained PyTorch models forget data on request."""
 
 
-for _module in (server, admin, client, workers):
+for _module in (server, admin, client_commands, workers):
     _module.register(app)

@@ -127,7 +127,7 @@ def register(app: typer.Typer) -> None:
         """Recompute the audit hash chain and check it against every signed checkpoint in
         object storage; exit 1 if it is broken, truncated or rewritten."""
         from service.storage.objects import Storage
-        from service.trust.checkpoints import verify_with_checkpoints
+        from service.trust.audit_checkpoints import verify_with_checkpoints
         from service.trust.signing import SignatureError, load_signer
 
         settings = cli_settings()

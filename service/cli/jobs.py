@@ -10,7 +10,15 @@ import typer
 from typer.core import TyperCommand
 
 from service.cli.api_client import DEFAULT_URL, LetheClient
-from service.cli.client import JsonOpt, KeyOpt, UrlOpt, _api, _print_json, _table, read_keys_file
+from service.cli.client_commands import (
+    JsonOpt,
+    KeyOpt,
+    UrlOpt,
+    _api,
+    _print_json,
+    _table,
+    read_keys_file,
+)
 from service.cli.common import command_group
 from service.cli.render import err, forgetting_lines, kv, metrics_table, out, policy_table
 from service.domain.states import JobStatus, RequestStatus

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from service.cli.api_client import DEFAULT_URL
-from service.cli.client import JsonOpt, KeyOpt, UrlOpt, _api
+from service.cli.client_commands import JsonOpt, KeyOpt, UrlOpt, _api
 from service.cli.common import command_group
 from service.cli.jobs import print_request_outcome
 from service.cli.render import (

@@ -20,8 +20,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.domain.forgetting import append_forgotten_event, mark_forgotten
 from service.domain.lifecycle import activate_version
 from service.settings import Settings
-from service.storage.models import ModelVersion
 from service.storage.objects import Storage
+from service.storage.tables import ModelVersion
 from service.trust import purge, retention
 from service.trust.purge import PurgeResult
 

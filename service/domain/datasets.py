@@ -21,8 +21,8 @@ from service.errors import Invalid, PayloadTooLarge, did_you_mean, not_found, va
 from service.ingest.datasets_io import DatasetError, dataset_meta, load_dataset, record_hashes
 from service.ingest.npzread import NpzLimits
 from service.storage.db import transaction
-from service.storage.models import Dataset, Record, new_id
 from service.storage.objects import Storage, TooLarge
+from service.storage.tables import Dataset, Record, new_id
 from service.trust.audit import append_event
 
 EXTENSIONS = {"tensor": "npz", "text": "jsonl"}

@@ -14,8 +14,8 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from service.domain.states import RecordState
-from service.storage.models import Record
 from service.storage.sql import affected_rows, chunked
+from service.storage.tables import Record
 from service.trust.audit import append_event
 from service.trust.purge import key_sha256
 

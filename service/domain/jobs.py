@@ -13,7 +13,7 @@ from service.domain.states import JOB_STATES
 from service.domain.views import job_view
 from service.errors import not_found, validation
 from service.storage.db import read_once
-from service.storage.models import Job, Model, ModelVersion
+from service.storage.tables import Job, Model, ModelVersion
 
 
 def get_job(session: Session, job_id: str) -> Job:

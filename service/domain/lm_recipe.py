@@ -22,8 +22,8 @@ from service import engine
 from service.domain.datasets import resolve_dataset
 from service.domain.lm_registration import is_lm
 from service.errors import validation
-from service.storage.models import Model, ModelVersion
 from service.storage.objects import Storage
+from service.storage.tables import Model, ModelVersion
 
 if TYPE_CHECKING:
     from service.domain.lm_registration import LMFiles

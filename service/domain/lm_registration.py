@@ -175,7 +175,7 @@ def model_file(
     factory: sessionmaker[Session], storage: Storage, version_id: str, name: str
 ) -> StoredFile:
     """One of a causal LM version's JSON files; 404 problem for any other name or model."""
-    from service.storage.models import Model, ModelVersion
+    from service.storage.tables import Model, ModelVersion
 
     with factory() as session:
         version = session.get(ModelVersion, version_id)

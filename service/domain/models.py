@@ -35,8 +35,8 @@ from service.domain.views import model_view, version_view
 from service.errors import Invalid, conflict, not_found, validation
 from service.ingest.textcheck import check_json
 from service.storage.db import transaction
-from service.storage.models import Model, ModelVersion, new_id
 from service.storage.objects import Storage, TooLarge
+from service.storage.tables import Model, ModelVersion, new_id
 from service.trust.audit import append_event
 
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,199}$")

@@ -8,8 +8,8 @@ from sqlalchemy.orm import Session
 
 from service.domain.states import ACTIVE_REQUEST_STATES, RecordState, RequestStatus
 from service.errors import Invalid, validation
-from service.storage.models import Dataset, DeletionRequest, Record
 from service.storage.sql import chunked
+from service.storage.tables import Dataset, DeletionRequest, Record
 
 
 def lock_dataset(session: Session, dataset_id: str) -> None:

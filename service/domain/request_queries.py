@@ -16,7 +16,7 @@ from service.domain.models import get_model
 from service.domain.pagination import MAX_LIMIT, newest_first, page, time_id_key
 from service.domain.views import request_view
 from service.errors import not_found
-from service.storage.models import DeletionRequest, Job, Model, ModelVersion
+from service.storage.tables import DeletionRequest, Job, Model, ModelVersion
 
 
 def show_request(factory: sessionmaker[Session], request_id: str) -> dict[str, Any]:

@@ -41,8 +41,8 @@ from service.errors import Conflict, conflict, not_found, validation
 from service.settings import Settings
 from service.storage.db import transaction
 from service.storage.group_commit import batch_memo, group_commit
-from service.storage.models import Dataset, DeletionRequest, Job, Model, new_id, utcnow
 from service.storage.sql import affected_rows
+from service.storage.tables import Dataset, DeletionRequest, Job, Model, new_id, utcnow
 from service.trust.audit import append_event, append_events
 
 log = logging.getLogger("lethe.requests")

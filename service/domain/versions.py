@@ -23,8 +23,8 @@ from service.domain.views import iso, version_view
 from service.errors import DomainError, conflict
 from service.settings import Settings
 from service.storage.db import transaction
-from service.storage.models import DeletionRequest, Job, Model, ModelVersion, utcnow
 from service.storage.objects import Storage
+from service.storage.tables import DeletionRequest, Job, Model, ModelVersion, utcnow
 from service.trust.audit import append_event
 from service.trust.purge import key_sha256
 from service.trust.retention import retire_version

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import Row
 
 from service import engine
-from service.storage.models import Dataset, DeletionRequest, Job, Model, ModelVersion
+from service.storage.tables import Dataset, DeletionRequest, Job, Model, ModelVersion
 
 
 def iso(value: datetime | None) -> str | None:

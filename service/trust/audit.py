@@ -16,7 +16,7 @@ from sqlalchemy import Row, select
 from sqlalchemy.orm import Session
 
 from service.engine import canonical_json
-from service.storage.models import AuditEvent, AuditHead, utcnow
+from service.storage.tables import AuditEvent, AuditHead, utcnow
 
 GENESIS_HASH = "0" * 64
 HEAD_ID = 1

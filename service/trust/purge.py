@@ -35,9 +35,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.domain.states import RecordState
 from service.ingest.datasets_io import TensorData, load_tensor_npz, save_tensor_npz
 from service.storage.db import transaction
-from service.storage.models import Dataset, Record, utcnow
 from service.storage.objects import Storage
 from service.storage.sql import chunked
+from service.storage.tables import Dataset, Record, utcnow
 from service.trust.audit import append_event
 
 log = logging.getLogger("lethe.purge")

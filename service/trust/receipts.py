@@ -22,7 +22,9 @@ from service.domain.states import RecordState, RequestStatus
 from service.domain.views import iso
 from service.errors import Unavailable, conflict, not_found
 from service.settings import Settings
-from service.storage.models import (
+from service.storage.objects import Storage
+from service.storage.sql import chunked
+from service.storage.tables import (
     AuditEvent,
     AuditHead,
     Dataset,
@@ -33,10 +35,8 @@ from service.storage.models import (
     Record,
     utcnow,
 )
-from service.storage.objects import Storage
-from service.storage.sql import chunked
-from service.trust.checkpoints import TYP as CHECKPOINT_TYP
-from service.trust.checkpoints import CheckpointError, write_checkpoint
+from service.trust.audit_checkpoints import TYP as CHECKPOINT_TYP
+from service.trust.audit_checkpoints import CheckpointError, write_checkpoint
 from service.trust.purge import key_sha256
 from service.trust.signing import SignatureError, load_signer, verify_compact
 

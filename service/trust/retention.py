@@ -24,8 +24,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.domain.states import VersionStatus
 from service.settings import Settings
 from service.storage.db import transaction
-from service.storage.models import Model, ModelVersion, utcnow
 from service.storage.objects import Storage
+from service.storage.tables import Model, ModelVersion, utcnow
 from service.trust.audit import append_event
 
 log = logging.getLogger("lethe.retention")

@@ -9,7 +9,7 @@ import pytest
 import typer
 from rich.console import Console
 
-from service.cli.client import read_keys_file
+from service.cli.client_commands import read_keys_file
 from service.cli.progress import PHASES, JobProgress
 
 

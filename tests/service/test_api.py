@@ -8,7 +8,7 @@ import hashlib
 from sqlalchemy import select, update
 
 from service.storage.db import make_engine, make_session_factory, transaction
-from service.storage.models import AuditEvent, DeletionRequest, Job, ModelVersion, Record
+from service.storage.tables import AuditEvent, DeletionRequest, Job, ModelVersion, Record
 from tests.service.conftest import MLP_KWARGS, Api, digits_npz, mlp_weights
 
 PROBLEM = "application/problem+json"

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from service.domain.backoff import backoff_delay
 from service.domain.queue import CeleryQueue, celery_config
 from service.settings import load_settings
-from service.storage.models import ApiKey, Base
+from service.storage.tables import ApiKey, Base
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -8,7 +8,7 @@ import json
 from sqlalchemy import delete, select, update
 
 from service.storage.db import transaction
-from service.storage.models import AuditEvent, AuditHead
+from service.storage.tables import AuditEvent, AuditHead
 from service.trust.audit import GENESIS_HASH, append_event, verify_chain
 
 

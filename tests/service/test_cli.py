@@ -60,7 +60,7 @@ def test_migrate_then_keys_lifecycle(db_env: str) -> None:
     verified = json.loads(_run("audit", "verify", "--json").stdout)
     assert verified["ok"] is True and verified["checked"] == 2  # key.created, key.revoked
 
-    from service.storage.models import AuditEvent
+    from service.storage.tables import AuditEvent
 
     with transaction(factory) as s:
         s.execute(update(AuditEvent).where(AuditEvent.seq == 1).values(actor="mallory"))

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from service.storage import migrate
 from service.storage.db import make_engine, make_session_factory
 from service.storage.group_commit import GroupCommit
-from service.storage.models import Counter
+from service.storage.tables import Counter
 
 
 class Refused(Exception):

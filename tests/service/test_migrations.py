@@ -9,7 +9,7 @@ from sqlalchemy import inspect, select, text
 
 from service.storage import migrate
 from service.storage.db import make_engine, make_session_factory
-from service.storage.models import AuditHead, Base, Counter
+from service.storage.tables import AuditHead, Base, Counter
 
 TABLES = {
     "api_keys",

@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from service.api.auth import create_key
 from service.storage import migrate
 from service.storage.db import make_engine, make_session_factory, transaction
-from service.storage.models import DeletionRequest, Job
+from service.storage.tables import DeletionRequest, Job
 from tests.service.conftest import MLP_KWARGS, digits_npz, mlp_weights
 from tests.service.netfaults import lethe_server, server_env
 

@@ -23,8 +23,8 @@ from service.api.auth import create_key
 from service.devtools.localserver import lethe_command
 from service.storage import migrate
 from service.storage.db import make_engine, make_session_factory, transaction
-from service.storage.models import Record
-from service.trust.checkpoints import AUDIENCE as CHECKPOINT_AUDIENCE
+from service.storage.tables import Record
+from service.trust.audit_checkpoints import AUDIENCE as CHECKPOINT_AUDIENCE
 from service.trust.receipts import AUDIENCE
 from tests.service.netfaults import lethe_server, migrated_with_key, proxied_database, server_env
 from tests.worker.harness import WorkerProcess, poll

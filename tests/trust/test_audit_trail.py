@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from service.api.auth import create_key, revoke_key
 from service.cli import app
 from service.storage.db import make_engine, make_session_factory, transaction
-from service.storage.models import AuditEvent
+from service.storage.tables import AuditEvent
 from service.trust.audit import append_event, verify_chain
 from tests.trust.conftest import get, post, run
 from tests.worker.harness import Stack, Trained

@@ -232,7 +232,7 @@ def test_records_that_already_look_unseen_leave_the_weights_unchanged(
     a new version, the records forgotten and their content purged."""
     from sqlalchemy import select
 
-    from service.storage.models import Record
+    from service.storage.tables import Record
 
     stack, trained = prod_stack, deployed
     model = stack.register(trained, "mlp")

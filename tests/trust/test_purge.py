@@ -14,8 +14,8 @@ from sqlalchemy import select
 from service.domain.forgetting import mark_forgotten
 from service.ingest.datasets_io import load_tensor_npz
 from service.storage.db import transaction
-from service.storage.models import Dataset, Record, utcnow
 from service.storage.objects import Storage
+from service.storage.tables import Dataset, Record, utcnow
 from service.trust.audit import verify_chain
 from service.trust.purge import purge_dataset, purge_pending
 from tests.trust.conftest import get, run

@@ -10,8 +10,8 @@ import pytest
 from sqlalchemy import update
 
 from service.storage.db import transaction
-from service.storage.models import ModelVersion, utcnow
 from service.storage.objects import Storage
+from service.storage.tables import ModelVersion, utcnow
 from tests.trust.conftest import get, run
 from tests.worker.harness import Stack, Trained
 from worker.context import Outcome

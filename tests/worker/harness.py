@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.settings import Settings, load_settings
 from service.storage.db import make_engine, make_session_factory, transaction
-from service.storage.models import Job, ModelVersion, Record
+from service.storage.tables import Job, ModelVersion, Record
 
 REPO = Path(__file__).resolve().parents[2]
 TERMINAL = ("succeeded", "failed", "cancelled")

@@ -295,7 +295,7 @@ def test_corrupt_checkpoint_fails_with_a_clear_error_and_no_retry(
     v1 = stack.versions(model)[0]
     storage = Path(stack.settings.storage)
     with stack.sessions() as session:
-        from service.storage.models import ModelVersion
+        from service.storage.tables import ModelVersion
 
         key = session.get(ModelVersion, v1["id"]).storage_key
     path = storage / key

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import update
 
 from service.storage.db import transaction
-from service.storage.models import Job, utcnow
+from service.storage.tables import Job, utcnow
 from tests.worker.harness import Stack, Trained, api_stack, stack_settings
 from worker.context import Outcome, RunnerContext
 from worker.job_queue import claim_job

@@ -8,7 +8,7 @@ import io
 import numpy as np
 import pytest
 
-from service.storage.models import Dataset
+from service.storage.tables import Dataset
 from tests.worker.harness import Stack
 from worker.context import RunnerContext
 from worker.errors import JobError

@@ -16,7 +16,7 @@ from sqlalchemy.engine import make_url
 
 from service.devtools.localserver import free_port
 from service.storage.db import transaction
-from service.storage.models import Job, utcnow
+from service.storage.tables import Job, utcnow
 from tests.conftest import PG_ADMIN_URL
 from tests.worker.harness import (
     ONE_JOB_PER_REQUEST,

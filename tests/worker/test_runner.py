@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import update
 
 from service.storage.db import transaction
-from service.storage.models import Job, Record, utcnow
+from service.storage.tables import Job, Record, utcnow
 from tests.worker.harness import (
     ONE_JOB_PER_REQUEST,
     Stack,

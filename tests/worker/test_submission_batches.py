@@ -19,7 +19,7 @@ from sqlalchemy import select
 from service.domain.requests import DeletionRequestIn, submit_deletion_request
 from service.errors import Conflict, DomainError, Invalid
 from service.storage.group_commit import group_commit
-from service.storage.models import AuditEvent, DeletionRequest, Job
+from service.storage.tables import AuditEvent, DeletionRequest, Job
 from service.trust.audit import verify_chain
 from tests.worker.harness import Stack, Trained, api_stack, stack_settings
 

@@ -12,7 +12,7 @@ from alembic.autogenerate.api import AutogenContext
 from sqlalchemy import Connection, DateTime
 
 from service.storage.db import make_engine
-from service.storage.models import Base, UTCDateTime
+from service.storage.tables import Base, UTCDateTime
 
 config = context.config
 target_metadata = Base.metadata

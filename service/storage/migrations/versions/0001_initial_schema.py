@@ -1,4 +1,4 @@
-"""initial schema: every table of service/storage/models.py, the audit head and job counter rows
+"""initial schema: every table of service/storage/tables.py, the audit head and job counter rows
 
 Revision ID: 0001
 Revises:

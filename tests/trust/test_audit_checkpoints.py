@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 
 from service.cli import app
 from service.storage.db import transaction
-from service.storage.models import AuditEvent, AuditHead
+from service.storage.tables import AuditEvent, AuditHead
 from service.trust.audit import HEAD_ID, append_event, stored_event_hash, verify_chain
-from service.trust.checkpoints import PREFIX, CheckpointError, write_checkpoint
+from service.trust.audit_checkpoints import PREFIX, CheckpointError, write_checkpoint
 from service.trust.signing import OKPKey, Signer, load_signer
 from tests.trust.conftest import get
 from tests.worker.harness import Stack

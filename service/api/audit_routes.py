@@ -12,9 +12,9 @@ from service.api.auth import Principal
 from service.api.deps import AppState, get_state, require
 from service.api.schemas import COMMON_ERRORS, AuditEventOut, JWKSOut, Page, VerifyOut
 from service.domain.pagination import DEFAULT_LIMIT, MAX_LIMIT, decode_cursor, page
-from service.storage.models import AuditEvent
+from service.storage.tables import AuditEvent
 from service.trust.audit import event_dict
-from service.trust.checkpoints import verify_with_checkpoints
+from service.trust.audit_checkpoints import verify_with_checkpoints
 from service.trust.signing import load_signer
 
 SUBJECT_TYPES = ("api_key", "dataset", "model", "model_version", "deletion_request", "job")

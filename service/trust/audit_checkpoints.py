@@ -17,8 +17,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.storage.models import AuditHead, utcnow
 from service.storage.objects import Storage
+from service.storage.tables import AuditHead, utcnow
 from service.trust.audit import GENESIS_HASH, HEAD_ID, format_time, verify_chain
 from service.trust.signing import SignatureError, Signer, verify_compact
 
