@@ -35,6 +35,7 @@ RUN pip install --index-url "${TORCH_INDEX}" "${TORCH_SPEC}" \
     $(case ",${LETHE_EXTRAS}," in (*,vision,*) echo "${TORCHVISION_SPEC}";; esac)
 COPY service ./service
 COPY worker ./worker
+COPY migrations ./migrations
 RUN pip install -c requirements.lock ".${LETHE_EXTRAS:+[${LETHE_EXTRAS}]}" \
     && python -c "import service, worker.imu, torch; print('torch', torch.__version__)"
 
@@ -54,7 +55,7 @@ RUN groupadd --system --gid ${LETHE_UID} lethe \
     && mkdir -p /var/lib/lethe/storage \
     && chown -R lethe:lethe /var/lib/lethe
 COPY --from=build /opt/venv /opt/venv
-# Migrations ship inside the package (service/storage/migrations): `lethe migrate` needs no files.
+# Migrations ship as the installed `migrations` package: `lethe migrate` needs no source tree.
 WORKDIR /var/lib/lethe
 # A named volume mounted here starts with this ownership, so the unprivileged user can write.
 VOLUME ["/var/lib/lethe"]

@@ -1,11 +1,12 @@
 """Programmatic Alembic: upgrade to head and tell whether a database is at head.
 
-`script_location` points inside the installed package, so no alembic.ini is needed at runtime.
+The scripts are the top-level `migrations` package, installed with `service` and `worker`;
+`script_location` is that package's folder, so no alembic.ini is needed at runtime.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from importlib import resources
 
 from alembic import command
 from alembic.config import Config
@@ -15,7 +16,8 @@ from sqlalchemy import Engine
 
 from service.storage.db import make_engine
 
-SCRIPT_LOCATION = Path(__file__).resolve().parent / "migrations"
+# A regular package on disk (Alembic reads env.py and versions/ as files), never a zip.
+SCRIPT_LOCATION = str(resources.files("migrations"))
 
 
 class SchemaBehind(RuntimeError):
@@ -24,14 +26,14 @@ class SchemaBehind(RuntimeError):
 
 def alembic_config(url: str) -> Config:
     cfg = Config()
-    cfg.set_main_option("script_location", str(SCRIPT_LOCATION))
+    cfg.set_main_option("script_location", SCRIPT_LOCATION)
     cfg.set_main_option("path_separator", "os")
     cfg.attributes["url"] = url
     return cfg
 
 
 def head_revision() -> str:
-    heads = ScriptDirectory(str(SCRIPT_LOCATION)).get_heads()
+    heads = ScriptDirectory(SCRIPT_LOCATION).get_heads()
     return heads[0] if len(heads) == 1 else ",".join(sorted(heads))
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import tomllib
+from pathlib import Path
+
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -23,6 +26,24 @@ TABLES = {
     "audit_events",
     "counters",
 }
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_migrations_are_the_installed_top_level_package() -> None:
+    """The scripts live in the top-level `migrations/` folder, a package that pyproject's package
+    discovery installs, so `lethe migrate` finds them without the source tree."""
+    import migrations
+
+    assert Path(migrate.SCRIPT_LOCATION) == Path(migrations.__file__).parent == ROOT / "migrations"
+    assert (ROOT / "migrations" / "env.py").is_file()
+    assert not (ROOT / "service" / "storage" / "migrations").exists()
+    versions = sorted(p.name for p in (ROOT / "migrations" / "versions").glob("0*.py"))
+    assert versions[0].startswith("0001_") and migrate.head_revision() == versions[-1][:4]
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "migrations*" in setuptools["packages"]["find"]["include"]
+    assert "script.py.mako" in setuptools["package-data"]["migrations"]
 
 
 def _diff(url: str) -> list:
