@@ -91,7 +91,7 @@ def absorb(
             Job.served_by_job_id.is_(None),
             Job.cancel_requested.is_(False),
             Job.submitted_seq > leader.submitted_seq,
-            Job.kind == leader.kind,
+            Job.method == leader.method,
             DeletionRequest.dataset_id == dataset_id,
         )
         .order_by(Job.submitted_seq)

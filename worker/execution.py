@@ -316,7 +316,7 @@ class Execution:
 
                 return run_lm_engine(loaded, self.progress, lambda i: key_sha256(loaded.keys[i]))
             return run_engine(
-                loaded.kind,
+                loaded.method,
                 loaded.params,
                 loaded.model,
                 loaded.forget,
@@ -352,7 +352,7 @@ class Execution:
             "after": after,
             "influence": stats,
             "device": self.ctx.device,
-            "method": loaded.kind,
+            "method": loaded.method,
             "n_forget": len(loaded.keys),
             "eval_split": loaded.eval_split,
             "policy": policy,

@@ -79,7 +79,7 @@ def answer(
         )
 
     t0 = time.perf_counter()
-    if loaded.kind == "retrain":
+    if loaded.method == "retrain":
         stats = exact(loaded)
         after = evaluate(loaded)
         policy = judge(after, stats, is_exact=True)
@@ -88,7 +88,7 @@ def answer(
     stats = approximate(loaded)
     after = evaluate(loaded)
     policy = judge(after, stats, is_exact=False)
-    attempts = [_attempt(loaded.kind, policy, after, time.perf_counter() - t0)]
+    attempts = [_attempt(loaded.method, policy, after, time.perf_counter() - t0)]
     if not escalates(loaded, policy, escalation):
         if loaded.exact_route and policy["decision"] != VersionStatus.ACTIVE:
             attempts[0]["no_escalation"] = loaded.exact_route
@@ -98,7 +98,7 @@ def answer(
     after = evaluate(loaded)
     policy = judge(after, retrain_stats, is_exact=True)
     attempts.append(_attempt("retrain", policy, after, time.perf_counter() - t1))
-    stats = {**retrain_stats, "escalated_from": {"method": loaded.kind, "stats": stats}}
+    stats = {**retrain_stats, "escalated_from": {"method": loaded.method, "stats": stats}}
     return Answer(before, after, stats, policy, "exact", attempts)
 
 

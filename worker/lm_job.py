@@ -175,7 +175,7 @@ def load_lm(loader: Loader, inputs: JobInputs, model_id: str, device: str) -> Lo
         member_probe=probe,
         guard=guard,
         eval_split=split.describe() if split else None,
-        kind=inputs.kind,
+        method=inputs.method,
         params=inputs.params,
         keys=inputs.keys,
         dataset_id=inputs.dataset.dataset_id,
@@ -196,15 +196,15 @@ def run_lm_engine(
     from worker.unlearning import InvalidParams
 
     try:
-        cfg = config_for(loaded.kind, loaded.params)
+        cfg = config_for(loaded.method, loaded.params)
     except (ValueError, TypeError) as exc:
-        raise InvalidParams(f"{loaded.kind}: {exc}") from None
+        raise InvalidParams(f"{loaded.method}: {exc}") from None
     try:
         result = unlearn_lm(
             loaded.model, loaded.forget, loaded.guard, loaded.member_probe, cfg, progress
         )
     except ValueError as exc:  # θ matches nothing, or a per-record gradient exceeds the bound
-        raise InvalidParams(f"{loaded.kind}: {exc}") from None
+        raise InvalidParams(f"{loaded.method}: {exc}") from None
     stats = dict(result.stats)
     selection = stats.get("selection")
     if isinstance(selection, dict):

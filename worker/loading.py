@@ -61,7 +61,7 @@ class JobInputs:
     probe: DataSource | None
     eval_keys: list[str] | None  # present records of the eval set, in file order
     probe_keys: list[str] | None
-    kind: str
+    method: str
     params: dict[str, Any]
     keys: list[str]
     recipe: dict[str, Any] | None = None
@@ -78,7 +78,7 @@ class Loaded:
     forget: Any
     eval: Any | None
     member_probe: Any | None
-    kind: str
+    method: str
     params: dict[str, Any]
     keys: list[str]
     dataset_id: str
@@ -154,7 +154,7 @@ class Loader:
             member_probe=probe_pair,
             guard=guard_pair,
             eval_split=split.describe() if split else None,
-            kind=inputs.kind,
+            method=inputs.method,
             params=inputs.params,
             keys=inputs.keys,
             dataset_id=inputs.dataset.dataset_id,
@@ -244,7 +244,7 @@ class Loader:
                 probe=DataSource.of(probe_ds) if probe_ds else None,
                 eval_keys=_present_keys(session, eval_ds),
                 probe_keys=_present_keys(session, probe_ds),
-                kind=job.kind,
+                method=job.method,
                 params=dict(job.params or {}),
                 keys=keys,
                 recipe=model_row.recipe,

@@ -47,7 +47,7 @@ async def list_jobs(
 @router.get(
     "/{job_id}",
     summary="Poll a job",
-    description="`{id, status, phase, progress, attempts, error, source_version_id, "
+    description="`{id, method, status, phase, progress, attempts, error, source_version_id, "
     "result_version_id, result_version_status, policy, metrics, created_at, started_at, "
     "finished_at, ...}`. `result_version_status` is `candidate` while the release policy holds "
     "the result for review; `policy` is its decision with every check and `reasons`. The "

@@ -130,6 +130,7 @@ class JobOut(_Out):
     id: str
     request_id: str
     model: str | None
+    method: Method = Field(description="The forgetting method the request asked for.")
     status: JobStatus
     phase: Phase | None
     progress: float = Field(description="0..1")

@@ -218,7 +218,7 @@ def _record_submission(
         id=new_id(),
         request_id=req.id,
         model_id=model.id,
-        kind=body.method,
+        method=body.method,
         params=params,
         http_request_id=http_request_id,
         status=JobStatus.QUEUED,

@@ -104,7 +104,7 @@ def job_view(
         "id": job.id,
         "request_id": job.request_id,
         "model": model_name,
-        "kind": job.kind,
+        "method": job.method,
         "params": job.params,
         "status": job.status,
         "phase": job.phase,

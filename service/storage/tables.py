@@ -191,7 +191,7 @@ class Job(Base):
         ForeignKey("jobs.id", name="fk_jobs_served_by"), default=None
     )
     model_id: Mapped[str] = mapped_column(ForeignKey("models.id"))
-    kind: Mapped[str] = mapped_column(String(16))  # imu | ga
+    method: Mapped[str] = mapped_column(String(16))  # a Method (service/domain/states.py)
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
     # Position in the model's line (models.job_seq); jobs of one model run in this order.
     submitted_seq: Mapped[int] = mapped_column(BigInteger, index=True)

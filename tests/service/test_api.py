@@ -162,6 +162,7 @@ def test_submit_poll_and_request(api: Api, registered) -> None:
     ):
         assert field in job
     assert job["status"] == "queued" and job["progress"] == 0 and job["error"] is None
+    assert job["method"] == "imu" and "kind" not in job  # the method, named as on the request
 
     req = api.client.get(f"/v1/deletion-requests/{body['id']}", headers=api.h("read")).json()
     assert req["record_keys"] == ["digit-1", "digit-2"] and req["method"] == "imu"
@@ -395,6 +396,8 @@ def test_health_metrics_and_errors(api: Api, registered) -> None:
     schema = api.client.get("/openapi.json").json()
     assert "/v1/deletion-requests" in schema["paths"]
     assert "/v1/model-versions/{version_id}/checkpoint" in schema["paths"]
+    job_out = schema["components"]["schemas"]["JobOut"]
+    assert "method" in job_out["required"] and "kind" not in job_out["properties"]
 
 
 def test_dataset_list_pagination_and_role_filter(api: Api, digits) -> None:

@@ -181,3 +181,53 @@ def test_held_by_is_filled_from_the_requests_that_hold_records(database_url: str
         held = dict(conn.execute(text("SELECT key, held_by_request_id FROM records")).all())
     engine.dispose()
     assert held == {"a": "q", "b": "q", "c": None, "d": "r"}
+
+
+def test_job_kind_becomes_method_and_back(database_url: str) -> None:
+    """0007 → 0008: jobs.kind is renamed jobs.method with its values; the downgrade renames back."""
+    from sqlalchemy import MetaData, Table, insert
+
+    migrate.upgrade(database_url, "0007")
+    engine = make_engine(database_url)
+    meta = MetaData()
+    t = {
+        n: Table(n, meta, autoload_with=engine)
+        for n in ("datasets", "models", "deletion_requests", "jobs")
+    }
+    with engine.begin() as conn:
+        conn.execute(insert(t["datasets"]).values(_row(t["datasets"], id="d1")))
+        conn.execute(insert(t["models"]).values(_row(t["models"], id="m1", name="m")))
+        conn.execute(
+            insert(t["deletion_requests"]).values(
+                _row(
+                    t["deletion_requests"],
+                    id="r1",
+                    model_id="m1",
+                    dataset_id="d1",
+                    status="queued",
+                )
+            )
+        )
+        conn.execute(
+            insert(t["jobs"]).values(
+                _row(t["jobs"], id="j1", request_id="r1", model_id="m1", kind="ga", status="queued")
+            )
+        )
+    engine.dispose()
+
+    def columns_and_value(column: str) -> tuple[set[str], str]:
+        engine = make_engine(database_url)
+        try:
+            names = {c["name"] for c in inspect(engine).get_columns("jobs")}
+            with engine.connect() as conn:
+                value = conn.execute(text(f"SELECT {column} FROM jobs WHERE id = 'j1'")).scalar()
+            return names, value
+        finally:
+            engine.dispose()
+
+    migrate.upgrade(database_url)
+    names, value = columns_and_value("method")
+    assert "method" in names and "kind" not in names and value == "ga"
+    migrate.downgrade(database_url, "0007")
+    names, value = columns_and_value("kind")
+    assert "kind" in names and "method" not in names and value == "ga"
