@@ -23,7 +23,7 @@ HEAD_ID = 1
 
 
 def format_time(value: datetime) -> str:
-    """ISO-8601 UTC with microseconds (columns read back aware: storage.models.UTCDateTime)."""
+    """ISO-8601 UTC with microseconds (columns read back aware: storage.tables.UTCDateTime)."""
     return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
