@@ -9,6 +9,10 @@ redis-server on a free port, and removes both at the end. Production timing sett
 (lease 30 s, heartbeat 5 s, reaper every 5 s); only the data and models are small.
 
 Measured:
+- trivial_requests (issue 27): the first request after the worker started, then warm ones:
+  POST to the job's `finished_at` against the sum of its phase timings, with the goals
+  "a warm trivial request within 3x the sum of its phases" and "the first job within 2x a
+  warm one" (both per mode, `goals`);
 - post_to_running: wall time from sending POST /v1/deletion-requests to the job's `started_at`
   (stamped by the worker at claim), with the worker otherwise idle — Celery+Redis, and the
   embedded executor (SQLite, LETHE_EMBEDDED_POLL_SECONDS default 0.5 s);
@@ -75,12 +79,15 @@ def _summary(values: list[float]) -> dict[str, Any]:
     }
 
 
+def _when(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
 def _started_at(stack: Stack, job_id: str) -> datetime | None:
     row = stack.job_rows([job_id])[job_id]
     if row.started_at is None:
         return None
-    value = row.started_at
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+    return _when(row.started_at)
 
 
 def post_to_running(stack: Stack, model: str, keys: list[str], samples: int) -> list[float]:
@@ -98,6 +105,43 @@ def post_to_running(stack: Stack, model: str, keys: list[str], samples: int) -> 
         out.append((started - sent).total_seconds())
         stack.wait([job_id], timeout=60)
     return out
+
+
+TRIVIAL = {"epochs": 1, "calibration": "off"}
+
+
+def trivial_requests(stack: Stack, model: str, keys: list[str], samples: int) -> dict[str, Any]:
+    """Call right after the worker is ready: sample 0 is the first job it runs."""
+    walls, phases = [], []
+    for i in range(samples + 1):
+        time.sleep(0.3)
+        sent = datetime.now(UTC)
+        job_id = stack.submit(model, keys[i * 3 : (i + 1) * 3], params=TRIVIAL)
+        job = stack.wait([job_id], timeout=120)[job_id]
+        row = stack.job_rows([job_id])[job_id]
+        assert row.finished_at is not None, job
+        walls.append((_when(row.finished_at) - sent).total_seconds())
+        timings = job.get("timings") or {}
+        phases.append(sum(float(v) for k, v in timings.items() if k != "total"))
+    warm_wall = statistics.median(walls[1:])
+    warm_phases = statistics.median(phases[1:])
+    return {
+        "params": TRIVIAL,
+        "first_wall_s": round(walls[0], 4),
+        "first_phases_s": round(phases[0], 4),
+        "warm_wall": _summary(walls[1:]),
+        "warm_phases": _summary(phases[1:]),
+        "goals": {
+            "warm_within_3x_phases": {
+                "ratio": round(warm_wall / warm_phases, 2),
+                "met": warm_wall <= 3 * warm_phases,
+            },
+            "first_within_2x_warm": {
+                "ratio": round(walls[0] / warm_wall, 2),
+                "met": walls[0] <= 2 * warm_wall,
+            },
+        },
+    }
 
 
 def redelivery(
@@ -170,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             worker = WorkerProcess.celery(settings, work / "worker.log").start()
             try:
                 wait_until(lambda: "ready" in worker.log_text(), timeout=120)
+                trivial = trivial_requests(stack, model, keys[600:], args.samples)
+                results["trivial_requests_celery"] = trivial
                 latencies = post_to_running(stack, model, keys[:400], args.samples)
                 results["post_to_running_celery"] = _summary(latencies)
                 kills: dict[str, list[float]] = {"pool_child": [], "whole_worker_restarted": []}
@@ -199,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             executor = WorkerProcess.embedded(settings, work / "executor.log").start()
             try:
                 wait_until(lambda: "executor started" in executor.log_text(), timeout=120)
+                trivial = trivial_requests(stack, model, keys[600:], args.samples)
+                results["trivial_requests_embedded"] = trivial
                 latencies = post_to_running(stack, model, keys[:400], args.samples)
                 results["post_to_running_embedded"] = _summary(latencies)
             finally:

@@ -67,6 +67,11 @@ def _seed(conn) -> None:
         )
 
 
+def _rule_names(tables: set[str]) -> list[str]:
+    column = {"records": "state"}
+    return [f"ck_{t}_{column.get(t, 'status')}" for t in sorted(tables)]
+
+
 def test_the_schema_refuses_unknown_states_and_two_active_versions(database_url: str) -> None:
     migrate.upgrade(database_url)
     engine = make_engine(database_url)
@@ -116,5 +121,20 @@ def test_the_schema_refuses_unknown_states_and_two_active_versions(database_url:
             )
         with pytest.raises(IntegrityError), engine.begin() as conn:
             conn.execute(text("UPDATE records SET state = 'deleted' WHERE key = 'r'"))
+        # Every status column keeps its rule at head (a table rebuilt by a later migration
+        # must not lose it): a CHECK constraint, or SQLite's insert and update triggers.
+        rules = {"jobs", "deletion_requests", "model_versions", "records"}
+        with engine.connect() as conn:
+            if engine.dialect.name == "sqlite":
+                names = conn.execute(
+                    text("SELECT name FROM sqlite_master WHERE type = 'trigger'")
+                ).scalars()
+                expected = {f"{t}_{k}" for t in _rule_names(rules) for k in ("insert", "update")}
+            else:
+                names = conn.execute(
+                    text("SELECT conname FROM pg_constraint WHERE contype = 'c'")
+                ).scalars()
+                expected = set(_rule_names(rules))
+            assert expected <= set(names)
     finally:
         engine.dispose()
