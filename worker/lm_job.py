@@ -134,7 +134,7 @@ def load_lm(loader: Loader, inputs: JobInputs, model_id: str, device: str) -> Lo
     from worker.imu.checkpoints import read_header
     from worker.imu.language_models import load_causal_lm, load_tokenizer
     from worker.lm_retrain import exact_route
-    from worker.loading import Loaded
+    from worker.loading import loaded_from
 
     files = _model_files(loader, inputs, model_id)
     data = loader.checkpoint_bytes(inputs)
@@ -168,18 +168,14 @@ def load_lm(loader: Loader, inputs: JobInputs, model_id: str, device: str) -> Lo
         probe = _batch(loader, inputs.probe, inputs.probe_keys, tokenizer, settings)
     loader.progress(Phase.LOADING, 0.8)
     route = exact_route(loader, inputs, config, tokenizer, settings)  # worker/lm_retrain.py
-    return Loaded(
+    return loaded_from(
+        inputs,
+        split,
         model=model,
         forget=forget,
         eval=eval_batch,
         member_probe=probe,
         guard=guard,
-        eval_split=split.describe() if split else None,
-        method=inputs.method,
-        params=inputs.params,
-        keys=inputs.keys,
-        dataset_id=inputs.dataset.dataset_id,
-        source_version_id=inputs.version_id,
         class_wise=False,
         lm=True,
         layout=layout,

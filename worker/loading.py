@@ -23,7 +23,7 @@ from service.storage.tables import Dataset, DeletionRequest, Job, Model, ModelVe
 from worker.context import RunnerContext
 from worker.dataset_cache import DATASETS
 from worker.errors import JobError, SourceChanged, checkpoint_corrupt, unsupported_dataset
-from worker.heldout import split_eval_keys
+from worker.heldout import EvalSplit, split_eval_keys
 
 Pair = tuple[Any, Any]  # (inputs, labels) tensors
 
@@ -100,6 +100,20 @@ class Loaded:
     served: tuple[Any, ...] = ()  # worker.coalescing.Member: other requests this run answers
 
 
+def loaded_from(inputs: JobInputs, split: EvalSplit | None, **fields: Any) -> Loaded:
+    """A Loaded whose request fields (method, params, keys, ids, eval split) come from
+    ``inputs``; the caller gives the model and the record sets (classifier or LM loader)."""
+    return Loaded(
+        method=inputs.method,
+        params=inputs.params,
+        keys=inputs.keys,
+        dataset_id=inputs.dataset.dataset_id,
+        source_version_id=inputs.version_id,
+        eval_split=split.describe() if split else None,
+        **fields,
+    )
+
+
 class Loader:
     """Reads one job's inputs; `progress(phase, fraction)` also checks for cancellation."""
 
@@ -147,18 +161,14 @@ class Loader:
                 members = self._load_rows(inputs.dataset, member_keys)
         probe_pair = self._load_rows(inputs.probe, inputs.probe_keys) if inputs.probe else None
         self.progress(Phase.LOADING, 0.8)
-        return Loaded(
+        return loaded_from(
+            inputs,
+            split,
             model=model,
             forget=forget,
             eval=eval_pair,
             member_probe=probe_pair,
             guard=guard_pair,
-            eval_split=split.describe() if split else None,
-            method=inputs.method,
-            params=inputs.params,
-            keys=inputs.keys,
-            dataset_id=inputs.dataset.dataset_id,
-            source_version_id=inputs.version_id,
             class_wise=class_wise,
             nonmembers=nonmembers,
             members=members,

@@ -47,30 +47,20 @@ def run_engine(
 ) -> dict[str, Any]:
     config = engine_config(method, params, device)
     x, y = forget
-    result: UnlearnResult
     # The engine reports its own phases ("influence", then "unlearning") from its first step.
-    if isinstance(config, IMUConfig):
-        result = unlearn(
-            model,
-            x,
-            y,
-            config,
-            progress,
-            heldout=guard,
-            class_wise=class_wise,
-            membership=membership,
-        )
-    else:
-        result = gradient_ascent(
-            model,
-            x,
-            y,
-            config,
-            progress,
-            heldout=guard,
-            class_wise=class_wise,
-            membership=membership,
-        )
+    run: Callable[..., UnlearnResult] = (
+        unlearn if isinstance(config, IMUConfig) else gradient_ascent
+    )
+    result = run(
+        model,
+        x,
+        y,
+        config,
+        progress,
+        heldout=guard,
+        class_wise=class_wise,
+        membership=membership,
+    )
     stats = dict(result.stats)
     kept = stats.pop("kept_indices", None)
     stats.pop("weights", None)
