@@ -89,5 +89,17 @@ def test_idle_connections_are_pinged_and_busy_ones_are_not(postgres_url: str) ->
         with engine.connect() as conn:
             assert conn.execute(text("SELECT pg_backend_pid()")).scalar_one() != pid
         assert len(pings) == 1
+        # Ended while idle for less than the bound: the socket has the server's goodbye
+        # waiting, so the checkout pings it and hands out a new connection as well.
+        with engine.connect() as conn:
+            pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        admin = make_engine(postgres_url)
+        with admin.connect() as conn:
+            conn.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+        admin.dispose()
+        time.sleep(0.2)  # the termination notice reaches the socket
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT pg_backend_pid()")).scalar_one() != pid
+        assert len(pings) == 2
     finally:
         engine.dispose()
