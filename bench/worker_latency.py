@@ -64,7 +64,14 @@ PRODUCTION_TIMING = {
     "reaper_interval_seconds": 5.0,
     "embedded_poll_seconds": 0.5,
 }
-LONG = {"epochs": 600, "top_data": 1.0, "batch_size": 1, "backbone_mode": "train", "lr": 1e-5}
+LONG = {
+    "calibration": "off",
+    "epochs": 600,
+    "top_data": 1.0,
+    "batch_size": 1,
+    "backbone_mode": "train",
+    "lr": 1e-5,
+}
 
 
 def _summary(values: list[float]) -> dict[str, Any]:
@@ -98,7 +105,7 @@ def post_to_running(stack: Stack, model: str, keys: list[str], samples: int) -> 
         time.sleep(1.0 + random.uniform(0.0, 1.0))
         chunk = keys[i * 4 : (i + 1) * 4]
         sent = datetime.now(UTC)
-        job_id = stack.submit(model, chunk, params={"epochs": 1})
+        job_id = stack.submit(model, chunk, params=TRIVIAL)
         wait_until(lambda j=job_id: _started_at(stack, j) is not None, timeout=60)
         started = _started_at(stack, job_id)
         assert started is not None
