@@ -14,18 +14,31 @@ import time
 log = logging.getLogger("lethe.worker")
 
 
+def import_engine() -> float:
+    """Only the imports (no torch operation, so no thread pools): safe in a process that
+    forks afterwards, whose children then inherit the loaded modules."""
+    started = time.perf_counter()
+    import sklearn.svm  # noqa: F401
+    import torch  # noqa: F401
+    import torch._dynamo  # noqa: F401  (the first optimizer step imports it: 1.5 s here)
+
+    import service.ingest.datasets_io  # noqa: F401
+    import worker.imu.evaluation  # noqa: F401
+    import worker.imu.membership  # noqa: F401
+    import worker.imu.recipe  # noqa: F401
+    import worker.imu.unlearn  # noqa: F401
+    import worker.job_metrics  # noqa: F401
+    import worker.unlearning  # noqa: F401
+
+    return time.perf_counter() - started
+
+
 def warm_up() -> float:
     """Import and first-call everything a job touches; the seconds it took."""
     started = time.perf_counter()
+    import_engine()
     import torch
     from sklearn.svm import SVC
-
-    import service.ingest.datasets_io  # noqa: F401
-    import worker.imu  # noqa: F401
-    import worker.imu.membership  # noqa: F401
-    import worker.imu.recipe  # noqa: F401
-    import worker.job_metrics  # noqa: F401
-    import worker.unlearning  # noqa: F401
 
     layer = torch.nn.Linear(4, 2)
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
