@@ -28,14 +28,14 @@ def test_late_round_trips_are_severed_and_timely_ones_are_not() -> None:
     kept_a, kept_b = socket.socketpair()
     try:
         threads_before = threading.active_count()
+        armed_at = time.monotonic()
         late = watchdog.arm(_connection(late_a))
         kept = watchdog.arm(_connection(kept_a))
         assert threading.active_count() <= threads_before + 1  # one watcher, not one per arm
         watchdog.disarm(kept)
-        late_b.settimeout(2.0)
-        started = time.monotonic()
+        late_b.settimeout(5.0)  # a loaded machine may wake the watcher late, never early
         assert late_b.recv(1) == b""  # the peer sees the shutdown
-        assert 0.15 <= time.monotonic() - started <= 1.0
+        assert time.monotonic() - armed_at >= 0.2
         assert watchdog.pending() == 0 and late is not None
         kept_a.sendall(b"x")  # untouched: still usable both ways
         assert kept_b.recv(1) == b"x"
