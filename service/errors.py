@@ -3,8 +3,8 @@
 Domain, trust, ingest and worker code raise these; they know no HTTP. The API edge
 (`service.api.problems`) maps each class to a status code and renders an RFC 9457 problem
 document from `code` (the problem type's slug), `title`, `detail`, `errors` and `extra`.
-`problem_dict` is here, not at the edge, because a failed job stores the same document shape
-as its `error` (worker.errors) without any HTTP in sight.
+`Problem` (the document) and `problem_dict` are here, not at the edge, because a failed job
+stores the same document as its `error` (worker.errors) without any HTTP in sight.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import difflib
 from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
 
 PROBLEM_BASE = "https://lethe.dev/problems/"
 
@@ -28,6 +30,56 @@ def default_title(status: int) -> str:
         return "Error"
 
 
+class Problem(BaseModel):
+    """An RFC 9457 problem document (`application/problem+json`): every error the API
+    answers and every failed job's `error`. Extension members are declared (RFC 9457 §3.2),
+    so a new one is added here or refused when the problem is built."""
+
+    model_config = ConfigDict(extra="forbid", title="Problem")
+
+    type: str = Field(description="Stable URI under https://lethe.dev/problems/")
+    title: str
+    status: int
+    detail: str
+    errors: list[dict[str, Any]] | None = Field(
+        default=None, description="Validation problems: the offending fields or keys."
+    )
+    suggestions: list[str] | None = Field(default=None, description="Names close to the one given.")
+    missing: list[str] | None = Field(
+        default=None, description="Record keys (or weight tensors) that do not exist."
+    )
+    forgotten: list[str] | None = Field(default=None, description="Keys forgotten already.")
+    pending: list[str] | None = Field(
+        default=None, description="Keys named by a queued or running request."
+    )
+    in_review: list[str] | None = Field(
+        default=None, description="Keys named by a request whose result awaits review."
+    )
+    mismatched: list[dict[str, Any]] | None = Field(
+        default=None, description="Weight tensors whose shape the architecture does not give."
+    )
+    unexpected: list[str] | None = Field(
+        default=None, description="Weight tensors the architecture does not have."
+    )
+    required_scope: str | None = Field(default=None, description="The scope the route needs.")
+    job_status: str | None = None
+    request_status: str | None = None
+    version_id: str | None = None
+    version_status: str | None = None
+    active_version_id: str | None = None
+    sha256: str | None = Field(default=None, description="Of the retired checkpoint.")
+    retired_at: str | None = None
+    retry_after_s: int | None = Field(default=None, description="Also the Retry-After header.")
+    checks: dict[str, str] | None = Field(default=None, description="Readiness, per dependency.")
+    reasons: list[str] | None = Field(
+        default=None, description="Readiness: one line per failing dependency."
+    )
+    traceback: str | None = Field(
+        default=None,
+        description="A failed job's error: the last frames of the bug (API errors have none).",
+    )
+
+
 def problem_dict(
     type: str,
     title: str | None = None,
@@ -37,16 +89,17 @@ def problem_dict(
     **extra: Any,
 ) -> dict[str, Any]:
     """The JSON body of a problem; the worker stores this shape as a job's `error`."""
-    body: dict[str, Any] = {
-        "type": type_uri(type),
-        "title": title or default_title(status),
-        "status": status,
-        "detail": detail,
-    }
     if errors is not None:
-        body["errors"] = errors
-    body.update(extra)
-    return body
+        extra["errors"] = errors
+    document = Problem(
+        type=type_uri(type),
+        title=title or default_title(status),
+        status=status,
+        detail=detail,
+        **extra,
+    )
+    # Members given as null stay (a client may test for them); members not given are left out.
+    return document.model_dump(mode="json", exclude_unset=True)
 
 
 class DomainError(Exception):

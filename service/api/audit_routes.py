@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, Query, Response
 from sqlalchemy import select
 
 from service.api.auth import Principal
 from service.api.deps import AppState, get_state, require
+from service.api.rendering import render
 from service.api.schemas import COMMON_ERRORS, AuditEventOut, JWKSOut, Page, VerifyOut
 from service.domain.pagination import DEFAULT_LIMIT, MAX_LIMIT, decode_cursor, page
 from service.storage.tables import AuditEvent
@@ -85,7 +85,9 @@ def verify(
     description="No authentication: verifying a receipt needs only these keys.",
     response_model=JWKSOut,
 )
-def jwks(state: AppState = Depends(get_state)) -> JSONResponse:
-    return JSONResponse(
-        load_signer(state.settings).jwks(), headers={"Cache-Control": "public, max-age=300"}
+def jwks(state: AppState = Depends(get_state)) -> Response:
+    return render(
+        JWKSOut,
+        load_signer(state.settings).jwks(),
+        headers={"Cache-Control": "public, max-age=300"},
     )

@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from service.api.auth import KeyCache, Principal
-from service.api.problems import Problem
+from service.api.problems import HTTPProblem
 from service.ingest.textcheck import find_bad, problem
 from service.settings import Settings
 from service.storage.objects import CHUNK, Storage
@@ -68,8 +68,8 @@ async def principal_for(state: AppState, secret: str) -> Principal | None:
     return principal
 
 
-def unauthorized(detail: str) -> Problem:
-    return Problem(
+def unauthorized(detail: str) -> HTTPProblem:
+    return HTTPProblem(
         401,
         "unauthorized",
         detail,
@@ -91,7 +91,7 @@ def require(scope: str) -> Callable[..., Awaitable[Principal]]:
         if principal is None:
             raise unauthorized(INVALID_KEY)
         if not principal.allows(scope):
-            raise Problem(
+            raise HTTPProblem(
                 403,
                 "insufficient-scope",
                 f"this operation needs scope {scope!r}; the key has {principal.scope!r}",
@@ -111,7 +111,7 @@ def only_form_fields(*allowed: str) -> Callable[..., Any]:
         form = await request.form()  # cached: FastAPI's own parsing reuses it
         unknown = sorted(set(form.keys()) - set(allowed))
         if unknown:
-            raise Problem(
+            raise HTTPProblem(
                 422,
                 "validation-error",
                 f"unknown fields: {', '.join(unknown)}",

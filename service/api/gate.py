@@ -3,7 +3,7 @@
 - Bodies: a multipart upload may be up to LETHE_MAX_UPLOAD_MB (plus form overhead); any
   other body (JSON) up to LETHE_MAX_JSON_MB. A declared Content-Length past the limit is
   refused without reading; a chunked body is counted as it streams and the read fails with
-  a Problem the handlers turn into 413. (A 118 MiB JSON body used to be parsed whole before
+  an HTTPProblem the handlers turn into 413. (A 118 MiB JSON body used to be parsed whole before
   the key was checked: +1.56 GiB of RSS.)
 - Keys: a `/v1` request that carries a body is authenticated before any of it is read, so
   a client without a valid key costs a header parse (the route's own check still decides
@@ -15,14 +15,14 @@ from __future__ import annotations
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.deps import INVALID_KEY, MISSING_KEY, principal_for, unauthorized
-from service.api.problems import Problem, problem_response
+from service.api.problems import HTTPProblem, problem_response
 
 # Multipart framing and the small form fields ride on top of the file itself.
 FORM_OVERHEAD_BYTES = 1024 * 1024
 
 
-def _too_large(limit: int, what: str) -> Problem:
-    return Problem(
+def _too_large(limit: int, what: str) -> HTTPProblem:
+    return HTTPProblem(
         413,
         "payload-too-large",
         f"the request body exceeds {limit} bytes ({what})",
@@ -67,7 +67,7 @@ class RequestGate:
         await self.app(scope, limited_receive, send)
 
     @staticmethod
-    async def _key_refusal(scope: Scope, header: bytes | None) -> Problem | None:
+    async def _key_refusal(scope: Scope, header: bytes | None) -> HTTPProblem | None:
         scheme, _, secret = (header or b"").decode("latin-1").partition(" ")
         if scheme.lower() != "bearer" or not secret.strip():
             return unauthorized(MISSING_KEY)
@@ -78,7 +78,7 @@ class RequestGate:
         return None if principal is not None else unauthorized(INVALID_KEY)
 
     @staticmethod
-    async def _answer(problem: Problem, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _answer(problem: HTTPProblem, scope: Scope, receive: Receive, send: Send) -> None:
         # The client may still be sending: answer, and let the server close the connection.
         await problem_response(problem.to_dict(), problem.headers)(scope, receive, send)
 

@@ -7,12 +7,13 @@ import logging
 from typing import Any
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import AppState, get_state, metrics_access
-from service.api.problems import DB_RETRY_AFTER_S, PROBLEM_MEDIA_TYPE
+from service.api.problems import DB_RETRY_AFTER_S, problem_response
+from service.api.rendering import render
 from service.api.schemas import HealthOut, ReadyOut, problems
 from service.errors import problem_dict
 from service.storage.migrate import SchemaBehind, check_at_head
@@ -71,7 +72,7 @@ def _check_broker(state: AppState) -> bool:
     response_model=ReadyOut,
     responses=problems(503, _503="Not ready: the database is down or behind the migration head"),
 )
-async def readyz(state: AppState = Depends(get_state)) -> JSONResponse:
+async def readyz(state: AppState = Depends(get_state)) -> Response:
     # Its own deadline: a database that stopped answering must not hold the probe (it did,
     # 90 s); the thread left behind ends when the statement watchdog severs its connection.
     try:
@@ -101,14 +102,9 @@ async def readyz(state: AppState = Depends(get_state)) -> JSONResponse:
             checks=checks,
             reasons=[f"{name} {v}" for name, v in checks.items() if v not in ("ok", "embedded")],
         )
-        return JSONResponse(
-            body,
-            status_code=503,
-            media_type=PROBLEM_MEDIA_TYPE,
-            headers={"Retry-After": str(DB_RETRY_AFTER_S)},
-        )
+        return problem_response(body, {"Retry-After": str(DB_RETRY_AFTER_S)})
     status = "ready" if checks["broker"] != "unavailable" else "degraded"
-    return JSONResponse({"status": status, "checks": checks})
+    return render(ReadyOut, {"status": status, "checks": checks})
 
 
 @router.get(

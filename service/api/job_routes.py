@@ -5,11 +5,11 @@ from __future__ import annotations
 from functools import partial
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, Query, Response
 
 from service.api.auth import Principal
 from service.api.deps import AppState, get_state, require, run_read
+from service.api.rendering import render
 from service.api.schemas import COMMON_ERRORS, JobOut, Page, problems
 from service.domain import jobs as domain
 from service.domain.pagination import DEFAULT_LIMIT, MAX_LIMIT
@@ -33,15 +33,14 @@ async def list_jobs(
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
     _: Principal = Depends(require("read")),
     state: AppState = Depends(get_state),
-) -> JSONResponse:
-    # A Response skips response_model validation: the view already has the documented shape.
+) -> Response:
     page = await run_read(
         state,
         partial(
             domain.list_jobs, state.sessions, status=status, model=model, cursor=cursor, limit=limit
         ),
     )
-    return JSONResponse(page)
+    return render(Page[JobOut], page)
 
 
 @router.get(
@@ -57,8 +56,8 @@ async def list_jobs(
 )
 async def show_job(
     job_id: str, _: Principal = Depends(require("read")), state: AppState = Depends(get_state)
-) -> JSONResponse:
-    return JSONResponse(await run_read(state, domain.show_job, state.sessions, job_id))
+) -> Response:
+    return render(JobOut, await run_read(state, domain.show_job, state.sessions, job_id))
 
 
 @router.post(
@@ -74,6 +73,6 @@ def cancel(
     job_id: str,
     principal: Principal = Depends(require("submit")),
     state: AppState = Depends(get_state),
-) -> JSONResponse:
+) -> Response:
     result = cancel_job(state.sessions, job_id, actor=principal.actor)
-    return JSONResponse(job_view(result.job, result.model_name), status_code=202)
+    return render(JobOut, job_view(result.job, result.model_name), status_code=202)

@@ -12,7 +12,7 @@ from fastapi.responses import FileResponse, Response, StreamingResponse
 
 from service.api.auth import Principal
 from service.api.deps import AppState, get_state, iter_file, only_form_fields, require
-from service.api.problems import Problem
+from service.api.problems import HTTPProblem
 from service.api.schemas import COMMON_ERRORS, LineageOut, ModelOut, Page, VersionOut, problems
 from service.domain import lm_registration as lm_domain
 from service.domain import models as domain
@@ -216,8 +216,8 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     return start, end
 
 
-def _unsatisfiable(size: int) -> Problem:
-    return Problem(
+def _unsatisfiable(size: int) -> HTTPProblem:
+    return HTTPProblem(
         416,
         "range-not-satisfiable",
         f"the checkpoint has {size} bytes",
@@ -254,7 +254,7 @@ def download_checkpoint(
         key, sha, number = version.storage_key, version.sha256, version.number
         status, retired_at = version.status, iso(version.retired_at)
     if key is None or not state.storage.exists(key):
-        raise Problem(
+        raise HTTPProblem(
             410,
             "checkpoint-retired",
             f"the checkpoint of version {number} ({status}) was deleted"

@@ -20,10 +20,10 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from service.api.schemas import Problem
 from service.domain.lm_recipe import LMRecipeIn
 from service.domain.models import RecipeIn
 from service.domain.params import PolicyOverrides, param_models
+from service.errors import Problem
 
 
 def _slug(text: str) -> str:

@@ -1,7 +1,9 @@
-"""RFC 9457 problem details: one exception type, stable type URIs and the FastAPI handlers.
+"""RFC 9457 problem details at the API edge: the FastAPI handlers and `HTTPProblem`, the one
+exception the API layer raises itself.
 
-Every error the API returns is `application/problem+json` with `type`, `title`, `status`,
-`detail` and, for validation problems, `errors` naming the offending fields or keys. Unhandled
+Every error the API returns is `application/problem+json`, one `service.errors.Problem`
+document: `type`, `title`, `status`, `detail`, for validation problems `errors` naming the
+offending fields or keys, and the declared extension members. Unhandled
 exceptions become a 500 without any internal detail (the traceback goes to the log only).
 """
 
@@ -54,7 +56,7 @@ _STATUS_SLUGS = {
 }
 
 
-class Problem(StarletteHTTPException):
+class HTTPProblem(StarletteHTTPException):
     """An HTTP-level refusal raised by the API layer itself (auth, size gate, Range): code
     below the API raises `service.errors.DomainError` instead, mapped by `_handle_domain`.
 
@@ -106,7 +108,7 @@ def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
 
 
 async def _handle_problem(_request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, Problem)
+    assert isinstance(exc, HTTPProblem)
     return problem_response(exc.to_dict(), exc.headers)
 
 
@@ -241,7 +243,7 @@ def install_handlers(app: FastAPI) -> None:
     # Pool exhaustion (TimeoutError) and a dropped connection both mean "come back later".
     for exc_type in (sa_exc.DBAPIError, sa_exc.TimeoutError, sa_exc.DisconnectionError):
         app.add_exception_handler(exc_type, _handle_database)
-    app.add_exception_handler(Problem, _handle_problem)
+    app.add_exception_handler(HTTPProblem, _handle_problem)
     app.add_exception_handler(DomainError, _handle_domain)
     app.add_exception_handler(RequestValidationError, _handle_validation)
     app.add_exception_handler(StarletteHTTPException, _handle_http)

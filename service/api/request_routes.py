@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Query
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, Header, Query, Response
 
 from service.api.auth import Principal
 from service.api.deps import AppState, get_state, require
 from service.api.json_keys import unique_json_keys
+from service.api.rendering import render
 from service.api.request_ids import current_request_id
 from service.api.schemas import (
     COMMON_ERRORS,
@@ -69,7 +69,7 @@ def submit(
     ] = None,
     principal: Principal = Depends(require("submit")),
     state: AppState = Depends(get_state),
-) -> JSONResponse:
+) -> Response:
     result = domain.submit_deletion_request(
         state.sessions,
         state.settings,
@@ -81,7 +81,7 @@ def submit(
     headers = {"Location": f"/v1/jobs/{result.job_id}"}
     if result.replayed:
         headers["Idempotent-Replayed"] = "true"
-    return JSONResponse(result.body, status_code=202, headers=headers)
+    return render(SubmissionOut, result.body, status_code=202, headers=headers)
 
 
 @router.get(
@@ -99,6 +99,8 @@ def submit(
         'Format: README, "Erasure receipts".'
     ),
     response_model=ReceiptOut,
+    # The payload copy must equal the signed one: members a stored document lacks stay absent.
+    response_model_exclude_unset=True,
     responses=problems(
         404,
         409,

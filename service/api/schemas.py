@@ -1,8 +1,13 @@
-"""Response shapes, declared for the OpenAPI document (clients rely on these fields).
+"""Response shapes: one Out model per resource, the only shape any route answers with.
 
-`extra="allow"` keeps additional informative fields in responses without listing each one.
+Every route validates its answer with its model (`response_model`, or `rendering.render` on
+the hot paths), so the OpenAPI document is the whole answer: resources forbid undeclared
+fields (a view that grows a field fails the tests until it is declared here). Documents the
+worker stored inside a job's metrics (the policy decision, the membership evidence) were
+written by whichever version ran the job: they keep the declared fields and drop the rest.
 Status fields are the lifecycle enums of service.domain.states. Error responses share one
-named `Problem` component (RFC 9457), declared per operation with `problems(...)`.
+`Problem` component (RFC 9457, service.errors.Problem), declared per operation with
+`problems(...)`.
 """
 
 from __future__ import annotations
@@ -26,7 +31,12 @@ T = TypeVar("T")
 
 
 class _Out(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Stored(BaseModel):
+    # Answers never carry an undeclared field either way: ignored keys are not serialised.
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"additionalProperties": False})
 
 
 class Page(_Out, Generic[T]):
@@ -41,28 +51,57 @@ class DatasetOut(_Out):
     role: DatasetRole
     record_count: int
     sha256: str = Field(description="sha256 of the file as uploaded")
+    content_sha256: str = Field(
+        description="sha256 of the file as stored now (differs from `sha256` after a purge)"
+    )
+    size_bytes: int
+    meta: dict[str, Any] = Field(description="What the file holds: input shape, dtype, labels.")
     created_at: str
+    state_counts: dict[RecordState, int] | None = Field(
+        default=None, description="Records per state (`GET` of one dataset only)."
+    )
 
 
 class RecordOut(_Out):
     key: str
+    row: int = Field(description="Position in the dataset file as uploaded.")
     state: RecordState
+    sha256: str = Field(description="sha256 of the record's content (its tensor or text).")
     forgotten_at: str | None
+    purged_at: str | None = Field(description="When its content left the stored file.")
 
 
-class PolicyCheck(_Out):
+class PolicyCheck(_Stored):
     name: str = Field(
-        description="eval_acc_drop | forget_acc | membership (classifiers); "
-        "forget_recall | forget_indistinguishable | heldout_ppl_rise | probe_recall_drop (LMs)"
+        description="eval_acc_drop | forget_acc | membership | membership_per_request "
+        "(classifiers); forget_recall | forget_indistinguishable | heldout_ppl_rise | "
+        "probe_recall_drop (LMs)"
     )
+    metric: str | None = Field(default=None, description="What `value` measures.")
     value: float | None = Field(
         default=None, description="The measured value; null when it was not measured."
     )
     limit: float | None = None
     ok: bool | None = Field(default=None, description="null: the check could not run (fails safe).")
+    note: str | None = Field(default=None, description="Why it could not run, or how to read it.")
+    outcome: str | None = Field(default=None, description="membership: the test's outcome.")
+    reason: str | None = Field(default=None, description="membership: why it holds the result.")
+    exact: bool | None = Field(
+        default=None, description="membership: retrained exactly; evidence reported, not required."
+    )
+    evidence: dict[str, Any] | None = Field(
+        default=None, description="membership: the test's summary (MembershipEvidence fields)."
+    )
+    requests: int | None = Field(
+        default=None, description="membership_per_request: requests the run served."
+    )
+    auc: float | None = Field(default=None, description="forget_indistinguishable: min-k AUC.")
+    auc_limit: float | None = None
+    before: float | None = Field(default=None, description="LM checks: the value before.")
+    after: float | None = Field(default=None, description="LM checks: the value after.")
 
 
-class PolicyDecision(_Out):
+class PolicyDecision(_Stored):
     """The release policy's verdict on a job's result (service.trust.policy). Only `decision`
     is required: decisions stored by older versions carry fewer fields."""
 
@@ -88,6 +127,12 @@ class PolicyDecision(_Out):
     reasons: list[str] = Field(default_factory=list, description="One sentence per failed check.")
 
 
+class VersionAncestor(_Out):
+    id: str
+    number: int
+    job_id: str | None
+
+
 class VersionOut(_Out):
     id: str
     model: str
@@ -104,6 +149,10 @@ class VersionOut(_Out):
         default=None, description="When the checkpoint was deleted (downloads then answer 410)."
     )
     checkpoint_available: bool = True
+    lineage: list[VersionAncestor] | None = Field(
+        default=None,
+        description="`GET` of one version only: its parents, newest first, back to version 1.",
+    )
 
 
 class ModelOut(_Out):
@@ -111,6 +160,13 @@ class ModelOut(_Out):
     name: str
     architecture: str
     arch_kwargs: dict[str, Any]
+    description: str | None
+    eval_dataset_id: str | None = Field(
+        description="The held-out dataset the release policy judges utility on."
+    )
+    member_probe_dataset_id: str | None = Field(
+        description="Language models: retained texts whose recall must survive."
+    )
     recipe: dict[str, Any] | None = Field(
         default=None,
         description="How version 1 was trained (TrainingRecipe; a causal_lm: LMTrainingRecipe, "
@@ -123,6 +179,7 @@ class ModelOut(_Out):
         description="Registration only: what the model is missing (e.g. no eval dataset: every "
         "request would be held) and what to do.",
     )
+    created_at: str
     active_version: VersionOut | None
 
 
@@ -131,11 +188,13 @@ class JobOut(_Out):
     request_id: str
     model: str | None
     method: Method = Field(description="The forgetting method the request asked for.")
+    params: dict[str, Any] = Field(description="The request's params, as submitted.")
     status: JobStatus
     phase: Phase | None
     progress: float = Field(description="0..1")
     attempts: int
     error: dict[str, Any] | None = Field(description="A problem object when the job failed.")
+    cancel_requested: bool = Field(description="A cancel was asked for while it ran.")
     source_version_id: str | None
     result_version_id: str | None
     served_by: str | None = Field(
@@ -152,6 +211,9 @@ class JobOut(_Out):
         default=None, description="The release policy's decision (also `metrics.policy`)."
     )
     metrics: dict[str, Any]
+    timings: dict[str, Any] = Field(description="Seconds per phase, booked where each ran.")
+    device: str | None = Field(description="Where it ran (`cpu`, `cuda:0`).")
+    submitted_seq: int = Field(description="Position in the model's line of submissions.")
     created_at: str
     started_at: str | None
     finished_at: str | None
@@ -174,7 +236,7 @@ class VersionRef(_Out):
     status: VersionStatus
 
 
-class MembershipEvidence(_Out):
+class MembershipEvidence(_Stored):
     """The per-record membership test of the released (or held) model (ALGORITHM.md §6)."""
 
     test: str
@@ -194,8 +256,30 @@ class MembershipEvidence(_Out):
     alpha: float
     advantage: float = Field(description="Remembered vs unseen distance of one record (TV).")
     max_advantage: float
+    member_shift: float | None = Field(
+        default=None, description="Mean z of remembered records (the test's power)."
+    )
+    member_sd: float | None = None
+    n_members: int | None = Field(default=None, description="Reference members scored.")
+    n_nonmembers: int | None = Field(default=None, description="Reference non-members scored.")
     per_record_z: list[float] = Field(description="Each record's z, in the request's order.")
     before: dict[str, Any] = Field(default_factory=dict, description="The source model's.")
+
+
+class AttemptEvidence(_Stored):
+    outcome: str | None = None
+    n: int | None = None
+    statistic: float | None = None
+    limit: float | None = None
+    false_release_rate: float | None = None
+
+
+class Attempt(_Stored):
+    method: Method
+    outcome: Literal["released", "held"]
+    reason: str | None = None
+    evidence: AttemptEvidence | None = None
+    seconds: float
 
 
 class DeletionRequestOut(_Out):
@@ -224,7 +308,7 @@ class DeletionRequestOut(_Out):
         description="exact: retrained without the records by the model's recipe; approximate: "
         "IMU or gradient ascent, judged by the evidence.",
     )
-    attempts: list[dict[str, Any]] | None = Field(
+    attempts: list[Attempt] | None = Field(
         default=None,
         description="Each attempt in order: method, outcome (released | held), reason, "
         "evidence summary, seconds (an escalated request lists imu, then retrain).",
@@ -276,6 +360,21 @@ class ReceiptRecords(_Out):
 class ReceiptJob(_Out):
     id: str
     finished_at: str | None
+    served_by: str | None = Field(
+        default=None, description="The job whose run served this one (coalesced requests)."
+    )
+
+
+class ReceiptForgetting(_Out):
+    kind: Literal["approximate", "exact"]
+    method: str | None = Field(description="The method whose result was released.")
+    evidence: dict[str, Any] | None = Field(
+        description="The membership test's summary (MembershipEvidence without per_record_z)."
+    )
+    attempts: list[str] = Field(description="Methods tried, in order.")
+    recipe_sha256: str | None = Field(
+        default=None, description="exact: the recipe the model was retrained by."
+    )
 
 
 class VersionDigest(_Out):
@@ -314,11 +413,16 @@ class Issuer(_Out):
 
 class ReceiptPayload(_Out):
     type: str
+    iss: str = Field(description="JWT issuer (RFC 7519).")
+    sub: str = Field(description="JWT subject: the deletion request's id.")
+    aud: str = Field(description="JWT audience: urn:lethe:erasure-receipt.")
+    iat: int = Field(description="JWT issued-at (seconds since the epoch).")
     request: ReceiptRequest
     records: ReceiptRecords
     job: ReceiptJob
     source_version: VersionDigest
     result_version: VersionDigest
+    forgetting: ReceiptForgetting
     metrics: ReceiptMetrics
     audit: ReceiptAudit
     issued_at: str
@@ -371,18 +475,6 @@ class HealthOut(_Out):
 class ReadyOut(_Out):
     status: Literal["ready", "degraded"]
     checks: dict[str, str]
-
-
-class Problem(_Out):
-    """An RFC 9457 problem document (`application/problem+json`)."""
-
-    type: str = Field(description="Stable URI under https://lethe.dev/problems/")
-    title: str
-    status: int
-    detail: str
-    errors: list[dict[str, Any]] | None = Field(
-        default=None, description="Validation problems: the offending fields or keys."
-    )
 
 
 PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
