@@ -209,27 +209,30 @@ def requeue(
 ) -> None:
     """Put a running job back in the queue (its attempts are kept)."""
     release_members(session, job.id, actor=actor, reason=reason)
-    move_job(job, JobStatus.QUEUED)
-    job.worker_id = None
-    job.lease_expires_at = None
-    job.phase = None
-    job.progress = 0.0
     if error is not None:
         job.error = error
+    payload = {"attempts": job.attempts, "reason": reason}
+    _back_in_queue(
+        session,
+        job,
+        actor=actor,
+        action="job.requeued",
+        payload=payload | ({"error": error.get("detail")} if error else {}),
+    )
+
+
+def _back_in_queue(
+    session: Session, job: Job, *, actor: str, action: str, payload: dict[str, Any]
+) -> None:
+    """Queued again, with nothing of the run that held it, and its request with it."""
+    move_job(job, JobStatus.QUEUED)
+    job.worker_id = job.lease_expires_at = job.phase = None
+    job.progress = 0.0
     request = session.get(DeletionRequest, job.request_id)
     if request is not None:
         move_request(request, RequestStatus.QUEUED)
     append_event(
-        session,
-        actor=actor,
-        action="job.requeued",
-        subject_type="job",
-        subject_id=job.id,
-        payload={
-            "attempts": job.attempts,
-            "reason": reason,
-            **({"error": error.get("detail")} if error else {}),
-        },
+        session, actor=actor, action=action, subject_type="job", subject_id=job.id, payload=payload
     )
 
 
@@ -254,18 +257,11 @@ def release_members(session: Session, leader_id: str, *, actor: str, reason: str
                 payload={"was_served_by": leader_id},
             )
             continue
-        move_job(member, JobStatus.QUEUED)
-        member.worker_id = member.phase = None
-        member.progress = 0.0
-        request = session.get(DeletionRequest, member.request_id)
-        if request is not None:
-            move_request(request, RequestStatus.QUEUED)
-        append_event(
+        _back_in_queue(
             session,
+            member,
             actor=actor,
             action="job.released",
-            subject_type="job",
-            subject_id=member.id,
             payload={"served_by": leader_id, "reason": reason},
         )
         released += 1

@@ -25,7 +25,7 @@ from service.domain.states import JobStatus, Phase, RequestStatus, VersionStatus
 from service.storage.db import transaction
 from service.storage.objects import Storage
 from service.storage.tables import Dataset, ModelVersion, utcnow
-from service.trust.audit import append_event
+from service.trust.audit import append_version_event
 from worker.coalescing import finish_served, own_metrics, run_metrics, served_jobs
 from worker.context import RunnerContext
 from worker.dataset_cache import DATASETS
@@ -124,34 +124,26 @@ def commit_version(
             },
             request_status=request_status,
         )
-        append_event(
+        coalesced = (
+            {"job_ids": [a for a, _ in answered], "request_ids": [b for _, b in answered]}
+            if served
+            else {}
+        )
+        append_version_event(
             session,
+            version,
             actor=actor,
             action="version.created",
-            subject_type="model_version",
-            subject_id=version.id,
-            payload={
-                "model_id": fence.model_id,
-                "number": number,
-                "parent_id": source.id,
-                "job_id": job.id,
-                "request_id": job.request_id,
-                "sha256": stored.sha256,
-                **(
-                    {"job_ids": [a for a, _ in answered], "request_ids": [b for _, b in answered]}
-                    if served
-                    else {}
-                ),
-                "size_bytes": stored.size,
-                "status": status,
-                "superseded_id": source.id if active else None,
-                "policy": {
-                    "failed": metrics["policy"]["failed"],
-                    "mode": metrics["policy"]["mode"],
-                },
-                "forgetting": metrics.get("forgetting"),
-                "attempts": metrics.get("attempts") or [],
-            },
+            parent_id=source.id,
+            job_id=job.id,
+            request_id=job.request_id,
+            **coalesced,
+            size_bytes=stored.size,
+            status=status,
+            superseded_id=source.id if active else None,
+            policy={"failed": metrics["policy"]["failed"], "mode": metrics["policy"]["mode"]},
+            forgetting=metrics.get("forgetting"),
+            attempts=metrics.get("attempts") or [],
         )
         if active:
             try:

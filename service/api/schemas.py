@@ -327,8 +327,15 @@ class LineageRequest(_Out):
 
 class LineageEntry(VersionOut):
     deletion_request: LineageRequest | None
-    record_key_sha256: list[str] = Field(description="sha256 of each record key the request named")
+    record_key_sha256: list[str] = Field(
+        description="sha256 of each record key the requests it served named"
+    )
     records_forgotten: bool
+    deletion_requests: list[str] | None = Field(
+        default=None,
+        description="Every request the version served (coalesced: more than one), first is "
+        "`deletion_request`.",
+    )
 
 
 class LineageOut(_Out):

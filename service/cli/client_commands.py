@@ -71,6 +71,23 @@ def _api(url: str, api_key: str) -> Iterator[LetheClient]:
         raise typer.Exit(4) from None
 
 
+def answer(
+    url: str,
+    api_key: str,
+    as_json: bool,
+    call: Callable[[LetheClient], Any],
+    show: Callable[[Any], None],
+) -> Any:
+    """One API call: its raw JSON with --json, else `show` renders it for a person."""
+    with _api(url, api_key) as api:
+        value = call(api)
+    if as_json:
+        _print_json(value)
+    else:
+        show(value)
+    return value
+
+
 MAX_ERROR_LINES = 10
 
 
@@ -179,12 +196,14 @@ def _register_datasets(app: typer.Typer) -> None:
     @datasets.command("list")
     def list_(url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = "", as_json: JsonOpt = False) -> None:
         """List datasets."""
-        with _api(url, api_key) as api:
-            items = list(api.iter_datasets())
-        if as_json:
-            _print_json(items)
-        else:
-            _table(items, ["id", "name", "kind", "role", "record_count", "created_at"], "datasets")
+        columns = ["id", "name", "kind", "role", "record_count", "created_at"]
+        answer(
+            url,
+            api_key,
+            as_json,
+            lambda api: list(api.iter_datasets()),
+            lambda items: _table(items, columns, "datasets"),
+        )
 
     @datasets.command("show")
     def show(
@@ -305,13 +324,12 @@ def _register_models(app: typer.Typer) -> None:
     @models.command("list")
     def list_(url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = "", as_json: JsonOpt = False) -> None:
         """List models."""
-        with _api(url, api_key) as api:
-            items = list(api.iter_models())
-        if as_json:
-            _print_json(items)
-            return
-        rows = [{**m, "active": (m.get("active_version") or {}).get("number")} for m in items]
-        _table(rows, ["name", "architecture", "active", "created_at"], "models")
+
+        def show(items: list[dict[str, Any]]) -> None:
+            rows = [{**m, "active": (m.get("active_version") or {}).get("number")} for m in items]
+            _table(rows, ["name", "architecture", "active", "created_at"], "models")
+
+        answer(url, api_key, as_json, lambda api: list(api.iter_models()), show)
 
     @models.command("show")
     def show(
@@ -343,15 +361,14 @@ def _register_versions(app: typer.Typer) -> None:
         as_json: JsonOpt = False,
     ) -> None:
         """Show one model version: lineage, sha256, metrics."""
-        with _api(url, api_key) as api:
-            version = api.get_version(version_id)
-        if as_json:
-            _print_json(version)
-        else:
+
+        def show_version(version: dict[str, Any]) -> None:
             metrics = version.get("metrics") or {}
             _kv({k: v for k, v in version.items() if k != "metrics"}, f"version {version_id}")
             metrics_table(metrics)
             policy_table(metrics.get("policy"))
+
+        answer(url, api_key, as_json, lambda api: api.get_version(version_id), show_version)
 
     @versions.command("download")
     def download(

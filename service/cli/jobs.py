@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,6 +18,7 @@ from service.cli.client_commands import (
     _api,
     _print_json,
     _table,
+    answer,
     read_keys_file,
 )
 from service.cli.common import command_group
@@ -246,13 +248,14 @@ def register_jobs(app: typer.Typer) -> None:
         as_json: JsonOpt = False,
     ) -> None:
         """List jobs."""
-        with _api(url, api_key) as api:
-            items = list(api.iter_jobs(status=status, model=model))
-        if as_json:
-            _print_json(items)
-        else:
-            columns = ["id", "status", "phase", "progress", "result_version_status", "created_at"]
-            _table(items, columns, "jobs")
+        columns = ["id", "status", "phase", "progress", "result_version_status", "created_at"]
+        answer(
+            url,
+            api_key,
+            as_json,
+            lambda api: list(api.iter_jobs(status=status, model=model)),
+            lambda items: _table(items, columns, "jobs"),
+        )
 
     @jobs.command("show")
     def show(
@@ -262,12 +265,7 @@ def register_jobs(app: typer.Typer) -> None:
         as_json: JsonOpt = False,
     ) -> None:
         """Show one job: status, phase, progress, metrics, result version."""
-        with _api(url, api_key) as api:
-            job = api.get_job(job_id)
-        if as_json:
-            _print_json(job)
-        else:
-            show_job(job)
+        answer(url, api_key, as_json, lambda api: api.get_job(job_id), show_job)
 
     @jobs.command("watch")
     def watch(
@@ -278,13 +276,8 @@ def register_jobs(app: typer.Typer) -> None:
         as_json: JsonOpt = False,
     ) -> None:
         """Follow a job with a bar per phase until it ends (exit non-zero unless it succeeds)."""
-        with _api(url, api_key) as api:
-            job = _follow(api, job_id, quiet=as_json, poll_interval=interval)
-        if as_json:
-            _print_json(job)
-        else:
-            _print_job_summary(job)
-        _exit_for(job)
+        follow = partial(_follow, job_id=job_id, quiet=as_json, poll_interval=interval)
+        _exit_for(answer(url, api_key, as_json, follow, _print_job_summary))
 
     @jobs.command("cancel")
     def cancel(
@@ -294,9 +287,12 @@ def register_jobs(app: typer.Typer) -> None:
         as_json: JsonOpt = False,
     ) -> None:
         """Cancel a queued or running job."""
-        with _api(url, api_key) as api:
-            answer = api.cancel_job(job_id)
-        if as_json:
-            _print_json(answer)
-        else:
-            out.print(f"cancel requested for job {job_id}: {(answer or {}).get('status', 'ok')}")
+        answer(
+            url,
+            api_key,
+            as_json,
+            lambda api: api.cancel_job(job_id),
+            lambda job: out.print(
+                f"cancel requested for job {job_id}: {(job or {}).get('status', 'ok')}"
+            ),
+        )

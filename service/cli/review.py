@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from service.cli.api_client import DEFAULT_URL
-from service.cli.client_commands import JsonOpt, KeyOpt, UrlOpt, _api
+from service.cli.client_commands import JsonOpt, KeyOpt, UrlOpt, _api, answer
 from service.cli.common import command_group
 from service.cli.jobs import print_request_outcome
 from service.cli.render import (
@@ -107,12 +107,9 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOpt = False,
     ) -> None:
         """Show a request: its state, job, result version, metrics and policy decision."""
-        with _api(url, api_key) as api:
-            request = api.get_deletion_request(request_id)
-        if as_json:
-            print_json(request)
-        else:
-            show_request(request)
+        answer(
+            url, api_key, as_json, lambda api: api.get_deletion_request(request_id), show_request
+        )
 
     def _decide(version_id: str, action: str, url: str, api_key: str, as_json: bool) -> None:
         with _api(url, api_key) as api:

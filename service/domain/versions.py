@@ -25,7 +25,7 @@ from service.settings import Settings
 from service.storage.db import transaction
 from service.storage.objects import Storage
 from service.storage.tables import DeletionRequest, Job, Model, ModelVersion, utcnow
-from service.trust.audit import append_event
+from service.trust.audit import append_version_event
 from service.trust.purge import key_sha256
 from service.trust.retention import retire_version
 
@@ -136,21 +136,15 @@ def promote(
         keys = [str(k) for _, r in served for k in r.record_keys]
         for _, r in served:
             move_request(r, RequestStatus.COMPLETED)
-        append_event(
+        append_version_event(
             session,
+            version,
             actor=actor,
             action="version.promoted",
-            subject_type="model_version",
-            subject_id=version.id,
-            payload={
-                "model_id": model.id,
-                "number": version.number,
-                "superseded_id": current.id,
-                "request_id": request.id,
-                "request_ids": [r.id for _, r in served],
-                "job_id": version.job_id,
-                "sha256": version.sha256,
-            },
+            superseded_id=current.id,
+            request_id=request.id,
+            request_ids=[r.id for _, r in served],
+            job_id=version.job_id,
         )
         try:  # raising rolls the whole promotion back, its event included
             activate(
@@ -195,20 +189,14 @@ def reject(
         move_version(version, VersionStatus.REJECTED)
         for _, r in served:
             move_request(r, RequestStatus.REJECTED)
-        append_event(
+        append_version_event(
             session,
+            version,
             actor=actor,
             action="version.rejected",
-            subject_type="model_version",
-            subject_id=version.id,
-            payload={
-                "model_id": model.id,
-                "number": version.number,
-                "request_id": request.id if request else None,
-                "request_ids": [r.id for _, r in served],
-                "job_id": version.job_id,
-                "sha256": version.sha256,
-            },
+            request_id=request.id if request else None,
+            request_ids=[r.id for _, r in served],
+            job_id=version.job_id,
         )
         retire_version(session, storage, version, actor=actor, reason=VersionStatus.REJECTED)
         return version_view(version, model.name)

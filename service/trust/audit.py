@@ -16,7 +16,7 @@ from sqlalchemy import Row, select
 from sqlalchemy.orm import Session
 
 from service.engine import canonical_json
-from service.storage.tables import AuditEvent, AuditHead, utcnow
+from service.storage.tables import AuditEvent, AuditHead, ModelVersion, utcnow
 
 GENESIS_HASH = "0" * 64
 HEAD_ID = 1
@@ -103,6 +103,21 @@ def append_event(
             }
         ],
     )[0]
+
+
+def append_version_event(
+    session: Session, version: ModelVersion, *, actor: str, action: str, **payload: Any
+) -> AuditEvent:
+    """A version's event: every one names its model, number and checkpoint sha256."""
+    identity = {"model_id": version.model_id, "number": version.number, "sha256": version.sha256}
+    return append_event(
+        session,
+        actor=actor,
+        action=action,
+        subject_type="model_version",
+        subject_id=version.id,
+        payload=identity | payload,
+    )
 
 
 def append_events(session: Session, events: list[dict[str, Any]]) -> list[AuditEvent]:

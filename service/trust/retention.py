@@ -26,7 +26,7 @@ from service.settings import Settings
 from service.storage.db import transaction
 from service.storage.objects import Storage
 from service.storage.tables import Model, ModelVersion, utcnow
-from service.trust.audit import append_event
+from service.trust.audit import append_version_event
 
 log = logging.getLogger("lethe.retention")
 
@@ -47,19 +47,13 @@ def retire_version(
         return None
     version.storage_key = None
     version.retired_at = utcnow()
-    append_event(
+    append_version_event(
         session,
+        version,
         actor=actor,
         action="version.retired",
-        subject_type="model_version",
-        subject_id=version.id,
-        payload={
-            "model_id": version.model_id,
-            "number": version.number,
-            "sha256": version.sha256,
-            "status": version.status,
-            "reason": reason,
-        },
+        status=version.status,
+        reason=reason,
     )
     session.flush()
     storage.delete(key)
