@@ -14,6 +14,7 @@ imported on first call, so that creating the app does not load torch.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from worker.imu.canonical import canonical_json
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     import torch
 
     from worker.imu.architectures import StateDictCheck
+    from worker.imu.settings import Spec
 
 __all__ = [
     "DEVICE_NAMES",
@@ -42,6 +44,7 @@ __all__ = [
     "lm_config_for",
     "load_safetensors_into",
     "param_configs",
+    "param_fields",
     "per_class_accuracy",
     "read_header",
     "recipe_sha256",
@@ -57,6 +60,21 @@ def param_configs() -> dict[str, type]:
     from worker.imu.lm_unlearn import LMUnlearnConfig
 
     return {"imu": IMUConfig, "ga": GAConfig, "lm": LMUnlearnConfig}
+
+
+def param_fields(config: type) -> list[tuple[str, Any, Spec]]:
+    """Each field of an engine config with its default and its `Spec` (description, kind,
+    bounds, choices): what the request models, the OpenAPI document and the CLI help say."""
+    from worker.imu.settings import specs
+
+    out = []
+    for f, spec in specs(config):
+        if f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = None if f.default is dataclasses.MISSING else f.default
+        out.append((f.name, default, spec))
+    return out
 
 
 def lm_config_for(method: str, overrides: Mapping[str, Any]) -> Any:

@@ -43,18 +43,36 @@ FORGET_EPILOG = (
 
 
 def params_help() -> str:
-    """The accepted `--params` keys, from the API's param models (they import the engine)."""
-    from service.domain.params import PolicyOverrides, param_keys
+    """The accepted `--params` keys with their descriptions, ranges and defaults, from the
+    API's param models (they import the engine). A setting the methods share is listed once."""
+    from rich.markup import escape
 
-    def keys(method: str) -> str:
-        return ", ".join(k for k in param_keys(method) if k != "policy")
+    from service.domain.params import PolicyOverrides, param_models
 
-    return (
-        f"Method settings as a JSON object, all optional. imu: {keys('imu')}. "
-        f"ga: {keys('ga')}. policy (release-policy overrides, an object): "
-        + ", ".join(PolicyOverrides.model_fields)
-        + "."
+    def entries(method: str) -> dict[str, str]:
+        fields = param_models()[method].model_fields
+        return {k: f"{k}: {f.description}" for k, f in fields.items() if k != "policy"}
+
+    imu, ga, lm = entries("imu"), entries("ga"), entries("lm")
+    both = {k: v for k, v in imu.items() if ga.get(k) == v}
+    listed = {*imu.values(), *ga.values()}
+    groups = [
+        ("imu and ga", list(both.values())),
+        ("imu only", [v for k, v in imu.items() if k not in both]),
+        ("ga only", [v for k, v in ga.items() if k not in both]),
+        (
+            "causal_lm models (either method), besides the shared ones above",
+            [v for v in lm.values() if v not in listed],
+        ),
+    ]
+    paragraphs = ["Method settings as a JSON object, all optional (null keeps the default)."]
+    for title, items in groups:
+        paragraphs += [f"{title}:", *(f"• {item}" for item in items)]
+    paragraphs.append(
+        "policy (release-policy overrides, an object): " + ", ".join(PolicyOverrides.model_fields)
     )
+    # Typer renders help as rich markup: a bracketed range must stay text.
+    return "\n\n".join(escape(p) for p in paragraphs)
 
 
 class ForgetCommand(TyperCommand):

@@ -1,9 +1,10 @@
 """Typed request params: pydantic models of the IMU and GA engine settings and the policy.
 
-The engine's own configs (`worker.imu.config.IMUConfig`, `GAConfig`: dataclasses with their
-bounds) are the single source: the pydantic models here are derived from their fields, defaults
-and bounds, so the OpenAPI document, the CLI's `--params` help and the submission check all say
-the same thing without a second hand-written list. `PolicyOverrides` is the release policy's
+The engine's own configs (`IMUConfig`, `GAConfig`, `LMUnlearnConfig`: dataclasses whose every
+field is a `setting` with its description, default and bounds) are the single source: the
+pydantic models here are built from those specs (through `service.engine.param_fields`), so the
+OpenAPI document, the CLI's `--params` help and the submission check all say the same thing
+without a second hand-written list. `PolicyOverrides` is the release policy's
 per-request overrides (`params.policy`).
 
 Submission validates the params with these models (422 naming `params.<field>`), then lets the
@@ -12,16 +13,18 @@ engine config check what one field alone cannot say (fields the calibration choo
 
 from __future__ import annotations
 
-import dataclasses
-import re
+import json
 from functools import cache
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, create_model
 
 from service import engine
 from service.domain.lm_registration import is_lm
 from service.errors import validation
+
+if TYPE_CHECKING:
+    from service.engine import Spec
 
 # Engine fields the server controls (device placement is an operator decision).
 SERVER_ONLY_PARAMS = ("device",)
@@ -90,70 +93,54 @@ class PolicyOverrides(BaseModel):
     )
 
 
-# What the engine's docstrings leave to ALGORITHM.md (their `name: text` entries come first).
-_HELP = {
-    "lr": "Step size of the fixed schedule (calibration off).",
-    "epochs": "Passes over the kept samples (calibration off).",
-    "batch_size": "Mini-batch size of the unlearning steps.",
-    "momentum": "SGD momentum.",
-    "weight_decay": "SGD weight decay.",
-    "params": "null = the final nn.Linear; else a list of parameter-name prefixes to update.",
-    "seed": "Random seed (shuffling, the eval split is keyed separately).",
-    "top_data": "Share of the negatively influential samples kept (0, 1].",
-    "clip_quantile": "Quantile at which the sample weights √|I| are clipped.",
-    "damping": "λ added to the diagonal Fisher.",
-    "alpha": "Weight of the L1 penalty on θ (calibration off).",
-}
+_Name = Annotated[str, Field(min_length=1, pattern=r"\S")]
 
 
-def _descriptions(doc: str) -> dict[str, str]:
-    """`name: text` entries of a config docstring (the engine documents its fields there)."""
-    flat = " ".join(doc.split())
-    found: dict[str, str] = {}
-    name = r"[a-z][a-z0-9_]*"
-    pattern = rf"(?:^|[.\s])({name}(?:, {name})*): (.+?)(?=\s{name}: |$)"
-    for match in re.finditer(pattern, flat):
-        for name in match.group(1).split(", "):
-            found[name] = match.group(2).strip()
-    return found
+def _kind(spec: Spec) -> Any:
+    """The pydantic type of an engine setting, from its spec's kind, bounds and choices."""
+    bounds: dict[str, Any] = dict(spec.bounds)
+    if spec.kind == "float":
+        return Annotated[float, Field(strict=True, allow_inf_nan=False, **bounds)]
+    if spec.kind == "int":
+        return Annotated[int, Field(strict=True, **bounds)]
+    if spec.kind == "choice":
+        return Literal[spec.choices]
+    if spec.kind == "bool":
+        return StrictBool
+    if spec.kind == "names":
+        return Annotated[list[_Name], Field(min_length=1)]
+    return Annotated[str, Field(pattern=engine.DEVICE_RE.pattern)]
 
 
-def _field(config: type, f: dataclasses.Field[Any], docs: dict[str, str]) -> tuple[Any, Any]:
-    default = f.default if f.default is not dataclasses.MISSING else None
-    text = docs.get(f.name) or _HELP.get(f.name, f"Engine setting `{f.name}`.")
-    description = f"{text} Default: {default!r}."
-    floats = getattr(config, "_FLOAT_BOUNDS", {})
-    ints = getattr(config, "_INT_BOUNDS", {})
-    choices = getattr(config, "_CHOICES", {})
-    constraints: dict[str, Any] = {}
-    kind: Any
-    if f.name in floats:
-        low, high, low_inc, high_inc = floats[f.name]
-        constraints["ge" if low_inc else "gt"] = low
-        constraints["le" if high_inc else "lt"] = high
-        kind = Annotated[float, Field(strict=True, allow_inf_nan=False, **constraints)]
-    elif f.name in ints:
-        low_i, high_i = ints[f.name]
-        kind = Annotated[int, Field(strict=True, ge=low_i, le=high_i)]
-    elif f.name in choices:
-        kind = Literal[tuple(choices[f.name])]
-    elif f.name == "params" or "list[str]" in str(f.type):
-        item = Annotated[str, Field(min_length=1, pattern=r"\S")]
-        kind = Annotated[list[item], Field(min_length=1)]
-    elif isinstance(default, bool):
-        kind = StrictBool
-    else:
-        kind = str
-    # null (or leaving the key out) keeps the default.
-    return (kind | None, Field(default=None, description=description))
+def describe(spec: Spec, default: Any) -> str:
+    """A setting's description with what it accepts and its default, as the schema and the
+    CLI's help show it."""
+    accepts = ""
+    if spec.kind in ("float", "int"):
+        accepts = f" Range {spec.interval()}."
+    elif spec.kind == "choice":
+        accepts = " One of " + ", ".join(json.dumps(c) for c in spec.choices) + "."
+    return f"{spec.help}{accepts} Default: {json.dumps(default)}."
+
+
+def _field(default: Any, spec: Spec) -> tuple[Any, Any]:
+    # null (or leaving the key out) keeps the engine's default, so the schema's `default` is
+    # null; the engine's own is `x-engine-default`, where generated clients do not send it.
+    return (
+        _kind(spec) | None,
+        Field(
+            default=None,
+            description=describe(spec, default),
+            json_schema_extra={"x-engine-default": default},
+        ),
+    )
 
 
 def _derived(name: str, config: type, doc: str, exclude: tuple[str, ...] = ()) -> type[BaseModel]:
-    docs = {**_descriptions(config.__mro__[1].__doc__ or ""), **_descriptions(config.__doc__ or "")}
     fields = {
-        f.name: _field(config, f, docs)
-        for f in dataclasses.fields(config)
-        if f.name not in SERVER_ONLY_PARAMS and f.name not in exclude
+        key: _field(default, spec)
+        for key, default, spec in engine.param_fields(config)
+        if key not in SERVER_ONLY_PARAMS and key not in exclude
     }
     fields["policy"] = (
         PolicyOverrides | None,

@@ -3,27 +3,108 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import json
+from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
-from service.domain.params import PolicyOverrides, param_keys, param_models, validate_params
+from service import engine
+from service.domain import params as params_module
+from service.domain.params import (
+    SERVER_ONLY_PARAMS,
+    PolicyOverrides,
+    param_keys,
+    param_models,
+    validate_params,
+)
 from service.errors import Invalid
 from worker.imu import GAConfig, IMUConfig
+from worker.imu.lm_unlearn import LMUnlearnConfig
+from worker.imu.settings import Spec
+
+# The request models and the engine configs they are built from; LMParams drops what the
+# request's own fields set (`method`) or LMs do not use (`ascent_term`).
+MODELS = [
+    ("imu", IMUConfig, ()),
+    ("ga", GAConfig, ()),
+    ("lm", LMUnlearnConfig, ("method", "ascent_term")),
+]
+SCHEMA_BOUNDS = {
+    "ge": "minimum",
+    "gt": "exclusiveMinimum",
+    "le": "maximum",
+    "lt": "exclusiveMaximum",
+}
+SCHEMA_TYPES = {"float": "number", "int": "integer", "choice": "string", "bool": "boolean"}
 
 
-@pytest.mark.parametrize(("method", "config"), [("imu", IMUConfig), ("ga", GAConfig)])
-def test_models_follow_the_engine_config(method: str, config: type) -> None:
-    fields = [f.name for f in dataclasses.fields(config) if f.name != "device"]
-    assert param_keys(method) == [*fields, "policy"]
+def engine_fields(config: type, exclude: tuple[str, ...]) -> list[tuple[str, Any, Spec]]:
+    return [
+        (name, default, rule)
+        for name, default, rule in engine.param_fields(config)
+        if name not in (*SERVER_ONLY_PARAMS, *exclude)
+    ]
+
+
+@pytest.mark.parametrize(("method", "config", "exclude"), MODELS)
+def test_models_follow_the_engine_config(method: str, config: type, exclude: tuple) -> None:
+    fields = [f.name for f in dataclasses.fields(config)]
+    assert param_keys(method) == [
+        *(f for f in fields if f not in (*SERVER_ONLY_PARAMS, *exclude)),
+        "policy",
+    ]
     schema = param_models()[method].model_json_schema()
-    for name, (low, high, low_inc, high_inc) in config._FLOAT_BOUNDS.items():
-        bound = schema["properties"][name]["anyOf"][0]
-        assert bound["minimum" if low_inc else "exclusiveMinimum"] == low
-        assert bound["maximum" if high_inc else "exclusiveMaximum"] == high
-    for name, (low_i, high_i) in config._INT_BOUNDS.items():
-        bound = schema["properties"][name]["anyOf"][0]
-        assert (bound["type"], bound["minimum"], bound["maximum"]) == ("integer", low_i, high_i)
-    assert all(p["description"] for p in schema["properties"].values())
+    for name, default, rule in engine_fields(config, exclude):
+        prop = schema["properties"][name]
+        own, null = prop["anyOf"]
+        assert null == {"type": "null"} and prop["default"] is None, name
+        assert prop["x-engine-default"] == default, name
+        assert prop["description"].startswith(rule.help), name
+        assert prop["description"].endswith(f"Default: {json.dumps(default)}."), name
+        keys = {SCHEMA_BOUNDS[op]: b for op, b in rule.bounds}
+        assert {k: own[k] for k in SCHEMA_BOUNDS.values() if k in own} == keys, name
+        if rule.kind == "names":
+            assert (own["type"], own["minItems"]) == ("array", 1), name
+        else:
+            assert own["type"] == SCHEMA_TYPES[rule.kind], name
+        assert own.get("enum", []) == list(rule.choices), name
+        if rule.kind in ("float", "int"):
+            assert f"Range {rule.interval()}." in prop["description"], name
+
+
+def out_of_range(rule: Spec) -> Any:
+    op, b = rule.bounds[-1]  # the upper bound
+    return b + (1 if op == "le" else 0)
+
+
+@pytest.mark.parametrize(("method", "config", "exclude"), MODELS)
+def test_engine_and_api_name_the_same_field(method: str, config: type, exclude: tuple) -> None:
+    model = param_models()[method]
+    for name, _, rule in engine_fields(config, exclude):
+        if rule.kind in ("float", "int"):
+            bad: Any = out_of_range(rule)
+        elif rule.kind == "choice":
+            bad = "nonsense"
+        else:
+            continue
+        with pytest.raises(ValueError) as engine_error:
+            config(**{"calibration": "off", name: bad})
+        assert str(engine_error.value).split(" ", 1)[0] == name
+        with pytest.raises(ValidationError) as api_error:
+            model.model_validate({name: bad})
+        assert {e["loc"][0] for e in api_error.value.errors()} == {name}
+        architecture = "causal_lm" if method == "lm" else None
+        with pytest.raises(Invalid) as problem:
+            validate_params("imu" if method == "lm" else method, {name: bad}, architecture)
+        assert [e["field"] for e in problem.value.errors or []] == [f"params.{name}"]
+
+
+def test_the_models_are_built_from_the_specs_alone() -> None:
+    assert not hasattr(params_module, "_descriptions") and not hasattr(params_module, "_HELP")
+    source = inspect.getsource(params_module)
+    assert "import re" not in source and ".__doc__" not in source  # no docstring parsing
 
 
 @pytest.mark.parametrize(

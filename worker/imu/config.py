@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Self
+from typing import Any, Self
 
 import torch
 
-from worker.imu.devices import DEVICE_NAMES, DEVICE_RE
+from worker.imu.settings import setting, spec, specs
 
 BACKBONE_MODES = ("train", "eval")
 CALIBRATION_MODES = ("auto", "off")
@@ -21,76 +20,111 @@ CALIBRATED_FIELDS = ("lr", "alpha", "epochs")
 # guard_max_drop by request kind when it is left unset (ALGORITHM.md §5).
 GUARD_DROP_CLASS_WISE = 0.03
 GUARD_DROP_OTHER = 0.02
-OPTIONAL_FLOATS = ("guard_max_drop", "top_data")  # None = chosen per request / mode
 PAPER_TOP_DATA = 0.1  # the authors' released value (calibration off)
 
-Bounds = dict[str, tuple[float, float, bool, bool]]  # (low, high, low inclusive, high incl.)
+# Settings IMUConfig and the language-model config share: one spec each, placed by `.at`.
+BATCH_SIZE = spec("int", help="Mini-batch size of the unlearning steps.", ge=1, le=1 << 20)
+GUARD_MAX_DROP = spec(
+    "float",
+    help="Utility drop on the guard half that triggers a backtrack; null = 0.03 for "
+    "class-wise requests and 0.02 for others.",
+    ge=0.0,
+    le=1.0,
+    nullable=True,
+)
+THETA_HELP = (
+    "The parameters to update (θ): parameter-name prefixes matched on dotted components "
+    '(["layer4.1", "fc"]);'
+)
+PARAMS = spec(
+    "names",
+    help=f"{THETA_HELP} null = the method's default.",
+    nullable=True,
+    items="parameter-name prefixes",
+)
+TOP_DATA = spec(
+    "float",
+    help="Share of the negatively influential records kept (the paper's selection); null = "
+    "every named record under calibration, the authors' 0.1 with calibration off.",
+    gt=0.0,
+    le=1.0,
+    nullable=True,
+)
+CLIP_QUANTILE = spec(
+    "float", help="Quantile at which the sample weights √|I| are clipped.", gt=0.0, le=1.0
+)
+DAMPING = spec("float", help="λ added to the diagonal Fisher.", gt=0.0, le=1e6)
+L1_SCALE = spec(
+    "float",
+    help="κ, the calibrated L1 shrink per step as a share of θ's RMS (α = κ‖θ‖/(√P·lr)).",
+    ge=0.0,
+    le=0.1,
+)
 
 
 @dataclass
 class StepConfig:
-    """Settings common to IMU and gradient ascent.
+    """Settings common to IMU and gradient ascent; each field's ``setting`` says what it
+    means and accepts (ALGORITHM.md §5 explains the calibration)."""
 
-    calibration: ``"auto"`` (default) chooses the step size per model, stops at a forgetting
-        target and guards utility on held-out records (ALGORITHM.md §5); ``lr``, ``alpha``
-        and ``epochs`` are then chosen by the controller and may not be set, and BatchNorm
-        running statistics stay fixed during train-mode steps. ``"off"`` runs the fixed
-        schedule (``epochs`` passes at ``lr``, running statistics moving) for reproduction.
-    step_scale: η, the step length as a share of ‖θ‖ (lr = η‖θ‖/‖∇L(θ₀)‖).
-    max_steps: budget of optimiser steps. max_backtracks: how many guard failures before
-        giving up.
-    guard_max_drop: utility drop on the guard half that triggers a backtrack; null (default)
-        = 0.03 for class-wise requests and 0.02 for others. Random requests seldom reach their
-        target, so they usually end at the guard's edge, and the held-out half the policy
-        judges then drops by the guard's value plus its own noise; class-wise requests stop
-        at their target well inside the guard.
-    check_every: steps between checks; 0 = every step, or every 4 for BatchNorm backbones
-        that cannot use cached features (a check is a forward over the guard half).
-    forget_acc_target: class-wise target on forget accuracy.
-    ascent_term: the per-sample quantity the steps raise: ``"ce"`` (cross-entropy, the
-        authors'), ``"margin"`` (mean of the other logits minus the true-class logit) or
-        ``"auto"`` (default) = margin for class-wise requests under calibration, else ce
-        (ALGORITHM.md §5).
-    device: None or ``"auto"`` = CUDA when available, else CPU.
-    """
-
-    lr: float = 0.01
-    epochs: int = 10
-    batch_size: int = 256
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    params: list[str] | None = None
-    seed: int = 0
-    device: str | None = None
-    calibration: str = "auto"
-    step_scale: float = 1e-3
-    max_steps: int = 200
-    guard_max_drop: float | None = None
-    max_backtracks: int = 4
-    check_every: int = 0
-    forget_acc_target: float = 0.05
-    ascent_term: str = "auto"
-
-    _FLOAT_BOUNDS: ClassVar[Bounds] = {
-        "lr": (0.0, 10.0, False, True),
-        "momentum": (0.0, 1.0, True, False),
-        "weight_decay": (0.0, 1.0, True, True),
-        "step_scale": (0.0, 0.1, False, True),
-        "guard_max_drop": (0.0, 1.0, True, True),
-        "forget_acc_target": (0.0, 1.0, True, True),
-    }
-    _INT_BOUNDS: ClassVar[dict[str, tuple[int, int]]] = {
-        "epochs": (1, 10_000),
-        "batch_size": (1, 1 << 20),
-        "seed": (0, (1 << 63) - 1),
-        "max_steps": (1, 100_000),
-        "max_backtracks": (0, 20),
-        "check_every": (0, 1000),
-    }
-    _CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
-        "calibration": CALIBRATION_MODES,
-        "ascent_term": ASCENT_TERMS,
-    }
+    lr: float = setting(
+        0.01, help="Step size of the fixed schedule (calibration off).", gt=0.0, le=10.0
+    )
+    epochs: int = setting(
+        10, help="Passes over the kept samples (calibration off).", ge=1, le=10_000
+    )
+    batch_size: int = BATCH_SIZE.at(256)
+    momentum: float = setting(0.9, help="SGD momentum.", ge=0.0, lt=1.0)
+    weight_decay: float = setting(5e-4, help="SGD weight decay.", ge=0.0, le=1.0)
+    params: list[str] | None = PARAMS.at(None)
+    seed: int = setting(
+        0,
+        help="Random seed (shuffling; the eval split is keyed separately).",
+        ge=0,
+        le=(1 << 63) - 1,
+    )
+    device: str | None = setting(
+        None,
+        kind="device",
+        help='null or "auto" = CUDA when available, else CPU.',
+        nullable=True,
+    )
+    calibration: str = setting(
+        "auto",
+        help='"auto" chooses the step size per model, stops at a forgetting target and guards '
+        "utility on held-out records (lr, alpha and epochs are then the controller's, and "
+        'BatchNorm running statistics stay fixed); "off" runs the fixed schedule for '
+        "reproduction.",
+        choices=CALIBRATION_MODES,
+    )
+    step_scale: float = setting(
+        1e-3,
+        help="η, the step length as a share of ‖θ‖ (lr = η‖θ‖/‖∇L(θ₀)‖).",
+        gt=0.0,
+        le=0.1,
+    )
+    max_steps: int = setting(200, help="Budget of optimiser steps.", ge=1, le=100_000)
+    # Random requests seldom reach their target, so they end at the guard's edge and the
+    # held-out half the policy judges drops by the guard plus its own noise: hence 0.02.
+    guard_max_drop: float | None = GUARD_MAX_DROP.at(None)
+    max_backtracks: int = setting(4, help="How many guard failures before giving up.", ge=0, le=20)
+    check_every: int = setting(
+        0,
+        help="Steps between checks (a forward over the guard half); 0 = every step, or every "
+        "4 for BatchNorm backbones that cannot use cached features.",
+        ge=0,
+        le=1000,
+    )
+    forget_acc_target: float = setting(
+        0.05, help="Class-wise target on forget accuracy.", ge=0.0, le=1.0
+    )
+    ascent_term: str = setting(
+        "auto",
+        help='The per-sample quantity the steps raise: "ce" (cross-entropy, the authors\'), '
+        '"margin" (mean of the other logits minus the true-class logit) or "auto" = margin '
+        "for class-wise requests under calibration, else ce.",
+        choices=ASCENT_TERMS,
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -113,34 +147,14 @@ class StepConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first field that is out of range or of a wrong type."""
-        for name, (lo, hi, lo_inc, hi_inc) in self._FLOAT_BOUNDS.items():
-            if name in OPTIONAL_FLOATS and getattr(self, name) is None:
-                continue
-            setattr(self, name, _checked_float(name, getattr(self, name), lo, hi, lo_inc, hi_inc))
-        for name, (lo_i, hi_i) in self._INT_BOUNDS.items():
-            setattr(self, name, _checked_int(name, getattr(self, name), lo_i, hi_i))
-        for name, choices in self._CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise ValueError(
-                    f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}"
-                )
+        if isinstance(self.params, str):
+            self.params = [self.params]  # one prefix, given bare
+        elif isinstance(self.params, tuple):
+            self.params = list(self.params)
+        for f, rule in specs(self):
+            setattr(self, f.name, rule.check(f.name, getattr(self, f.name)))
         if self.params is not None:
-            if isinstance(self.params, str):
-                self.params = [self.params]
-            if (
-                not isinstance(self.params, list | tuple)
-                or not self.params
-                or not all(isinstance(p, str) and p.strip() for p in self.params)
-            ):
-                raise ValueError(
-                    f"params must be null or a non-empty list of parameter-name prefixes, "
-                    f"got {self.params!r}"
-                )
             self.params = [p.strip() for p in self.params]
-        if self.device is not None and (
-            not isinstance(self.device, str) or not DEVICE_RE.match(self.device)
-        ):
-            raise ValueError(f"device must be null or {DEVICE_NAMES}, got {self.device!r}")
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -187,32 +201,33 @@ class StepConfig:
 @dataclass
 class IMUConfig(StepConfig):
     """Hyper-parameters of IMU (ALGORITHM.md); with ``calibration="off"`` the defaults are
-    the authors' released values.
+    the authors' released values."""
 
-    params: None = weight and bias of the final ``nn.Linear`` producing the logits; else a
-        list of parameter-name prefixes (``["layer4.1", "fc"]``) matched on dotted components.
-    backbone_mode: ``"train"`` (default) reproduces the authors' loop (``model.train()``:
-        BatchNorm uses batch statistics; its running statistics move with calibration off
-        and stay fixed with it on, so every buffer is left as it was). ``"eval"`` freezes
-        the whole backbone in eval mode, so every tensor outside θ stays bit-identical, and
-        for a final-Linear θ the features are computed once and the steps run on the head
-        alone. The default was chosen by measurement (bench/RESULTS.md).
-    top_data: share of the negatively influential records kept (the paper's selection).
-        null (default) = every named record takes part under calibration (a deletion
-        request names each record to forget; ascending 1 of 3 left the others memorised),
-        and the authors' 0.1 with calibration off.
-    l1_scale: κ, the calibrated L1 shrink per step as a share of θ's RMS
-        (α = κ‖θ‖/(√P·lr)).
-    influence_batch_size: chunk size of the influence pass (memory bound, not a result knob).
-    """
-
-    top_data: float | None = None
-    clip_quantile: float = 0.93
-    damping: float = 0.01
-    alpha: float = 0.2
-    backbone_mode: str = "train"
-    l1_scale: float = 1e-3
-    influence_batch_size: int = 512
+    params: list[str] | None = PARAMS.at(
+        None, help=f"{THETA_HELP} null = weight and bias of the final nn.Linear (the logits)."
+    )
+    top_data: float | None = TOP_DATA.at(None)
+    clip_quantile: float = CLIP_QUANTILE.at(0.93)
+    damping: float = DAMPING.at(0.01)
+    alpha: float = setting(
+        0.2, help="Weight of the L1 penalty on θ (calibration off).", ge=0.0, le=1e3
+    )
+    # "train" won by measurement (bench/RESULTS.md).
+    backbone_mode: str = setting(
+        "train",
+        help='"train" runs the authors\' loop (BatchNorm on batch statistics, its running '
+        'statistics left as they were under calibration); "eval" freezes the backbone, so '
+        "every tensor outside θ stays bit-identical and a final-Linear θ steps on cached "
+        "features.",
+        choices=BACKBONE_MODES,
+    )
+    l1_scale: float = L1_SCALE.at(1e-3)
+    influence_batch_size: int = setting(
+        512,
+        help="Chunk size of the influence pass (a memory bound, not a result knob).",
+        ge=1,
+        le=1 << 20,
+    )
 
     @property
     def selects_all(self) -> bool:
@@ -225,68 +240,18 @@ class IMUConfig(StepConfig):
             return self.top_data
         return 1.0 if self.calibrated else PAPER_TOP_DATA
 
-    _FLOAT_BOUNDS: ClassVar[Bounds] = {
-        **StepConfig._FLOAT_BOUNDS,
-        "top_data": (0.0, 1.0, False, True),
-        "clip_quantile": (0.0, 1.0, False, True),
-        "damping": (0.0, 1e6, False, True),
-        "alpha": (0.0, 1e3, True, True),
-        "l1_scale": (0.0, 0.1, True, True),
-    }
-    _INT_BOUNDS: ClassVar[dict[str, tuple[int, int]]] = {
-        **StepConfig._INT_BOUNDS,
-        "influence_batch_size": (1, 1 << 20),
-    }
-    _CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
-        **StepConfig._CHOICES,
-        "backbone_mode": BACKBONE_MODES,
-    }
-
 
 @dataclass
 class GAConfig(StepConfig):
     """Gradient-ascent baseline: ascent on the mean forget loss over θ (default: every
     parameter). With ``calibration="off"`` the defaults are the authors' settings (SGD lr
-    0.01, momentum 0.9, weight decay 5e-4, 10 epochs, train mode).
+    0.01, momentum 0.9, weight decay 5e-4, 10 epochs, train mode)."""
 
-    train_mode: the model is in train mode during the steps, as a training loop would be.
-    """
-
-    train_mode: bool = True
-
-    def validate(self) -> None:
-        super().validate()
-        if not isinstance(self.train_mode, bool):
-            raise ValueError(f"train_mode must be true or false, got {self.train_mode!r}")
-
-
-def _checked_float(
-    name: str, value: Any, lo: float, hi: float, lo_inc: bool, hi_inc: bool
-) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    try:
-        number = float(value)
-    except OverflowError:
-        raise ValueError(f"{name} is out of range, got {value!r}") from None
-    if not math.isfinite(number):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    low_ok = number >= lo if lo_inc else number > lo
-    high_ok = number <= hi if hi_inc else number < hi
-    if not (low_ok and high_ok):
-        lb, hb = "[" if lo_inc else "(", "]" if hi_inc else ")"
-        raise ValueError(f"{name} must be in {lb}{lo}, {hi}{hb}, got {value!r}")
-    return number
-
-
-def _checked_int(name: str, value: Any, lo: int, hi: int) -> int:
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)  # JSON clients may send 10.0
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if not lo <= value <= hi:
-        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value!r}")
-    return value
+    params: list[str] | None = PARAMS.at(None, help=f"{THETA_HELP} null = every parameter.")
+    train_mode: bool = setting(
+        True,
+        help="The model is in train mode during the steps, as a training loop would be.",
+    )
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -17,7 +17,7 @@ import dataclasses
 import resource
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +25,21 @@ from torch import nn
 
 from worker.imu._util import Progress, only_these_require_grad, preserved_modes
 from worker.imu.calibration import AscentProblem, calibrated_ascent, fixed_schedule
-from worker.imu.config import Bounds, StepConfig
+from worker.imu.config import (
+    BATCH_SIZE,
+    CLIP_QUANTILE,
+    DAMPING,
+    GUARD_MAX_DROP,
+    L1_SCALE,
+    PARAMS,
+    THETA_HELP,
+    TOP_DATA,
+    StepConfig,
+)
 from worker.imu.lm_data import TokenBatch, record_losses
 from worker.imu.lm_influence import lm_influence, lm_theta
 from worker.imu.selection import select_and_weight
+from worker.imu.settings import setting
 from worker.imu.text_checks import TextChecks
 
 LOSSES = ("ga", "npo")
@@ -37,76 +48,83 @@ METHODS = ("imu", "ga")
 
 @dataclass
 class LMUnlearnConfig(StepConfig):
-    """Settings of LM unlearning; the StepConfig fields drive the controller.
+    """Settings of LM unlearning; the StepConfig fields drive the controller, the IMU ones
+    (``top_data`` ... ``l1_scale``) are IMUConfig's specs at their LM defaults."""
 
-    method: ``imu`` (influence weights, θ = decoder blocks by default, α‖θ‖₁) or ``ga``
-        (uniform weights, θ = every parameter, no L1).
-    top_data: share of the candidates kept. 1.0 for LMs: every record named in a deletion
-        request must lose its verbatim recall, so none may be dropped by the selection.
-    loss: ``ga`` or ``npo`` (see the module docstring); npo_beta: β of NPO. ``npo`` is the
-        default by measurement (bench/results/lm_fixture.md): never worse than ``ga`` on the
-        fixture's forget and retain recall, and half the perplexity damage with guards off.
-    recall_target / ppl_max_rise: see ``TextChecks``.
-    guard_max_drop: the largest drop of member-probe recall (absolute) the guard accepts.
-    lora_rank: 0 (default) = θ is a subset of the model's own parameters (``params``); r > 0
-        = θ is LoRA adapters of rank r (scale ``lora_alpha`` / r) on the linear layers named
-        by ``lora_targets`` (default: the attention projections), merged back after
-        (worker/imu/lm_lora.py).
-    """
-
-    batch_size: int = 8
-    guard_max_drop: float | None = 0.03
-    method: str = "imu"
-    loss: str = "npo"
-    top_data: float = 1.0
-    clip_quantile: float = 0.93
-    damping: float = 0.01
-    l1_scale: float = 1e-3
-    npo_beta: float = 0.1
-    recall_target: float = 0.0
-    ppl_max_rise: float = 0.1
-    chunk_bytes: int = 256 << 20
-    lora_rank: int = 0
-    lora_alpha: int = 16
-    lora_targets: list[str] | None = None
-
-    _FLOAT_BOUNDS: ClassVar[Bounds] = {
-        **StepConfig._FLOAT_BOUNDS,
-        "top_data": (0.0, 1.0, False, True),
-        "clip_quantile": (0.0, 1.0, False, True),
-        "damping": (0.0, 1e6, False, True),
-        "l1_scale": (0.0, 0.1, True, True),
-        "npo_beta": (0.0, 100.0, False, True),
-        "recall_target": (0.0, 1.0, True, True),
-        "ppl_max_rise": (0.0, 100.0, True, True),
-    }
-    _INT_BOUNDS: ClassVar[dict[str, tuple[int, int]]] = {
-        **StepConfig._INT_BOUNDS,
-        "chunk_bytes": (1 << 20, 1 << 36),
-        "lora_rank": (0, 1024),
-        "lora_alpha": (1, 1 << 16),
-    }
-    _CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
-        **StepConfig._CHOICES,
-        "method": METHODS,
-        "loss": LOSSES,
-    }
+    params: list[str] | None = PARAMS.at(
+        None,
+        help=f"{THETA_HELP} null = the decoder blocks for imu, every parameter for ga.",
+    )
+    batch_size: int = BATCH_SIZE.at(8)
+    guard_max_drop: float | None = GUARD_MAX_DROP.at(
+        0.03, help="The largest drop of member-probe recall (absolute) the guard accepts."
+    )
+    method: str = setting(
+        "imu",
+        help='"imu" (influence weights, θ = decoder blocks by default, α‖θ‖₁) or "ga" '
+        "(uniform weights, θ = every parameter, no L1); the request's method sets it.",
+        choices=METHODS,
+    )
+    # npo won by measurement (bench/results/lm_fixture.md): never worse than ga on the
+    # fixture's forget and retain recall, half the perplexity damage with guards off.
+    loss: str = setting(
+        "npo",
+        help='The ascent loss: "ga" (weighted ascent, unbounded) or "npo" (negative '
+        "preference optimisation, bounded below as a record's likelihood drops).",
+        choices=LOSSES,
+    )
+    # Every record named in a deletion request must lose its verbatim recall.
+    top_data: float = TOP_DATA.at(
+        1.0, help="Share of the candidates kept; 1.0 = every named record takes part."
+    )
+    clip_quantile: float = CLIP_QUANTILE.at(0.93)
+    damping: float = DAMPING.at(0.01)
+    l1_scale: float = L1_SCALE.at(1e-3)
+    npo_beta: float = setting(0.1, help="β of NPO.", gt=0.0, le=100.0)
+    recall_target: float = setting(
+        0.0,
+        help="Target on the forget set's greedy verbatim recall (with its NLL or min-k AUC "
+        "looking unseen).",
+        ge=0.0,
+        le=1.0,
+    )
+    ppl_max_rise: float = setting(
+        0.1,
+        help="The largest relative rise of held-out perplexity the guard accepts.",
+        ge=0.0,
+        le=100.0,
+    )
+    chunk_bytes: int = setting(
+        256 << 20,
+        help="Bound on the per-sample gradient block of the influence pass (memory, not a "
+        "result knob).",
+        ge=1 << 20,
+        le=1 << 36,
+    )
+    lora_rank: int = setting(
+        0,
+        help="0 = θ is a subset of the model's own parameters (params); r > 0 = θ is LoRA "
+        "adapters of rank r on lora_targets, merged back after.",
+        ge=0,
+        le=1024,
+    )
+    lora_alpha: int = setting(
+        16,
+        help="LoRA scale numerator: the adapters are scaled by lora_alpha / r.",
+        ge=1,
+        le=1 << 16,
+    )
+    lora_targets: list[str] | None = setting(
+        None,
+        kind="names",
+        help="The linear layers that get LoRA adapters; null = the attention projections.",
+        nullable=True,
+    )
 
     def validate(self) -> None:
         super().validate()
-        _validate_lora(self)
-
-
-def _validate_lora(cfg: LMUnlearnConfig) -> None:
-    targets = cfg.lora_targets
-    if targets is not None and (
-        not isinstance(targets, list)
-        or not targets
-        or not all(isinstance(t, str) and t.strip() for t in targets)
-    ):
-        raise ValueError(f"lora_targets must be null or a non-empty list of names, got {targets!r}")
-    if cfg.lora_rank and cfg.params is not None:
-        raise ValueError("params and lora_rank exclude each other: LoRA's θ is the adapters")
+        if self.lora_rank and self.params is not None:
+            raise ValueError("params and lora_rank exclude each other: LoRA's θ is the adapters")
 
 
 def config_for(method: str, params: dict[str, Any]) -> LMUnlearnConfig:
