@@ -3,7 +3,10 @@ from naming the same record (``records.held_by_request_id``, migration 0003)."""
 
 from __future__ import annotations
 
-from sqlalchemy import select, update
+from collections.abc import Mapping
+from typing import cast
+
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from service.domain.states import ACTIVE_REQUEST_STATES, RecordState, RequestStatus
@@ -49,7 +52,34 @@ def hold(session: Session, dataset_id: str, keys: list[str], request_id: str) ->
         )
 
 
-def check_keys(session: Session, dataset_id: str, keys: list[str]) -> None:
+# A request naming more keys than this is held with IN lists; smaller ones share one
+# executemany (one pipelined round trip on PostgreSQL for a whole batch of submissions).
+_SHARED_HOLD_MAX = 64
+
+
+def hold_all(session: Session, holds: list[tuple[str, list[str], str]]) -> None:
+    """``hold`` for many requests at once: (dataset id, keys, request id) each."""
+    shared = []
+    for dataset_id, keys, request_id in holds:
+        if len(keys) > _SHARED_HOLD_MAX:
+            hold(session, dataset_id, keys, request_id)
+        else:
+            shared += [{"ds": dataset_id, "k": k, "rid": request_id} for k in keys]
+    if shared:
+        table = cast(Table, Record.__table__)  # Core: executemany binds per row
+        session.execute(
+            update(table)
+            .where(table.c.dataset_id == bindparam("ds"), table.c.key == bindparam("k"))
+            .values(held_by_request_id=bindparam("rid")),
+            shared,
+        )
+
+
+def check_keys(
+    session: Session, dataset_id: str, keys: list[str], batch_held: Mapping[str, str] = {}
+) -> None:
+    """Refuse keys that are missing, forgotten or held, naming each (422). ``batch_held``:
+    keys held by submissions of the same batch whose holds are not written yet."""
     seen: set[str] = set()
     dupes = sorted({k for k in keys if k in seen or seen.add(k)})  # type: ignore[func-returns-value]
     if dupes:
@@ -74,6 +104,7 @@ def check_keys(session: Session, dataset_id: str, keys: list[str]) -> None:
     # runs under the submission lock, and decoding every queued request's key list made each
     # POST slower as the backlog grew.
     pending, in_review = _held(session, dataset_id, keys, holders)
+    pending += [k for k in keys if k in batch_held and k not in pending]
     errors = (
         [{"field": "record_keys", "key": k, "message": "not in the dataset"} for k in missing]
         + [{"field": "record_keys", "key": k, "message": "already forgotten"} for k in forgotten]
@@ -112,4 +143,4 @@ def check_keys(session: Session, dataset_id: str, keys: list[str]) -> None:
         )
 
 
-__all__ = ["check_keys", "hold", "lock_dataset"]
+__all__ = ["check_keys", "hold", "hold_all", "lock_dataset"]

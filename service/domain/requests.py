@@ -29,7 +29,7 @@ from service.domain.datasets import resolve_dataset
 from service.domain.lifecycle import REQUEST_MOVES, sources
 from service.domain.models import active_version, get_model
 from service.domain.params import validate_params
-from service.domain.record_holds import check_keys, hold, lock_dataset
+from service.domain.record_holds import check_keys, hold, hold_all, lock_dataset
 from service.domain.states import (
     JobStatus,
     Method,
@@ -40,7 +40,7 @@ from service.engine import canonical_json
 from service.errors import Conflict, conflict, not_found, validation
 from service.settings import Settings
 from service.storage.db import transaction
-from service.storage.group_commit import batch_memo, group_commit
+from service.storage.group_commit import batch_log, batch_memo, group_commit
 from service.storage.sql import affected_rows
 from service.storage.tables import Dataset, DeletionRequest, Job, Model, new_id, utcnow
 from service.trust.audit import append_event, append_events
@@ -92,6 +92,7 @@ class Submission:
     replayed: bool
     event: dict[str, Any] | None = None  # the audit event, appended in the batch's final step
     job: Job | None = None  # the job row, inserted (with its line position) in the final step
+    request: DeletionRequest | None = None  # not inserted yet: the final step does, and holds
 
 
 class _Replayed(Exception):
@@ -196,7 +197,9 @@ def _record_submission(
         replay = _earlier_answer(session, idempotency_key, fingerprint)
         if replay:
             raise _Replayed(replay)
-    check_keys(session, dataset.id, body.record_keys)
+    # Keys held by this batch's earlier submissions, whose holds the final step writes.
+    batch_held: dict[str, str] = batch_log(session).setdefault(("held", dataset.id), {})
+    check_keys(session, dataset.id, body.record_keys, batch_held)
     req = DeletionRequest(
         id=new_id(),
         model_id=model.id,
@@ -211,9 +214,12 @@ def _record_submission(
         body_sha256=fingerprint,
         actor=actor,
     )
-    session.add(req)
-    session.flush()
-    hold(session, dataset.id, body.record_keys, req.id)
+    if idempotency_key:
+        # Its own savepoint: a twin committed by another process meanwhile fails the unique
+        # key here, for this submission alone (it then answers with the twin's result).
+        session.add(req)
+        session.flush()
+        hold(session, dataset.id, body.record_keys, req.id)
     job = Job(
         id=new_id(),
         request_id=req.id,
@@ -250,13 +256,20 @@ def _record_submission(
     if idempotency_key:
         twin = Submission(view, job.id, req.id, True)
         batch_memo(session)[("idempotency", idempotency_key)] = (fingerprint, twin)
-    return Submission(view, job.id, req.id, False, event, job)
+    batch_held.update(dict.fromkeys(body.record_keys, req.id))  # nothing below can fail
+    return Submission(view, job.id, req.id, False, event, job, None if idempotency_key else req)
 
 
 def _finish_batch(session: Session, submissions: list[Submission]) -> None:
     """Line positions per model (one counter update per model, in id order so batches of
     other processes lock the rows in the same order), the job rows, then the audit events
-    (one chain-head lock for the batch)."""
+    (one chain-head lock for the batch). Requests without an Idempotency-Key are inserted
+    and hold their records here, in bulk (their units ran without a savepoint)."""
+    deferred = [sub.request for sub in submissions if sub.request is not None]
+    if deferred:
+        session.add_all(deferred)
+        session.flush()
+        hold_all(session, [(r.dataset_id, list(r.record_keys), r.id) for r in deferred])
     jobs = [sub.job for sub in submissions if sub.job is not None]
     by_model: dict[str, list[Job]] = {}
     for job in jobs:
@@ -326,7 +339,10 @@ def submit_deletion_request(
         )
 
     try:
-        result = group_commit(factory).run(unit, final=_finish_batch)
+        # Without a key the unit only reads and raises before its writes (the final step's).
+        result = group_commit(factory).run(
+            unit, final=_finish_batch, savepoint=idempotency_key is not None
+        )
     except _Replayed as replayed:
         return replayed.submission
     except IntegrityError:

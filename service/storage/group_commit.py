@@ -12,8 +12,14 @@ A unit may name a `final` step, run once per batch just before the commit with t
 of every unit that succeeded with that step: work that takes a lock others wait for (the
 audit chain head, a model's job counter) goes there, in bulk, so the lock is held for a few
 statements per batch instead of the whole batch. Units of one batch may share what they
-read through `batch_memo(session)`; it is emptied when a unit fails, so nothing a rolled-back
-savepoint did (a row lock taken, a row read) is trusted by the units after it.
+read through `batch_memo(session)`; it is emptied when a unit's savepoint is rolled back, so
+nothing that savepoint did (a row lock taken, a row read) is trusted by the units after it.
+
+A unit that only reads, and raises before anything it would write (its writes ride to the
+`final` step), may run without a savepoint (`savepoint=False`): on PostgreSQL the SAVEPOINT
+and RELEASE are two of a submission's few round trips, and the batch's round trips in a row
+are what bounds its throughput. What such units leave for each other and for `final` goes
+in `batch_log(session)`, which a rollback of another unit does not empty.
 """
 
 from __future__ import annotations
@@ -32,19 +38,28 @@ from service.storage.db import transaction
 T = TypeVar("T")
 MAX_BATCH = 64  # bounds the time one commit holds the write lock
 MEMO_KEY = "lethe_batch_memo"
+LOG_KEY = "lethe_batch_log"
 
 
 def batch_memo(session: Session) -> dict[Any, Any]:
     """What this batch's units have read and locked so far (empty outside a batch's units
-    and after a unit failed)."""
+    and after a unit's savepoint was rolled back)."""
     memo: dict[Any, Any] = session.info.setdefault(MEMO_KEY, {})
     return memo
+
+
+def batch_log(session: Session) -> dict[Any, Any]:
+    """What this batch's succeeded units left for the units after them and the final step
+    (a unit writes here only once nothing more can fail in it); emptied at the batch's end."""
+    log: dict[Any, Any] = session.info.setdefault(LOG_KEY, {})
+    return log
 
 
 @dataclass(eq=False)
 class _Unit:
     work: Callable[[Session], Any]
     final: Callable[[Session, list[Any]], None] | None = None
+    savepoint: bool = True
     woken: threading.Event = field(default_factory=threading.Event)
     lead: bool = False  # this unit's thread runs the next batches
     done: bool = False
@@ -67,11 +82,14 @@ class GroupCommit:
         self,
         work: Callable[[Session], T],
         final: Callable[[Session, list[T]], None] | None = None,
+        *,
+        savepoint: bool = True,
     ) -> T:
         """Run ``work(session)`` in a committed transaction, maybe shared with others; then,
         once per batch, ``final(session, results)`` with the results of the batch's units that
-        succeeded and named this same step (a failure there fails the batch)."""
-        unit = _Unit(work, final)
+        succeeded and named this same step (a failure there fails the batch). Without a
+        ``savepoint`` the work must raise before it writes anything (module docstring)."""
+        unit = _Unit(work, final, savepoint)
         with self._lock:
             self._queue.append(unit)
             if not self._leading:
@@ -104,11 +122,15 @@ class GroupCommit:
             with transaction(self._factory) as session:
                 for unit in batch:
                     try:
-                        with session.begin_nested():
+                        if unit.savepoint:
+                            with session.begin_nested():
+                                outcomes.append((True, unit.work(session)))
+                        else:
                             outcomes.append((True, unit.work(session)))
                     except Exception as exc:  # this unit's savepoint is rolled back, not the batch
                         outcomes.append((False, exc))
-                        session.info.pop(MEMO_KEY, None)
+                        if unit.savepoint:
+                            session.info.pop(MEMO_KEY, None)
                 finals: dict[Callable[[Session, list[Any]], None], list[Any]] = {}
                 for unit, (ok, value) in zip(batch, outcomes, strict=True):
                     if ok and unit.final is not None:
@@ -116,6 +138,7 @@ class GroupCommit:
                 for final, values in finals.items():
                     final(session, values)
                 session.info.pop(MEMO_KEY, None)
+                session.info.pop(LOG_KEY, None)
         except BaseException as exc:  # the commit (or the lock) failed: nothing is kept
             outcomes = [(False, exc)] * len(batch)
             self._finish(batch, outcomes)

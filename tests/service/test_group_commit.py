@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session
 
 from service.storage import migrate
 from service.storage.db import make_engine, make_session_factory
-from service.storage.group_commit import GroupCommit
+from service.storage.group_commit import GroupCommit, batch_log, batch_memo
 from service.storage.tables import Counter
 
 
@@ -88,4 +89,69 @@ def test_a_unit_that_breaks_a_constraint_fails_alone_and_the_group_goes_on(sqlit
     with factory() as session:
         count = session.execute(select(func.count()).select_from(Counter)).scalar_one()
         assert session.get(Counter, "after") is not None and count >= 2
+    engine.dispose()
+
+
+def test_read_only_units_skip_the_savepoint_and_keep_what_the_batch_shared(
+    database_url: str,
+) -> None:
+    migrate.upgrade(database_url)
+    engine = make_engine(database_url)
+    factory = make_session_factory(engine)
+    group = GroupCommit(factory)
+    savepoints: list[str] = []
+
+    @event.listens_for(engine, "savepoint")
+    def _seen(_conn: object, name: str) -> None:
+        savepoints.append(name)
+
+    go, holding = threading.Event(), threading.Event()
+
+    def hold_the_lead(_session: Session) -> None:
+        holding.set()
+        assert go.wait(30)
+
+    def reader(i: int) -> Callable[[Session], int]:
+        def unit(session: Session) -> int:
+            memo, log = batch_memo(session), batch_log(session)
+            memo.setdefault("read", []).append(i)
+            if i == 1:
+                raise Refused(i)  # before any write: nothing to roll back
+            log.setdefault("left", []).append(i)
+            return i
+
+        return unit
+
+    def write_all(session: Session, values: list[int]) -> None:
+        # The log survives a failed unit; the final step writes for the ones that succeeded.
+        assert batch_log(session)["left"] == values == [0, 2]
+        assert batch_memo(session)["read"] == [0, 1, 2]  # no savepoint rolled back: kept
+        session.add_all(Counter(name=f"r{i}", value=i) for i in values)
+
+    leader = threading.Thread(target=group.run, args=(hold_the_lead,))
+    leader.start()
+    assert holding.wait(10)
+    results: dict[int, object] = {}
+
+    def submit(i: int) -> None:
+        try:
+            results[i] = group.run(reader(i), write_all, savepoint=False)
+        except Refused as exc:
+            results[i] = exc
+
+    threads = []
+    for i in range(3):  # queued in order behind the held leader: one batch
+        threads.append(threading.Thread(target=submit, args=(i,)))
+        threads[-1].start()
+        while len(group._queue) < i + 1:
+            time.sleep(0.005)
+    savepoints.clear()
+    go.set()
+    for t in [leader, *threads]:
+        t.join(30)
+    assert results[0] == 0 and results[2] == 2 and isinstance(results[1], Refused)
+    assert savepoints == []
+    with factory() as session:
+        names = set(session.execute(select(Counter.name).where(Counter.name.like("r%"))).scalars())
+    assert names == {"r0", "r2"}
     engine.dispose()

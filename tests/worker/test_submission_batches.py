@@ -19,7 +19,7 @@ from sqlalchemy import select
 from service.domain.requests import DeletionRequestIn, submit_deletion_request
 from service.errors import Conflict, DomainError, Invalid
 from service.storage.group_commit import group_commit
-from service.storage.tables import AuditEvent, DeletionRequest, Job
+from service.storage.tables import AuditEvent, DeletionRequest, Job, Record
 from service.trust.audit import verify_chain
 from tests.worker.harness import Stack, Trained, api_stack, stack_settings
 
@@ -50,7 +50,9 @@ def test_one_batch_of_submissions(stack: Stack, trained: Trained) -> None:
         (trained.train_ids[8:10], "twin"),  # same body
         (trained.train_ids[10:11], "clash"),
         (trained.train_ids[11:12], "clash"),  # other body
-        (trained.train_ids[:1], None),  # names a key an earlier unit of the batch holds
+        # Names a key an earlier keyless unit holds: that hold is written only in the final
+        # step, and the keyed unit before this one rolled its savepoint back meanwhile.
+        (trained.train_ids[:1], None),
     ]
     answers: dict[int, Any] = {}
 
@@ -88,6 +90,18 @@ def test_one_batch_of_submissions(stack: Stack, trained: Trained) -> None:
         assert [jobs[a.job_id].submitted_seq for a in accepted] == list(range(1, 11))
         n_requests = len(session.execute(select(DeletionRequest.id)).all())
         assert n_requests == len(accepted)
+        # Each accepted request holds its records, the deferred (keyless) ones included.
+        held = dict(
+            session.execute(
+                select(Record.key, Record.held_by_request_id).where(
+                    Record.key.in_(trained.train_ids[:12])
+                )
+            ).all()
+        )
+        for i in (*range(9), 10):
+            for key in plan[i][0]:
+                assert held[key] == answers[i].request_id, (i, key)
+        assert held[trained.train_ids[11]] is None  # the refused twin holds nothing
         events = session.execute(
             select(AuditEvent).where(AuditEvent.action == "request.accepted")
         ).scalars()
