@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
-from sqlalchemy import select, update
+from sqlalchemy import Engine, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -289,6 +290,27 @@ def _finish_batch(session: Session, submissions: list[Submission]) -> None:
     append_events(session, events)
 
 
+# Per engine: model name -> (architecture, has a recipe). Both are fixed at registration and
+# models are never deleted, so a name once found needs no second read (a round trip saved
+# per submission); a name not found is asked again each time.
+_TRAITS: weakref.WeakKeyDictionary[Engine, dict[str, tuple[str, bool]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _model_traits(factory: sessionmaker[Session], name: str) -> tuple[str, bool] | None:
+    known = _TRAITS.setdefault(factory.kw["bind"], {})
+    if name not in known:
+        with factory() as session:
+            row = session.execute(
+                select(Model.architecture, Model.recipe).where(Model.name == name)
+            ).first()
+        if row is None:
+            return None
+        known[name] = (row[0], bool(row[1]))
+    return known[name]
+
+
 def submit_deletion_request(
     factory: sessionmaker[Session],
     settings: Settings,
@@ -314,11 +336,8 @@ def submit_deletion_request(
             replay = _replay(session, idempotency_key, fingerprint)
         if replay:
             return replay
-    with factory() as session:
-        found = session.execute(
-            select(Model.architecture, Model.recipe).where(Model.name == body.model)
-        ).first()
-    architecture, recipe = (found[0], found[1]) if found else (None, None)
+    found = _model_traits(factory, body.model)
+    architecture, recipe = found if found else (None, None)
     if body.method == "retrain" and found is not None and not recipe:
         raise validation(
             f"model {body.model!r} has no training recipe, so it cannot be retrained; register "
