@@ -9,13 +9,13 @@ from fastapi import APIRouter, Depends, Header, Query, Response
 from service.api.auth import Principal
 from service.api.deps import AppState, get_state, require
 from service.api.json_keys import unique_json_keys
+from service.api.receipt_schemas import ReceiptOut
 from service.api.rendering import render
 from service.api.request_ids import current_request_id
 from service.api.schemas import (
     COMMON_ERRORS,
     DeletionRequestOut,
     Page,
-    ReceiptOut,
     SubmissionOut,
     problems,
 )
