@@ -190,7 +190,7 @@ def run_burst(http: httpx.Client, fam: Family, train: str, n: int) -> dict[str, 
             {
                 "records": (j["metrics"].get("coalesced") or {}).get("records", 3),
                 "attempts": [
-                    (a["method"], a["outcome"], a["seconds"])
+                    (a["method"], a["outcome"], a["seconds"], a.get("reason"))
                     for a in j["metrics"].get("attempts") or []
                 ],
                 "timings": {k: round(v, 2) for k, v in (j["timings"] or {}).items()},

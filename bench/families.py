@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -51,7 +52,7 @@ class Family:
     seconds_to_train: float = 0.0
     _refs: dict[tuple[int, ...], torch.nn.Module] = field(default_factory=dict)
 
-    @property
+    @cached_property  # callers index it per record: built once, not 7,000 strings a lookup
     def ids(self) -> list[str]:
         return [f"{self.name[:2]}{i:05d}" for i in range(len(self.y))]
 

@@ -98,6 +98,12 @@ class Settings(BaseSettings):
         description="When an approximate result would be held for a forgetting reason and the "
         "model has a training recipe: retrain without the records (exact), or hold it (off).",
     )
+    exact_when_cheaper: bool = Field(
+        True,
+        description="Retrain first (exact) when this model's recent runs say it costs no more "
+        "than trying the approximate method first, whose held results retrain anyway "
+        "(worker/routing.py). Needs LETHE_ESCALATION=retrain and a recipe.",
+    )
     coalesce_max_records: int = Field(
         1000,
         ge=0,

@@ -184,17 +184,41 @@ def finish_served(
     append_events(session, events)
 
 
+# Run-wide detail that only the run's own job keeps: copying it to each served job made a
+# burst of 1,000 requests write ~100 KB per job (kept-key hashes, per-record z of the union).
+_RUN_ONLY_STATS = ("kept_key_sha256", "loss_per_epoch", "forget_loss_per_epoch")
+
+
+def _served_stats(stats: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in stats.items() if k not in _RUN_ONLY_STATS}
+    escalated = out.get("escalated_from")
+    if isinstance(escalated, dict) and isinstance(escalated.get("stats"), dict):
+        out["escalated_from"] = {**escalated, "stats": _served_stats(escalated["stats"])}
+    return out
+
+
 def own_metrics(metrics: dict[str, Any], index: int) -> dict[str, Any]:
     """A served request's metrics: the run's, with its own records' evidence (``index`` in
-    the run's parts, the run's own request first) as its membership."""
+    the run's parts, the run's own request first) as its membership. A served job (index
+    >= 1) gets the run's summary; the run's job keeps the per-record and per-key lists."""
     out = dict(metrics)
     for side in ("before", "after"):
         values = dict(metrics.get(side) or {})
         parts = values.pop("membership_parts", None)
         if parts is not None:
-            values["run_membership"] = values.get("membership")
+            run = values.get("membership")
+            if index and isinstance(run, dict):
+                run = {k: v for k, v in run.items() if k != "per_record_z"}
+            values["run_membership"] = run
             values["membership"] = parts[index]
         out[side] = values
+    if index:
+        if isinstance(metrics.get("influence"), dict):
+            out["influence"] = _served_stats(metrics["influence"])
+        if isinstance(metrics.get("coalesced"), dict):
+            coalesced = {k: v for k, v in metrics["coalesced"].items() if k != "job_ids"}
+            coalesced["run_job_id"] = (metrics["coalesced"].get("job_ids") or [None])[0]
+            out["coalesced"] = coalesced
     return out
 
 

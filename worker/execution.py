@@ -62,6 +62,7 @@ from worker.job_queue import (
 from worker.lease import JobMonitor
 from worker.loading import JobInputs, Loaded, Loader
 from worker.metrics_server import observe_phases
+from worker.routing import costs_for
 from worker.saving import commit_version, finish_activation, write_checkpoint
 
 if TYPE_CHECKING:
@@ -144,6 +145,7 @@ class Execution:
                 evaluate=self._evaluate_after,
                 approximate=self._unlearn,
                 exact=self._retrain,
+                costs=costs_for(self.ctx.settings, self.ctx.session_factory, self.model_id),
             )
             self.progress(Phase.EVALUATING, 1.0)
             self._enter(Phase.SAVING)

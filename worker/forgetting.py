@@ -48,13 +48,29 @@ def _attempt(method: str, policy: dict[str, Any], after: dict[str, Any], seconds
     }
 
 
+def can_retrain(loaded: Loaded, escalation: str) -> bool:
+    return escalation == "retrain" and loaded.recipe is not None and loaded.retained is not None
+
+
 def escalates(loaded: Loaded, policy: dict[str, Any], escalation: str) -> bool:
     return (
-        escalation == "retrain"
-        and loaded.recipe is not None
-        and loaded.retained is not None
+        can_retrain(loaded, escalation)
         and policy["decision"] != VersionStatus.ACTIVE
         and not policy.get("require_review")
+    )
+
+
+def retrains_first(
+    loaded: Loaded, rules: dict[str, Any], escalation: str, costs: dict[str, Any] | None
+) -> bool:
+    """The model's measured costs say retraining costs no more than trying first
+    (worker.routing); a request that asks for review gets the method it asked for."""
+    return (
+        costs is not None
+        and bool(costs.get("exact_first"))
+        and loaded.method != "retrain"
+        and can_retrain(loaded, escalation)
+        and not rules.get("require_review")
     )
 
 
@@ -67,8 +83,10 @@ def answer(
     evaluate: Callable[[Loaded], dict[str, Any]],
     approximate: Callable[[Loaded], dict[str, Any]],
     exact: Callable[[Loaded], dict[str, Any]],
+    costs: dict[str, Any] | None = None,
 ) -> Answer:
-    """Run the request's method, escalate if it must; ``loaded.model`` ends as the answer."""
+    """Run the request's method, escalate if it must; ``loaded.model`` ends as the answer.
+    ``costs`` (worker.routing) may send an approximate request straight to the retrain."""
 
     def judge(after: dict[str, Any], stats: dict[str, Any], *, is_exact: bool) -> dict:
         if loaded.lm:
@@ -79,11 +97,15 @@ def answer(
         )
 
     t0 = time.perf_counter()
-    if loaded.method == "retrain":
+    first = retrains_first(loaded, rules, escalation, costs)
+    if loaded.method == "retrain" or first:
         stats = exact(loaded)
         after = evaluate(loaded)
         policy = judge(after, stats, is_exact=True)
         attempt = _attempt("retrain", policy, after, time.perf_counter() - t0)
+        if first:
+            attempt["instead_of"] = {"method": loaded.method, "reason": "cheaper", **(costs or {})}
+            stats = {**stats, "instead_of": attempt["instead_of"]}
         return Answer(before, after, stats, policy, "exact", [attempt])
     stats = approximate(loaded)
     after = evaluate(loaded)
@@ -102,4 +124,4 @@ def answer(
     return Answer(before, after, stats, policy, "exact", attempts)
 
 
-__all__ = ["Answer", "answer", "escalates"]
+__all__ = ["Answer", "answer", "can_retrain", "escalates", "retrains_first"]

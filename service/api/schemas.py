@@ -274,12 +274,34 @@ class AttemptEvidence(_Stored):
     false_release_rate: float | None = None
 
 
+class RouteChoice(_Stored):
+    """Why a request for an approximate method was retrained at once (worker/routing.py)."""
+
+    method: Method = Field(description="The method the request asked for.")
+    reason: Literal["cheaper"]
+    approximate_s: float = Field(description="Median seconds of the model's recent tries.")
+    held_share: float = Field(description="Share of those tries that were held.")
+    retrain_s: float = Field(description="Seconds of the model's latest retrain.")
+    runs: int = Field(description="Recent runs of the model the costs come from.")
+    retrain_measured_by: str = Field(description="The job whose retrain was timed.")
+    exact_first: bool
+
+
 class Attempt(_Stored):
     method: Method
     outcome: Literal["released", "held"]
     reason: str | None = None
     evidence: AttemptEvidence | None = None
     seconds: float
+    no_escalation: str | None = Field(
+        None, description="Why a held approximate result was not retrained."
+    )
+    instead_of: RouteChoice | None = Field(
+        None,
+        description="Set when the model's measured costs sent an approximate request straight "
+        "to the retrain: retraining costs no more than trying first, whose held results "
+        "retrain anyway.",
+    )
 
 
 class DeletionRequestOut(_Out):

@@ -168,6 +168,14 @@ def test_queued_requests_share_one_run_each_with_its_own_receipt(service: Servic
     version_id = shared.pop()
     leader = jobs[0]["id"]
     assert jobs[0]["served_by"] is None and all(j["served_by"] == leader for j in jobs[1:])
+    # A served job carries the run's summary, not a copy of its per-key and per-record lists.
+    run_size = len(json.dumps(jobs[0]["metrics"]))
+    for served_job in jobs[1:]:
+        metrics = served_job["metrics"]
+        assert metrics["coalesced"] == {"requests": 6, "records": 18, "run_job_id": leader}
+        assert "per_record_z" not in metrics["after"]["run_membership"]
+        assert "kept_key_sha256" not in json.dumps(metrics["influence"])
+        assert len(json.dumps(metrics)) < run_size
     # Requests that must not share a run did not.
     for alone in (other_params, review):
         job = svc.job(alone["job"]["id"])

@@ -93,6 +93,30 @@ def test_mislabelled_records_escalate_to_an_exact_retrain(
     events = get(stack, "/v1/audit", action="version.created", limit=200).json()["items"]
     created = [e for e in events if e["payload"].get("job_id") == job]
     assert [a["method"] for a in created[0]["payload"]["attempts"]] == ["imu", "retrain"]
+    # The model's approximate result was held and retraining cost no more than trying: the
+    # next default request retrains at once (worker.routing) and says why.
+    more, _ = request_rows(flipped, "mislabelled3", seed=5)
+    more = [r for r in more if r not in rows]
+    second = stack.submit(model, [flipped.ids[i] for i in more])
+    assert stack.wait([second], timeout=600)[second]["status"] == "succeeded"
+    request = _request(stack, second)
+    assert request["status"] == "completed" and request["forgetting"] == "exact"
+    (attempt,) = request["attempts"]
+    assert attempt["method"] == "retrain" and attempt["outcome"] == "released", attempt
+    instead = attempt["instead_of"]
+    assert instead["method"] == "imu" and instead["exact_first"] and instead["held_share"] == 1.0
+    assert instead["retrain_measured_by"] == job
+    assert instead["retrain_s"] * (1 - instead["held_share"]) <= instead["approximate_s"]
+    released = flipped.load(
+        get(stack, f"/v1/model-versions/{request['result_version']['id']}/checkpoint").content
+    )
+    reference = flipped.retrained(sorted(rows + more))  # both requests' records are gone
+    with torch.no_grad():
+        assert torch.equal(
+            released(flipped.x[more]).argmax(1), reference(flipped.x[more]).argmax(1)
+        )
+    assert flipped.forget_acc(released, more) <= 1 / 3  # at most one wrong label still given
+    assert flipped.heldout_acc(flipped.model) - flipped.heldout_acc(released) <= 0.03
 
 
 @pytest.mark.slow

@@ -1,0 +1,80 @@
+"""Which route a job tries first: the request's approximate method, or the exact retrain.
+
+Escalation (worker.forgetting) runs the approximate method and retrains only when its result
+would be held, so a model whose approximate results are usually held pays for both. Where
+this model's own recent runs say retraining costs no more than trying first, the job
+retrains at once (``LETHE_EXACT_WHEN_CHEAPER``, on by default): exact forgetting, for less.
+
+From the model's last ``WINDOW`` runs (jobs that were not served by another): ``a`` the median
+seconds of an approximate attempt, ``p`` the share of those attempts that were held, ``r``
+the latest retrain's seconds. Trying first costs ``a + p*r`` on average, retraining ``r``;
+the job retrains first when ``r * (1 - p) <= a``. With no retrain or no approximate attempt
+measured yet, it tries first. Runs that retrain first record no new approximate attempt, so
+after ``WINDOW`` of them the window holds none and the next job measures the method again.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.domain.states import JobStatus
+from service.settings import Settings
+from service.storage.tables import Job
+
+WINDOW = 10
+RETRAIN = "retrain"
+
+
+def route_costs(session: Session, model_id: str) -> dict[str, Any] | None:
+    """The measured costs, with the decision, or None when a cost is not known yet."""
+    rows = session.execute(
+        select(Job.id, Job.metrics)
+        .where(
+            Job.model_id == model_id,
+            Job.status == JobStatus.SUCCEEDED,
+            Job.served_by_job_id.is_(None),
+        )
+        .order_by(Job.finished_at.desc())
+        .limit(WINDOW)
+    ).all()
+    approximate: list[tuple[float, bool]] = []
+    retrain: tuple[str, float] | None = None
+    for job_id, metrics in rows:
+        for attempt in (metrics or {}).get("attempts") or []:
+            seconds = attempt.get("seconds")
+            if not isinstance(seconds, int | float):
+                continue
+            if attempt.get("method") == RETRAIN:
+                retrain = retrain or (job_id, float(seconds))
+            elif attempt.get("outcome") in ("released", "held"):
+                approximate.append((float(seconds), attempt["outcome"] == "held"))
+    if retrain is None or not approximate:
+        return None
+    a = statistics.median(s for s, _ in approximate)
+    p = sum(held for _, held in approximate) / len(approximate)
+    r = retrain[1]
+    return {
+        "approximate_s": round(a, 3),
+        "held_share": round(p, 3),
+        "retrain_s": round(r, 3),
+        "runs": len(rows),
+        "retrain_measured_by": retrain[0],
+        "exact_first": r * (1 - p) <= a,
+    }
+
+
+def costs_for(
+    settings: Settings, factory: sessionmaker[Session], model_id: str
+) -> dict[str, Any] | None:
+    """``route_costs`` in a short read of its own; None when the setting is off."""
+    if not settings.exact_when_cheaper:
+        return None
+    with factory() as session:
+        return route_costs(session, model_id)
+
+
+__all__ = ["WINDOW", "costs_for", "route_costs"]
