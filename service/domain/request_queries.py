@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session, aliased, sessionmaker
+from sqlalchemy.orm import Bundle, Session, aliased, sessionmaker
 
 from service.domain.models import get_model
 from service.domain.pagination import MAX_LIMIT, newest_first, page, time_id_key
@@ -46,9 +46,12 @@ def list_requests(
 ) -> dict[str, Any]:
     limit = min(limit, MAX_LIMIT)
     result = aliased(ModelVersion)
+    # The result's reference only: a whole version row would decode its metrics (hundreds
+    # of KB for a coalesced run) once per request it served.
+    ref = Bundle("result", result.id, result.number, result.status)
     with factory() as session:
         q = (
-            select(DeletionRequest, Job, Model.name, result)
+            select(DeletionRequest, Job, Model.name, ref)
             .join(Job, Job.request_id == DeletionRequest.id)
             .join(Model, Model.id == DeletionRequest.model_id)
             .outerjoin(result, result.id == Job.result_version_id)
@@ -64,5 +67,8 @@ def list_requests(
         items, next_cursor = page(
             rows, limit, lambda row: time_id_key(row[1].created_at, row[1].id)
         )
-        views = [request_view(req, job, name, result=res) for req, job, name, res in items]
+        views = [
+            request_view(req, job, name, result=res if res.id is not None else None)
+            for req, job, name, res in items
+        ]
     return {"items": views, "next_cursor": next_cursor}

@@ -133,7 +133,7 @@ def request_view(
     model_name: str,
     *,
     full: bool = True,
-    result: ModelVersion | None = None,
+    result: ModelVersion | Row[Any] | None = None,
 ) -> dict[str, Any]:
     """`full=False` is the 202 answer of a submission: `{id, status, job: {id, status}}`.
 
