@@ -48,7 +48,7 @@ def list_requests(
     result = aliased(ModelVersion)
     # The result's reference only: a whole version row would decode its metrics (hundreds
     # of KB for a coalesced run) once per request it served.
-    ref = Bundle("result", result.id, result.number, result.status)
+    ref: Bundle[Any] = Bundle("result", result.id, result.number, result.status)
     with factory() as session:
         q = (
             select(DeletionRequest, Job, Model.name, ref)

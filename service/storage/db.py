@@ -26,6 +26,11 @@ READ_ONCE_OPTION = "lethe_read_once"
 # lock and its busy_timeout.
 LOCK_TIMEOUT_S = 30.0
 PING_AFTER_IDLE_S = 1.0  # PostgreSQL: pooled connections idle longer are pinged at checkout
+# Back in the pool for less than this: reused without looking at its socket. Under load a
+# connection is reused within milliseconds, and that look (a select() per checkout) was a
+# tenth of a GET's time. One the server ended in those moments fails its statement with a
+# disconnect (503; the pool replaces it), as one ended mid-statement does.
+LOOK_AFTER_IDLE_S = 0.05
 IDLE_SINCE = "lethe_idle_since"
 _WRITE_LOCKS: weakref.WeakKeyDictionary[Engine, threading.RLock] = weakref.WeakKeyDictionary()
 
@@ -76,7 +81,8 @@ def _ping_idle_connections(engine: Engine, idle_s: float) -> None:
     was a third of a GET's round trips): a connection is pinged (and replaced if dead) when it
     sat idle in the pool more than ``idle_s``, or when its socket has input waiting — an idle
     connection is sent nothing unless the server is ending it (a terminated backend, a
-    restart), so that check is one poll of the socket."""
+    restart), so that check is one poll of the socket, skipped for a connection that was
+    checked in moments ago (``LOOK_AFTER_IDLE_S``)."""
 
     @event.listens_for(engine, "checkin")
     def _idle_from(_dbapi_conn: Any, record: Any) -> None:
@@ -87,7 +93,8 @@ def _ping_idle_connections(engine: Engine, idle_s: float) -> None:
         since = record.info.get(IDLE_SINCE)
         if since is None:
             return  # just connected
-        if time.monotonic() - since < idle_s and not _has_unread_input(dbapi_conn):
+        idle = time.monotonic() - since
+        if idle < LOOK_AFTER_IDLE_S or (idle < idle_s and not _has_unread_input(dbapi_conn)):
             return
         try:
             alive = engine.dialect.do_ping(dbapi_conn)
