@@ -26,12 +26,16 @@ from service.api.openapi import install_openapi, operation_id
 from service.api.problems import install_handlers
 from service.api.request_ids import RequestIdMiddleware
 from service.settings import Settings, get_settings
+from service.storage.async_reads import AsyncReads
 from service.storage.db import is_postgres, make_engine, make_session_factory
 from service.storage.migrate import SchemaBehind, check_at_head
 from service.storage.objects import Storage
 from service.storage.watchdog import add_statement_watchdog
 
 log = logging.getLogger("lethe.api")
+
+PG_POOL = 20
+PG_ASYNC_POOL = 4  # a poll holds its connection for one round trip
 
 DESCRIPTION = """
 Lethe makes trained PyTorch models forget data on request using IMU (Influence-guided
@@ -62,8 +66,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     # Sync endpoints run in a thread pool (40 threads) and hold a connection for milliseconds.
     # Pooled connections stay open: overflow ones were closed and reopened (with their PRAGMAs)
-    # under load. PostgreSQL: 20 per process keeps `lethe serve`'s workers (≤ 4) under the
-    # server's default max_connections of 100; SQLite connections are cheap, one per thread.
+    # under load. PostgreSQL: 20 per process (the thread pool's and the polls' own, on the
+    # loop) keeps `lethe serve`'s workers (≤ 4) under the server's default max_connections of
+    # 100; SQLite connections are cheap, one per thread.
     engine_kwargs: dict[str, object] = {"max_overflow": 0, "pool_timeout": 30}
     if settings.db_url.startswith("postgresql"):
         # A short connect timeout: with the database unreachable a request answers 503 within
@@ -73,7 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # answers. Together: during an outage every request answers 503 within ~10 s.
         bound_ms = int(settings.db_timeout_s * 1000)
         engine_kwargs.update(
-            pool_size=20,
+            pool_size=PG_POOL - PG_ASYNC_POOL,
             connect_args={
                 "connect_timeout": 5,
                 "keepalives": 1,
@@ -87,8 +92,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     else:
         engine_kwargs.update(pool_size=40)
     engine = make_engine(settings.db_url, **engine_kwargs)
+    async_reads = None
     if is_postgres(engine):
         add_statement_watchdog(engine, settings.db_timeout_s)
+        connect_args = engine_kwargs["connect_args"]
+        assert isinstance(connect_args, dict)
+        async_reads = AsyncReads(
+            engine.url, connect_args, bound_s=settings.db_timeout_s, size=PG_ASYNC_POOL
+        )
     state = AppState(
         settings=settings,
         engine=engine,
@@ -97,6 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics=Metrics(),
         keys=KeyCache(settings.auth_cache_seconds),
         inline_reads=not is_postgres(engine),
+        async_reads=async_reads,
     )
     state.metrics.watch_jobs(state)
 
@@ -117,6 +129,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Temporary files of a process killed mid-write (this one, before a restart, or another).
         state.storage.sweep_temp(settings.temp_max_age_s)
         _warm_up(state)
+        if async_reads is not None:
+            await async_reads.open()
         log.info(
             "lethe %s serving (%s, %s)",
             __version__,
@@ -124,6 +138,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "embedded executor" if settings.embedded else "broker",
         )
         yield
+        if async_reads is not None:
+            await async_reads.close()
         engine.dispose()
 
     app = FastAPI(

@@ -18,6 +18,7 @@ from service.api.auth import KeyCache, Principal
 from service.api.problems import HTTPProblem
 from service.ingest.textcheck import find_bad, problem
 from service.settings import Settings
+from service.storage.async_reads import AsyncReads
 from service.storage.objects import CHUNK, Storage
 
 
@@ -30,6 +31,7 @@ class AppState:
     metrics: Any = None
     keys: KeyCache = field(default_factory=lambda: KeyCache(0.0))
     inline_reads: bool = False  # see `run_read`
+    async_reads: AsyncReads | None = None  # PostgreSQL: polls read on the loop (no thread)
 
 
 T = TypeVar("T")

@@ -57,6 +57,8 @@ async def list_jobs(
 async def show_job(
     job_id: str, _: Principal = Depends(require("read")), state: AppState = Depends(get_state)
 ) -> Response:
+    if state.async_reads is not None:
+        return render(JobOut, await domain.poll_job(state.async_reads, job_id))
     return render(JobOut, await run_read(state, domain.show_job, state.sessions, job_id))
 
 

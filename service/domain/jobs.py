@@ -12,6 +12,7 @@ from service.domain.pagination import MAX_LIMIT, newest_first, page, time_id_key
 from service.domain.states import JOB_STATES
 from service.domain.views import job_view
 from service.errors import not_found, validation
+from service.storage.async_reads import AsyncReads
 from service.storage.db import read_once
 from service.storage.tables import Job, Model, ModelVersion
 
@@ -45,6 +46,14 @@ _SHOW_JOB = (
 def show_job(factory: sessionmaker[Session], job_id: str) -> dict[str, Any]:
     with read_once(factory) as conn:
         row = conn.execute(_SHOW_JOB, {"job_id": job_id}).first()
+    if row is None:
+        raise not_found("job", job_id)
+    return job_view(row, row.model_name, row.result_version_status)
+
+
+async def poll_job(reads: AsyncReads, job_id: str) -> dict[str, Any]:
+    """``show_job`` for PostgreSQL, on the event loop (service.storage.async_reads)."""
+    row = await reads.first(_SHOW_JOB, {"job_id": job_id})
     if row is None:
         raise not_found("job", job_id)
     return job_view(row, row.model_name, row.result_version_status)

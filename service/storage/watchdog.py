@@ -66,14 +66,14 @@ class StatementWatchdog:
             with self._lock:
                 late = [t for t, (deadline, _fd) in self._armed.items() if deadline <= now]
                 for token in late:
-                    _sever(self._armed.pop(token)[1])
+                    sever(self._armed.pop(token)[1])
 
     def pending(self) -> int:
         with self._lock:
             return len(self._armed)
 
 
-def _sever(fd: int) -> None:
+def sever(fd: int) -> None:
     with suppress(OSError):
         dup = socket.socket(fileno=os.dup(fd))
         try:
@@ -110,4 +110,4 @@ def add_statement_watchdog(engine: Engine, seconds: float) -> StatementWatchdog:
     return watchdog
 
 
-__all__ = ["StatementWatchdog", "add_statement_watchdog"]
+__all__ = ["StatementWatchdog", "add_statement_watchdog", "sever"]
