@@ -281,6 +281,21 @@ def section(results_dir: Path) -> list[str]:
             f"{r['versions']} | {', '.join(f'{k} {v}' for k, v in r['statuses'].items())} | "
             f"{t['p50']} / {t['p99']} | {r['receipts_ok']} |"
         )
+    lines.append("")
+    for r in rows:  # what each run did: records, then each attempt with its outcome
+        runs = "; ".join(
+            f"{d['records']} records: "
+            + " → ".join(f"{a[0]} {a[1]}" + (f" ({a[3]})" if a[3] else "") for a in d["attempts"])
+            for d in r["run_details"]
+        )
+        lines.append(f"- {r['mode']} runs: {runs}.")
+    lines += [
+        "",
+        "`needs_review`: a late run's retrain, after 2,000-3,000 of 12,600 records were "
+        "forgotten, lost more held-out accuracy than the policy allows (`eval_acc_drop`); its "
+        "requests wait for a reviewer. A run that retrains at once was chosen on the model's "
+        "measured costs (worker/routing.py).",
+    ]
     return [*lines, "", "![burst](results/burst.png)", ""]
 
 
