@@ -46,6 +46,7 @@ class AsyncReads:
         self, url: URL, connect_args: dict[str, Any], *, bound_s: float, size: int = 8
     ) -> None:
         self.bound_s = bound_s
+        self._size = size
         self._compiled: dict[int, str] = {}
         self._pool = AsyncConnectionPool(
             conninfo(url),
@@ -73,8 +74,16 @@ class AsyncReads:
         """The statement's first row (attributes by column name), or None."""
         sql = self._sql(statement)
         try:
-            async with self._pool.connection() as conn:  # waits at most bound_s
-                return await self._bounded(conn, sql, params)
+            for attempt in range(self._size + 1):
+                async with self._pool.connection() as conn:  # waits at most bound_s
+                    try:
+                        return await self._bounded(conn, sql, params)
+                    except psycopg.OperationalError:
+                        # Ended by the server while pooled (a restart, a terminated backend):
+                        # a read is safe to repeat on another connection; this one is dropped.
+                        if not conn.broken or attempt == self._size:
+                            raise
+            raise AssertionError("unreachable: the last attempt returns or raises")
         except (TimeoutError, PoolTimeout, psycopg.OperationalError) as exc:
             raise sa_exc.DisconnectionError(f"database unreachable: {exc}") from exc
 

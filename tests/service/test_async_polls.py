@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import update
+from sqlalchemy import text, update
 
 from service.domain.jobs import show_job
 from service.storage.db import make_engine, make_session_factory, transaction
@@ -56,6 +56,19 @@ def test_a_poll_answers_as_the_thread_pool_read_does(
         assert polled.json()["error"]["detail"] == "ünïcode"
         for key, value in read.items():
             assert polled.json()[key] == value, key
+        # The server ends every pooled connection (a restart, an operator): the next poll
+        # still answers, on a new connection, without a 503.
+        with stack.sessions() as session:
+            session.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            )
+        time.sleep(0.2)
+        again = stack.client.get(f"/v1/jobs/{job}", headers=stack.headers)
+        assert again.status_code == 200, again.text
+        assert again.json() == polled.json()
         missing = stack.client.get("/v1/jobs/nope", headers=stack.headers)
         assert missing.status_code == 404
         assert missing.headers["content-type"] == "application/problem+json"
