@@ -43,7 +43,7 @@ def conninfo(url: URL) -> str:
 
 class AsyncReads:
     def __init__(
-        self, url: URL, connect_args: dict[str, Any], *, bound_s: float, size: int = 8
+        self, url: URL, connect_args: dict[str, Any], *, bound_s: float, size: int
     ) -> None:
         self.bound_s = bound_s
         self._size = size

@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import text, update
 
 from service.domain.jobs import show_job
+from service.errors import NotFound
 from service.storage.db import make_engine, make_session_factory, transaction
 from service.storage.tables import Job
 from tests.service.netfaults import lethe_server, migrated_with_key, proxied_database, server_env
@@ -93,14 +94,17 @@ def test_a_poll_is_503_when_the_database_is_cut_or_silent_and_recovers(
                 assert int(r.headers["Retry-After"]) > 0
                 assert str(proxy.port) not in r.text and "127.0.0.1" not in r.text
 
+            def recovered() -> None:  # no restart, no operator action
+                deadline = time.monotonic() + 30
+                while http.get("/v1/jobs/nope", headers=auth).status_code != 404:
+                    assert time.monotonic() < deadline, "polls did not recover"
+                    time.sleep(0.25)
+
             proxy.cut()
             unavailable(http.get("/v1/jobs/nope", headers=auth))
 
             proxy.restore()
-            deadline = time.monotonic() + 30
-            while http.get("/v1/jobs/nope", headers=auth).status_code != 404:
-                assert time.monotonic() < deadline, "polls did not recover"
-                time.sleep(0.25)
+            recovered()
 
             # Silent: the poll waits at most its bound, and the loop serves others meanwhile.
             proxy.silence()
@@ -122,10 +126,7 @@ def test_a_poll_is_503_when_the_database_is_cut_or_silent_and_recovers(
             assert seconds < 2 * 2 + 1  # within the bound (2 s), a hung pool wait included
 
             proxy.restore()
-            deadline = time.monotonic() + 30
-            while http.get("/v1/jobs/nope", headers=auth).status_code != 404:
-                assert time.monotonic() < deadline, "polls did not recover"
-                time.sleep(0.25)
+            recovered()
     finally:
         proxy.close()
 
@@ -137,7 +138,8 @@ def test_the_sync_read_is_the_reference(postgres_url: str) -> None:
         from service.storage import migrate
 
         migrate.upgrade(postgres_url)
-        with pytest.raises(Exception, match="nope"):
+        with pytest.raises(NotFound, match="job 'nope' does not exist") as raised:
             show_job(make_session_factory(engine), "nope")
+        assert raised.value.code == "not-found"  # the API answers it 404
     finally:
         engine.dispose()
