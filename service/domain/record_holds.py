@@ -3,7 +3,7 @@ from naming the same record (``records.held_by_request_id``, migration 0003)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import cast
 
 from sqlalchemy import Table, bindparam, select, update
@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from service.domain.states import ACTIVE_REQUEST_STATES, RecordState, RequestStatus
 from service.errors import Invalid, validation
+from service.storage.group_commit import batch_memo
 from service.storage.sql import chunked
 from service.storage.tables import Dataset, DeletionRequest, Record
 
@@ -21,13 +22,14 @@ def lock_dataset(session: Session, dataset_id: str) -> None:
 
 
 def _held(
-    session: Session, dataset_id: str, keys: list[str], holders: dict[str, str]
+    session: Session, keys: list[str], holders: dict[str, str]
 ) -> tuple[list[str], list[str]]:
     """(keys named by a queued or running request, keys named by one awaiting review).
 
-    One primary-key lookup per distinct holder: the cost does not grow with the backlog."""
-    status: dict[str, str] = {}
-    ids = sorted(set(holders.values()))
+    One primary-key lookup per distinct holder, remembered for the rest of the batch: the
+    cost does not grow with the backlog."""
+    status: dict[str, str] = batch_memo(session).setdefault("request_status", {})
+    ids = sorted({holders[k] for k in keys if k in holders} - status.keys())
     for chunk in chunked(ids):
         status.update(
             session.execute(
@@ -41,6 +43,41 @@ def _held(
     pending = [k for k in keys if status.get(holders.get(k, "")) in ACTIVE_REQUEST_STATES]
     in_review = [k for k in keys if status.get(holders.get(k, "")) == RequestStatus.NEEDS_REVIEW]
     return pending, in_review
+
+
+# Keys read for the batch's later submissions in the first one's statement, at most.
+BATCH_READ_MAX = 10_000
+
+
+def _record_rows(
+    session: Session, dataset_id: str, keys: list[str], also: Iterable[str]
+) -> dict[str, tuple[str, str | None] | None]:
+    """(state, holder) of each key, None where the dataset lacks it. Keys read once stay read
+    for the batch (``batch_memo``: forgotten when a savepoint rolls back); ``also``, the keys
+    the batch's later submissions will ask for, are read in the same statement."""
+    rows: dict[str, tuple[str, str | None] | None] = batch_memo(session).setdefault(
+        ("records", dataset_id), {}
+    )
+    wanted = [k for k in keys if k not in rows]
+    if wanted:
+        extra: list[str] = []
+        for key in also:
+            if key not in rows:
+                extra.append(key)
+                if len(wanted) + len(extra) > BATCH_READ_MAX:  # too many: this unit's alone
+                    extra = []
+                    break
+        wanted = list(dict.fromkeys(wanted + extra))
+        for chunk in chunked(wanted):
+            for key, state, holder in session.execute(
+                select(Record.key, Record.state, Record.held_by_request_id).where(
+                    Record.dataset_id == dataset_id, Record.key.in_(chunk)
+                )
+            ):
+                rows[key] = (state, holder)
+        for key in wanted:
+            rows.setdefault(key, None)
+    return {k: rows[k] for k in keys}
 
 
 def hold(session: Session, dataset_id: str, keys: list[str], request_id: str) -> None:
@@ -76,10 +113,15 @@ def hold_all(session: Session, holds: list[tuple[str, list[str], str]]) -> None:
 
 
 def check_keys(
-    session: Session, dataset_id: str, keys: list[str], batch_held: Mapping[str, str] = {}
+    session: Session,
+    dataset_id: str,
+    keys: list[str],
+    batch_held: Mapping[str, str] = {},
+    also: Iterable[str] = (),
 ) -> None:
     """Refuse keys that are missing, forgotten or held, naming each (422). ``batch_held``:
-    keys held by submissions of the same batch whose holds are not written yet."""
+    keys held by submissions of the same batch whose holds are not written yet; ``also``:
+    keys the batch's other submissions name (read now, in the same statement)."""
     seen: set[str] = set()
     dupes = sorted({k for k in keys if k in seen or seen.add(k)})  # type: ignore[func-returns-value]
     if dupes:
@@ -89,21 +131,17 @@ def check_keys(
         )
     states: dict[str, str] = {}
     holders: dict[str, str] = {}
-    for chunk in chunked(keys):
-        for key, state, holder in session.execute(
-            select(Record.key, Record.state, Record.held_by_request_id).where(
-                Record.dataset_id == dataset_id, Record.key.in_(chunk)
-            )
-        ):
-            states[key] = state
-            if holder is not None and state != RecordState.FORGOTTEN:
-                holders[key] = holder
+    for key, row in _record_rows(session, dataset_id, keys, also).items():
+        if row is not None:
+            states[key] = row[0]
+            if row[1] is not None and row[0] != RecordState.FORGOTTEN:
+                holders[key] = row[1]
     missing = [k for k in keys if k not in states]
     forgotten = [k for k in keys if states.get(k) == RecordState.FORGOTTEN]
     # Match the submitted keys inside the database (the JSON arrays are expanded there): this
     # runs under the submission lock, and decoding every queued request's key list made each
     # POST slower as the backlog grew.
-    pending, in_review = _held(session, dataset_id, keys, holders)
+    pending, in_review = _held(session, keys, holders)
     pending += [k for k in keys if k in batch_held and k not in pending]
     errors = (
         [{"field": "record_keys", "key": k, "message": "not in the dataset"} for k in missing]

@@ -10,7 +10,9 @@ records of one dataset) therefore serialise, so the "key already named by a queu
 request" check and the idempotency check see every earlier submission; submissions for other
 models do not wait. Under load, submissions waiting in one process share a transaction, each
 in its own savepoint (service.storage.group_commit), and their audit events are appended in
-the batch's short final step: the chain head is locked only from there to the commit.
+the batch's short final step: the chain head is locked only from there to the commit. The
+batch's first submission reads the records that all of its submissions name in one statement
+(`batch_hints`), so the dataset lock is held for one read per batch, not one per request.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from service.engine import canonical_json
 from service.errors import Conflict, conflict, not_found, validation
 from service.settings import Settings
 from service.storage.db import transaction
-from service.storage.group_commit import batch_log, batch_memo, group_commit
+from service.storage.group_commit import batch_hints, batch_log, batch_memo, group_commit
 from service.storage.sql import affected_rows
 from service.storage.tables import Dataset, DeletionRequest, Job, Model, new_id, utcnow
 from service.trust.audit import append_event, append_events
@@ -200,7 +202,8 @@ def _record_submission(
             raise _Replayed(replay)
     # Keys held by this batch's earlier submissions, whose holds the final step writes.
     batch_held: dict[str, str] = batch_log(session).setdefault(("held", dataset.id), {})
-    check_keys(session, dataset.id, body.record_keys, batch_held)
+    also = (k for name, keys in batch_hints(session) if name == body.dataset for k in keys)
+    check_keys(session, dataset.id, body.record_keys, batch_held, also)
     req = DeletionRequest(
         id=new_id(),
         model_id=model.id,
@@ -360,7 +363,10 @@ def submit_deletion_request(
     try:
         # Without a key the unit only reads and raises before its writes (the final step's).
         result = group_commit(factory).run(
-            unit, final=_finish_batch, savepoint=idempotency_key is not None
+            unit,
+            final=_finish_batch,
+            savepoint=idempotency_key is not None,
+            hint=(body.dataset, body.record_keys),
         )
     except _Replayed as replayed:
         return replayed.submission

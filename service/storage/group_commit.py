@@ -20,6 +20,10 @@ A unit that only reads, and raises before anything it would write (its writes ri
 and RELEASE are two of a submission's few round trips, and the batch's round trips in a row
 are what bounds its throughput. What such units leave for each other and for `final` goes
 in `batch_log(session)`, which a rollback of another unit does not empty.
+
+A unit may carry a `hint` (what it is about to read); `batch_hints(session)` lists the hints
+of every unit in the batch, so the first unit can read for all of them in one statement
+instead of each unit paying its own round trip while the batch holds its locks.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ T = TypeVar("T")
 MAX_BATCH = 64  # bounds the time one commit holds the write lock
 MEMO_KEY = "lethe_batch_memo"
 LOG_KEY = "lethe_batch_log"
+HINTS_KEY = "lethe_batch_hints"
 
 
 def batch_memo(session: Session) -> dict[Any, Any]:
@@ -55,11 +60,18 @@ def batch_log(session: Session) -> dict[Any, Any]:
     return log
 
 
+def batch_hints(session: Session) -> list[Any]:
+    """The hints of this batch's units, in order (empty outside a batch)."""
+    hints: list[Any] = session.info.get(HINTS_KEY, [])
+    return hints
+
+
 @dataclass(eq=False)
 class _Unit:
     work: Callable[[Session], Any]
     final: Callable[[Session, list[Any]], None] | None = None
     savepoint: bool = True
+    hint: Any = None
     woken: threading.Event = field(default_factory=threading.Event)
     lead: bool = False  # this unit's thread runs the next batches
     done: bool = False
@@ -84,12 +96,14 @@ class GroupCommit:
         final: Callable[[Session, list[T]], None] | None = None,
         *,
         savepoint: bool = True,
+        hint: Any = None,
     ) -> T:
         """Run ``work(session)`` in a committed transaction, maybe shared with others; then,
         once per batch, ``final(session, results)`` with the results of the batch's units that
         succeeded and named this same step (a failure there fails the batch). Without a
-        ``savepoint`` the work must raise before it writes anything (module docstring)."""
-        unit = _Unit(work, final, savepoint)
+        ``savepoint`` the work must raise before it writes anything (module docstring); ``hint``
+        is shown to every unit of the batch through `batch_hints`."""
+        unit = _Unit(work, final, savepoint, hint)
         with self._lock:
             self._queue.append(unit)
             if not self._leading:
@@ -120,6 +134,7 @@ class GroupCommit:
         outcomes: list[tuple[bool, Any]] = []
         try:
             with transaction(self._factory) as session:
+                session.info[HINTS_KEY] = [unit.hint for unit in batch if unit.hint is not None]
                 for unit in batch:
                     try:
                         if unit.savepoint:
@@ -137,8 +152,8 @@ class GroupCommit:
                         finals.setdefault(unit.final, []).append(value)
                 for final, values in finals.items():
                     final(session, values)
-                session.info.pop(MEMO_KEY, None)
-                session.info.pop(LOG_KEY, None)
+                for key in (MEMO_KEY, LOG_KEY, HINTS_KEY):
+                    session.info.pop(key, None)
         except BaseException as exc:  # the commit (or the lock) failed: nothing is kept
             outcomes = [(False, exc)] * len(batch)
             self._finish(batch, outcomes)

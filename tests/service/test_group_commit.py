@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from service.storage import migrate
 from service.storage.db import make_engine, make_session_factory
-from service.storage.group_commit import GroupCommit, batch_log, batch_memo
+from service.storage.group_commit import GroupCommit, batch_hints, batch_log, batch_memo
 from service.storage.tables import Counter
 
 
@@ -115,6 +115,8 @@ def test_read_only_units_skip_the_savepoint_and_keep_what_the_batch_shared(
         def unit(session: Session) -> int:
             memo, log = batch_memo(session), batch_log(session)
             memo.setdefault("read", []).append(i)
+            # Every unit sees the whole batch's hints, its later units' included.
+            assert batch_hints(session) == ["k0", "k1", "k2"]
             if i == 1:
                 raise Refused(i)  # before any write: nothing to roll back
             log.setdefault("left", []).append(i)
@@ -135,7 +137,7 @@ def test_read_only_units_skip_the_savepoint_and_keep_what_the_batch_shared(
 
     def submit(i: int) -> None:
         try:
-            results[i] = group.run(reader(i), write_all, savepoint=False)
+            results[i] = group.run(reader(i), write_all, savepoint=False, hint=f"k{i}")
         except Refused as exc:
             results[i] = exc
 
