@@ -44,7 +44,7 @@ from service.errors import Conflict, conflict, not_found, validation
 from service.settings import Settings
 from service.storage.db import transaction
 from service.storage.group_commit import batch_hints, batch_log, batch_memo, group_commit
-from service.storage.sql import affected_rows
+from service.storage.sql import affected_rows, insert_rows
 from service.storage.tables import Dataset, DeletionRequest, Job, Model, new_id, utcnow
 from service.trust.audit import append_event, append_events
 
@@ -271,8 +271,7 @@ def _finish_batch(session: Session, submissions: list[Submission]) -> None:
     and hold their records here, in bulk (their units ran without a savepoint)."""
     deferred = [sub.request for sub in submissions if sub.request is not None]
     if deferred:
-        session.add_all(deferred)
-        session.flush()
+        insert_rows(session, deferred)
         hold_all(session, [(r.dataset_id, list(r.record_keys), r.id) for r in deferred])
     jobs = [sub.job for sub in submissions if sub.job is not None]
     by_model: dict[str, list[Job]] = {}
@@ -283,8 +282,7 @@ def _finish_batch(session: Session, submissions: list[Submission]) -> None:
         last = _take_seqs(session, model_id, len(line))
         for offset, job in enumerate(line):
             job.submitted_seq = last - len(line) + 1 + offset
-    session.add_all(jobs)
-    session.flush()
+    insert_rows(session, jobs)
     events = []
     for sub in submissions:
         if sub.event is not None and sub.job is not None:

@@ -16,6 +16,7 @@ from sqlalchemy import Row, select
 from sqlalchemy.orm import Session
 
 from service.engine import canonical_json
+from service.storage.sql import insert_rows
 from service.storage.tables import AuditEvent, AuditHead, ModelVersion, utcnow
 
 GENESIS_HASH = "0" * 64
@@ -145,7 +146,7 @@ def append_events(session: Session, events: list[dict[str, Any]]) -> list[AuditE
         }
         prev = event_hash(**fields)
         out.append(AuditEvent(**fields, hash=prev))
-    session.add_all(out)
+    insert_rows(session, out)
     head.seq, head.hash = seq, prev
     session.flush()
     return out
