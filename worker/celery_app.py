@@ -129,7 +129,24 @@ def _child_init(**_: Any) -> None:
     from worker.warmup import warm_up
 
     warm_up()  # in the child, after the fork: the parent runs no torch op
+    _open_context()
     _start_metrics()
+
+
+def _open_context() -> None:
+    """The child's job context and one pooled database connection, made before the first
+    job: its first claim paid ~90 ms for them (bench/worker_latency.py)."""
+    from sqlalchemy import text
+
+    from worker.tasks import runner_context
+
+    try:
+        ctx = runner_context()
+        ctx.device  # noqa: B018  (resolved once, on first use)
+        with ctx.session_factory() as session:
+            session.execute(text("SELECT 1"))
+    except Exception as exc:  # the first job connects (and retries) on its own
+        log.warning("pool child: database not reachable yet (%s)", str(exc).splitlines()[0][:200])
 
 
 def _broker_depth() -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -60,6 +61,17 @@ def _warm_up(state: AppState) -> None:
             authenticate(session, "lethe_warm-up")
     except Exception as exc:  # a database blip must not stop a worker process from starting
         log.warning("start-up: database not reachable yet (%s)", str(exc).splitlines()[0][:200])
+    # Beside the start, not in it: a broker that is slow to answer must not delay serving.
+    threading.Thread(target=_connect_queue, args=(state.settings,), daemon=True).start()
+
+
+def _connect_queue(settings: Settings) -> None:
+    from service.domain.queue import get_queue
+
+    try:
+        get_queue(settings).connect()
+    except Exception as exc:  # the first submission connects (and retries) on its own
+        log.warning("start-up: broker not reachable yet (%s)", str(exc).splitlines()[0][:200])
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

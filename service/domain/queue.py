@@ -28,6 +28,9 @@ RUN_JOB_TASK = "lethe.run_job"
 class JobQueue(Protocol):
     def enqueue(self, job_id: str) -> None: ...
 
+    def connect(self) -> None:
+        """Pay the first send's set-up now (at start-up), not in the first submission."""
+
 
 def wake_address(settings: Settings) -> bytes:
     """The executor's wake-up socket: Linux's abstract namespace (no file, no path limit),
@@ -50,6 +53,9 @@ class EmbeddedQueue:
         # No executor listening (or its buffer is full): it polls.
         with contextlib.suppress(OSError):
             self._socket.sendto(job_id.encode(), self._address)
+
+    def connect(self) -> None:
+        """Nothing to open: a datagram needs no connection."""
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -100,6 +106,15 @@ class CeleryQueue:
 
     def enqueue(self, job_id: str) -> None:
         send_run_job(self._app, self._settings, job_id)
+
+    def connect(self) -> None:
+        """Open a pooled broker connection, declare the queue on it and build the result
+        backend: the first submission after a start paid ~80 ms for these (bench/
+        worker_latency.py). Raises if the broker cannot be reached (no retry)."""
+        with self._app.producer_or_acquire() as producer:
+            producer.connection.ensure_connection(max_retries=0)
+            producer.maybe_declare(self._app.amqp.queues[self._settings.queue_name])
+        self._app.backend  # noqa: B018  (created on first use)
 
 
 @lru_cache(maxsize=8)
