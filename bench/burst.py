@@ -41,7 +41,7 @@ if str(REPO) not in sys.path:
 from bench.api_throughput import _pg_database  # noqa: E402
 from bench.families import Family, family  # noqa: E402
 from service.devtools.localserver import LocalService, lethe_command  # noqa: E402
-from tests.worker.harness import WorkerProcess  # noqa: E402
+from tests.worker.harness import WorkerProcess, wait_until  # noqa: E402
 from tests.worker.test_recovery import ThrowawayRedis  # noqa: E402
 
 FINAL = ("completed", "needs_review", "failed", "cancelled", "rejected")
@@ -233,7 +233,8 @@ def bench_mode(mode: str, n: int, fam: Family, work: Path) -> dict[str, Any]:
         if mode == "postgres":
             for i in range(2):
                 w = WorkerProcess(
-                    lethe_command("worker", "--loglevel", "WARNING"),
+                    # INFO: its pool child logs "warmed up" once ready to run a job at full speed.
+                    lethe_command("worker", "--loglevel", "INFO"),
                     service.env,
                     work / f"worker{i}.log",
                 )
@@ -245,7 +246,8 @@ def bench_mode(mode: str, n: int, fam: Family, work: Path) -> dict[str, Any]:
             )
         )
         train = _setup(http, fam)
-        time.sleep(3.0)  # let the workers finish starting (their warm-up)
+        for w in workers:  # the yardstick is a warm worker's, not one still importing torch
+            wait_until(lambda w=w: "warmed up" in w.log_text(), timeout=180, what="warm-up")
         try:
             result = run_burst(http, fam, train, n)
         except Exception:

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 
 from service.domain.backoff import JITTER, backoff_delay
 from service.domain.lifecycle import move_job, move_request
+from service.domain.lines import line_head
 from service.domain.models import active_version
 from service.domain.states import (
     ACTIVE_JOB_STATES,
@@ -119,17 +120,6 @@ def blocking_job(session: Session, job: Job) -> str | None:
         .order_by(Job.submitted_seq)
         .limit(1)
     ).scalar_one_or_none()
-
-
-def next_runnable_of_model(session: Session, model_id: str) -> str | None:
-    """The head of the model's line if it is queued (nothing running before it)."""
-    row = session.execute(
-        select(Job.id, Job.status)
-        .where(Job.model_id == model_id, Job.status.in_(ACTIVE_JOB_STATES))
-        .order_by(Job.submitted_seq)
-        .limit(1)
-    ).first()
-    return row.id if row is not None and row.status == JobStatus.QUEUED else None
 
 
 def runnable_jobs(session: Session) -> list[str]:
@@ -437,7 +427,7 @@ def wake_next(ctx: RunnerContext, model_id: str) -> None:
         return
     try:
         with transaction(ctx.session_factory) as session:
-            nxt = next_runnable_of_model(session, model_id)
+            nxt = line_head(session, model_id)
         if nxt is not None:
             ctx.wake(nxt)
     except Exception as exc:  # the reaper re-sends lost wake-ups

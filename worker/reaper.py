@@ -35,6 +35,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from service.domain.backoff import JITTER, backoff_delay
+from service.domain.lines import line_head
 from service.domain.states import JobStatus
 from service.settings import Settings
 from service.storage.db import transaction
@@ -47,7 +48,6 @@ from worker.job_queue import (
     lease_is_live,
     lock_job,
     lock_model,
-    next_runnable_of_model,
     release_members,
     retry_or_finish,
     runnable_jobs,
@@ -184,7 +184,7 @@ class Reaper:
                 reason="lease expired",
             )
             outcome = str(final) if final is not None else "requeued"
-            nxt = next_runnable_of_model(session, model_id) if outcome != "requeued" else job_id
+            nxt = line_head(session, model_id) if outcome != "requeued" else job_id
         log.warning("job %s: worker lost, %s", job_id, outcome)
         getattr(report, outcome).append(job_id)
         if outcome in ("failed", "cancelled"):
@@ -207,7 +207,7 @@ class Reaper:
                 if job is None or job.status != JobStatus.QUEUED or not job.cancel_requested:
                     continue
                 finish_job(session, job, JobStatus.CANCELLED, actor=self.actor)
-                nxt = next_runnable_of_model(session, row.model_id)
+                nxt = line_head(session, row.model_id)
             report.cancelled.append(row.id)
             if nxt is not None:
                 self._send(nxt, report)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 
 from service.logs import log_context
-from worker.context import FINAL_OUTCOMES, RunnerContext, RunResult
+from worker.context import FINAL_OUTCOMES, Outcome, RunnerContext, RunResult
 from worker.execution import Execution
 from worker.job_queue import claim_job, wake_next
 
@@ -42,6 +42,7 @@ def run_job(ctx: RunnerContext, job_id: str) -> RunResult:
                 log.info("job %s: claimed (attempt %d) by %s", job_id, claim.attempt, ctx.worker_id)
                 result = Execution(ctx, claim).run()
                 log.info("job %s: %s %s", job_id, result.outcome.value, result.detail)
-        if result.outcome in FINAL_OUTCOMES:
+        # FINISHED too: a job cancelled while queued may have had jobs waiting behind it.
+        if result.outcome in FINAL_OUTCOMES or result.outcome == Outcome.FINISHED:
             wake_next(ctx, claim.model_id)
     return result

@@ -76,5 +76,5 @@ def cancel(
     principal: Principal = Depends(require("submit")),
     state: AppState = Depends(get_state),
 ) -> Response:
-    result = cancel_job(state.sessions, job_id, actor=principal.actor)
+    result = cancel_job(state.sessions, state.settings, job_id, actor=principal.actor)
     return render(JobOut, job_view(result.job, result.model_name), status_code=202)

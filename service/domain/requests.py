@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.domain.datasets import resolve_dataset
 from service.domain.lifecycle import REQUEST_MOVES, sources
+from service.domain.lines import active_before, line_head
 from service.domain.models import active_version, get_model
 from service.domain.params import validate_params
 from service.domain.record_holds import check_keys, hold, hold_all, lock_dataset
@@ -96,6 +97,7 @@ class Submission:
     event: dict[str, Any] | None = None  # the audit event, appended in the batch's final step
     job: Job | None = None  # the job row, inserted (with its line position) in the final step
     request: DeletionRequest | None = None  # not inserted yet: the final step does, and holds
+    wake: bool = False  # its job heads the model's line: send it a run message (domain.lines)
 
 
 class _Replayed(Exception):
@@ -275,6 +277,7 @@ def _finish_batch(session: Session, submissions: list[Submission]) -> None:
         hold_all(session, [(r.dataset_id, list(r.record_keys), r.id) for r in deferred])
     jobs = [sub.job for sub in submissions if sub.job is not None]
     by_model: dict[str, list[Job]] = {}
+    heads: set[str] = set()
     for job in jobs:
         by_model.setdefault(job.model_id, []).append(job)
     for model_id in sorted(by_model):
@@ -282,7 +285,13 @@ def _finish_batch(session: Session, submissions: list[Submission]) -> None:
         last = _take_seqs(session, model_id, len(line))
         for offset, job in enumerate(line):
             job.submitted_seq = last - len(line) + 1 + offset
+        # Under the model row's lock (taken just above): only a head of the line needs a
+        # message; the jobs behind it are woken in turn (service.domain.lines).
+        if not active_before(session, model_id, line[0].submitted_seq):
+            heads.add(line[0].id)
     insert_rows(session, jobs)
+    for sub in submissions:
+        sub.wake = sub.job_id in heads
     events = []
     for sub in submissions:
         if sub.event is not None and sub.job is not None:
@@ -377,7 +386,8 @@ def submit_deletion_request(
         if replay is None:
             raise
         return replay
-    _enqueue(settings, result.job_id)
+    if result.wake:
+        _enqueue(settings, result.job_id)
     log.info("deletion request %s accepted: job %s queued", result.request_id, result.job_id)
     return result
 
@@ -397,13 +407,20 @@ class CancelResult:
     model_name: str
 
 
-def cancel_job(factory: sessionmaker[Session], job_id: str, *, actor: str) -> CancelResult:
-    """Queued: cancelled now. Running: cancel requested (the worker stops at its next progress
-    report). Finished: 409. Conditional UPDATEs make this safe against a worker's claim."""
+def cancel_job(
+    factory: sessionmaker[Session], settings: Settings, job_id: str, *, actor: str
+) -> CancelResult:
+    """Queued: cancelled now, and the job that waited behind it is woken. Running: cancel
+    requested (the worker stops at its next progress report). Finished: 409. Conditional
+    UPDATEs make this safe against a worker's claim."""
     with transaction(factory) as session:
         job = session.get(Job, job_id)
         if job is None:
             raise not_found("job", job_id)
+        # The model row's lock, as everything that moves a job out of its line takes it: a
+        # submission meanwhile sees this job's new state when it asks who heads the line.
+        session.execute(select(Model.id).where(Model.id == job.model_id).with_for_update())
+        head: str | None = None
         now = utcnow()
         cancelled = affected_rows(
             session,
@@ -428,6 +445,8 @@ def cancel_job(factory: sessionmaker[Session], job_id: str, *, actor: str) -> Ca
                 subject_id=job_id,
                 payload={"request_id": job.request_id, "was": JobStatus.QUEUED},
             )
+            if not active_before(session, job.model_id, job.submitted_seq):  # it was the head
+                head = line_head(session, job.model_id)  # what waited behind it
         else:
             requested = affected_rows(
                 session,
@@ -455,4 +474,7 @@ def cancel_job(factory: sessionmaker[Session], job_id: str, *, actor: str) -> Ca
         session.refresh(job)
         model = session.get(Model, job.model_id)
         assert model is not None
-        return CancelResult(job=job, model_name=model.name)
+        result = CancelResult(job=job, model_name=model.name)
+    if head is not None:
+        _enqueue(settings, head)
+    return result

@@ -98,3 +98,46 @@ def test_submission_enqueues_job_id_after_commit(
     assert message["headers"]["task"] == "lethe.run_job" and message["headers"]["id"] == job_id
     args = json.loads(base64.b64decode(message["body"]))[0]
     assert args == [job_id]
+
+
+def _queued_ids(redis_url: str, queue: str) -> list[str]:
+    conn = redis.Redis.from_url(redis_url)
+    try:
+        raw = conn.lrange(queue, 0, -1)
+    finally:
+        conn.close()
+    # LPUSH puts the newest first: oldest first here.
+    return [json.loads(m)["headers"]["id"] for m in reversed(raw)]
+
+
+def test_only_the_head_of_a_line_gets_a_message(
+    broker_settings, api_keys, redis_url: str, digits
+) -> None:
+    """A job behind another active job of its model is woken when its turn comes
+    (service.domain.lines); cancelling the queued head wakes the job that waited behind it."""
+    with TestClient(create_app(broker_settings)) as client:
+        api = Api(client, api_keys)
+        ds = api.upload_dataset(digits_npz(digits, 50)).json()
+        for name in ("m", "other"):
+            spec = {"name": name, "architecture": "mlp", "arch_kwargs": MLP_KWARGS}
+            assert api.register_model(spec, mlp_weights()).status_code == 201
+
+        def submit(model: str, key: str) -> str:
+            r = client.post(
+                "/v1/deletion-requests",
+                headers=api.h("submit"),
+                json={"model": model, "dataset": ds["id"], "record_keys": [key]},
+            )
+            assert r.status_code == 202, r.text
+            return str(r.json()["job"]["id"])
+
+        first, second, third = (submit("m", f"digit-{i}") for i in (1, 2, 3))
+        assert _queued_ids(redis_url, broker_settings.queue_name) == [first]
+        other = submit("other", "digit-4")  # another model's line: its own head
+        assert _queued_ids(redis_url, broker_settings.queue_name) == [first, other]
+        cancelled = client.post(f"/v1/jobs/{first}/cancel", headers=api.h("submit"))
+        assert cancelled.status_code == 202, cancelled.text
+        assert _queued_ids(redis_url, broker_settings.queue_name) == [first, other, second]
+        # Cancelling a job that waits behind the head wakes nobody: the head still waits.
+        assert client.post(f"/v1/jobs/{third}/cancel", headers=api.h("submit")).status_code == 202
+        assert _queued_ids(redis_url, broker_settings.queue_name) == [first, other, second]
