@@ -111,6 +111,7 @@ def test_jobs_queued_across_a_redis_restart_still_run(
     )
     with api_stack(settings) as stack:
         model = stack.register(trained, "mlp")
+        other = stack.register(trained, "cnn")
         worker = WorkerProcess.celery(settings, tmp_path / "worker.log").start()
         try:
             wait_until(lambda: "ready" in worker.log_text(), timeout=60, what="worker ready")
@@ -122,15 +123,21 @@ def test_jobs_queued_across_a_redis_restart_still_run(
                 "backbone_mode": "train",
                 "lr": 1e-5,
             }
-            job_ids = [
-                stack.submit(model, trained.train_ids[i * 5 : (i + 1) * 5], params=slow)
-                for i in range(4)
-            ]
+            job_ids = [stack.submit(model, trained.train_ids[:5], params=slow)]
             wait_until(
                 lambda: stack.job_rows(job_ids)[job_ids[0]].status == "running",
                 timeout=60,
                 what="the first job to run",
             )
+            # The other model's head is sent a message, which waits in Redis while the only
+            # pool child is busy; the jobs behind a head get none (service.domain.lines).
+            other_ids = [
+                stack.submit(other, trained.train_ids[20 + i * 5 : 25 + i * 5]) for i in range(2)
+            ]
+            job_ids += [
+                stack.submit(model, trained.train_ids[i * 5 : (i + 1) * 5], params=slow)
+                for i in range(1, 4)
+            ]
             client = redis.Redis.from_url(private_redis.url)
             queued_before = client.llen(settings.queue_name)
             run_before = client.info("server")["run_id"]
@@ -145,7 +152,7 @@ def test_jobs_queued_across_a_redis_restart_still_run(
                 "save": ""
             }
             client.close()
-            done = stack.wait(job_ids, timeout=120)
+            done = stack.wait(job_ids + other_ids, timeout=120)
             # Second round: nothing runs, so no completion can hand the line on — jobs
             # queued while the worker is down and Redis restarts are found by the reaper.
             worker.stop()
@@ -161,6 +168,7 @@ def test_jobs_queued_across_a_redis_restart_still_run(
     assert queued_before >= 1 and lost  # there really were messages, and they really were lost
     assert {d["status"] for d in done.values()} == {"succeeded"}, worker.log_text()[-3000:]
     assert_chains(stack, model, job_ids + more)
+    assert_chains(stack, other, other_ids)
 
 
 def _set_connections(db_name: str, allowed: bool) -> None:
