@@ -344,6 +344,22 @@ def get_model(session: Session, name: str) -> Model:
     return model
 
 
+def model_and_active_id(session: Session, name: str) -> tuple[Model, str | None]:
+    """The model and the id of its active version (None without one), in one statement."""
+    row = session.execute(
+        select(Model, ModelVersion.id)
+        .outerjoin(
+            ModelVersion,
+            (ModelVersion.model_id == Model.id) & (ModelVersion.status == VersionStatus.ACTIVE),
+        )
+        .where(Model.name == name)
+        .limit(1)
+    ).first()
+    if row is None:
+        return get_model(session, name), None  # raises the 404, with suggestions
+    return row[0], row[1]
+
+
 def active_version(session: Session, model_id: str) -> ModelVersion | None:
     return session.execute(
         select(ModelVersion)

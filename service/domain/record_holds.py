@@ -9,6 +9,7 @@ from typing import cast
 from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.orm import Session
 
+from service.domain.datasets import resolve_dataset
 from service.domain.states import ACTIVE_REQUEST_STATES, RecordState, RequestStatus
 from service.errors import Invalid, validation
 from service.storage.group_commit import batch_memo
@@ -19,6 +20,17 @@ from service.storage.tables import Dataset, DeletionRequest, Record
 def lock_dataset(session: Session, dataset_id: str) -> None:
     """Submissions naming one dataset's records (perhaps for several models) serialise here."""
     session.execute(select(Dataset.id).where(Dataset.id == dataset_id).with_for_update())
+
+
+def resolve_and_lock_dataset(session: Session, ref: str) -> Dataset:
+    """`resolve_dataset`, then `lock_dataset`: one statement when ``ref`` is an id."""
+    ds = session.execute(
+        select(Dataset).where(Dataset.id == ref).with_for_update()
+    ).scalar_one_or_none()
+    if ds is None:
+        ds = resolve_dataset(session, ref)
+        lock_dataset(session, ds.id)
+    return ds
 
 
 def _held(
@@ -181,4 +193,4 @@ def check_keys(
         )
 
 
-__all__ = ["check_keys", "hold", "hold_all", "lock_dataset"]
+__all__ = ["check_keys", "hold", "hold_all", "lock_dataset", "resolve_and_lock_dataset"]

@@ -28,12 +28,11 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.domain.datasets import resolve_dataset
 from service.domain.lifecycle import REQUEST_MOVES, sources
 from service.domain.lines import active_before, line_head
-from service.domain.models import active_version, get_model
+from service.domain.models import model_and_active_id
 from service.domain.params import validate_params
-from service.domain.record_holds import check_keys, hold, hold_all, lock_dataset
+from service.domain.record_holds import check_keys, hold, hold_all, resolve_and_lock_dataset
 from service.domain.states import (
     JobStatus,
     Method,
@@ -162,8 +161,8 @@ def _model_and_dataset(session: Session, body: DeletionRequestIn) -> tuple[Model
     memo = batch_memo(session)
     model = memo.get(("model", body.model))
     if model is None:
-        model = get_model(session, body.model)
-        if active_version(session, model.id) is None:
+        model, active_id = model_and_active_id(session, body.model)
+        if active_id is None:
             raise conflict(
                 "no-active-version",
                 f"model {model.name!r} has no active version",
@@ -172,14 +171,13 @@ def _model_and_dataset(session: Session, body: DeletionRequestIn) -> tuple[Model
         memo[("model", body.model)] = model
     dataset = memo.get(("dataset", body.dataset))
     if dataset is None:
-        dataset = resolve_dataset(session, body.dataset)
+        dataset = resolve_and_lock_dataset(session, body.dataset)
         if dataset.role != "train":
             raise validation(
                 f"dataset {dataset.id!r} has role {dataset.role!r}; only records of a "
                 "train dataset can be forgotten",
                 [{"field": "dataset", "message": "role must be train"}],
             )
-        lock_dataset(session, dataset.id)
         memo[("dataset", body.dataset)] = dataset
     return model, dataset
 
