@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 
 from service.domain.backoff import JITTER, backoff_delay
 from service.domain.lifecycle import move_job, move_request
-from service.domain.lines import line_head
+from service.domain.lines import line_head, lock_model
 from service.domain.models import active_version
 from service.domain.states import (
     ACTIVE_JOB_STATES,
@@ -42,7 +42,7 @@ from service.errors import problem_dict
 from service.storage.db import transaction
 from service.storage.objects import Storage
 from service.storage.sql import affected_rows
-from service.storage.tables import DeletionRequest, Job, Model, ModelVersion, utcnow
+from service.storage.tables import DeletionRequest, Job, ModelVersion, utcnow
 from service.trust.audit import append_event
 from worker.context import Outcome, RunnerContext
 from worker.errors import worker_lost_problem
@@ -89,13 +89,6 @@ def retry_delay(attempt: int) -> float:
 
 
 # --------------------------------------------------------------------------- locks and lines
-
-
-def lock_model(session: Session, model_id: str) -> Model | None:
-    """Serialise everything that changes one model's job line (no-op lock on SQLite)."""
-    return session.execute(
-        select(Model).where(Model.id == model_id).with_for_update()
-    ).scalar_one_or_none()
 
 
 def lock_job(session: Session, job_id: str) -> Job | None:

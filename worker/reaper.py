@@ -35,7 +35,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from service.domain.backoff import JITTER, backoff_delay
-from service.domain.lines import line_head
+from service.domain.lines import line_head, lock_model
 from service.domain.states import JobStatus
 from service.settings import Settings
 from service.storage.db import transaction
@@ -47,7 +47,6 @@ from worker.job_queue import (
     finish_job,
     lease_is_live,
     lock_job,
-    lock_model,
     release_members,
     retry_or_finish,
     runnable_jobs,

@@ -15,7 +15,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.domain.states import ACTIVE_JOB_STATES, JobStatus
-from service.storage.tables import Job
+from service.storage.tables import Job, Model
+
+
+def lock_model(session: Session, model_id: str) -> Model | None:
+    """Serialise everything that changes one model's job line (no-op lock on SQLite)."""
+    return session.execute(
+        select(Model).where(Model.id == model_id).with_for_update()
+    ).scalar_one_or_none()
 
 
 def line_head(session: Session, model_id: str) -> str | None:

@@ -29,7 +29,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.domain.lifecycle import REQUEST_MOVES, sources
-from service.domain.lines import active_before, line_head
+from service.domain.lines import active_before, line_head, lock_model
 from service.domain.models import model_and_active_id
 from service.domain.params import validate_params
 from service.domain.record_holds import check_keys, hold, hold_all, resolve_and_lock_dataset
@@ -417,7 +417,7 @@ def cancel_job(
             raise not_found("job", job_id)
         # The model row's lock, as everything that moves a job out of its line takes it: a
         # submission meanwhile sees this job's new state when it asks who heads the line.
-        session.execute(select(Model.id).where(Model.id == job.model_id).with_for_update())
+        lock_model(session, job.model_id)
         head: str | None = None
         now = utcnow()
         cancelled = affected_rows(
