@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.worker.harness import Stack, Trained, api_stack, stack_settings, train_models
+from tests.worker.harness import (
+    Stack,
+    ThrowawayRedis,
+    Trained,
+    api_stack,
+    stack_settings,
+    train_models,
+)
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +35,13 @@ def pg_stack(lethe_env: Path, postgres_url: str, storage_dir: Path) -> Iterator[
     settings = stack_settings(database_url=postgres_url, storage_dir=storage_dir)
     with api_stack(settings) as stack:
         yield stack
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[ThrowawayRedis]:
+    server = ThrowawayRedis(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -3,9 +3,7 @@ the save step."""
 
 from __future__ import annotations
 
-import subprocess
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -14,13 +12,13 @@ import redis
 from sqlalchemy import create_engine, text, update
 from sqlalchemy.engine import make_url
 
-from service.devtools.localserver import free_port
 from service.storage.db import transaction
 from service.storage.tables import Job, utcnow
 from tests.conftest import PG_ADMIN_URL
 from tests.worker.harness import (
     ONE_JOB_PER_REQUEST,
     Stack,
+    ThrowawayRedis,
     Trained,
     WorkerProcess,
     api_stack,
@@ -34,64 +32,6 @@ from worker.reaper import Reaper
 from worker.runner import run_job
 
 pytestmark = [pytest.mark.postgres]
-
-
-class ThrowawayRedis:
-    """A private redis-server on a free port, without persistence: a restart loses every
-    message, exactly what the worker must survive. (The shared Redis is never touched.)"""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis.from_url(self.url)
-        wait_until(lambda: _pings(client), timeout=10, what="redis-server to start")
-        client.close()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[ThrowawayRedis]:
-    server = ThrowawayRedis(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.mark.slow

@@ -17,21 +17,10 @@ import redis
 from service.domain.queue import CeleryQueue
 from service.settings import Settings
 from tests.service.netfaults import free_port
-from tests.worker.harness import api_stack, stack_settings, wait_until
-from tests.worker.test_recovery import ThrowawayRedis
+from tests.worker.harness import ThrowawayRedis, api_stack, stack_settings, wait_until
 from worker import celery_app, tasks
 
 pytestmark = [pytest.mark.postgres]
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[ThrowawayRedis]:
-    server = ThrowawayRedis(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def _clients(server: ThrowawayRedis) -> int:
