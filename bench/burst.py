@@ -41,7 +41,8 @@ if str(REPO) not in sys.path:
 from bench.api_throughput import _pg_database  # noqa: E402
 from bench.families import Family, family  # noqa: E402
 from service.devtools.localserver import LocalService, lethe_command  # noqa: E402
-from tests.worker.harness import ThrowawayRedis, WorkerProcess, wait_until  # noqa: E402
+from tests.worker.harness import WorkerProcess, wait_until  # noqa: E402
+from tests.worker.redis_server import ThrowawayRedis  # noqa: E402
 
 FINAL = ("completed", "needs_review", "failed", "cancelled", "rejected")
 RESULTS = REPO / "bench" / "results"

@@ -47,13 +47,13 @@ if str(REPO) not in sys.path:
 
 from tests.worker.harness import (  # noqa: E402
     Stack,
-    ThrowawayRedis,
     WorkerProcess,
     api_stack,
     stack_settings,
     train_models,
     wait_until,
 )
+from tests.worker.redis_server import ThrowawayRedis  # noqa: E402
 
 PG_ADMIN_URL = os.environ.get(
     "LETHE_TEST_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/test"

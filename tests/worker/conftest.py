@@ -9,12 +9,12 @@ import pytest
 
 from tests.worker.harness import (
     Stack,
-    ThrowawayRedis,
     Trained,
     api_stack,
     stack_settings,
     train_models,
 )
+from tests.worker.redis_server import ThrowawayRedis
 
 
 @pytest.fixture(scope="session")

@@ -25,11 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import redis
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.devtools.localserver import free_port
 from service.settings import Settings, load_settings
 from service.storage.db import make_engine, make_session_factory, transaction
 from service.storage.tables import Job, ModelVersion, Record
@@ -521,51 +519,3 @@ def poll(fetch: Any, timeout: float, interval: float = 0.1, what: str = "") -> A
         if time.monotonic() - start > timeout:
             raise AssertionError(f"timed out after {timeout} s waiting for {what or fetch}")
         time.sleep(interval)
-
-
-class ThrowawayRedis:
-    """A private redis-server on a free port, without persistence: a restart loses every
-    message, exactly what the worker must survive. (The shared Redis is never touched.)"""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis.from_url(self.url)
-        wait_until(lambda: _pings(client), timeout=10, what="redis-server to start")
-        client.close()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False

@@ -18,7 +18,6 @@ from tests.conftest import PG_ADMIN_URL
 from tests.worker.harness import (
     ONE_JOB_PER_REQUEST,
     Stack,
-    ThrowawayRedis,
     Trained,
     WorkerProcess,
     api_stack,
@@ -27,6 +26,7 @@ from tests.worker.harness import (
     stack_settings,
     wait_until,
 )
+from tests.worker.redis_server import ThrowawayRedis
 from worker.context import Outcome, RunnerContext
 from worker.reaper import Reaper
 from worker.runner import run_job

@@ -17,7 +17,8 @@ import redis
 from service.domain.queue import CeleryQueue
 from service.settings import Settings
 from tests.service.netfaults import free_port
-from tests.worker.harness import ThrowawayRedis, api_stack, stack_settings, wait_until
+from tests.worker.harness import api_stack, stack_settings, wait_until
+from tests.worker.redis_server import ThrowawayRedis
 from worker import celery_app, tasks
 
 pytestmark = [pytest.mark.postgres]
