@@ -138,16 +138,18 @@ def absorb(
 def served_jobs(session: Session, leader_id: str, members: Sequence[Member]) -> list[Job]:
     """The served jobs, locked; MembersChanged if any left the run or asked to cancel."""
     # Their requests come along (with_for_update of the jobs only): finishing reads them.
-    jobs = {
-        j.id: j
-        for j, _request in session.execute(
-            select(Job, DeletionRequest)
-            .join(DeletionRequest, DeletionRequest.id == Job.request_id)
-            .where(Job.served_by_job_id == leader_id)
-            .with_for_update(of=Job)
-            .execution_options(populate_existing=True)
-        )
-    }
+    # The session's identity map holds objects weakly, so the requests are kept alive in
+    # session.info until the transaction ends; dropped, each finish re-read its request
+    # (one SELECT per served job: 0.6 s of a 333-request run).
+    rows = session.execute(
+        select(Job, DeletionRequest)
+        .join(DeletionRequest, DeletionRequest.id == Job.request_id)
+        .where(Job.served_by_job_id == leader_id)
+        .with_for_update(of=Job)
+        .execution_options(populate_existing=True)
+    ).all()
+    session.info["lethe_served_requests"] = [request for _job, request in rows]
+    jobs = {job.id: job for job, _request in rows}
     for m in members:
         job = jobs.get(m.job_id)
         if job is None or job.status != JobStatus.RUNNING or job.cancel_requested:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from worker.imu import evaluate
 from worker.imu.checks import loss_auc
 from worker.imu.membership import MembershipTest
-from worker.imu.membership_parts import assess_parts
+from worker.imu.membership_parts import assess_with_parts
 from worker.imu.set_outputs import SetOutputs
 
 Pair = tuple[torch.Tensor, torch.Tensor]
@@ -106,11 +106,10 @@ def job_metrics(
             _losses(outputs(forget[0]), forget[1]), _losses(eval_logits, eval_pair[1])
         )
         result["forget_loss_auc"], result["forget_loss_auc_limit"] = auc, limit
-    if membership is not None:
+    if membership is not None and parts is not None:
+        whole, each = assess_with_parts(membership, outputs, parts)
+        result["membership"] = whole.as_dict()
+        result["membership_parts"] = [None if ev is None else ev.as_dict() for ev in each]
+    elif membership is not None:
         result["membership"] = membership.assess(outputs).as_dict()
-        if parts is not None:
-            result["membership_parts"] = [
-                None if ev is None else ev.as_dict()
-                for ev in assess_parts(membership, outputs, parts)
-            ]
     return jsonable(result)

@@ -16,18 +16,20 @@ import torch
 from worker.imu.membership import Evidence, MembershipTest, judge_parts
 
 
-def assess_parts(
+def assess_with_parts(
     test: MembershipTest, logits_of: Any, parts: Sequence[Sequence[int]]
-) -> list[Evidence | None]:
-    """One Evidence per part (indices into the test's forget records in the caller's order);
-    None for a part none of whose records the test scored (a seeded subset above MAX_FORGET)."""
+) -> tuple[Evidence, list[Evidence | None]]:
+    """The whole set's Evidence (as ``test.assess``) and one per part (indices into the
+    test's forget records in the caller's order; None for a part none of whose records the
+    test scored, a seeded subset above MAX_FORGET), from one scoring of the model: scoring
+    is most of an evaluation's cost, and a coalesced run judges both."""
     folds = test.scores(logits_of)
     position = {int(i): p for p, i in enumerate(test.picked.tolist())}
     rows = [
         torch.tensor([position[i] for i in part if i in position], dtype=torch.long)
         for part in parts
     ]
-    scored = [r for r in rows if r.numel() > 0]
+    scored = [torch.arange(len(position)), *(r for r in rows if r.numel() > 0)]
     judged = iter(
         judge_parts(
             folds,
@@ -38,13 +40,16 @@ def assess_parts(
             max_advantage=test.max_advantage,
         )
     )
+    n_nonmembers = int(len(test.nonmembers[1]))  # the null repeats atypical labels
+    whole = next(judged)
+    whole.n_nonmembers = n_nonmembers
     out: list[Evidence | None] = []
     for r in rows:
         evidence = next(judged) if r.numel() > 0 else None
         if evidence is not None:
-            evidence.n_nonmembers = int(len(test.nonmembers[1]))
+            evidence.n_nonmembers = n_nonmembers
         out.append(evidence)
-    return out
+    return whole, out
 
 
-__all__ = ["assess_parts"]
+__all__ = ["assess_with_parts"]
