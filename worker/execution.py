@@ -145,7 +145,9 @@ class Execution:
                 evaluate=self._evaluate_after,
                 approximate=self._unlearn,
                 exact=self._retrain,
-                costs=costs_for(self.ctx.settings, self.ctx.session_factory, self.model_id),
+                costs=costs_for(
+                    self.ctx.settings, self.ctx.session_factory, self.model_id, len(loaded.keys)
+                ),
             )
             self.progress(Phase.EVALUATING, 1.0)
             self._enter(Phase.SAVING)
