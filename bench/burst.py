@@ -9,9 +9,9 @@ with its recipe, through a real `lethe serve` as a client would use it:
   (Celery) processes.
 
 First three requests alone, one after another (the median of their POST-to-finish times is
-the yardstick), then the burst sent by 8 client threads. Both sides are timed from the POST to
-the job's `finished_at` (the server's clock on this machine), so the client's polling counts
-for neither. Reported per mode: wall time until every request is final, the
+the yardstick), then the burst sent by 32 concurrent clients (`--clients`). Both sides are
+timed from the POST to the job's `finished_at` (the server's clock on this machine), so the
+client's polling counts for neither. Reported per mode: wall time until every request is final, the
 number of runs (jobs not served by another) and versions, p50/p99 time to completed
 (POST to the job's finish), and a check that every request has a verifiable receipt naming
 its own records and the audit events that back it. Goals (issue 27): the burst within 5x
@@ -286,9 +286,10 @@ def section(results_dir: Path) -> list[str]:
         "## A burst of requests (`bench/burst.py`)",
         "",
         f"{rows[0]['requests']} default requests of 3 disjoint records each on one digits MLP "
-        "(digits-shifted, 12600 training records, registered with its recipe), sent by 8 "
-        "client threads to a real `lethe serve`; the yardstick is the median of three requests "
-        "alone, each timed from its POST to its job's finish, as the burst is.",
+        "(digits-shifted, 12600 training records, registered with its recipe), sent by "
+        f"{rows[0].get('clients', 8)} concurrent clients to a real `lethe serve`; the yardstick "
+        "is the median of three requests alone, each timed from its POST to its job's "
+        "finish, as the burst is.",
         "",
         "| mode | alone (s) | submitting (s) | all final (s) | after the last POST (s) | "
         "x alone | runs | versions | statuses | p50 / p99 to completed (s) | receipts |",
