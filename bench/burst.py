@@ -11,8 +11,8 @@ with its recipe, through a real `lethe serve` as a client would use it:
 First three requests alone, one after another (the median of their POST-to-finish times is
 the yardstick), then the burst sent by 32 concurrent clients (`--clients`). Both sides are
 timed from the POST to the job's `finished_at` (the server's clock on this machine), so the
-client's polling counts for neither. Reported per mode: wall time until every request is final, the
-number of runs (jobs not served by another) and versions, p50/p99 time to completed
+client's polling counts for neither. Reported per mode: wall time until every request is
+final, the number of runs (jobs not served by another) and versions, p50/p99 time to completed
 (POST to the job's finish), and a check that every request has a verifiable receipt naming
 its own records and the audit events that back it. Goals (issue 27): the burst within 5x
 the wall time of one request alone, at most 20 runs. Output: bench/results/burst.json and

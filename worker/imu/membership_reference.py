@@ -53,41 +53,43 @@ def _nearest(query: torch.Tensor, pool: torch.Tensor, k: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class _Pools:
-    """The non-members' half of a reference: the same for every request on a model with the
-    same eval set, so a worker computes it once (a third of the neighbour search)."""
+    """The non-members' half of a local reference: the same for every request on a model
+    with the same eval set, so a worker computes it once (a third of the neighbour search)."""
 
     halves: tuple[torch.Tensor, torch.Tensor]
     mean: torch.Tensor
     scale: torch.Tensor
     e_n: torch.Tensor
-    calib_nn: tuple[torch.Tensor, torch.Tensor]  # per fold, into the non-members
+    calib_nn: tuple[torch.Tensor, ...]  # per fold, into the non-members
 
 
-_POOLS: OrderedDict[tuple[str, int, int, bool], _Pools] = OrderedDict()
+_POOLS: OrderedDict[tuple[str, int, int], _Pools] = OrderedDict()
 _POOLS_KEPT = 4  # eval sets of the models a worker serves in turn
 _POOL_MAX_BYTES = 32 << 20  # a larger eval set is searched afresh rather than kept
 
 
-def _pools(e: torch.Tensor, k: int, seed: int, local: bool) -> _Pools:
+def _halves(n_e: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    order = torch.randperm(n_e, generator=torch.Generator().manual_seed(seed))
+    return order[: n_e // 2], order[n_e // 2 :]
+
+
+def _pools(e: torch.Tensor, k: int, seed: int) -> _Pools:
     digest = hashlib.blake2b(e.numpy().tobytes(), digest_size=16)
     digest.update(repr(tuple(e.shape)).encode())
-    key = (digest.hexdigest(), k, seed, local)
+    key = (digest.hexdigest(), k, seed)
     if (hit := _POOLS.get(key)) is not None:
         _POOLS.move_to_end(key)
         return hit
-    n_e = e.shape[0]
-    order = torch.randperm(n_e, generator=torch.Generator().manual_seed(seed))
-    halves = (order[: n_e // 2], order[n_e // 2 :])
+    halves = _halves(e.shape[0], seed)
     mean, std = e.mean(0), e.std(0)
     floor = 0.1 * float(std.median()) if float(std.median()) > 0 else 1.0
     scale = std.clamp_min(floor)
     e_n = (e - mean) / scale
-    calib_nn = [torch.empty(0, dtype=torch.long)] * 2
-    if local:
-        for i, (pool, calib) in enumerate((halves, halves[::-1])):
-            kk = max(1, min(k, pool.numel()))
-            calib_nn[i] = pool[_nearest(e_n[calib], e_n[pool], kk)]
-    made = _Pools(halves, mean, scale, e_n, (calib_nn[0], calib_nn[1]))
+    calib_nn = tuple(
+        pool[_nearest(e_n[calib], e_n[pool], max(1, min(k, pool.numel())))]
+        for pool, calib in (halves, halves[::-1])
+    )
+    made = _Pools(halves, mean, scale, e_n, calib_nn)
     if e.numel() * e.element_size() <= _POOL_MAX_BYTES:
         _POOLS[key] = made
         while len(_POOLS) > _POOLS_KEPT:
@@ -115,15 +117,15 @@ def build_reference(
     e = _flat(nonmembers[0])
     if e.shape[0] < 6:
         raise ValueError("the membership test needs at least 6 non-member records")
-    made = _pools(e, k, seed, local)
     labels = (
         torch.as_tensor(forget[1]).long().cpu(),
         torch.as_tensor(members[1]).long().cpu(),
         torch.as_tensor(nonmembers[1]).long().cpu(),
     )
     if not local:
-        bare = tuple(Fold(calib, None, None, None) for calib in made.halves)
+        bare = tuple(Fold(calib, None, None, None) for calib in _halves(e.shape[0], seed))
         return Reference(bare, *labels)
+    made = _pools(e, k, seed)
     f_n, m_n = ((_flat(x) - made.mean) / made.scale for x in (forget[0], members[0]))
     folds = []
     for (pool, calib), calib_nn in zip(
