@@ -12,8 +12,8 @@ from service.api.deps import AppState, get_state, require, run_read
 from service.api.rendering import render
 from service.api.schemas import COMMON_ERRORS, JobOut, Page, problems
 from service.domain import jobs as domain
+from service.domain.cancellation import cancel_job
 from service.domain.pagination import DEFAULT_LIMIT, MAX_LIMIT
-from service.domain.requests import cancel_job
 from service.domain.states import JobStatus
 from service.domain.views import job_view
 

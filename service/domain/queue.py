@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import socket
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Protocol
@@ -22,6 +23,7 @@ from service.settings import Settings
 if TYPE_CHECKING:
     from celery import Celery
 
+log = logging.getLogger("lethe.queue")
 RUN_JOB_TASK = "lethe.run_job"
 
 
@@ -120,3 +122,12 @@ class CeleryQueue:
 @lru_cache(maxsize=8)
 def get_queue(settings: Settings) -> JobQueue:
     return EmbeddedQueue(settings) if settings.embedded else CeleryQueue(settings)
+
+
+def enqueue_job(settings: Settings, job_id: str) -> None:
+    """Send a committed job its run message. A failure is logged, not raised: the job row is
+    committed and stays queued, and the worker's re-dispatch picks it up."""
+    try:
+        get_queue(settings).enqueue(job_id)
+    except Exception:
+        log.exception("could not hand job %s to the queue; it stays queued", job_id)

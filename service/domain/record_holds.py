@@ -1,5 +1,9 @@
 """Which records a deletion request may name, and the holds that keep two queued requests
-from naming the same record (``records.held_by_request_id``, migration 0003)."""
+from naming the same record (``records.held_by_request_id``, migration 0003).
+
+Submissions read the records without a lock and write their holds later, under the dataset's
+lock, on the condition that each record is still as it was read (`hold_all`, a compare-and-
+set): a hold or a forgetting committed by another process in between is caught there."""
 
 from __future__ import annotations
 
@@ -9,28 +13,24 @@ from typing import cast
 from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.orm import Session
 
-from service.domain.datasets import resolve_dataset
 from service.domain.states import ACTIVE_REQUEST_STATES, RecordState, RequestStatus
 from service.errors import Invalid, validation
 from service.storage.group_commit import batch_memo
-from service.storage.sql import chunked
+from service.storage.sql import affected_rows, chunked
 from service.storage.tables import Dataset, DeletionRequest, Record
 
 
-def lock_dataset(session: Session, dataset_id: str) -> None:
-    """Submissions naming one dataset's records (perhaps for several models) serialise here."""
-    session.execute(select(Dataset.id).where(Dataset.id == dataset_id).with_for_update())
-
-
-def resolve_and_lock_dataset(session: Session, ref: str) -> Dataset:
-    """`resolve_dataset`, then `lock_dataset`: one statement when ``ref`` is an id."""
-    ds = session.execute(
-        select(Dataset).where(Dataset.id == ref).with_for_update()
-    ).scalar_one_or_none()
-    if ds is None:
-        ds = resolve_dataset(session, ref)
-        lock_dataset(session, ds.id)
-    return ds
+def lock_datasets(session: Session, dataset_ids: Iterable[str]) -> None:
+    """Submissions naming one dataset's records (perhaps for several models) write their holds
+    under its row lock; in id order, so two batches that lock several never deadlock. FOR NO
+    KEY UPDATE: it must not wait for the key-share locks that inserting a request (a foreign
+    key to the dataset) takes, or two batches that each inserted one would wait on each other."""
+    memo = batch_memo(session).setdefault("locked_datasets", set())
+    for dataset_id in sorted(set(dataset_ids) - memo):
+        session.execute(
+            select(Dataset.id).where(Dataset.id == dataset_id).with_for_update(key_share=True)
+        )
+        memo.add(dataset_id)
 
 
 def _held(
@@ -92,36 +92,56 @@ def _record_rows(
     return {k: rows[k] for k in keys}
 
 
-def hold(session: Session, dataset_id: str, keys: list[str], request_id: str) -> None:
-    for chunk in chunked(keys):
-        session.execute(
-            update(Record)
-            .where(Record.dataset_id == dataset_id, Record.key.in_(chunk))
-            .values(held_by_request_id=request_id)
-        )
-
-
-# A request naming more keys than this is held with IN lists; smaller ones share one
-# executemany (one pipelined round trip on PostgreSQL for a whole batch of submissions).
+# What a submission read of each of its records: (state, holder).
+Seen = Mapping[str, tuple[str, str | None]]
+# A request naming more keys than this is held with IN lists, one UPDATE per distinct holder
+# read; smaller ones share one executemany (one pipelined round trip on PostgreSQL for a whole
+# batch of submissions).
 _SHARED_HOLD_MAX = 64
 
 
-def hold_all(session: Session, holds: list[tuple[str, list[str], str]]) -> None:
-    """``hold`` for many requests at once: (dataset id, keys, request id) each."""
+def hold_all(session: Session, holds: list[tuple[str, list[str], str, Seen]]) -> bool:
+    """Hold each request's records, (dataset id, keys, request id, what was read) each, where
+    a record's holder is still the one read. False when some record's is not: another process
+    held it since (the caller rolls back and reads again). The holder is enough to compare: a
+    record is forgotten only by the request that holds it (service.domain.activation), and a
+    key whose holder is active was refused. The state stays out of the WHERE clause: with it,
+    PostgreSQL's generic plan scanned the (dataset, state) index instead of the unique key."""
+    table = cast(Table, Record.__table__)  # Core: executemany binds per row
+    where = (
+        table.c.dataset_id == bindparam("ds"),
+        table.c.held_by_request_id.is_not_distinct_from(bindparam("was")),
+    )
+    expected = matched = 0
     shared = []
-    for dataset_id, keys, request_id in holds:
-        if len(keys) > _SHARED_HOLD_MAX:
-            hold(session, dataset_id, keys, request_id)
-        else:
-            shared += [{"ds": dataset_id, "k": k, "rid": request_id} for k in keys]
+    for dataset_id, keys, request_id, seen in holds:
+        expected += len(keys)
+        if len(keys) <= _SHARED_HOLD_MAX:
+            shared += [
+                {"ds": dataset_id, "k": k, "was": seen[k][1], "rid": request_id} for k in keys
+            ]
+            continue
+        alike: dict[str | None, list[str]] = {}
+        for key in keys:
+            alike.setdefault(seen[key][1], []).append(key)
+        for was, group in alike.items():
+            for chunk in chunked(group):
+                matched += affected_rows(
+                    session,
+                    update(table)
+                    .where(*where, table.c.key.in_(chunk))
+                    .values(held_by_request_id=request_id),
+                    {"ds": dataset_id, "was": was},
+                )
     if shared:
-        table = cast(Table, Record.__table__)  # Core: executemany binds per row
-        session.execute(
+        matched += affected_rows(
+            session,
             update(table)
-            .where(table.c.dataset_id == bindparam("ds"), table.c.key == bindparam("k"))
+            .where(*where, table.c.key == bindparam("k"))
             .values(held_by_request_id=bindparam("rid")),
             shared,
         )
+    return matched == expected
 
 
 def check_keys(
@@ -130,10 +150,11 @@ def check_keys(
     keys: list[str],
     batch_held: Mapping[str, str] = {},
     also: Iterable[str] = (),
-) -> None:
-    """Refuse keys that are missing, forgotten or held, naming each (422). ``batch_held``:
-    keys held by submissions of the same batch whose holds are not written yet; ``also``:
-    keys the batch's other submissions name (read now, in the same statement)."""
+) -> Seen:
+    """Refuse keys that are missing, forgotten or held, naming each (422); else what was read
+    of each (for `hold_all`). ``batch_held``: keys held by submissions of the same batch whose
+    holds are not written yet; ``also``: keys the batch's other submissions name (read now, in
+    the same statement)."""
     seen: set[str] = set()
     dupes = sorted({k for k in keys if k in seen or seen.add(k)})  # type: ignore[func-returns-value]
     if dupes:
@@ -143,16 +164,16 @@ def check_keys(
         )
     states: dict[str, str] = {}
     holders: dict[str, str] = {}
-    for key, row in _record_rows(session, dataset_id, keys, also).items():
+    rows = _record_rows(session, dataset_id, keys, also)
+    for key, row in rows.items():
         if row is not None:
             states[key] = row[0]
             if row[1] is not None and row[0] != RecordState.FORGOTTEN:
                 holders[key] = row[1]
     missing = [k for k in keys if k not in states]
     forgotten = [k for k in keys if states.get(k) == RecordState.FORGOTTEN]
-    # Match the submitted keys inside the database (the JSON arrays are expanded there): this
-    # runs under the submission lock, and decoding every queued request's key list made each
-    # POST slower as the backlog grew.
+    # Holders are looked up by id: decoding every queued request's key list made each POST
+    # slower as the backlog grew.
     pending, in_review = _held(session, keys, holders)
     pending += [k for k in keys if k in batch_held and k not in pending]
     errors = (
@@ -191,6 +212,7 @@ def check_keys(
             pending=pending[:1000],
             in_review=in_review[:1000],
         )
+    return cast(Seen, rows)  # every key was found (a missing one is refused above)
 
 
-__all__ = ["check_keys", "hold", "hold_all", "lock_dataset", "resolve_and_lock_dataset"]
+__all__ = ["Seen", "check_keys", "hold_all", "lock_datasets"]

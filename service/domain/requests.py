@@ -1,18 +1,21 @@
-"""Deletion requests: validation, idempotent submission, cancellation.
+"""Deletion requests: validation and idempotent submission.
 
 Submission writes the request, its queued job (with the next position in the model's line)
 and an audit event in one transaction and hands the job id to the queue only after the
 commit, so an executor never sees a job that might still roll back.
 
-Concurrency: the transaction first increments the model's `job_seq` counter, which locks the
-model row until commit, then locks the dataset row. Submissions for one model (or naming
-records of one dataset) therefore serialise, so the "key already named by a queued or running
-request" check and the idempotency check see every earlier submission; submissions for other
-models do not wait. Under load, submissions waiting in one process share a transaction, each
-in its own savepoint (service.storage.group_commit), and their audit events are appended in
-the batch's short final step: the chain head is locked only from there to the commit. The
-batch's first submission reads the records that all of its submissions name in one statement
-(`batch_hints`), so the dataset lock is held for one read per batch, not one per request.
+Concurrency: under load, submissions waiting in one process share a transaction, each in its
+own savepoint or none (service.storage.group_commit). Each reads the model, the dataset and
+its records without locks; the batch's short final step then takes the locks, in one order
+(datasets, models, the audit chain head), and writes everything: the requests, their record
+holds, the jobs with their line positions (the model's `job_seq` counter) and the audit
+events. A hold is written only where the record is still as its submission read it
+(service.domain.record_holds): when another process held or forgot one in between, the batch
+is rolled back and run again with the dataset locks taken first, so the "key already named
+by a queued or running request" check sees every earlier submission. The locks are thus held
+from the final step to the commit, not while submissions are validated, and batches of two
+API processes overlap except there. The batch's first submission reads the records that all
+of its submissions name in one statement (`batch_hints`).
 """
 
 from __future__ import annotations
@@ -21,18 +24,19 @@ import hashlib
 import logging
 import weakref
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, Table, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.domain.lifecycle import REQUEST_MOVES, sources
-from service.domain.lines import active_before, line_head, lock_model
+from service.domain.datasets import resolve_dataset
+from service.domain.lines import active_before
 from service.domain.models import model_and_active_id
 from service.domain.params import validate_params
-from service.domain.record_holds import check_keys, hold, hold_all, resolve_and_lock_dataset
+from service.domain.queue import enqueue_job
+from service.domain.record_holds import Seen, check_keys, hold_all, lock_datasets
 from service.domain.states import (
     JobStatus,
     Method,
@@ -40,15 +44,21 @@ from service.domain.states import (
 )
 from service.domain.views import request_view
 from service.engine import canonical_json
-from service.errors import Conflict, conflict, not_found, validation
+from service.errors import Conflict, conflict, validation
 from service.settings import Settings
-from service.storage.db import transaction
-from service.storage.group_commit import batch_hints, batch_log, batch_memo, group_commit
-from service.storage.sql import affected_rows, insert_rows
-from service.storage.tables import Dataset, DeletionRequest, Job, Model, new_id, utcnow
-from service.trust.audit import append_event, append_events
+from service.storage.group_commit import (
+    RetryBatch,
+    batch_hints,
+    batch_log,
+    batch_memo,
+    group_commit,
+)
+from service.storage.tables import Dataset, DeletionRequest, Job, Model, new_id
+from service.trust.audit import append_events
 
 log = logging.getLogger("lethe.requests")
+_REQUESTS = cast(Table, DeletionRequest.__table__)
+_JOBS = cast(Table, Job.__table__)
 
 MAX_KEYS = 100_000
 
@@ -93,9 +103,14 @@ class Submission:
     job_id: str
     request_id: str
     replayed: bool
-    event: dict[str, Any] | None = None  # the audit event, appended in the batch's final step
-    job: Job | None = None  # the job row, inserted (with its line position) in the final step
-    request: DeletionRequest | None = None  # not inserted yet: the final step does, and holds
+    # What the batch's final step writes: the audit event, the job row (given its line
+    # position there), the request row (None once inserted: a unit with an Idempotency-Key
+    # inserts its own) and the holds of the request's records. Rows are column dicts for one
+    # Core executemany per table.
+    event: dict[str, Any] | None = None
+    job: dict[str, Any] | None = None
+    request: dict[str, Any] | None = None
+    holds: tuple[str, list[str], str, Seen] | None = None
     wake: bool = False  # its job heads the model's line: send it a run message (domain.lines)
 
 
@@ -112,11 +127,12 @@ def body_fingerprint(body: DeletionRequestIn) -> str:
 def _take_seqs(session: Session, model_id: str, count: int) -> int:
     """Take ``count`` line positions of the model; returns the last. The row lock it takes
     lasts until commit (it is taken in the batch's final step, for a few statements)."""
+    models = cast(Table, Model.__table__)  # Core: nothing in the session to synchronise
     value = session.execute(
-        update(Model)
-        .where(Model.id == model_id)
-        .values(job_seq=Model.job_seq + count)
-        .returning(Model.job_seq)
+        update(models)
+        .where(models.c.id == model_id)
+        .values(job_seq=models.c.job_seq + count)
+        .returning(models.c.job_seq)
     ).scalar_one()
     return int(value)
 
@@ -156,8 +172,8 @@ def _replay(session: Session, key: str, fingerprint: str) -> Submission | None:
 
 
 def _model_and_dataset(session: Session, body: DeletionRequestIn) -> tuple[Model, Dataset]:
-    """The model (with an active version) and the train dataset a submission names, the
-    dataset locked; read and locked once per batch (``batch_memo``)."""
+    """The model (with an active version) and the train dataset a submission names; read once
+    per batch (``batch_memo``)."""
     memo = batch_memo(session)
     model = memo.get(("model", body.model))
     if model is None:
@@ -171,7 +187,7 @@ def _model_and_dataset(session: Session, body: DeletionRequestIn) -> tuple[Model
         memo[("model", body.model)] = model
     dataset = memo.get(("dataset", body.dataset))
     if dataset is None:
-        dataset = resolve_and_lock_dataset(session, body.dataset)
+        dataset = resolve_dataset(session, body.dataset)
         if dataset.role != "train":
             raise validation(
                 f"dataset {dataset.id!r} has role {dataset.role!r}; only records of a "
@@ -203,48 +219,50 @@ def _record_submission(
     # Keys held by this batch's earlier submissions, whose holds the final step writes.
     batch_held: dict[str, str] = batch_log(session).setdefault(("held", dataset.id), {})
     also = (k for name, keys in batch_hints(session) if name == body.dataset for k in keys)
-    check_keys(session, dataset.id, body.record_keys, batch_held, also)
-    req = DeletionRequest(
-        id=new_id(),
-        model_id=model.id,
-        dataset_id=dataset.id,
-        record_keys=list(body.record_keys),
-        method=body.method,
-        params=params,
-        subject_ref=body.subject_ref,
-        reason=body.reason,
-        status=RequestStatus.QUEUED,
-        idempotency_key=idempotency_key,
-        body_sha256=fingerprint,
-        actor=actor,
-    )
+    seen = check_keys(session, dataset.id, body.record_keys, batch_held, also)
+    request_id, job_id = new_id(), new_id()
+    request = {
+        "id": request_id,
+        "model_id": model.id,
+        "dataset_id": dataset.id,
+        "record_keys": list(body.record_keys),
+        "method": body.method,
+        "params": params,
+        "subject_ref": body.subject_ref,
+        "reason": body.reason,
+        "status": RequestStatus.QUEUED,
+        "idempotency_key": idempotency_key,
+        "body_sha256": fingerprint,
+        "actor": actor,
+    }
     if idempotency_key:
         # Its own savepoint: a twin committed by another process meanwhile fails the unique
-        # key here, for this submission alone (it then answers with the twin's result).
-        session.add(req)
-        session.flush()
-        hold(session, dataset.id, body.record_keys, req.id)
-    job = Job(
-        id=new_id(),
-        request_id=req.id,
-        model_id=model.id,
-        method=body.method,
-        params=params,
-        http_request_id=http_request_id,
-        status=JobStatus.QUEUED,
-        progress=0.0,
-        attempts=0,
-        cancel_requested=False,
-        metrics={},
-        timings={},
-    )
+        # key here, for this submission alone (it then answers with the twin's result). Under
+        # the dataset's lock, as every batch's final step takes it first: waiting for a twin's
+        # key while holding nothing, not while holding what the twin's batch waits for.
+        lock_datasets(session, [dataset.id])
+        session.execute(insert(_REQUESTS), request)
+    job = {
+        "id": job_id,
+        "request_id": request_id,
+        "model_id": model.id,
+        "method": body.method,
+        "params": params,
+        "http_request_id": http_request_id,
+        "status": JobStatus.QUEUED,
+        "progress": 0.0,
+        "attempts": 0,
+        "cancel_requested": False,
+        "metrics": {},
+        "timings": {},
+    }
     event = dict(
         actor=actor,
         action="request.accepted",
         subject_type="deletion_request",
-        subject_id=req.id,
+        subject_id=request_id,
         payload={
-            "job_id": job.id,
+            "job_id": job_id,
             "model": model.name,
             "dataset_id": dataset.id,
             "record_count": len(body.record_keys),
@@ -256,46 +274,75 @@ def _record_submission(
             "subject_ref": body.subject_ref,
         },
     )
-    view = request_view(req, job, model.name, full=False)
+    # The 202 answer (views.request_view with full=False), built without ORM objects.
+    view = {
+        "id": request_id,
+        "status": RequestStatus.QUEUED,
+        "job": {"id": job_id, "status": JobStatus.QUEUED},
+    }
     if idempotency_key:
-        twin = Submission(view, job.id, req.id, True)
+        twin = Submission(view, job_id, request_id, True)
         batch_memo(session)[("idempotency", idempotency_key)] = (fingerprint, twin)
-    batch_held.update(dict.fromkeys(body.record_keys, req.id))  # nothing below can fail
-    return Submission(view, job.id, req.id, False, event, job, None if idempotency_key else req)
+    batch_held.update(dict.fromkeys(body.record_keys, request_id))  # nothing below can fail
+    return Submission(
+        view,
+        job_id,
+        request_id,
+        False,
+        event,
+        job,
+        None if idempotency_key else request,
+        (dataset.id, list(body.record_keys), request_id, seen),
+    )
 
 
 def _finish_batch(session: Session, submissions: list[Submission]) -> None:
-    """Line positions per model (one counter update per model, in id order so batches of
-    other processes lock the rows in the same order), the job rows, then the audit events
-    (one chain-head lock for the batch). Requests without an Idempotency-Key are inserted
-    and hold their records here, in bulk (their units ran without a savepoint)."""
+    """Under the datasets' locks, the requests without an Idempotency-Key (their units ran
+    without a savepoint) and every request's holds, in bulk; then line positions per model
+    (one counter update per model, in id order so batches of other processes lock the rows in
+    the same order), the job rows, then the audit events (one chain-head lock for the batch).
+    A hold that finds its record changed since it was read runs the batch again, locked."""
+    holds = [sub.holds for sub in submissions if sub.holds is not None]
+    lock_datasets(session, (dataset_id for dataset_id, *_ in holds))
     deferred = [sub.request for sub in submissions if sub.request is not None]
     if deferred:
-        insert_rows(session, deferred)
-        hold_all(session, [(r.dataset_id, list(r.record_keys), r.id) for r in deferred])
+        session.execute(insert(_REQUESTS), deferred)
+    if not hold_all(session, holds):
+        refs = [ref for ref, _ in batch_hints(session)]
+        raise RetryBatch(
+            lambda locked: _lock_named_datasets(locked, refs),
+            "a record changed between a submission's read and its hold",
+        )
     jobs = [sub.job for sub in submissions if sub.job is not None]
-    by_model: dict[str, list[Job]] = {}
+    by_model: dict[str, list[dict[str, Any]]] = {}
     heads: set[str] = set()
     for job in jobs:
-        by_model.setdefault(job.model_id, []).append(job)
+        by_model.setdefault(job["model_id"], []).append(job)
     for model_id in sorted(by_model):
         line = by_model[model_id]
         last = _take_seqs(session, model_id, len(line))
         for offset, job in enumerate(line):
-            job.submitted_seq = last - len(line) + 1 + offset
+            job["submitted_seq"] = last - len(line) + 1 + offset
         # Under the model row's lock (taken just above): only a head of the line needs a
         # message; the jobs behind it are woken in turn (service.domain.lines).
-        if not active_before(session, model_id, line[0].submitted_seq):
-            heads.add(line[0].id)
-    insert_rows(session, jobs)
+        if not active_before(session, model_id, line[0]["submitted_seq"]):
+            heads.add(line[0]["id"])
+    if jobs:
+        session.execute(insert(_JOBS), jobs)
     for sub in submissions:
         sub.wake = sub.job_id in heads
     events = []
     for sub in submissions:
         if sub.event is not None and sub.job is not None:
-            sub.event["payload"]["submitted_seq"] = sub.job.submitted_seq
+            sub.event["payload"]["submitted_seq"] = sub.job["submitted_seq"]
             events.append(sub.event)
     append_events(session, events)
+
+
+def _lock_named_datasets(session: Session, refs: list[str]) -> None:
+    """The retry's first step: lock every dataset the batch names, before any unit reads."""
+    named = select(Dataset.id).where(or_(Dataset.id.in_(refs), Dataset.name.in_(refs)))
+    lock_datasets(session, session.scalars(named))
 
 
 # Per engine: model name -> (architecture, has a recipe). Both are fixed at registration and
@@ -385,94 +432,6 @@ def submit_deletion_request(
             raise
         return replay
     if result.wake:
-        _enqueue(settings, result.job_id)
+        enqueue_job(settings, result.job_id)
     log.info("deletion request %s accepted: job %s queued", result.request_id, result.job_id)
-    return result
-
-
-def _enqueue(settings: Settings, job_id: str) -> None:
-    from service.domain.queue import get_queue
-
-    try:
-        get_queue(settings).enqueue(job_id)
-    except Exception:  # the job row is committed and stays queued; the worker re-dispatches it
-        log.exception("could not hand job %s to the queue; it stays queued", job_id)
-
-
-@dataclass
-class CancelResult:
-    job: Job
-    model_name: str
-
-
-def cancel_job(
-    factory: sessionmaker[Session], settings: Settings, job_id: str, *, actor: str
-) -> CancelResult:
-    """Queued: cancelled now, and the job that waited behind it is woken. Running: cancel
-    requested (the worker stops at its next progress report). Finished: 409. Conditional
-    UPDATEs make this safe against a worker's claim."""
-    with transaction(factory) as session:
-        job = session.get(Job, job_id)
-        if job is None:
-            raise not_found("job", job_id)
-        # The model row's lock, as everything that moves a job out of its line takes it: a
-        # submission meanwhile sees this job's new state when it asks who heads the line.
-        lock_model(session, job.model_id)
-        head: str | None = None
-        now = utcnow()
-        cancelled = affected_rows(
-            session,
-            update(Job)
-            .where(Job.id == job_id, Job.status == JobStatus.QUEUED)  # running: asked below
-            .values(status=JobStatus.CANCELLED, finished_at=now, cancel_requested=True),
-        )
-        if cancelled:
-            session.execute(
-                update(DeletionRequest)
-                .where(
-                    DeletionRequest.id == job.request_id,
-                    DeletionRequest.status.in_(sources(REQUEST_MOVES, RequestStatus.CANCELLED)),
-                )
-                .values(status=RequestStatus.CANCELLED)
-            )
-            append_event(
-                session,
-                actor=actor,
-                action="job.cancelled",
-                subject_type="job",
-                subject_id=job_id,
-                payload={"request_id": job.request_id, "was": JobStatus.QUEUED},
-            )
-            if not active_before(session, job.model_id, job.submitted_seq):  # it was the head
-                head = line_head(session, job.model_id)  # what waited behind it
-        else:
-            requested = affected_rows(
-                session,
-                update(Job)
-                .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
-                .values(cancel_requested=True),
-            )
-            if requested:
-                append_event(
-                    session,
-                    actor=actor,
-                    action="job.cancel_requested",
-                    subject_type="job",
-                    subject_id=job_id,
-                    payload={"request_id": job.request_id, "was": JobStatus.RUNNING},
-                )
-            else:
-                session.refresh(job)
-                raise conflict(
-                    "job-finished",
-                    f"job {job_id} has already finished ({job.status})",
-                    title="Job already finished",
-                    job_status=job.status,
-                )
-        session.refresh(job)
-        model = session.get(Model, job.model_id)
-        assert model is not None
-        result = CancelResult(job=job, model_name=model.name)
-    if head is not None:
-        _enqueue(settings, head)
     return result

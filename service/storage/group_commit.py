@@ -24,6 +24,12 @@ in `batch_log(session)`, which a rollback of another unit does not empty.
 A unit may carry a `hint` (what it is about to read); `batch_hints(session)` lists the hints
 of every unit in the batch, so the first unit can read for all of them in one statement
 instead of each unit paying its own round trip while the batch holds its locks.
+
+Units may read without the locks that would keep their reads current, and a `final` step
+check under those locks that nothing it relies on changed (a compare-and-set). When the check
+fails it raises `RetryBatch`: the whole transaction is rolled back and the batch runs once
+more, with the retry's `prepare` step (taking the locks) run first, so the second attempt
+reads under the locks and cannot fail the same way.
 """
 
 from __future__ import annotations
@@ -44,6 +50,16 @@ MAX_BATCH = 64  # bounds the time one commit holds the write lock
 MEMO_KEY = "lethe_batch_memo"
 LOG_KEY = "lethe_batch_log"
 HINTS_KEY = "lethe_batch_hints"
+
+
+class RetryBatch(Exception):
+    """Raised by a `final` step whose batch read something that changed before the step took
+    its locks; ``prepare(session)`` runs at the start of the second attempt, outside any unit's
+    savepoint (so a unit's rollback cannot release what it takes)."""
+
+    def __init__(self, prepare: Callable[[Session], None], reason: str) -> None:
+        super().__init__(reason)
+        self.prepare = prepare
 
 
 def batch_memo(session: Session) -> dict[Any, Any]:
@@ -131,36 +147,48 @@ class GroupCommit:
     def _run_batch(self) -> None:
         with self._lock:
             batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
-        outcomes: list[tuple[bool, Any]] = []
         try:
-            with transaction(self._factory) as session:
-                session.info[HINTS_KEY] = [unit.hint for unit in batch if unit.hint is not None]
-                for unit in batch:
-                    try:
-                        if unit.savepoint:
-                            with session.begin_nested():
-                                outcomes.append((True, unit.work(session)))
-                        else:
-                            outcomes.append((True, unit.work(session)))
-                    except Exception as exc:  # this unit's savepoint is rolled back, not the batch
-                        outcomes.append((False, exc))
-                        if unit.savepoint:
-                            session.info.pop(MEMO_KEY, None)
-                finals: dict[Callable[[Session, list[Any]], None], list[Any]] = {}
-                for unit, (ok, value) in zip(batch, outcomes, strict=True):
-                    if ok and unit.final is not None:
-                        finals.setdefault(unit.final, []).append(value)
-                for final, values in finals.items():
-                    final(session, values)
-                for key in (MEMO_KEY, LOG_KEY, HINTS_KEY):
-                    session.info.pop(key, None)
-        except BaseException as exc:  # the commit (or the lock) failed: nothing is kept
-            outcomes = [(False, exc)] * len(batch)
-            self._finish(batch, outcomes)
+            try:
+                outcomes = self._attempt(batch, None)
+            except RetryBatch as retry:
+                outcomes = self._attempt(batch, retry.prepare)
+        except BaseException as exc:  # the commit (or a lock) failed: nothing is kept
+            if isinstance(exc, RetryBatch):  # the locked attempt cannot be stale: a bug
+                exc = RuntimeError(f"batch still stale under its locks: {exc}")
+            self._finish(batch, [(False, exc)] * len(batch))
             if not isinstance(exc, Exception):
                 raise
             return
         self._finish(batch, outcomes)
+
+    def _attempt(
+        self, batch: list[_Unit], prepare: Callable[[Session], None] | None
+    ) -> list[tuple[bool, Any]]:
+        outcomes: list[tuple[bool, Any]] = []
+        with transaction(self._factory) as session:
+            if prepare is not None:
+                prepare(session)
+            session.info[HINTS_KEY] = [unit.hint for unit in batch if unit.hint is not None]
+            for unit in batch:
+                try:
+                    if unit.savepoint:
+                        with session.begin_nested():
+                            outcomes.append((True, unit.work(session)))
+                    else:
+                        outcomes.append((True, unit.work(session)))
+                except Exception as exc:  # this unit's savepoint is rolled back, not the batch
+                    outcomes.append((False, exc))
+                    if unit.savepoint:
+                        session.info.pop(MEMO_KEY, None)
+            finals: dict[Callable[[Session, list[Any]], None], list[Any]] = {}
+            for unit, (ok, value) in zip(batch, outcomes, strict=True):
+                if ok and unit.final is not None:
+                    finals.setdefault(unit.final, []).append(value)
+            for final, values in finals.items():
+                final(session, values)
+            for key in (MEMO_KEY, LOG_KEY, HINTS_KEY):
+                session.info.pop(key, None)
+        return outcomes
 
     @staticmethod
     def _finish(batch: list[_Unit], outcomes: list[tuple[bool, Any]]) -> None:

@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import CursorResult, Executable, insert
-from sqlalchemy import inspect as sa_inspect
+from sqlalchemy import CursorResult, Executable
 from sqlalchemy.orm import Session
 
 T = TypeVar("T")
@@ -19,20 +18,11 @@ def chunked(values: Sequence[T], size: int = IN_CHUNK) -> Iterator[Sequence[T]]:
         yield values[start : start + size]
 
 
-def affected_rows(session: Session, statement: Executable) -> int:
-    """Run an UPDATE/DELETE and return how many rows it matched."""
-    return cast(CursorResult[Any], session.execute(statement)).rowcount
-
-
-def insert_rows(session: Session, objects: Sequence[Any]) -> None:
-    """INSERT new ORM objects of one class, built alike, in one Core executemany. The unit of
-    work's bookkeeping per object was most of a submission batch's final step; the objects
-    stay out of the session (nothing tracks them afterwards)."""
-    if not objects:
-        return
-    mapper = sa_inspect(type(objects[0]))
-    first = vars(objects[0])
-    # Columns an object leaves unset take their column default, row by row.
-    columns = [(a.key, a.columns[0].key) for a in mapper.column_attrs if a.key in first]
-    rows = [{column: getattr(obj, attr) for attr, column in columns} for obj in objects]
-    session.execute(insert(mapper.local_table), rows)
+def affected_rows(
+    session: Session,
+    statement: Executable,
+    params: dict[str, Any] | list[dict[str, Any]] | None = None,
+) -> int:
+    """Run an UPDATE/DELETE (an executemany when ``params`` is a list) and return how many
+    rows it matched, in all."""
+    return cast(CursorResult[Any], session.execute(statement, params)).rowcount

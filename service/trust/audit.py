@@ -8,19 +8,20 @@ serialises them: sequence numbers have no gaps and two writers never fork the ch
 from __future__ import annotations
 
 import hashlib
-import json
 from datetime import UTC, datetime
-from typing import Any
+from json.encoder import encode_basestring
+from typing import Any, cast
 
-from sqlalchemy import Row, select
+from sqlalchemy import Row, Table, insert, select, update
 from sqlalchemy.orm import Session
 
 from service.engine import canonical_json
-from service.storage.sql import insert_rows
 from service.storage.tables import AuditEvent, AuditHead, ModelVersion, utcnow
 
 GENESIS_HASH = "0" * 64
 HEAD_ID = 1
+_HEAD = cast(Table, AuditHead.__table__)
+_EVENTS = cast(Table, AuditEvent.__table__)
 
 
 def format_time(value: datetime) -> str:
@@ -39,17 +40,39 @@ def event_hash(
     payload: dict[str, Any],
     prev_hash: str,
 ) -> str:
-    document = {
-        "seq": seq,
-        "time": format_time(time),
-        "actor": actor,
-        "action": action,
-        "subject_type": subject_type,
-        "subject_id": subject_id,
-        "payload": payload,
-        "prev_hash": prev_hash,
-    }
-    return hashlib.sha256(canonical_json(document).encode("utf-8")).hexdigest()
+    """sha256 of the event's canonical JSON document (its fields and ``prev_hash``)."""
+    return _chain_hash(
+        seq,
+        format_time(time),
+        actor,
+        action,
+        subject_type,
+        subject_id,
+        canonical_json(payload),
+        prev_hash,
+    )
+
+
+def _chain_hash(
+    seq: int,
+    time: str,
+    actor: str,
+    action: str,
+    subject_type: str,
+    subject_id: str,
+    payload_json: str,
+    prev_hash: str,
+) -> str:
+    """`event_hash` with the payload already in canonical JSON: the document's text is
+    ``canonical_json`` of the event's fields (keys in sorted order), built around that text
+    so that a batch of appends dumps each payload once."""
+    text = encode_basestring
+    document = (
+        f'{{"action":{text(action)},"actor":{text(actor)},"payload":{payload_json},'
+        f'"prev_hash":{text(prev_hash)},"seq":{int(seq)},"subject_id":{text(subject_id)},'
+        f'"subject_type":{text(subject_type)},"time":{text(time)}}}'
+    )
+    return hashlib.sha256(document.encode("utf-8")).hexdigest()
 
 
 def stored_event_hash(event: AuditEvent | Row[Any], prev_hash: str) -> str:
@@ -66,20 +89,16 @@ def stored_event_hash(event: AuditEvent | Row[Any], prev_hash: str) -> str:
     )
 
 
-def _locked_head(session: Session) -> AuditHead:
-    # FOR UPDATE is a no-op on SQLite, where BEGIN IMMEDIATE already serialises writers.
+def _locked_head(session: Session) -> tuple[int, str]:
+    """(seq, hash) of the chain head, its row locked until commit. FOR UPDATE is a no-op on
+    SQLite, where BEGIN IMMEDIATE already serialises writers."""
     head = session.execute(
-        select(AuditHead)
-        .where(AuditHead.id == HEAD_ID)
-        .with_for_update()
-        # Re-read the row even if this session saw it before: another writer moved it since.
-        .execution_options(populate_existing=True)
-    ).scalar_one_or_none()
+        select(_HEAD.c.seq, _HEAD.c.hash).where(_HEAD.c.id == HEAD_ID).with_for_update()
+    ).first()
     if head is None:  # databases made with metadata.create_all instead of the migration
-        head = AuditHead(id=HEAD_ID, seq=0, hash=GENESIS_HASH)
-        session.add(head)
-        session.flush()
-    return head
+        session.execute(insert(_HEAD).values(id=HEAD_ID, seq=0, hash=GENESIS_HASH))
+        return 0, GENESIS_HASH
+    return int(head.seq), str(head.hash)
 
 
 def append_event(
@@ -90,9 +109,9 @@ def append_event(
     subject_type: str,
     subject_id: str,
     payload: dict[str, Any] | None = None,
-) -> AuditEvent:
+) -> None:
     """Append one event inside the caller's transaction (it commits with the state change)."""
-    return append_events(
+    append_events(
         session,
         [
             {
@@ -103,15 +122,15 @@ def append_event(
                 "payload": payload,
             }
         ],
-    )[0]
+    )
 
 
 def append_version_event(
     session: Session, version: ModelVersion, *, actor: str, action: str, **payload: Any
-) -> AuditEvent:
+) -> None:
     """A version's event: every one names its model, number and checkpoint sha256."""
     identity = {"model_id": version.model_id, "number": version.number, "sha256": version.sha256}
-    return append_event(
+    append_event(
         session,
         actor=actor,
         action=action,
@@ -121,35 +140,46 @@ def append_version_event(
     )
 
 
-def append_events(session: Session, events: list[dict[str, Any]]) -> list[AuditEvent]:
+def append_events(session: Session, events: list[dict[str, Any]]) -> None:
     """Append events (keyword sets of `append_event`) in order, locking the head once: a run
-    that serves hundreds of requests writes their events in one step."""
+    that serves hundreds of requests writes their events in one step. Core statements: the
+    head is locked from here to the commit, so this step is kept short."""
     if not events:
-        return []
-    head = _locked_head(session)
+        return
     # Truncate to microseconds: both SQLite and PostgreSQL store that precision.
     now = utcnow().replace(tzinfo=UTC)
-    seq, prev = head.seq, head.hash
-    out = []
-    for event in events:
+    when = format_time(now)
+    # Dumped before the lock. What is hashed is this canonical text, which is also what the
+    # stored payload dumps to when it is read back (verify_chain recomputes it from there).
+    payloads = [(event.get("payload") or {}) for event in events]
+    texts = [canonical_json(payload) for payload in payloads]
+    seq, prev = _locked_head(session)
+    rows = []
+    for event, payload, payload_json in zip(events, payloads, texts, strict=True):
         seq += 1
-        fields: dict[str, Any] = {
+        row = {
             "seq": seq,
             "time": now,
             "actor": event["actor"],
             "action": event["action"],
             "subject_type": event["subject_type"],
             "subject_id": str(event["subject_id"]),
-            # Round-trip through JSON so what is hashed is what the JSON column gives back.
-            "payload": json.loads(canonical_json(event.get("payload") or {})),
+            "payload": payload,
             "prev_hash": prev,
         }
-        prev = event_hash(**fields)
-        out.append(AuditEvent(**fields, hash=prev))
-    insert_rows(session, out)
-    head.seq, head.hash = seq, prev
-    session.flush()
-    return out
+        prev = row["hash"] = _chain_hash(
+            seq,
+            when,
+            row["actor"],
+            row["action"],
+            row["subject_type"],
+            row["subject_id"],
+            payload_json,
+            prev,
+        )
+        rows.append(row)
+    session.execute(insert(_EVENTS), rows)
+    session.execute(update(_HEAD).where(_HEAD.c.id == HEAD_ID).values(seq=seq, hash=prev))
 
 
 def event_dict(event: AuditEvent) -> dict[str, Any]:
