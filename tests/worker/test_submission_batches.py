@@ -18,6 +18,7 @@ from sqlalchemy import event, select
 
 from service.domain.requests import DeletionRequestIn, submit_deletion_request
 from service.errors import Conflict, DomainError, Invalid
+from service.storage.db import make_engine, make_session_factory
 from service.storage.group_commit import group_commit
 from service.storage.tables import AuditEvent, DeletionRequest, Job, Record
 from service.trust.audit import verify_chain
@@ -119,4 +120,106 @@ def test_one_batch_of_submissions(stack: Stack, trained: Trained) -> None:
         ).scalars()
         positions = {e.payload["job_id"]: e.payload["submitted_seq"] for e in events}
         assert positions == {a.job_id: jobs[a.job_id].submitted_seq for a in accepted}
+        assert verify_chain(session)["ok"]
+
+
+@pytest.fixture
+def pg_stack(lethe_env: Path, postgres_url: str, storage_dir: Path) -> Iterator[Stack]:
+    settings = stack_settings(database_url=postgres_url, storage_dir=storage_dir)
+    with api_stack(settings) as s:
+        yield s
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("wide", [False, True], ids=["one-key", "70-keys"])
+def test_a_stale_read_reruns_the_batch_under_the_lock(
+    pg_stack: Stack, trained: Trained, wide: bool
+) -> None:
+    """Units read records without a lock. Here another API process (its own engine, so its
+    own group commit) holds one of the batch's keys after the batch read it and before the
+    batch's final step locks the dataset: the compare-and-set catches it, the batch runs
+    again under the lock, and only the submission naming that key is refused. ``wide``: that
+    submission names 70 keys, which are held with IN lists instead of the shared executemany."""
+    stack = pg_stack
+    model = stack.register(trained, "mlp")
+    dataset = stack.models[model]
+    k0, k1, k2 = trained.train_ids[:3]
+    extra = list(trained.train_ids[3:72]) if wide else []
+    other = make_session_factory(make_engine(stack.settings.db_url))
+    group = group_commit(stack.sessions)
+    go, holding = threading.Event(), threading.Event()
+
+    def hold_the_lead(_session: Any) -> None:
+        holding.set()
+        assert go.wait(30)
+
+    def body(keys: list[str]) -> DeletionRequestIn:
+        return DeletionRequestIn(model=model, dataset=dataset, record_keys=keys, method="imu")
+
+    rival: dict[str, Any] = {}
+    locks: list[str] = []
+    record_reads: list[str] = []
+
+    @event.listens_for(stack.sessions.kw["bind"], "before_cursor_execute")
+    def _interleave(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.lstrip().startswith("SELECT") and "FROM records" in statement:
+            record_reads.append(statement)
+        if "FOR NO KEY UPDATE" in statement and "datasets" in statement:
+            locks.append(statement)
+            if len(locks) == 1:  # the first final step, about to lock: the rival commits
+                rival["answer"] = submit_deletion_request(
+                    other, stack.settings, body([k1]), actor="rival"
+                )
+
+    leader = threading.Thread(target=group.run, args=(hold_the_lead,))
+    leader.start()
+    assert holding.wait(10)
+    answers: dict[str, Any] = {}
+
+    def submit(key: str) -> None:
+        try:
+            answers[key] = submit_deletion_request(
+                stack.sessions,
+                stack.settings,
+                body([key] + (extra if key == k1 else [])),
+                actor="test",
+            )
+        except DomainError as exc:
+            answers[key] = exc
+
+    threads = []
+    for i, key in enumerate((k0, k1, k2)):
+        threads.append(threading.Thread(target=submit, args=(key,)))
+        threads[-1].start()
+        deadline = time.monotonic() + 10
+        while len(group._queue) < i + 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+    assert len(group._queue) == 3
+    go.set()
+    for t in [leader, *threads]:
+        t.join(30)
+    event.remove(stack.sessions.kw["bind"], "before_cursor_execute", _interleave)
+    other.kw["bind"].dispose()
+
+    # Attempt one read, found k1 taken at its compare-and-set; attempt two locked first.
+    assert len(record_reads) == 2 and len(locks) == 2, (record_reads, locks)
+    refused = answers[k1]
+    assert isinstance(refused, Invalid) and refused.code == "invalid-record-keys"
+    assert refused.extra["pending"] == [k1]
+    for key in (k0, k2):
+        assert not isinstance(answers[key], Exception), answers[key]
+    with stack.sessions() as session:
+        held = dict(
+            session.execute(
+                select(Record.key, Record.held_by_request_id).where(Record.key.in_([k0, k1, k2]))
+            ).all()
+        )
+        assert held == {
+            k0: answers[k0].request_id,
+            k1: rival["answer"].request_id,
+            k2: answers[k2].request_id,
+        }
+        seqs = sorted(session.execute(select(Job.submitted_seq)).scalars())
+        assert seqs == [1, 2, 3]  # the rival's job, then the batch's two: no gaps
+        assert session.execute(select(DeletionRequest.id)).all().__len__() == 3
         assert verify_chain(session)["ok"]
