@@ -56,7 +56,7 @@ router = APIRouter(
         ),
     },
 )
-def submit(
+async def submit(
     body: DeletionRequestIn,
     idempotency_key: Annotated[
         str | None,
@@ -70,7 +70,7 @@ def submit(
     principal: Principal = Depends(require("submit")),
     state: AppState = Depends(get_state),
 ) -> Response:
-    result = domain.submit_deletion_request(
+    result = await domain.submit_deletion_request_async(
         state.sessions,
         state.settings,
         body,

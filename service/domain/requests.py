@@ -20,45 +20,42 @@ of its submissions name in one statement (`batch_hints`).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import weakref
-from dataclasses import dataclass
-from typing import Annotated, Any, cast
+from collections.abc import Callable
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
-from sqlalchemy import Engine, Table, insert, or_, select, update
+from sqlalchemy import Engine, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.domain.datasets import resolve_dataset
-from service.domain.lines import active_before
 from service.domain.models import model_and_active_id
 from service.domain.params import validate_params
 from service.domain.queue import enqueue_job
-from service.domain.record_holds import Seen, check_keys, hold_all, lock_datasets
+from service.domain.record_holds import check_keys, lock_datasets
 from service.domain.states import (
     JobStatus,
     Method,
     RequestStatus,
 )
+from service.domain.submission_batch import REQUESTS, Submission, finish_batch
 from service.domain.views import request_view
 from service.engine import canonical_json
 from service.errors import Conflict, conflict, validation
 from service.settings import Settings
 from service.storage.group_commit import (
-    RetryBatch,
     batch_hints,
     batch_log,
     batch_memo,
     group_commit,
 )
 from service.storage.tables import Dataset, DeletionRequest, Job, Model, new_id
-from service.trust.audit import append_events
 
 log = logging.getLogger("lethe.requests")
-_REQUESTS = cast(Table, DeletionRequest.__table__)
-_JOBS = cast(Table, Job.__table__)
 
 MAX_KEYS = 100_000
 
@@ -97,23 +94,6 @@ class DeletionRequestIn(BaseModel):
     reason: str | None = Field(default=None, max_length=10_000)
 
 
-@dataclass
-class Submission:
-    body: dict[str, Any]
-    job_id: str
-    request_id: str
-    replayed: bool
-    # What the batch's final step writes: the audit event, the job row (given its line
-    # position there), the request row (None once inserted: a unit with an Idempotency-Key
-    # inserts its own) and the holds of the request's records. Rows are column dicts for one
-    # Core executemany per table.
-    event: dict[str, Any] | None = None
-    job: dict[str, Any] | None = None
-    request: dict[str, Any] | None = None
-    holds: tuple[str, list[str], str, Seen] | None = None
-    wake: bool = False  # its job heads the model's line: send it a run message (domain.lines)
-
-
 class _Replayed(Exception):
     def __init__(self, submission: Submission) -> None:
         super().__init__("idempotent replay")
@@ -122,19 +102,6 @@ class _Replayed(Exception):
 
 def body_fingerprint(body: DeletionRequestIn) -> str:
     return hashlib.sha256(canonical_json(body.model_dump()).encode()).hexdigest()
-
-
-def _take_seqs(session: Session, model_id: str, count: int) -> int:
-    """Take ``count`` line positions of the model; returns the last. The row lock it takes
-    lasts until commit (it is taken in the batch's final step, for a few statements)."""
-    models = cast(Table, Model.__table__)  # Core: nothing in the session to synchronise
-    value = session.execute(
-        update(models)
-        .where(models.c.id == model_id)
-        .values(job_seq=models.c.job_seq + count)
-        .returning(models.c.job_seq)
-    ).scalar_one()
-    return int(value)
 
 
 def _key_reused() -> Conflict:
@@ -147,7 +114,9 @@ def _key_reused() -> Conflict:
 
 def _earlier_answer(session: Session, key: str, fingerprint: str) -> Submission | None:
     """The answer this Idempotency-Key already has: in this batch, or committed."""
-    twin = batch_memo(session).get(("idempotency", key))
+    # The batch's log, not its memo: a twin's replay rolls its savepoint back, which empties
+    # the memo, and the first answer's job row is only written in the final step.
+    twin = batch_log(session).get(("idempotency", key))
     if twin is None:
         return _replay(session, key, fingerprint)
     if twin[0] != fingerprint:
@@ -209,7 +178,7 @@ def _record_submission(
     http_request_id: str | None = None,
 ) -> Submission:
     """The request row and its record holds, in the caller's (possibly shared) transaction;
-    its job row and audit event ride along for the batch's final step (`_finish_batch`),
+    its job row and audit event ride along for the batch's final step (`submission_batch.finish_batch`),
     which gives the jobs their line positions and appends the events in bulk."""
     model, dataset = _model_and_dataset(session, body)
     if idempotency_key:  # a twin may have committed while we waited, or be in this batch
@@ -241,7 +210,7 @@ def _record_submission(
         # the dataset's lock, as every batch's final step takes it first: waiting for a twin's
         # key while holding nothing, not while holding what the twin's batch waits for.
         lock_datasets(session, [dataset.id])
-        session.execute(insert(_REQUESTS), request)
+        session.execute(insert(REQUESTS), request)
     job = {
         "id": job_id,
         "request_id": request_id,
@@ -282,7 +251,7 @@ def _record_submission(
     }
     if idempotency_key:
         twin = Submission(view, job_id, request_id, True)
-        batch_memo(session)[("idempotency", idempotency_key)] = (fingerprint, twin)
+        batch_log(session)[("idempotency", idempotency_key)] = (fingerprint, twin)
     batch_held.update(dict.fromkeys(body.record_keys, request_id))  # nothing below can fail
     return Submission(
         view,
@@ -294,55 +263,6 @@ def _record_submission(
         None if idempotency_key else request,
         (dataset.id, list(body.record_keys), request_id, seen),
     )
-
-
-def _finish_batch(session: Session, submissions: list[Submission]) -> None:
-    """Under the datasets' locks, the requests without an Idempotency-Key (their units ran
-    without a savepoint) and every request's holds, in bulk; then line positions per model
-    (one counter update per model, in id order so batches of other processes lock the rows in
-    the same order), the job rows, then the audit events (one chain-head lock for the batch).
-    A hold that finds its record changed since it was read runs the batch again, locked."""
-    holds = [sub.holds for sub in submissions if sub.holds is not None]
-    lock_datasets(session, (dataset_id for dataset_id, *_ in holds))
-    deferred = [sub.request for sub in submissions if sub.request is not None]
-    if deferred:
-        session.execute(insert(_REQUESTS), deferred)
-    if not hold_all(session, holds):
-        refs = [ref for ref, _ in batch_hints(session)]
-        raise RetryBatch(
-            lambda locked: _lock_named_datasets(locked, refs),
-            "a record changed between a submission's read and its hold",
-        )
-    jobs = [sub.job for sub in submissions if sub.job is not None]
-    by_model: dict[str, list[dict[str, Any]]] = {}
-    heads: set[str] = set()
-    for job in jobs:
-        by_model.setdefault(job["model_id"], []).append(job)
-    for model_id in sorted(by_model):
-        line = by_model[model_id]
-        last = _take_seqs(session, model_id, len(line))
-        for offset, job in enumerate(line):
-            job["submitted_seq"] = last - len(line) + 1 + offset
-        # Under the model row's lock (taken just above): only a head of the line needs a
-        # message; the jobs behind it are woken in turn (service.domain.lines).
-        if not active_before(session, model_id, line[0]["submitted_seq"]):
-            heads.add(line[0]["id"])
-    if jobs:
-        session.execute(insert(_JOBS), jobs)
-    for sub in submissions:
-        sub.wake = sub.job_id in heads
-    events = []
-    for sub in submissions:
-        if sub.event is not None and sub.job is not None:
-            sub.event["payload"]["submitted_seq"] = sub.job["submitted_seq"]
-            events.append(sub.event)
-    append_events(session, events)
-
-
-def _lock_named_datasets(session: Session, refs: list[str]) -> None:
-    """The retry's first step: lock every dataset the batch names, before any unit reads."""
-    named = select(Dataset.id).where(or_(Dataset.id.in_(refs), Dataset.name.in_(refs)))
-    lock_datasets(session, session.scalars(named))
 
 
 # Per engine: model name -> (architecture, has a recipe). Both are fixed at registration and
@@ -366,40 +286,35 @@ def _model_traits(factory: sessionmaker[Session], name: str) -> tuple[str, bool]
     return known[name]
 
 
-def submit_deletion_request(
-    factory: sessionmaker[Session],
-    settings: Settings,
-    body: DeletionRequestIn,
-    *,
-    actor: str,
-    idempotency_key: str | None = None,
-    http_request_id: str | None = None,
-) -> Submission:
-    """Validate and record a deletion request + its queued job, then enqueue the job.
-
-    ``http_request_id`` (the API's X-Request-ID) is stored on the job so that the worker's
-    log lines for it name the request that created it. Passed explicitly: group commit may
-    record this submission on another request's thread."""
+def _checked(
+    body: DeletionRequestIn, idempotency_key: str | None, traits: tuple[str, bool] | None
+) -> tuple[str, dict[str, Any]]:
+    """(body fingerprint, validated params); ``traits`` as `_model_traits` gives them."""
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
         raise validation(
             "Idempotency-Key must be 1 to 255 characters",
             [{"field": "Idempotency-Key", "message": "length"}],
         )
-    fingerprint = body_fingerprint(body)
-    if idempotency_key:
-        with factory() as session:
-            replay = _replay(session, idempotency_key, fingerprint)
-        if replay:
-            return replay
-    found = _model_traits(factory, body.model)
-    architecture, recipe = found if found else (None, None)
-    if body.method == "retrain" and found is not None and not recipe:
+    architecture, recipe = traits if traits else (None, None)
+    if body.method == "retrain" and traits is not None and not recipe:
         raise validation(
             f"model {body.model!r} has no training recipe, so it cannot be retrained; register "
             "it with a `recipe`, or use method imu",
             [{"field": "method", "message": "the model has no recipe"}],
         )
-    params = validate_params(body.method, body.params, architecture)
+    return body_fingerprint(body), validate_params(body.method, body.params, architecture)
+
+
+def _queued(
+    body: DeletionRequestIn,
+    params: dict[str, Any],
+    fingerprint: str,
+    *,
+    actor: str,
+    idempotency_key: str | None,
+    http_request_id: str | None,
+) -> tuple[Callable[[Session], Submission], dict[str, Any]]:
+    """The group-commit unit that records this submission, and how it is queued."""
 
     def unit(session: Session) -> Submission:
         return _record_submission(
@@ -412,26 +327,100 @@ def submit_deletion_request(
             http_request_id=http_request_id,
         )
 
-    try:
-        # Without a key the unit only reads and raises before its writes (the final step's).
-        result = group_commit(factory).run(
-            unit,
-            final=_finish_batch,
-            savepoint=idempotency_key is not None,
-            hint=(body.dataset, body.record_keys),
-        )
-    except _Replayed as replayed:
-        return replayed.submission
-    except IntegrityError:
-        # Only the idempotency key is unique here: a twin won the race; answer with its result.
-        if not idempotency_key:
-            raise
+    # Without a key the unit only reads and raises before its writes (the final step's).
+    options = {
+        "final": finish_batch,
+        "savepoint": idempotency_key is not None,
+        "hint": (body.dataset, body.record_keys),
+    }
+    return unit, options
+
+
+def _twin_answer(
+    factory: sessionmaker[Session], key: str | None, fingerprint: str, exc: IntegrityError
+) -> Submission:
+    """Only the idempotency key is unique here: a twin won the race; answer with its result."""
+    if not key:
+        raise exc
+    with factory() as session:
+        replay = _replay(session, key, fingerprint)
+    if replay is None:
+        raise exc
+    return replay
+
+
+def submit_deletion_request(
+    factory: sessionmaker[Session],
+    settings: Settings,
+    body: DeletionRequestIn,
+    *,
+    actor: str,
+    idempotency_key: str | None = None,
+    http_request_id: str | None = None,
+) -> Submission:
+    """Validate and record a deletion request + its queued job, then enqueue the job.
+
+    ``http_request_id`` (the API's X-Request-ID) is stored on the job so that the worker's
+    log lines for it name the request that created it. Passed explicitly: group commit
+    records this submission on its own thread."""
+    fingerprint, params = _checked(body, idempotency_key, _model_traits(factory, body.model))
+    if idempotency_key:
         with factory() as session:
             replay = _replay(session, idempotency_key, fingerprint)
-        if replay is None:
-            raise
-        return replay
+        if replay:
+            return replay
+    unit, options = _queued(
+        body,
+        params,
+        fingerprint,
+        actor=actor,
+        idempotency_key=idempotency_key,
+        http_request_id=http_request_id,
+    )
+    try:
+        result = group_commit(factory).run(unit, **options)
+    except _Replayed as replayed:
+        return replayed.submission
+    except IntegrityError as exc:
+        return _twin_answer(factory, idempotency_key, fingerprint, exc)
     if result.wake:
         enqueue_job(settings, result.job_id)
+    log.info("deletion request %s accepted: job %s queued", result.request_id, result.job_id)
+    return result
+
+
+async def submit_deletion_request_async(
+    factory: sessionmaker[Session],
+    settings: Settings,
+    body: DeletionRequestIn,
+    *,
+    actor: str,
+    idempotency_key: str | None = None,
+    http_request_id: str | None = None,
+) -> Submission:
+    """`submit_deletion_request` for the event loop, which nothing blocks on the common path:
+    the unit itself answers an Idempotency-Key that was already used (there is no read
+    first), and only a model not looked up before, a twin's answer after a lost race and the
+    run message of a job that heads its line go to a worker thread."""
+    traits = _TRAITS.get(factory.kw["bind"], {}).get(body.model)
+    if traits is None:
+        traits = await asyncio.to_thread(_model_traits, factory, body.model)
+    fingerprint, params = _checked(body, idempotency_key, traits)
+    unit, options = _queued(
+        body,
+        params,
+        fingerprint,
+        actor=actor,
+        idempotency_key=idempotency_key,
+        http_request_id=http_request_id,
+    )
+    try:
+        result = await group_commit(factory).run_async(unit, **options)
+    except _Replayed as replayed:
+        return replayed.submission
+    except IntegrityError as exc:
+        return await asyncio.to_thread(_twin_answer, factory, idempotency_key, fingerprint, exc)
+    if result.wake:
+        await asyncio.to_thread(enqueue_job, settings, result.job_id)
     log.info("deletion request %s accepted: job %s queued", result.request_id, result.job_id)
     return result

@@ -1,10 +1,11 @@
-"""Group commit: units of work from many threads share one transaction and one commit.
+"""Group commit: units of work from many callers share one transaction and one commit.
 
 Submissions serialise on purpose (the job counter row, the audit chain head), so their
 throughput is one critical section per request, and on SQLite about half of that section is
-the commit's fsync. Here a thread that finds others waiting runs all of them: each unit in
-its own SAVEPOINT (a unit that raises rolls back alone and gets its own exception), then one
-commit for the batch. Nobody waits for a batch to fill: under no load a batch is one unit,
+the commit's fsync. Here one thread per database runs every unit queued while the previous
+batch ran: each unit in its own SAVEPOINT (a unit that raises rolls back alone and gets its
+own exception), then one commit for the batch. Callers are threads (`run`) or coroutines
+(`run_async`). Nobody waits for a batch to fill: under no load a batch is one unit,
 so latency is unchanged; under load the commit is shared. A caller returns only after the
 commit that holds its work, so an answer is never given for work that could still be lost.
 
@@ -34,6 +35,9 @@ reads under the locks and cannot fail the same way.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
 import threading
 import weakref
 from collections.abc import Callable
@@ -89,22 +93,25 @@ class _Unit:
     savepoint: bool = True
     hint: Any = None
     woken: threading.Event = field(default_factory=threading.Event)
-    lead: bool = False  # this unit's thread runs the next batches
+    future: asyncio.Future[Any] | None = None  # an awaiting coroutine's, on its loop
     done: bool = False
     ok: bool = False
     value: Any = None
 
 
 class GroupCommit:
-    """One leader thread at a time runs batches; the others sleep on their own event until
-    their unit is done or they are handed the lead (one wake-up per batch, not a convoy)."""
+    """Batches run on a thread of their own, started on first use (and again in a forked
+    child). Callers only queue a unit: a thread then sleeps on the unit's event, a coroutine
+    awaits its future, so an async route costs no thread-pool round trip per request, and
+    every caller is woken once, when its batch has committed."""
 
     def __init__(self, factory: sessionmaker[Session], max_batch: int = MAX_BATCH) -> None:
         self._factory = factory
         self._max_batch = max_batch
         self._queue: list[_Unit] = []
-        self._lock = threading.Lock()
-        self._leading = False
+        self._ready = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
 
     def run(
         self,
@@ -120,32 +127,46 @@ class GroupCommit:
         ``savepoint`` the work must raise before it writes anything (module docstring); ``hint``
         is shown to every unit of the batch through `batch_hints`."""
         unit = _Unit(work, final, savepoint, hint)
-        with self._lock:
-            self._queue.append(unit)
-            if not self._leading:
-                self._leading = unit.lead = True
-        if not unit.lead:
-            unit.woken.wait()
-        if unit.lead:
-            try:
-                while not unit.done:
-                    self._run_batch()
-            finally:
-                self._hand_over()
+        self._put(unit)
+        unit.woken.wait()
         if not unit.ok:
             raise unit.value
         return cast(T, unit.value)
 
-    def _hand_over(self) -> None:
-        with self._lock:
-            if self._queue:
-                self._queue[0].lead = True
-                self._queue[0].woken.set()
-            else:
-                self._leading = False
+    async def run_async(
+        self,
+        work: Callable[[Session], T],
+        final: Callable[[Session, list[T]], None] | None = None,
+        *,
+        savepoint: bool = True,
+        hint: Any = None,
+    ) -> T:
+        """`run` for a coroutine: the same batches, awaited instead of waited for."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._put(_Unit(work, final, savepoint, hint, future=future))
+        # Shielded: a cancelled caller does not cancel a unit that may already be committed.
+        return await asyncio.shield(future)
+
+    def _put(self, unit: _Unit) -> None:
+        with self._ready:
+            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+                self._pid = os.getpid()
+                self._thread = threading.Thread(
+                    target=self._serve, name="lethe-group-commit", daemon=True
+                )
+                self._thread.start()
+            self._queue.append(unit)
+            self._ready.notify()
+
+    def _serve(self) -> None:
+        while True:
+            with self._ready:
+                while not self._queue:
+                    self._ready.wait()
+            self._run_batch()
 
     def _run_batch(self) -> None:
-        with self._lock:
+        with self._ready:
             batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
         try:
             try:
@@ -192,9 +213,27 @@ class GroupCommit:
 
     @staticmethod
     def _finish(batch: list[_Unit], outcomes: list[tuple[bool, Any]]) -> None:
+        awaited: dict[asyncio.AbstractEventLoop, list[_Unit]] = {}
         for unit, (ok, value) in zip(batch, outcomes, strict=True):
             unit.ok, unit.value, unit.done = ok, value, True
-            unit.woken.set()
+            if unit.future is None:
+                unit.woken.set()
+            else:
+                awaited.setdefault(unit.future.get_loop(), []).append(unit)
+        for loop, units in awaited.items():  # one wake-up of each loop per batch
+            with contextlib.suppress(RuntimeError):  # that loop has closed: nobody waits
+                loop.call_soon_threadsafe(_resolve, units)
+
+
+def _resolve(units: list[_Unit]) -> None:
+    for unit in units:
+        assert unit.future is not None
+        if unit.future.cancelled():
+            continue
+        if unit.ok:
+            unit.future.set_result(unit.value)
+        else:
+            unit.future.set_exception(unit.value)
 
 
 _GROUPS: weakref.WeakKeyDictionary[Engine, GroupCommit] = weakref.WeakKeyDictionary()

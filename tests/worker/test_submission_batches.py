@@ -1,5 +1,5 @@
-"""Submissions that share one commit (service/storage/group_commit.py, `_finish_batch` in
-service/domain/requests.py), on SQLite and PostgreSQL: a batch is held back until a dozen
+"""Submissions that share one commit (service/storage/group_commit.py, `finish_batch` in
+service/domain/submission_batch.py), on SQLite and PostgreSQL: a batch is held back until a dozen
 submissions wait behind it, then they are recorded together. Line positions stay gapless
 and in queue order, an Idempotency-Key twin inside the batch gets the first answer (a
 different body under the same key is 409), a refused unit fails alone, and the audit chain
