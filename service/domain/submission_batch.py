@@ -55,16 +55,18 @@ def take_seqs(session: Session, model_id: str, count: int) -> int:
 
 
 def finish_batch(session: Session, submissions: list[Submission]) -> None:
-    """Under the datasets' locks, the requests without an Idempotency-Key (their units ran
-    without a savepoint) and every request's holds, in bulk; then line positions per model
+    """The requests without an Idempotency-Key (their units ran without a savepoint), then,
+    under the datasets' locks, every request's holds in bulk; then line positions per model
     (one counter update per model, in id order so batches of other processes lock the rows in
     the same order), the job rows, then the audit events (one chain-head lock for the batch).
     A hold that finds its record changed since it was read runs the batch again, locked."""
-    holds = [sub.holds for sub in submissions if sub.holds is not None]
-    lock_datasets(session, (dataset_id for dataset_id, *_ in holds))
+    # Before the locks: a request row's foreign key takes only a key-share lock on its
+    # dataset, which the dataset lock below does not conflict with.
     deferred = [sub.request for sub in submissions if sub.request is not None]
     if deferred:
         session.execute(insert(REQUESTS), deferred)
+    holds = [sub.holds for sub in submissions if sub.holds is not None]
+    lock_datasets(session, (dataset_id for dataset_id, *_ in holds))
     if not hold_all(session, holds):
         refs = [ref for ref, _ in batch_hints(session)]
         raise RetryBatch(
