@@ -177,9 +177,10 @@ def _record_submission(
     fingerprint: str,
     http_request_id: str | None = None,
 ) -> Submission:
-    """The request row and its record holds, in the caller's (possibly shared) transaction;
-    its job row and audit event ride along for the batch's final step (`submission_batch.finish_batch`),
-    which gives the jobs their line positions and appends the events in bulk."""
+    """Validate one submission in the batch's transaction and build its rows: they ride along
+    for the batch's final step (`submission_batch.finish_batch`), which holds the records,
+    gives the jobs their line positions and appends the events in bulk. A unit with an
+    Idempotency-Key inserts its request row here, in its savepoint."""
     model, dataset = _model_and_dataset(session, body)
     if idempotency_key:  # a twin may have committed while we waited, or be in this batch
         replay = _earlier_answer(session, idempotency_key, fingerprint)
