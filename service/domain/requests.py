@@ -308,14 +308,15 @@ def _checked(
 
 def _queued(
     body: DeletionRequestIn,
-    params: dict[str, Any],
-    fingerprint: str,
+    traits: tuple[str, bool] | None,
     *,
     actor: str,
     idempotency_key: str | None,
     http_request_id: str | None,
-) -> tuple[Callable[[Session], Submission], dict[str, Any]]:
-    """The group-commit unit that records this submission, and how it is queued."""
+) -> tuple[str, Callable[[Session], Submission], dict[str, Any]]:
+    """The body's fingerprint, the group-commit unit that records this submission, and how
+    it is queued (``traits`` as `_model_traits` gives them)."""
+    fingerprint, params = _checked(body, idempotency_key, traits)
 
     def unit(session: Session) -> Submission:
         return _record_submission(
@@ -334,7 +335,12 @@ def _queued(
         "savepoint": idempotency_key is not None,
         "hint": (body.dataset, body.record_keys),
     }
-    return unit, options
+    return fingerprint, unit, options
+
+
+def _accepted(result: Submission) -> Submission:
+    log.info("deletion request %s accepted: job %s queued", result.request_id, result.job_id)
+    return result
 
 
 def _twin_answer(
@@ -364,20 +370,18 @@ def submit_deletion_request(
     ``http_request_id`` (the API's X-Request-ID) is stored on the job so that the worker's
     log lines for it name the request that created it. Passed explicitly: group commit
     records this submission on its own thread."""
-    fingerprint, params = _checked(body, idempotency_key, _model_traits(factory, body.model))
+    fingerprint, unit, options = _queued(
+        body,
+        _model_traits(factory, body.model),
+        actor=actor,
+        idempotency_key=idempotency_key,
+        http_request_id=http_request_id,
+    )
     if idempotency_key:
         with factory() as session:
             replay = _replay(session, idempotency_key, fingerprint)
         if replay:
             return replay
-    unit, options = _queued(
-        body,
-        params,
-        fingerprint,
-        actor=actor,
-        idempotency_key=idempotency_key,
-        http_request_id=http_request_id,
-    )
     try:
         result = group_commit(factory).run(unit, **options)
     except _Replayed as replayed:
@@ -386,8 +390,7 @@ def submit_deletion_request(
         return _twin_answer(factory, idempotency_key, fingerprint, exc)
     if result.wake:
         enqueue_job(settings, result.job_id)
-    log.info("deletion request %s accepted: job %s queued", result.request_id, result.job_id)
-    return result
+    return _accepted(result)
 
 
 async def submit_deletion_request_async(
@@ -406,14 +409,8 @@ async def submit_deletion_request_async(
     traits = _TRAITS.get(factory.kw["bind"], {}).get(body.model)
     if traits is None:
         traits = await asyncio.to_thread(_model_traits, factory, body.model)
-    fingerprint, params = _checked(body, idempotency_key, traits)
-    unit, options = _queued(
-        body,
-        params,
-        fingerprint,
-        actor=actor,
-        idempotency_key=idempotency_key,
-        http_request_id=http_request_id,
+    fingerprint, unit, options = _queued(
+        body, traits, actor=actor, idempotency_key=idempotency_key, http_request_id=http_request_id
     )
     try:
         result = await group_commit(factory).run_async(unit, **options)
@@ -423,5 +420,4 @@ async def submit_deletion_request_async(
         return await asyncio.to_thread(_twin_answer, factory, idempotency_key, fingerprint, exc)
     if result.wake:
         await asyncio.to_thread(enqueue_job, settings, result.job_id)
-    log.info("deletion request %s accepted: job %s queued", result.request_id, result.job_id)
-    return result
+    return _accepted(result)
