@@ -32,7 +32,7 @@ def show_request(factory: sessionmaker[Session], request_id: str) -> dict[str, A
             if job is not None and job.result_version_id
             else None
         )
-        return request_view(req, job, model.name, full=True, result=result)
+        return request_view(req, job, model.name, result=result)
 
 
 def list_requests(

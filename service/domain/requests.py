@@ -43,7 +43,7 @@ from service.domain.states import (
     RequestStatus,
 )
 from service.domain.submission_batch import REQUESTS, Submission, finish_batch
-from service.domain.views import request_view
+from service.domain.views import accepted_view
 from service.engine import canonical_json
 from service.errors import Conflict, conflict, validation
 from service.settings import Settings
@@ -135,9 +135,7 @@ def _replay(session: Session, key: str, fingerprint: str) -> Submission | None:
     if req.body_sha256 != fingerprint:
         raise _key_reused()
     job = session.execute(select(Job).where(Job.request_id == req.id)).scalar_one()
-    model = session.get(Model, req.model_id)
-    assert model is not None
-    return Submission(request_view(req, job, model.name, full=False), job.id, req.id, True)
+    return Submission(accepted_view(req.id, req.status, job.id, job.status), job.id, req.id, True)
 
 
 def _model_and_dataset(session: Session, body: DeletionRequestIn) -> tuple[Model, Dataset]:
@@ -190,12 +188,12 @@ def _record_submission(
     batch_held: dict[str, str] = batch_log(session).setdefault(("held", dataset.id), {})
     also = (k for name, keys in batch_hints(session) if name == body.dataset for k in keys)
     seen = check_keys(session, dataset.id, body.record_keys, batch_held, also)
-    request_id, job_id = new_id(), new_id()
+    request_id, job_id, keys = new_id(), new_id(), list(body.record_keys)
     request = {
         "id": request_id,
         "model_id": model.id,
         "dataset_id": dataset.id,
-        "record_keys": list(body.record_keys),
+        "record_keys": keys,
         "method": body.method,
         "params": params,
         "subject_ref": body.subject_ref,
@@ -244,12 +242,7 @@ def _record_submission(
             "subject_ref": body.subject_ref,
         },
     )
-    # The 202 answer (views.request_view with full=False), built without ORM objects.
-    view = {
-        "id": request_id,
-        "status": RequestStatus.QUEUED,
-        "job": {"id": job_id, "status": JobStatus.QUEUED},
-    }
+    view = accepted_view(request_id, RequestStatus.QUEUED, job_id, JobStatus.QUEUED)
     if idempotency_key:
         twin = Submission(view, job_id, request_id, True)
         batch_log(session)[("idempotency", idempotency_key)] = (fingerprint, twin)
@@ -262,7 +255,7 @@ def _record_submission(
         event,
         job,
         None if idempotency_key else request,
-        (dataset.id, list(body.record_keys), request_id, seen),
+        (dataset.id, keys, request_id, seen),
     )
 
 

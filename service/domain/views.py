@@ -127,46 +127,41 @@ def job_view(
     }
 
 
+def accepted_view(request_id: str, status: str, job_id: str, job_status: str) -> dict[str, Any]:
+    """The 202 answer of a submission (and of its replays): `{id, status, job: {id, status}}`."""
+    return {"id": request_id, "status": status, "job": {"id": job_id, "status": job_status}}
+
+
 def request_view(
     req: DeletionRequest,
     job: Job | None,
     model_name: str,
     *,
-    full: bool = True,
     result: ModelVersion | Row[Any] | None = None,
 ) -> dict[str, Any]:
-    """`full=False` is the 202 answer of a submission: `{id, status, job: {id, status}}`.
-
-    `result` is the job's result version: its status and the policy decision are the
+    """`result` is the job's result version: its status and the policy decision are the
     request's review state (`needs_review` and why)."""
-    job_part: dict[str, Any] | None = None
-    if job is not None:
-        job_part = (
-            job_view(job, model_name, result.status if result else None)
-            if full
-            else {"id": job.id, "status": job.status}
-        )
-    body: dict[str, Any] = {"id": req.id, "status": req.status, "job": job_part}
-    if full:
-        body.update(
-            {
-                "result_version": (
-                    {"id": result.id, "number": result.number, "status": result.status}
-                    if result is not None
-                    else None
-                ),
-                "policy": policy_view(job.metrics) if job is not None else None,
-                "evidence": evidence_view(job.metrics) if job is not None else None,
-                "forgetting": (job.metrics or {}).get("forgetting") if job is not None else None,
-                "attempts": (job.metrics or {}).get("attempts") if job is not None else None,
-                "model": model_name,
-                "dataset": req.dataset_id,
-                "record_keys": req.record_keys,
-                "method": req.method,
-                "params": req.params,
-                "subject_ref": req.subject_ref,
-                "reason": req.reason,
-                "created_at": iso(req.created_at),
-            }
-        )
-    return body
+    job_part = job_view(job, model_name, result.status if result else None) if job else None
+    metrics = (job.metrics or {}) if job is not None else None
+    return {
+        "id": req.id,
+        "status": req.status,
+        "job": job_part,
+        "result_version": (
+            {"id": result.id, "number": result.number, "status": result.status}
+            if result is not None
+            else None
+        ),
+        "policy": policy_view(job.metrics) if job is not None else None,
+        "evidence": evidence_view(job.metrics) if job is not None else None,
+        "forgetting": metrics.get("forgetting") if metrics is not None else None,
+        "attempts": metrics.get("attempts") if metrics is not None else None,
+        "model": model_name,
+        "dataset": req.dataset_id,
+        "record_keys": req.record_keys,
+        "method": req.method,
+        "params": req.params,
+        "subject_ref": req.subject_ref,
+        "reason": req.reason,
+        "created_at": iso(req.created_at),
+    }

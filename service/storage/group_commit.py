@@ -94,7 +94,6 @@ class _Unit:
     hint: Any = None
     woken: threading.Event = field(default_factory=threading.Event)
     future: asyncio.Future[Any] | None = None  # an awaiting coroutine's, on its loop
-    done: bool = False
     ok: bool = False
     value: Any = None
 
@@ -215,7 +214,7 @@ class GroupCommit:
     def _finish(batch: list[_Unit], outcomes: list[tuple[bool, Any]]) -> None:
         awaited: dict[asyncio.AbstractEventLoop, list[_Unit]] = {}
         for unit, (ok, value) in zip(batch, outcomes, strict=True):
-            unit.ok, unit.value, unit.done = ok, value, True
+            unit.ok, unit.value = ok, value
             if unit.future is None:
                 unit.woken.set()
             else:
