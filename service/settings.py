@@ -111,6 +111,15 @@ class Settings(BaseSettings):
         description="Queued requests of one model that can share a run are served by one job "
         "over the union of their records, up to this many records (0 = one job per request).",
     )
+    coalesce_max_records_exact: int = Field(
+        10_000,
+        ge=0,
+        le=1_000_000,
+        description="The bound for a run that retrains at once (method retrain, or the model's "
+        "measured costs send it straight to the retrain): a retrain costs the same however "
+        "many records it drops, so one run can serve more; what grows is how many requests "
+        "one held result holds. Below LETHE_COALESCE_MAX_RECORDS it changes nothing.",
+    )
     coalesce_window_s: float = Field(
         0.0,
         ge=0,

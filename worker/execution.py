@@ -62,7 +62,7 @@ from worker.job_queue import (
 from worker.lease import JobMonitor
 from worker.loading import JobInputs, Loaded, Loader
 from worker.metrics_server import observe_phases
-from worker.routing import costs_for
+from worker.routing import costs_for, record_bound
 from worker.saving import commit_version, finish_activation, write_checkpoint
 
 if TYPE_CHECKING:
@@ -229,7 +229,9 @@ class Execution:
     def _coalesce(self, inputs: JobInputs, whole_class: Callable[[Any], bool]) -> list[Member]:
         """Take in the queued requests that can share this run (worker.coalescing)."""
         settings = self.ctx.settings
-        if len(inputs.keys) >= settings.coalesce_max_records or whole_class(inputs.keys):
+        factory, retrainable = self.ctx.session_factory, inputs.recipe is not None
+        bound = record_bound(settings, factory, self.model_id, inputs.method, retrainable)
+        if len(inputs.keys) >= bound or whole_class(inputs.keys):
             return []
         if settings.coalesce_window_s > 0 and inputs.created_at is not None:
             wait_for_companions(inputs.created_at, settings.coalesce_window_s, self.check)
@@ -239,17 +241,12 @@ class Execution:
                 self.fence,
                 dataset_id=inputs.dataset.dataset_id,
                 keys=inputs.keys,
-                max_records=settings.coalesce_max_records,
+                max_records=bound,
                 whole_class=whole_class,
                 actor=self.ctx.actor,
             )
-        if members:
-            log.info(
-                "job %s: serves %d more requests (%d records)",
-                self.job_id,
-                len(members),
-                sum(len(m.keys) for m in members),
-            )
+        records = sum(len(m.keys) for m in members)
+        log.info("job %s: serves %d more requests (%d records)", self.job_id, len(members), records)
         return members
 
     def _evaluate_after(self, loaded: Loaded) -> dict[str, Any]:

@@ -104,4 +104,26 @@ def costs_for(
         return route_costs(session, model_id, records)
 
 
-__all__ = ["WINDOW", "costs_for", "held_share", "route_costs"]
+def record_bound(
+    settings: Settings,
+    factory: sessionmaker[Session],
+    model_id: str,
+    method: str,
+    retrainable: bool,
+) -> int:
+    """How many records a run of ``method`` may take in (worker.coalescing). A run that will
+    retrain at once gets ``coalesce_max_records_exact``: its cost does not grow with the records it
+    drops. The costs are asked for the smallest run only that bound allows; ``held_share``
+    grows with the records, so every larger run retrains at once too."""
+    bound, exact = settings.coalesce_max_records, settings.coalesce_max_records_exact
+    if bound == 0 or exact <= bound:
+        return bound
+    if method == RETRAIN:
+        return exact
+    if not retrainable or settings.escalation != RETRAIN:
+        return bound
+    costs = costs_for(settings, factory, model_id, bound + 1)
+    return exact if costs is not None and costs["exact_first"] else bound
+
+
+__all__ = ["WINDOW", "costs_for", "held_share", "record_bound", "route_costs"]

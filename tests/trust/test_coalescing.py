@@ -136,9 +136,9 @@ def service(
                 worker.stop()
 
 
-def _blocker(svc: Service) -> dict[str, Any]:
+def _blocker(svc: Service, **policy: Any) -> dict[str, Any]:
     """A request whose run keeps the model busy while the others queue behind it."""
-    slow = {"calibration": "off", "epochs": 10_000, "lr": 1e-6}
+    slow = {"calibration": "off", "epochs": 10_000, "lr": 1e-6, "policy": policy}
     blocker = svc.submit(list(range(200, 203)), method="ga", params=slow)
     wait_until(lambda: svc.request(blocker["id"])["status"] == "running", timeout=120)
     return blocker
@@ -252,3 +252,26 @@ def test_a_worker_killed_mid_run_gives_one_version(service: Service) -> None:
     assert [v["number"] for v in versions] == [1, 2]
     assert {svc.job(r["job"]["id"])["result_version_id"] for r in requests} == {versions[1]["id"]}
     assert svc.job(leader)["attempts"] == 2
+
+
+@pytest.mark.parametrize("service", [{"coalesce_max_records": "6"}], indirect=True)
+def test_a_run_that_retrains_at_once_takes_in_more_than_an_approximate_one(
+    service: Service,
+) -> None:
+    # LETHE_COALESCE_MAX_RECORDS=6 bounds a run that tries the approximate method; a retrain
+    # costs the same however many records it drops, so it takes up to the exact bound.
+    svc = service
+    svc.register()
+    blocker = _blocker(svc, require_review=True)  # held for review: not escalated
+    # First in line: default requests, run when no retrain of the model was measured yet
+    # (worker.routing knows no costs), so they try IMU first and keep the 6-record bound.
+    approximate = [svc.submit(list(range(50 + 3 * i, 53 + 3 * i))) for i in range(4)]
+    exact = [svc.submit(list(range(3 * i, 3 * i + 3)), method="retrain") for i in range(4)]
+    views = svc.finished([blocker["id"], *(r["id"] for r in exact + approximate)], timeout=400)
+    assert all(views[r["id"]]["status"] in ("completed", "needs_review") for r in exact)
+    runs = [svc.job(r["job"]["id"]) for r in exact]
+    assert runs[0]["served_by"] is None
+    assert all(j["served_by"] == runs[0]["id"] for j in runs[1:]), "12 records in one retrain"
+    assert runs[0]["metrics"]["coalesced"]["records"] == 12
+    leaders = {svc.job(r["job"]["id"])["served_by"] or r["job"]["id"] for r in approximate}
+    assert len(leaders) == 2

@@ -196,6 +196,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "escalation",
         "signing_key",
         "coalesce_max_records",
+        "coalesce_max_records_exact",
         "coalesce_window_s",
         "log_format",
         "worker_metrics_port",
