@@ -4,7 +4,8 @@ A burst of small requests for one model (one person's records each) would otherw
 many sequential runs and versions. When a job starts, it takes in the queued jobs behind it
 that ask for the same thing (same dataset, method and params, no human review asked for,
 records disjoint from the run's, not a whole class) until the run holds
-`LETHE_COALESCE_MAX_RECORDS` records. The served jobs move to `running` with
+`LETHE_COALESCE_MAX_RECORDS` records (`LETHE_COALESCE_MAX_RECORDS_EXACT` for a run that
+retrains at once: worker.routing.record_bound). The served jobs move to `running` with
 `served_by_job_id` naming the run's job; the run forgets the union (one IMU run, or one
 retrain when it escalates) and each request keeps its own id, idempotency, evidence (its own
 records judged alone: worker.imu.membership_parts), status and receipt naming the shared
