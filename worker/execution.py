@@ -245,8 +245,11 @@ class Execution:
                 whole_class=whole_class,
                 actor=self.ctx.actor,
             )
-        records = sum(len(m.keys) for m in members)
-        log.info("job %s: serves %d more requests (%d records)", self.job_id, len(members), records)
+        if members:
+            records = sum(len(m.keys) for m in members)
+            log.info(
+                "job %s: serves %d more requests (%d records)", self.job_id, len(members), records
+            )
         return members
 
     def _evaluate_after(self, loaded: Loaded) -> dict[str, Any]:

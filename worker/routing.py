@@ -112,9 +112,9 @@ def record_bound(
     retrainable: bool,
 ) -> int:
     """How many records a run of ``method`` may take in (worker.coalescing). A run that will
-    retrain at once gets ``coalesce_max_records_exact``: its cost does not grow with the records it
-    drops. The costs are asked for the smallest run only that bound allows; ``held_share``
-    grows with the records, so every larger run retrains at once too."""
+    retrain at once gets ``coalesce_max_records_exact``: its cost does not grow with the
+    records it drops. The costs are asked for the smallest run only that bound allows;
+    ``held_share`` grows with the records, so every larger run retrains at once too."""
     bound, exact = settings.coalesce_max_records, settings.coalesce_max_records_exact
     if bound == 0 or exact <= bound:
         return bound

@@ -138,7 +138,9 @@ def service(
 
 def _blocker(svc: Service, **policy: Any) -> dict[str, Any]:
     """A request whose run keeps the model busy while the others queue behind it."""
-    slow = {"calibration": "off", "epochs": 10_000, "lr": 1e-6, "policy": policy}
+    slow: dict[str, Any] = {"calibration": "off", "epochs": 10_000, "lr": 1e-6}
+    if policy:
+        slow["policy"] = policy
     blocker = svc.submit(list(range(200, 203)), method="ga", params=slow)
     wait_until(lambda: svc.request(blocker["id"])["status"] == "running", timeout=120)
     return blocker
