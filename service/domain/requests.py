@@ -181,6 +181,11 @@ def _record_submission(
     Idempotency-Key inserts its request row here, in its savepoint."""
     model, dataset = _model_and_dataset(session, body)
     if idempotency_key:  # a twin may have committed while we waited, or be in this batch
+        # Under the dataset's lock, which a twin's batch holds from its insert to its commit:
+        # a twin read as absent here cannot commit (and hold these records) before our insert
+        # meets its key. Read before the lock, a twin committing in between made our own
+        # records look held by another request (a 422 instead of the replay).
+        lock_datasets(session, [dataset.id])
         replay = _earlier_answer(session, idempotency_key, fingerprint)
         if replay:
             raise _Replayed(replay)
@@ -206,9 +211,9 @@ def _record_submission(
     if idempotency_key:
         # Its own savepoint: a twin committed by another process meanwhile fails the unique
         # key here, for this submission alone (it then answers with the twin's result). Under
-        # the dataset's lock, as every batch's final step takes it first: waiting for a twin's
-        # key while holding nothing, not while holding what the twin's batch waits for.
-        lock_datasets(session, [dataset.id])
+        # the dataset's lock (taken above), as every batch's final step takes it first: waiting
+        # for a twin's key while holding nothing, not while holding what the twin's batch waits
+        # for.
         session.execute(insert(REQUESTS), request)
     job = {
         "id": job_id,
