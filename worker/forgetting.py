@@ -90,7 +90,7 @@ def answer(
 
     def judge(after: dict[str, Any], stats: dict[str, Any], *, is_exact: bool) -> dict:
         if loaded.lm:
-            return decide_lm(rules, before, after)
+            return decide_lm(rules, before, after, exact=is_exact)
         stopped = (stats.get("calibration") or {}).get("reason")
         return decide(
             rules, before, after, class_wise=loaded.class_wise, stopped=stopped, exact=is_exact

@@ -78,3 +78,16 @@ def test_missing_evidence_fails_safe() -> None:
     assert all("not measured" in r for r in result["reasons"])
     review = decide_lm({**DEFAULTS, "require_review": True}, BEFORE, _metrics(0.0, 0.5, 35.0, 1.0))
     assert review["decision"] == "candidate" and review["failed"] == ["require_review"]
+
+
+def test_an_exact_answer_reports_the_membership_auc_without_requiring_it() -> None:
+    # Forgotten and useful, but the forget texts score apart from held-out ones in form.
+    apart = _metrics(0.0, 0.80, 36.0, 0.95)
+    assert decide_lm(DEFAULTS, BEFORE, apart)["failed"] == ["forget_indistinguishable"]
+    exact = decide_lm(DEFAULTS, BEFORE, apart, exact=True)
+    assert exact["decision"] == "active" and exact["failed"] == []
+    shown = next(c for c in exact["checks"] if c["name"] == "forget_indistinguishable")
+    assert shown["exact"] is True and shown["auc"] == 0.80 and shown["value"] > 0
+    # Exact does not excuse recitation: the recall check still decides.
+    recites = decide_lm(DEFAULTS, BEFORE, _metrics(0.5, 0.80, 36.0, 0.95), exact=True)
+    assert recites["failed"] == ["forget_recall"]
