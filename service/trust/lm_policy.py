@@ -92,10 +92,11 @@ def decide_lm(
         ),
     ]
     if exact:
-        checks[1] = {
-            **checks[1],
-            "ok": True,
-            "exact": True,
-            "note": "exact: re-fine-tuned without the records; the AUC is reported, not required",
-        }
+        note = "exact: re-fine-tuned without the records; the AUC is reported, not required"
+        checks = [
+            {**c, "ok": True, "exact": True, "note": note}
+            if c["name"] == "forget_indistinguishable"
+            else c
+            for c in checks
+        ]
     return verdict(checks, policy, mode="text", class_wise=False, thresholds=LM_THRESHOLDS)
